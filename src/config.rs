@@ -1,0 +1,354 @@
+//! Configuration: environment variables, optionally over a TOML file.
+//!
+//! Every setting has one name: `KOOGATE_<NAME>` in the environment, `<name>`
+//! (lowercase) in the `--config` file; the environment wins. A bad or missing
+//! value stops start-up with one sentence naming the variable. [`SETTINGS`]
+//! is the documented list (the README's table is checked against it).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::events::SkuMap;
+use crate::protocol::crypto::EncryptType;
+use crate::protocol::verify::AccessKeys;
+use crate::secret::Secret;
+use crate::store::StoreSpec;
+
+/// (name, default, meaning) of every setting.
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    ("KOOGATE_LISTEN", "0.0.0.0:8080", "address of the KooGallery listener"),
+    ("KOOGATE_ACCESS_KEY", "(required)", "KooGallery access key (or KOOGATE_ACCESS_KEY_FILE)"),
+    ("KOOGATE_PREVIOUS_ACCESS_KEY", "(none)", "previous access key, still accepted during a rotation (or _FILE)"),
+    ("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", "(none: no end)", "RFC 3339 time the previous key stops being accepted"),
+    ("KOOGATE_STORE", "./data", "redis://…, redis+cluster://…, or a directory for the embedded store"),
+    ("KOOGATE_KEY_PREFIX", "koogate:", "prefix of every Redis key"),
+    ("KOOGATE_DATA_DIR", "the store directory, else ./data", "where events.jsonl is written"),
+    ("KOOGATE_BILLING_URL", "(none)", "billing core endpoint for events"),
+    ("KOOGATE_BILLING_SECRET", "(none)", "whsec_… signing secret for events (or _FILE)"),
+    ("KOOGATE_ADMIN_LISTEN", "127.0.0.1:9090", "address of the admin listener (/metrics)"),
+    ("KOOGATE_ADMIN_TOKEN", "(none: admin API off)", "bearer token of the admin API (or _FILE)"),
+    ("KOOGATE_TIMESTAMP_SKEW_SECS", "60", "allowed clock difference of a call's timestamp"),
+    ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
+    ("KOOGATE_ADMIN_URL", "(none)", "appInfo.adminUrl answered to newInstance"),
+    ("KOOGATE_SKU_MAP", "(none)", "TOML file mapping SKUs to settlement kinds"),
+    ("KOOGATE_FORWARD_TEST_EVENTS", "false", "forward events of testFlag=1 calls too"),
+    ("KOOGATE_V2_PATH", "/koogallery/v2", "path of V2 calls (POST)"),
+    ("KOOGATE_V1_PATH", "/koogallery/v1", "path of V1 calls (GET)"),
+    ("KOOGATE_MAX_BODY_BYTES", "65536", "largest accepted request body"),
+    ("KOOGATE_ENCRYPT_TYPE", "1", "encryptType of answers: 1 = AES-256, 2 = AES-128"),
+    ("KOOGATE_ISSUE_CREDENTIALS", "false", "answer newInstance with an encrypted initial user name and password"),
+    ("KOOGATE_MAX_CONNECTIONS", "10000", "open connections at most (more wait in the backlog)"),
+    ("KOOGATE_MAX_INFLIGHT", "1024", "calls handled at once; more are answered 503/000005 at once"),
+    ("KOOGATE_REQUEST_TIMEOUT_SECS", "10", "time to receive a request's headers and body"),
+    ("KOOGATE_STORE_TIMEOUT_SECS", "3", "longest wait for the store before answering 000005"),
+    ("KOOGATE_SHUTDOWN_GRACE_SECS", "10", "time in-flight calls get to finish on SIGTERM"),
+    ("KOOGATE_LOG_FORMAT", "text", "text or json"),
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {problem}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub problem: String,
+}
+
+fn problem(setting: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { setting: setting.to_owned(), problem: problem.into() }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub access_keys: AccessKeys,
+    pub store: StoreSpec,
+    pub key_prefix: String,
+    pub data_dir: PathBuf,
+    pub billing_url: Option<String>,
+    pub billing_secret: Option<Secret>,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+    pub timestamp_skew_secs: u64,
+    pub frontend_url: String,
+    pub frontend_url_is_default: bool,
+    pub admin_url: Option<String>,
+    pub sku_map: SkuMap,
+    pub forward_test_events: bool,
+    pub v2_path: String,
+    pub v1_path: String,
+    pub max_body_bytes: usize,
+    pub encrypt_type: EncryptType,
+    pub issue_credentials: bool,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub request_timeout: Duration,
+    pub store_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Where values come from: the environment over the file.
+struct Source {
+    env: BTreeMap<String, String>,
+    file: BTreeMap<String, String>,
+}
+
+impl Source {
+    fn get(&self, setting: &str) -> Option<String> {
+        let file_key = setting.trim_start_matches("KOOGATE_").to_ascii_lowercase();
+        self.env.get(setting).or_else(|| self.file.get(&file_key)).filter(|v| !v.is_empty()).cloned()
+    }
+
+    /// A secret given directly or as `<NAME>_FILE` (a path whose content is the value).
+    fn secret(&self, setting: &str) -> Result<Option<Secret>, ConfigError> {
+        let file_setting = format!("{setting}_FILE");
+        match (self.get(setting), self.get(&file_setting)) {
+            (Some(_), Some(_)) => Err(problem(setting, format!("set either {setting} or {file_setting}, not both"))),
+            (Some(v), None) => Ok(Some(Secret::new(v))),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| problem(&file_setting, format!("cannot read {path}: {e}")))?;
+                let value = text.trim_end_matches(['\n', '\r']).to_owned();
+                if value.is_empty() {
+                    return Err(problem(&file_setting, format!("{path} is empty")));
+                }
+                Ok(Some(Secret::new(value)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, setting: &str, default: T, what: &str) -> Result<T, ConfigError> {
+        match self.get(setting) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| problem(setting, format!("{v:?} is not {what}"))),
+        }
+    }
+
+    fn flag(&self, setting: &str) -> Result<bool, ConfigError> {
+        match self.get(setting).as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("false" | "0" | "no" | "off") => Ok(false),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) => Err(problem(setting, format!("{v:?} is not true or false"))),
+        }
+    }
+}
+
+fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let setting = "--config";
+    let text = std::fs::read_to_string(path).map_err(|e| problem(setting, format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| problem(setting, format!("{} is not valid TOML: {}", path.display(), e.message())))?;
+    let known: Vec<String> =
+        SETTINGS.iter().map(|(name, _, _)| name.trim_start_matches("KOOGATE_").to_ascii_lowercase()).collect();
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        let base = key.trim_end_matches("_file");
+        if !known.iter().any(|k| k == &key || k == base) {
+            return Err(problem(setting, format!("{} has an unknown key {key:?}", path.display())));
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => return Err(problem(setting, format!("key {key:?} must be a string, number or boolean, not {}", other.type_str()))),
+        };
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Loads from the process environment and an optional file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("KOOGATE_")).collect();
+        Self::from_parts(env, file)
+    }
+
+    /// Loads from explicit environment values (tests).
+    pub fn from_parts(env: BTreeMap<String, String>, file: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(path) => file_values(path)?,
+            None => BTreeMap::new(),
+        };
+        let src = Source { env, file };
+
+        let current = src
+            .secret("KOOGATE_ACCESS_KEY")?
+            .ok_or_else(|| problem("KOOGATE_ACCESS_KEY", "is required: the access key from the KooGallery seller console"))?;
+        let mut access_keys = AccessKeys::new(current);
+        if let Some(previous) = src.secret("KOOGATE_PREVIOUS_ACCESS_KEY")? {
+            let until = match src.get("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL") {
+                None => None,
+                Some(v) => Some(
+                    chrono::DateTime::parse_from_rfc3339(&v)
+                        .map_err(|_| problem("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", format!("{v:?} is not an RFC 3339 time")))?
+                        .timestamp_millis(),
+                ),
+            };
+            access_keys = access_keys.with_previous(previous, until);
+        }
+
+        let store = StoreSpec::parse(&src.get("KOOGATE_STORE").unwrap_or_else(|| "./data".into()));
+        let key_prefix = src.get("KOOGATE_KEY_PREFIX").unwrap_or_else(|| "koogate:".into());
+        if key_prefix.contains(['{', '}']) {
+            return Err(problem("KOOGATE_KEY_PREFIX", "must not contain { or } (they would break Redis Cluster hash tags)"));
+        }
+        let data_dir = match (src.get("KOOGATE_DATA_DIR"), &store) {
+            (Some(dir), _) => PathBuf::from(dir),
+            (None, StoreSpec::Embedded(dir)) => dir.clone(),
+            (None, _) => PathBuf::from("./data"),
+        };
+
+        let billing_url = src.get("KOOGATE_BILLING_URL");
+        if let Some(url) = &billing_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(problem("KOOGATE_BILLING_URL", format!("{url:?} is not an http:// or https:// URL")));
+            }
+        }
+        let billing_secret = src.secret("KOOGATE_BILLING_SECRET")?;
+        if let Some(secret) = &billing_secret {
+            use base64::Engine;
+            let ok = secret
+                .expose()
+                .strip_prefix("whsec_")
+                .is_some_and(|b64| base64::engine::general_purpose::STANDARD.decode(b64).is_ok_and(|k| !k.is_empty()));
+            if !ok {
+                return Err(problem("KOOGATE_BILLING_SECRET", "must be whsec_ followed by Base64 of the signing key"));
+            }
+        }
+
+        let frontend = src.get("KOOGATE_FRONTEND_URL");
+        let frontend_url_is_default = frontend.is_none();
+        let frontend_url = frontend.unwrap_or_else(|| "https://frontend.invalid/".into());
+        if frontend_url.chars().count() > 512 {
+            return Err(problem("KOOGATE_FRONTEND_URL", "is longer than 512 characters"));
+        }
+        let admin_url = src.get("KOOGATE_ADMIN_URL");
+
+        let sku_map = match src.get("KOOGATE_SKU_MAP") {
+            None => SkuMap::default(),
+            Some(path) => SkuMap::load(Path::new(&path)).map_err(|e| problem("KOOGATE_SKU_MAP", e.to_string()))?,
+        };
+
+        let path = |setting: &str, default: &str| -> Result<String, ConfigError> {
+            let p = src.get(setting).unwrap_or_else(|| default.into());
+            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                return Err(problem(setting, format!("{p:?} is not an absolute path")));
+            }
+            Ok(p)
+        };
+        let v2_path = path("KOOGATE_V2_PATH", "/koogallery/v2")?;
+        let v1_path = path("KOOGATE_V1_PATH", "/koogallery/v1")?;
+        if v1_path == v2_path {
+            return Err(problem("KOOGATE_V1_PATH", "must differ from KOOGATE_V2_PATH"));
+        }
+
+        let encrypt_type = match src.get("KOOGATE_ENCRYPT_TYPE") {
+            None => EncryptType::Aes256,
+            Some(v) => EncryptType::parse(&v).ok_or_else(|| problem("KOOGATE_ENCRYPT_TYPE", format!("{v:?} is not 1 or 2")))?,
+        };
+        let log_format = match src.get("KOOGATE_LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(v) => return Err(problem("KOOGATE_LOG_FORMAT", format!("{v:?} is not text or json"))),
+        };
+        let positive = |setting: &str, default: u64| -> Result<u64, ConfigError> {
+            let v: u64 = src.parsed(setting, default, "a whole number")?;
+            if v == 0 {
+                return Err(problem(setting, "must be greater than 0"));
+            }
+            Ok(v)
+        };
+
+        Ok(Self {
+            listen: src.parsed("KOOGATE_LISTEN", ([0, 0, 0, 0], 8080).into(), "a socket address such as 0.0.0.0:8080")?,
+            access_keys,
+            store,
+            key_prefix,
+            data_dir,
+            billing_url,
+            billing_secret,
+            admin_listen: src.parsed("KOOGATE_ADMIN_LISTEN", ([127, 0, 0, 1], 9090).into(), "a socket address such as 127.0.0.1:9090")?,
+            admin_token: src.secret("KOOGATE_ADMIN_TOKEN")?,
+            timestamp_skew_secs: positive("KOOGATE_TIMESTAMP_SKEW_SECS", 60)?,
+            frontend_url,
+            frontend_url_is_default,
+            admin_url,
+            sku_map,
+            forward_test_events: src.flag("KOOGATE_FORWARD_TEST_EVENTS")?,
+            v2_path,
+            v1_path,
+            max_body_bytes: positive("KOOGATE_MAX_BODY_BYTES", 65_536)? as usize,
+            encrypt_type,
+            issue_credentials: src.flag("KOOGATE_ISSUE_CREDENTIALS")?,
+            max_connections: positive("KOOGATE_MAX_CONNECTIONS", 10_000)? as usize,
+            max_inflight: positive("KOOGATE_MAX_INFLIGHT", 1024)? as usize,
+            request_timeout: Duration::from_secs(positive("KOOGATE_REQUEST_TIMEOUT_SECS", 10)?),
+            store_timeout: Duration::from_secs(positive("KOOGATE_STORE_TIMEOUT_SECS", 3)?),
+            shutdown_grace: Duration::from_secs(positive("KOOGATE_SHUTDOWN_GRACE_SECS", 10)?),
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_need_only_the_access_key() {
+        let c = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "ak")]), None).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.store, StoreSpec::Embedded("./data".into()));
+        assert_eq!(c.timestamp_skew_secs, 60);
+        assert_eq!(c.max_body_bytes, 65_536);
+        assert!(c.frontend_url_is_default);
+        assert!(!format!("{c:?}").contains("\"ak\""), "secrets never print");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let err = |pairs: &[(&str, &str)]| Config::from_parts(env(pairs), None).unwrap_err().to_string();
+        assert!(err(&[]).starts_with("KOOGATE_ACCESS_KEY: is required"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_LISTEN", "nope")]).starts_with("KOOGATE_LISTEN:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_TIMESTAMP_SKEW_SECS", "-1")]).starts_with("KOOGATE_TIMESTAMP_SKEW_SECS:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_BILLING_SECRET", "nope")]).starts_with("KOOGATE_BILLING_SECRET:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_KEY_PREFIX", "x{y}")]).starts_with("KOOGATE_KEY_PREFIX:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_SKU_MAP", "/nonexistent.toml")]).starts_with("KOOGATE_SKU_MAP:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ACCESS_KEY_FILE", "/x")]).starts_with("KOOGATE_ACCESS_KEY:"));
+        let msg = err(&[("KOOGATE_ACCESS_KEY", "topsecret"), ("KOOGATE_FORWARD_TEST_EVENTS", "maybe")]);
+        assert!(msg.starts_with("KOOGATE_FORWARD_TEST_EVENTS:") && !msg.contains("topsecret"));
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("ak");
+        std::fs::write(&key_file, "from-file\n").unwrap();
+        let path = dir.path().join("koogate.toml");
+        std::fs::write(
+            &path,
+            format!("access_key_file = {:?}\nlisten = \"127.0.0.1:1\"\ntimestamp_skew_secs = 30\nstore = \"redis://127.0.0.1:6379\"\n", key_file),
+        )
+        .unwrap();
+        let c = Config::from_parts(env(&[("KOOGATE_LISTEN", "127.0.0.1:2")]), Some(&path)).unwrap();
+        assert_eq!(c.access_keys.current().expose(), "from-file");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(c.timestamp_skew_secs, 30);
+        assert_eq!(c.store, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        assert!(Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path)).unwrap_err().to_string().contains("unknown key"));
+    }
+}

@@ -1,0 +1,263 @@
+//! The HTTP edge: listeners, routing, limits, graceful shutdown.
+//!
+//! Limits are part of the design, not an afterthought: headers and bodies
+//! must arrive within `request_timeout` (slow-loris), bodies are capped at
+//! `max_body_bytes` (checked on `Content-Length` first, then while reading),
+//! open connections are capped (more wait in the kernel backlog), and calls
+//! handled at once are capped (more get a signed 503/000005 immediately, so
+//! KooGallery retries instead of timing out in a queue).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::{CallLog, Gateway, Reply};
+use crate::metrics as m;
+use crate::protocol::Rejection;
+
+pub type Body = Full<Bytes>;
+
+/// What the KooGallery listener needs.
+pub struct App {
+    pub gateway: Gateway,
+    pub v2_path: String,
+    pub v1_path: String,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// Calls handled at once; `try_acquire` failing means "overloaded".
+    pub inflight: Semaphore,
+    /// Set on shutdown: readiness fails so load balancers stop sending.
+    pub draining: AtomicBool,
+}
+
+/// Limits of one listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}
+
+fn signed_response(reply: &Reply) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(reply.body.clone())));
+    *res.status_mut() = StatusCode::from_u16(reply.http_status).unwrap_or(StatusCode::OK);
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
+    if let Ok(v) = HeaderValue::from_str(&reply.body_sign) {
+        headers.insert("Body-Sign", v);
+    }
+    res
+}
+
+/// One log line per call: what it was, what we answered, how long it took.
+fn log_call(reply: &Reply, elapsed: Duration) {
+    let CallLog { generation, activity, order_id, instance_id, test, reason, dedup, event_id } = &reply.log;
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let code = reply.code.as_str();
+    match reason {
+        None => tracing::info!(
+            generation, activity, order_id, instance_id, code, test, dedup, event_id, latency_ms, "call answered"
+        ),
+        Some(reason) => tracing::warn!(
+            generation, activity, order_id, instance_id, code, test, reason, latency_ms, "call refused"
+        ),
+    }
+}
+
+impl App {
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let path = req.uri().path();
+        let generation = if path == self.v2_path {
+            "v2"
+        } else if path == self.v1_path {
+            "v1"
+        } else {
+            return match (req.method(), path) {
+                (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
+                (&Method::GET, "/readyz") => self.readiness().await,
+                _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+            };
+        };
+        let expected = if generation == "v2" { Method::POST } else { Method::GET };
+        if req.method() != expected {
+            let mut res = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            res.headers_mut().insert(ALLOW, HeaderValue::from_static(if generation == "v2" { "POST" } else { "GET" }));
+            return res;
+        }
+        let Ok(_permit) = self.inflight.try_acquire() else {
+            m::overload();
+            let reply = self.gateway.unavailable(generation, "internal error: the gateway is overloaded; please retry");
+            log_call(&reply, started.elapsed());
+            return signed_response(&reply);
+        };
+        let raw_query = req.uri().query().unwrap_or("").to_owned();
+        let reply = if generation == "v2" {
+            match self.read_body(req).await {
+                Ok(body) => self.gateway.handle_v2(&raw_query, &body, now_ms()).await,
+                Err(rejection) => {
+                    let log = CallLog { generation: "v2", activity: "unknown", ..CallLog::default() };
+                    self.gateway.reject(self.gateway_key(), log, &rejection)
+                }
+            }
+        } else {
+            self.gateway.handle_v1(&raw_query, now_ms()).await
+        };
+        let elapsed = started.elapsed();
+        m::request_latency(generation, elapsed);
+        log_call(&reply, elapsed);
+        signed_response(&reply)
+    }
+
+    fn gateway_key(&self) -> &crate::secret::Secret {
+        self.gateway.current_key()
+    }
+
+    /// Reads a V2 body within the size and time limits.
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Rejection> {
+        let limit = self.max_body_bytes;
+        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+            let ok = ct.to_str().is_ok_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
+            if !ok {
+                return Err(Rejection::BadField { field: "Content-Type", problem: "must be application/json".into() });
+            }
+        }
+        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(Rejection::BodyTooLarge { limit });
+        }
+        let collected = tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await;
+        match collected {
+            Err(_) => Err(Rejection::MalformedJson(format!("body not received within {:?}", self.request_timeout))),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Rejection::BodyTooLarge { limit }),
+            Ok(Err(e)) => Err(Rejection::MalformedJson(format!("body could not be read: {e}"))),
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+        }
+    }
+
+    async fn readiness(&self) -> Response<Body> {
+        if self.draining.load(Ordering::Relaxed) {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.gateway.store().ping()).await {
+            Ok(Ok(())) => plain(StatusCode::OK, "ready\n"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: store unreachable");
+                plain(StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n")
+            }
+            Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "store timed out\n"),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown`, then lets in-flight
+/// requests finish for up to `limits.shutdown_grace`.
+pub async fn serve<F, Fut>(listener: TcpListener, limits: ListenerLimits, shutdown: CancellationToken, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("all connections closed"),
+        _ = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the grace period; closing"),
+    }
+}
+
+/// The KooGallery listener's handler.
+pub fn koogallery_handler(app: Arc<App>) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> + Clone + Send + Sync + 'static {
+    move |req| {
+        let app = Arc::clone(&app);
+        Box::pin(async move { app.route(req).await })
+    }
+}
+
+/// The admin listener's handler: `/metrics`, `/healthz`.
+pub fn admin_handler() -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> + Clone + Send + Sync + 'static {
+    move |req| {
+        Box::pin(async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/metrics") => {
+                    let mut res = Response::new(Full::new(Bytes::from(m::render())));
+                    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                    res
+                }
+                (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
+                _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        })
+    }
+}
+
+/// Binds a listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+}

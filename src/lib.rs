@@ -1,0 +1,29 @@
+//! koogate: the seller-side endpoint of Huawei Cloud KooGallery's SaaS
+//! callbacks, turning verified calls into normalized settlement events.
+//!
+//! # Layout
+//! - [`protocol`]: the wire format. Verifying V2/V1 calls, parsing activities,
+//!   signing answers, field encryption. Pure functions, tested with the
+//!   reference's vectors.
+//! - [`gateway`]: the decisions. A parsed call becomes a store [`store::Plan`]
+//!   (the instance state machine lives here, once) and a signed answer.
+//! - [`store`]: nonce, dedup, ledger and outbox state behind one trait, with a
+//!   Redis backend (one Lua script per call) and an embedded redb backend.
+//! - [`events`]: the normalized event model and the SKU map.
+//! - [`delivery`]: moving events out of the outbox.
+//! - [`http`]: listeners, routing, limits, graceful shutdown.
+//! - [`config`]: settings from the environment and an optional TOML file.
+//! - [`metrics`]: every Prometheus metric name.
+//! - [`server`]: wiring it all together.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod delivery;
+pub mod events;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod secret;
+pub mod server;
+pub mod store;

@@ -1,0 +1,109 @@
+//! Wiring: config → store → gateway → listeners and background tasks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::net::SocketAddr;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::delivery;
+use crate::gateway::{Gateway, Settings};
+use crate::http::{self, App, ListenerLimits};
+use crate::store::{self, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Listen(#[from] std::io::Error),
+    #[error("KOOGATE_BILLING_URL is set, but this build delivers events only to <data dir>/events.jsonl; unset it")]
+    BillingNotSupported,
+}
+
+/// A running gateway.
+pub struct Running {
+    /// Where the KooGallery listener listens (useful with port 0).
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<dyn store::Store>,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish (grace period), stops the forwarder.
+    pub async fn stop(mut self) {
+        self.app.draining.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until a task ends on its own (it should not) or `shutdown` fires.
+    pub async fn wait(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: no new calls, finishing in-flight ones"),
+            _ = self.tasks.join_next() => tracing::error!("a listener stopped unexpectedly"),
+        }
+        self.stop().await;
+    }
+}
+
+/// Opens the store, binds the listeners and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    if config.billing_url.is_some() {
+        return Err(StartError::BillingNotSupported);
+    }
+    crate::metrics::install();
+    let store = store::open(&config.store, &config.key_prefix).await?;
+    tracing::info!(backend = store.backend(), "store opened");
+    if config.frontend_url_is_default {
+        tracing::warn!("KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/");
+    }
+    tracing::info!(
+        "purchase details are not fetched from KooGallery's order API in this build: V2 events carry only the ids the call carried (\"enriched\": false)"
+    );
+
+    let settings = Settings {
+        window_secs: config.timestamp_skew_secs,
+        frontend_url: config.frontend_url.clone(),
+        admin_url: config.admin_url.clone(),
+        encrypt_type: config.encrypt_type,
+        issue_credentials: config.issue_credentials,
+        sku_map: config.sku_map.clone(),
+        store_timeout: config.store_timeout,
+    };
+    let app = Arc::new(App {
+        gateway: Gateway::new(config.access_keys.clone(), Arc::clone(&store), settings),
+        v2_path: config.v2_path.clone(),
+        v1_path: config.v1_path.clone(),
+        max_body_bytes: config.max_body_bytes,
+        request_timeout: config.request_timeout,
+        inflight: Semaphore::new(config.max_inflight),
+        draining: AtomicBool::new(false),
+    });
+
+    let listener = http::bind(config.listen, "KOOGATE_LISTEN").await?;
+    let admin = http::bind(config.admin_listen, "KOOGATE_ADMIN_LISTEN").await?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let limits = ListenerLimits {
+        max_connections: config.max_connections,
+        header_timeout: config.request_timeout,
+        shutdown_grace: config.shutdown_grace,
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(http::serve(listener, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
+    tasks.spawn(http::serve(admin, limits, shutdown.clone(), http::admin_handler()));
+    let events_path = config.data_dir.join("events.jsonl");
+    tracing::info!(path = %events_path.display(), forward_test_events = config.forward_test_events, "events are appended to a JSONL file");
+    tasks.spawn(delivery::run_jsonl(Arc::clone(&store), events_path, config.forward_test_events, shutdown.clone()));
+    tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
+    Ok(Running { addr, admin_addr, store, app, shutdown, tasks })
+}

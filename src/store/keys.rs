@@ -1,0 +1,114 @@
+//! Key layout, shards and instance ids.
+//!
+//! Every key a call touches carries one hash tag, `{s<N>}`, N being the shard
+//! of the call's instance (0..16), so a plan's keys always share one Redis
+//! Cluster slot. An instance id we mint encodes its shard in its first hex
+//! digit, chosen from the *order* id: so the purchase order's record, the
+//! instance, its events and its outbox stream are all in one slot.
+//!
+//! Nonces live in the shard of the call too. That is sound because a nonce
+//! replay only matters for a byte-identical signed request, and an identical
+//! request names the same instance, hence the same shard.
+
+use uuid::Uuid;
+
+/// Number of shards (outbox streams). Fixed: changing it would move instances.
+pub const SHARDS: u8 = 16;
+
+/// Namespace of instance ids (UUIDv5). Fixed: ids must never change.
+const INSTANCE_NAMESPACE: Uuid = Uuid::from_u128(0x6b6f_6f67_6174_6501_8000_0000_0000_0001);
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+/// Shard of an order id.
+pub fn order_shard(order_id: &str) -> u8 {
+    (fnv1a(order_id.as_bytes()) % u32::from(SHARDS)) as u8
+}
+
+/// Shard of an instance id: its first hex digit (ids we mint), else a hash.
+pub fn instance_shard(instance_id: &str) -> u8 {
+    match instance_id.as_bytes().first().map(|b| (*b as char).to_digit(16)) {
+        Some(Some(d)) => d as u8,
+        _ => (fnv1a(instance_id.as_bytes()) % u32::from(SHARDS)) as u8,
+    }
+}
+
+/// The instance id of an order line: always the same for the same line, on
+/// every replica, even if every record were lost. A UUIDv5 of the order line
+/// whose first hex digit is the order's shard.
+pub fn instance_id_for(order_id: &str, order_line_id: Option<&str>) -> String {
+    let name = format!("{order_id}\n{}", order_line_id.unwrap_or(""));
+    let mut bytes = *Uuid::new_v5(&INSTANCE_NAMESPACE, name.as_bytes()).as_bytes();
+    bytes[0] = (bytes[0] & 0x0f) | (order_shard(order_id) << 4);
+    Uuid::from_bytes(bytes).hyphenated().to_string()
+}
+
+/// Key names under a prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` must not contain `{` or `}` (it would break the hash tag).
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+    fn key(&self, shard: u8, kind: &str, id: &str) -> String {
+        format!("{}{{s{shard}}}:{kind}:{id}", self.prefix)
+    }
+    pub fn nonce(&self, shard: u8, nonce: &str) -> String {
+        self.key(shard, "nonce", nonce)
+    }
+    pub fn answer(&self, shard: u8, dedup: &str) -> String {
+        self.key(shard, "ans", dedup)
+    }
+    pub fn instance(&self, instance_id: &str) -> String {
+        self.key(instance_shard(instance_id), "inst", instance_id)
+    }
+    pub fn order(&self, order_id: &str) -> String {
+        self.key(order_shard(order_id), "order", order_id)
+    }
+    pub fn outbox(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:outbox", self.prefix)
+    }
+    /// All outbox streams.
+    pub fn outboxes(&self) -> Vec<String> {
+        (0..SHARDS).map(|s| self.outbox(s)).collect()
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_stable_and_carry_the_order_shard() {
+        let a = instance_id_for("CS2211181819B4LVS", Some("CS2211181819B4LVS-000001"));
+        assert_eq!(a, instance_id_for("CS2211181819B4LVS", Some("CS2211181819B4LVS-000001")));
+        assert_ne!(a, instance_id_for("CS2211181819B4LVS", Some("CS2211181819B4LVS-000002")));
+        assert_eq!(a.len(), 36);
+        for order in ["CS2211181819B4LVS", "MOCKPERIODYEARNEW", "x", "CS1906666666ABCDE"] {
+            let id = instance_id_for(order, Some("1"));
+            assert_eq!(instance_shard(&id), order_shard(order), "{order}");
+            let keys = Keys::new("kg:");
+            let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+            assert_eq!(tag(&keys.instance(&id)), tag(&keys.order(order)));
+        }
+    }
+
+    #[test]
+    fn shards_cover_the_range() {
+        let mut seen = [false; SHARDS as usize];
+        for i in 0..200 {
+            seen[order_shard(&format!("CS{i}")) as usize] = true;
+            assert!(instance_shard(&format!("zz{i}")) < SHARDS);
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+}

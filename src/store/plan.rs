@@ -1,0 +1,116 @@
+//! The store's command language.
+//!
+//! A [`Plan`] is everything one call may do to the store, decided in pure
+//! Rust *before* the store is touched, for every state the instance may turn
+//! out to be in. The store reads the instance's current status, picks the
+//! matching [`Branch`] and applies it atomically: record the nonce, return a
+//! kept answer for a retry, or update the instance, append the event to the
+//! outbox and keep the answer. The Redis store runs a plan in one Lua script
+//! (one round trip); the embedded store runs it in one write transaction.
+//! Both interpret the same plan with the same rules, and one conformance
+//! suite (tests/store_conformance.rs) holds them to it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// An instance or order record: flat string fields.
+pub type Record = BTreeMap<String, String>;
+
+/// Status of an instance with no record (or a record without status).
+pub const ABSENT: &str = "";
+/// Branch key that matches any status without a branch of its own.
+pub const ANY: &str = "*";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// The shard every key of this plan lives in (Redis Cluster hash tag).
+    pub shard: u8,
+    /// Nonce to record; when it was seen before, nothing else happens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// How long a nonce is remembered.
+    pub nonce_ttl_secs: u64,
+    /// Key of this call's kept answer: a retry gets the first answer back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<String>,
+    /// The instance id whose record is read and written.
+    pub subject: String,
+    /// The order id whose record `order_set` writes to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    /// What to do, by the subject's current status ([`ABSENT`], `active`, …, [`ANY`]).
+    pub branches: BTreeMap<String, Branch>,
+    /// Instance ids whose records to return (queryInstance); a read plan has no branches.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub read: Vec<String>,
+    /// The call's receive time (UNIX ms), for nonce expiry in the embedded store.
+    pub now_ms: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Branch {
+    /// The answer's result code.
+    pub code: String,
+    /// The exact answer body.
+    pub answer: String,
+    /// Keep the answer under the plan's dedup key.
+    #[serde(default)]
+    pub keep: bool,
+    /// Fields to set on the subject record.
+    #[serde(default)]
+    pub set: Record,
+    /// Fields to set on the order record.
+    #[serde(default)]
+    pub order_set: Record,
+    /// The event this transition emits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventSpec>,
+}
+
+/// An event to append to the outbox. Its id is minted by the store from the
+/// subject and its transition sequence number: `evt_<subject>_<seq>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub occurred_at: String,
+    pub test: bool,
+    /// JSON object of the call's own fields, laid over the record snapshot.
+    pub change: String,
+}
+
+/// The deterministic event id of a subject's `seq`-th transition.
+pub fn event_id(subject: &str, seq: u64) -> String {
+    format!("evt_{subject}_{seq}")
+}
+
+/// What applying a plan did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The nonce was seen before: nothing was done.
+    Replay,
+    /// A retry: the first call's answer, byte for byte.
+    Kept { code: String, answer: String },
+    /// A branch was applied (or a read-only branch answered).
+    Applied { code: String, answer: String, event_id: Option<String>, prior_status: String },
+    /// Records of a read plan, in the order asked (empty record = unknown id).
+    Read { records: Vec<Record> },
+}
+
+/// One event waiting in the outbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEntry {
+    /// Where it sits in the outbox (stream id, or the embedded sequence).
+    pub cursor: String,
+    /// Shard it belongs to.
+    pub shard: u8,
+    pub id: String,
+    pub kind: String,
+    pub occurred_at: String,
+    pub test: bool,
+    /// The subject record right after the transition.
+    pub record: Record,
+    /// The call's own fields (a JSON object).
+    pub change: serde_json::Map<String, serde_json::Value>,
+}

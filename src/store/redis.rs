@@ -1,0 +1,295 @@
+//! The Redis backend: one `EVALSHA` of `apply.lua` per call.
+//!
+//! The script is sent with `EVALSHA`; when Redis answers `NOSCRIPT` (first
+//! use, or after a restart or `SCRIPT FLUSH`) it is loaded and run again.
+//! The outbox is one stream per shard with consumer group `koogate`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
+
+use super::keys::{instance_shard, Keys, SHARDS};
+use super::plan::{Outcome, OutboxEntry, Plan, Record};
+use super::{Store, StoreError};
+
+const GROUP: &str = "koogate";
+
+/// A standalone or cluster connection; both multiplex and reconnect.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    keys: Keys,
+    script: Script,
+}
+
+impl RedisStore {
+    /// Connects (and fails fast when Redis does not answer).
+    pub async fn connect(url: &str, cluster: bool, prefix: &str) -> Result<Self, StoreError> {
+        let conn = if cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(vec![url.to_owned()])
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(Duration::from_secs(3))
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Duration::from_secs(2))
+                .set_response_timeout(Duration::from_secs(3))
+                .set_number_of_retries(2)
+                .set_max_delay(500);
+            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+        };
+        let store = Self { conn, keys: Keys::new(prefix), script: Script::new(include_str!("apply.lua")) };
+        store.ensure_groups().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Creates the consumer group of every outbox stream (idempotent).
+    async fn ensure_groups(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        for key in self.keys.outboxes() {
+            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads never-delivered entries, one `XREADGROUP` per shard in one
+    /// pipeline (a single multi-stream read would cross slots on a cluster).
+    async fn read_new(&self, consumer: &str, max: usize) -> Result<Vec<OutboxEntry>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let keys = self.keys.outboxes();
+        let per_shard = max.div_ceil(usize::from(SHARDS)).max(1);
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            let opts = StreamReadOptions::default().group(GROUP, consumer).count(per_shard);
+            pipe.cmd("XREADGROUP").arg(&opts).arg("STREAMS").arg(key).arg(">");
+        }
+        let replies: Vec<Option<StreamReadReply>> = pipe.query_async(&mut conn).await?;
+        let mut out = Vec::new();
+        for reply in replies.into_iter().flatten() {
+            for stream in reply.keys {
+                let shard = shard_of_stream(&keys, &stream.key);
+                out.extend(stream.ids.iter().filter_map(|id| entry_from_stream(shard, id)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn shard_of_stream(keys: &[String], key: &str) -> u8 {
+    keys.iter().position(|k| k == key).unwrap_or(0) as u8
+}
+
+fn field(id: &StreamId, name: &str) -> Option<String> {
+    id.map.get(name).and_then(|v| redis::from_redis_value::<String>(v).ok())
+}
+
+/// Rebuilds an outbox entry from a stream entry. Malformed entries are
+/// skipped with a log line (they cannot have come from `apply.lua`).
+fn entry_from_stream(shard: u8, id: &StreamId) -> Option<OutboxEntry> {
+    let parse = || -> Option<OutboxEntry> {
+        let record: HashMap<String, String> = serde_json::from_str(&field(id, "record")?).ok()?;
+        let change = match serde_json::from_str(&field(id, "change")?).ok()? {
+            serde_json::Value::Object(map) => map,
+            _ => return None,
+        };
+        Some(OutboxEntry {
+            cursor: id.id.clone(),
+            shard,
+            id: field(id, "id")?,
+            kind: field(id, "type")?,
+            occurred_at: field(id, "occurred_at")?,
+            test: field(id, "test")? == "1",
+            record: record.into_iter().collect(),
+            change,
+        })
+    };
+    let entry = parse();
+    if entry.is_none() {
+        tracing::error!(stream_id = %id.id, shard, "outbox entry is malformed; skipped");
+    }
+    entry
+}
+
+fn bytes(v: &Value) -> Option<String> {
+    redis::from_redis_value::<String>(v).ok()
+}
+
+fn record_of(v: &Value) -> Record {
+    redis::from_redis_value::<HashMap<String, String>>(v).map(|m| m.into_iter().collect()).unwrap_or_default()
+}
+
+/// Turns the script's reply into an [`Outcome`].
+fn outcome_of(reply: Vec<Value>) -> Result<Outcome, StoreError> {
+    let bad = || StoreError::Protocol(format!("unexpected script reply {reply:?}"));
+    let tag = reply.first().and_then(bytes).ok_or_else(bad)?;
+    let text = |i: usize| reply.get(i).and_then(bytes).ok_or_else(bad);
+    Ok(match tag.as_str() {
+        "replay" => Outcome::Replay,
+        "kept" => Outcome::Kept { code: text(1)?, answer: text(2)? },
+        "read" => Outcome::Read { records: reply[1..].iter().map(record_of).collect() },
+        "applied" => {
+            let event_id = text(3)?;
+            Outcome::Applied {
+                code: text(1)?,
+                answer: text(2)?,
+                event_id: (!event_id.is_empty()).then_some(event_id),
+                prior_status: text(4)?,
+            }
+        }
+        _ => return Err(bad()),
+    })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError> {
+        let json = serde_json::to_string(plan).map_err(|e| StoreError::Protocol(e.to_string()))?;
+        let shard = plan.shard;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.keys.nonce(shard, plan.nonce.as_deref().unwrap_or("-")))
+            .key(self.keys.answer(shard, plan.dedup.as_deref().unwrap_or("-")))
+            .key(self.keys.instance(&plan.subject))
+            // Unused key slots repeat the nonce key: same shard, never written.
+            .key(match &plan.order {
+                Some(order) => self.keys.order(order),
+                None => self.keys.nonce(shard, "-"),
+            })
+            .key(self.keys.outbox(shard));
+        for id in &plan.read {
+            invocation.key(self.keys.instance(id));
+        }
+        invocation.arg(json);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        outcome_of(reply)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn outbox_claim(&self, consumer: &str, max: usize, stale: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+        // Entries a dead consumer claimed and never acknowledged come first.
+        let mut out = Vec::new();
+        let mut conn = self.conn.clone();
+        let min_idle = u64::try_from(stale.as_millis()).unwrap_or(u64::MAX);
+        for (shard, key) in self.keys.outboxes().iter().enumerate() {
+            if out.len() >= max {
+                break;
+            }
+            let opts = StreamAutoClaimOptions::default().count(max - out.len());
+            let claimed: Result<StreamAutoClaimReply, _> =
+                redis::Cmd::xautoclaim_options(key, GROUP, consumer, min_idle, "0-0", opts).query_async(&mut conn).await;
+            match claimed {
+                Ok(reply) => out.extend(reply.claimed.iter().filter_map(|id| entry_from_stream(shard as u8, id))),
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    // A non-persistent Redis restarted: recreate the groups.
+                    self.ensure_groups().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if out.len() < max {
+            match self.read_new(consumer, max - out.len()).await {
+                Ok(new) => out.extend(new),
+                Err(e) if e.code() == Some("NOGROUP") => self.ensure_groups().await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn outbox_ack(&self, entries: &[OutboxEntry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            let key = self.keys.outbox(e.shard);
+            pipe.cmd("XACK").arg(&key).arg(GROUP).arg(&e.cursor).ignore();
+            pipe.cmd("XDEL").arg(&key).arg(&e.cursor).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn outbox_len(&self) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in self.keys.outboxes() {
+            pipe.cmd("XLEN").arg(key);
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    async fn instance(&self, instance_id: &str) -> Result<Record, StoreError> {
+        let mut conn = self.conn.clone();
+        let map: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(self.keys.instance(instance_id)).query_async(&mut conn).await?;
+        debug_assert!(instance_shard(instance_id) < SHARDS);
+        Ok(map.into_iter().collect())
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Is this error worth retrying (connection trouble) rather than a bug?
+pub fn is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.kind() == ErrorKind::TryAgain
+}
