@@ -15,8 +15,10 @@
 //! - [`config`]: settings from the environment and an optional TOML file.
 //! - [`metrics`]: every Prometheus metric name.
 //! - [`server`]: wiring it all together.
+//! - [`client`]: calling a gateway as KooGallery does (replay, simulator, tests).
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod events;

@@ -22,6 +22,12 @@ enum Command {
     Serve,
     /// Check the configuration and exit.
     CheckConfig,
+    /// Print the instance id an order line gets (the same on every replica, forever).
+    InstanceId {
+        order_id: String,
+        /// V2 order line id; omit for a V1 order.
+        order_line_id: Option<String>,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -53,6 +59,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::InstanceId { order_id, order_line_id }) = &cli.command {
+        println!("{}", koogate::store::keys::instance_id_for(order_id, order_line_id.as_deref()));
+        return Ok(());
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
     };
     init_logs(config.log_format);
     match cli.command.unwrap_or(Command::Serve) {
+        Command::InstanceId { .. } => Ok(()),
         Command::CheckConfig => {
             println!("configuration is valid");
             Ok(())

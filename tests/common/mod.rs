@@ -1,0 +1,285 @@
+//! Shared test harness: real gateways on loopback, real Redis, real files.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use koogate::client::{CallResponse, KooClient};
+use koogate::config::Config;
+use koogate::server::Running;
+use serde_json::Value;
+
+pub const AK: &str = "test-access-key-123";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Redis,
+    Embedded,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Redis, Backend::Embedded];
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A unique key prefix so tests run in parallel against one Redis.
+pub fn unique_prefix(name: &str) -> String {
+    format!("kgtest:{name}:{}:", uuid::Uuid::new_v4().simple())
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+}
+
+pub fn fixture_params(rel: &str) -> BTreeMap<String, String> {
+    let v: BTreeMap<String, String> = serde_json::from_slice(&fixture(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"));
+    v
+}
+
+/// Sorted fixture file names of a directory (relative to `fixtures/`).
+pub fn fixture_files(dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures().join(dir))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Checks `Body-Sign` with its own HMAC, independent of koogate's signer.
+pub fn independent_body_sign_ok(key: &str, body: &[u8], header: Option<&str>) -> bool {
+    let Some(header) = header else { return false };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(body);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header == format!("sign_type=\"HMAC-SHA256\", signature=\"{b64}\"")
+}
+
+pub struct TestGateway {
+    pub running: Option<Running>,
+    pub client: KooClient,
+    pub admin: KooClient,
+    pub backend: Backend,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub redis_url: String,
+}
+
+pub fn base_env(backend: Backend, prefix: &str, dir: &Path, redis_url: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("KOOGATE_ACCESS_KEY".into(), AK.into());
+    env.insert("KOOGATE_LISTEN".into(), "127.0.0.1:0".into());
+    env.insert("KOOGATE_ADMIN_LISTEN".into(), "127.0.0.1:0".into());
+    env.insert("KOOGATE_FRONTEND_URL".into(), "https://console.example.com/koogallery".into());
+    env.insert("KOOGATE_KEY_PREFIX".into(), prefix.into());
+    env.insert("KOOGATE_DATA_DIR".into(), dir.join("data").display().to_string());
+    env.insert("KOOGATE_SKU_MAP".into(), fixtures().join("sku-map.toml").display().to_string());
+    env.insert("KOOGATE_SHUTDOWN_GRACE_SECS".into(), "2".into());
+    let store = match backend {
+        Backend::Redis => redis_url.to_owned(),
+        Backend::Embedded => dir.join("store").display().to_string(),
+    };
+    env.insert("KOOGATE_STORE".into(), store);
+    env
+}
+
+impl TestGateway {
+    pub async fn start(backend: Backend, name: &str) -> Self {
+        Self::start_with(backend, name, &[]).await
+    }
+
+    pub async fn start_with(backend: Backend, name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_on(backend, name, REDIS_URL, extra).await
+    }
+
+    pub async fn start_on(backend: Backend, name: &str, redis_url: &str, extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = unique_prefix(name);
+        let mut env = base_env(backend, &prefix, dir.path(), redis_url);
+        for (k, v) in extra {
+            env.insert((*k).into(), (*v).into());
+        }
+        let config = Config::from_parts(env, None).expect("test config is valid");
+        let running = koogate::server::start(config).await.expect("gateway starts");
+        let client = KooClient::new(&format!("http://{}", running.addr));
+        let admin = KooClient::new(&format!("http://{}", running.admin_addr));
+        Self { running: Some(running), client, admin, backend, prefix, dir, redis_url: redis_url.into() }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn v2(&self, body: &[u8]) -> CallResponse {
+        self.client.v2("/koogallery/v2", AK, body, now_ms()).await.expect("v2 call answered")
+    }
+
+    pub async fn v2_fixture(&self, rel: &str) -> CallResponse {
+        self.v2(&fixture(rel)).await
+    }
+
+    pub async fn v1(&self, params: &BTreeMap<String, String>) -> CallResponse {
+        self.client.v1("/koogallery/v1", AK, params, now_ms()).await.expect("v1 call answered")
+    }
+
+    pub async fn v1_fixture(&self, rel: &str) -> CallResponse {
+        self.v1(&fixture_params(rel)).await
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.path().join("data").join("events.jsonl")
+    }
+
+    /// Events written so far.
+    pub fn events(&self) -> Vec<Value> {
+        match std::fs::read_to_string(self.events_path()) {
+            Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("events.jsonl line is JSON")).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Waits until the outbox is empty (everything forwarded).
+    pub async fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let len = self.running().store.outbox_len().await.expect("outbox_len");
+            if len == 0 {
+                // let the forwarder finish its ack round
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.running().store.outbox_len().await.unwrap() == 0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "outbox did not drain: {len} left");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the store holds, for "nothing was written" checks.
+    pub async fn snapshot(&self) -> BTreeMap<String, String> {
+        match self.backend {
+            Backend::Redis => redis_snapshot(&self.redis_url, &self.prefix).await,
+            Backend::Embedded => {
+                let bytes = std::fs::read(self.dir.path().join("store").join("koogate.redb")).unwrap();
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes);
+                BTreeMap::from([("redb".to_owned(), hex::encode(digest))])
+            }
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let res = self.admin.send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new()).await.unwrap();
+        String::from_utf8(res.body.to_vec()).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        if self.backend == Backend::Redis {
+            delete_prefix(&self.redis_url, &self.prefix).await;
+        }
+    }
+}
+
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.expect("redis is reachable")
+}
+
+pub async fn redis_snapshot(url: &str, prefix: &str) -> BTreeMap<String, String> {
+    let mut conn = redis_conn(url).await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
+        let value = match kind.as_str() {
+            "hash" => {
+                let m: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.unwrap();
+                format!("{:?}", m.into_iter().collect::<BTreeMap<_, _>>())
+            }
+            "string" => redis::cmd("GET").arg(&key).query_async::<String>(&mut conn).await.unwrap(),
+            "stream" => {
+                let n: u64 = redis::cmd("XLEN").arg(&key).query_async(&mut conn).await.unwrap();
+                format!("stream of {n}")
+            }
+            other => other.to_owned(),
+        };
+        out.insert(key, value);
+    }
+    out
+}
+
+pub async fn delete_prefix(url: &str, prefix: &str) {
+    let mut conn = redis_conn(url).await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+    }
+}
+
+/// A private redis-server on a free loopback port, stopped on drop.
+pub struct OwnRedis {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnRedis {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "own redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `INFO commandstats` as command → calls.
+pub async fn commandstats(url: &str) -> BTreeMap<String, u64> {
+    let mut conn = redis_conn(url).await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
