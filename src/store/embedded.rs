@@ -155,11 +155,16 @@ fn run_group(db: &Database, group: Vec<Job>) {
     let mut senders_on_failure = Vec::new();
     let result = (|| -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(err)?;
+        // A group that only read (replays) is not committed: the file stays byte-identical.
+        let mut wrote = false;
         let mut jobs = group.into_iter();
         for job in jobs.by_ref() {
             match job {
                 Job::Apply(plan, tx) => match apply_in(&txn, &plan) {
-                    Ok(outcome) => done.push(Done::Apply(tx, outcome)),
+                    Ok(outcome) => {
+                        wrote |= outcome != Outcome::Replay;
+                        done.push(Done::Apply(tx, outcome));
+                    }
                     Err(e) => {
                         senders_on_failure.push(Done::Apply(tx, Outcome::Replay));
                         return Err(e);
@@ -170,11 +175,16 @@ fn run_group(db: &Database, group: Vec<Job>) {
                     for seq in seqs {
                         table.remove(seq).map_err(err)?;
                     }
+                    wrote = true;
                     done.push(Done::Ack(tx));
                 }
             }
         }
-        txn.commit().map_err(err)
+        if wrote {
+            txn.commit().map_err(err)
+        } else {
+            txn.abort().map_err(err)
+        }
     })();
     match result {
         Ok(()) => {
@@ -311,6 +321,22 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
 fn sweep_nonces(db: &Database) {
     let now = chrono::Utc::now().timestamp_millis();
     let swept = (|| -> Result<(), StoreError> {
+        let expired = {
+            let read = db.begin_read().map_err(err)?;
+            let table = read.open_table(NONCES).map_err(err)?;
+            let mut any = false;
+            for item in table.iter().map_err(err)? {
+                let (_, expires) = item.map_err(err)?;
+                if expires.value() <= now {
+                    any = true;
+                    break;
+                }
+            }
+            any
+        };
+        if !expired {
+            return Ok(());
+        }
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(NONCES).map_err(err)?.retain(|_, expires| expires > now).map_err(err)?;
         txn.commit().map_err(err)
