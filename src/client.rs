@@ -99,7 +99,13 @@ impl KooClient {
     }
 
     /// Sends any request (tests of bad input use this directly).
-    pub async fn send(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Bytes) -> Result<CallResponse, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<CallResponse, ClientError> {
         let uri = format!("{}{path_and_query}", self.base);
         let mut builder = Request::builder().method(method).uri(&uri);
         for (name, value) in headers {
@@ -119,7 +125,13 @@ impl KooClient {
     }
 
     /// A signed V2 call with a fresh nonce at `timestamp_ms`.
-    pub async fn v2(&self, path: &str, access_key: &str, body: &[u8], timestamp_ms: i64) -> Result<CallResponse, ClientError> {
+    pub async fn v2(
+        &self,
+        path: &str,
+        access_key: &str,
+        body: &[u8],
+        timestamp_ms: i64,
+    ) -> Result<CallResponse, ClientError> {
         let query = v2_query(access_key, body, timestamp_ms, &nonce());
         self.v2_raw(path, &query, body).await
     }
@@ -131,7 +143,13 @@ impl KooClient {
     }
 
     /// A signed V1 call at `timestamp_ms`.
-    pub async fn v1(&self, path: &str, access_key: &str, params: &BTreeMap<String, String>, timestamp_ms: i64) -> Result<CallResponse, ClientError> {
+    pub async fn v1(
+        &self,
+        path: &str,
+        access_key: &str,
+        params: &BTreeMap<String, String>,
+        timestamp_ms: i64,
+    ) -> Result<CallResponse, ClientError> {
         let query = v1_query(access_key, params, timestamp_ms);
         self.send(Method::GET, &format!("{path}?{query}"), &[], Bytes::new()).await
     }

@@ -143,9 +143,10 @@ impl Source {
 
 fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
     let setting = "--config";
-    let text = std::fs::read_to_string(path).map_err(|e| problem(setting, format!("cannot read {}: {e}", path.display())))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| problem(setting, format!("{} is not valid TOML: {}", path.display(), e.message())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| problem(setting, format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| problem(setting, format!("{} is not valid TOML: {}", path.display(), e.message())))?;
     let known: Vec<String> =
         SETTINGS.iter().map(|(name, _, _)| name.trim_start_matches("KOOGATE_").to_ascii_lowercase()).collect();
     let mut out = BTreeMap::new();
@@ -158,7 +159,12 @@ fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            other => return Err(problem(setting, format!("key {key:?} must be a string, number or boolean, not {}", other.type_str()))),
+            other => {
+                return Err(problem(
+                    setting,
+                    format!("key {key:?} must be a string, number or boolean, not {}", other.type_str()),
+                ))
+            }
         };
         out.insert(key, value);
     }
@@ -180,16 +186,18 @@ impl Config {
         };
         let src = Source { env, file };
 
-        let current = src
-            .secret("KOOGATE_ACCESS_KEY")?
-            .ok_or_else(|| problem("KOOGATE_ACCESS_KEY", "is required: the access key from the KooGallery seller console"))?;
+        let current = src.secret("KOOGATE_ACCESS_KEY")?.ok_or_else(|| {
+            problem("KOOGATE_ACCESS_KEY", "is required: the access key from the KooGallery seller console")
+        })?;
         let mut access_keys = AccessKeys::new(current);
         if let Some(previous) = src.secret("KOOGATE_PREVIOUS_ACCESS_KEY")? {
             let until = match src.get("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL") {
                 None => None,
                 Some(v) => Some(
                     chrono::DateTime::parse_from_rfc3339(&v)
-                        .map_err(|_| problem("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", format!("{v:?} is not an RFC 3339 time")))?
+                        .map_err(|_| {
+                            problem("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", format!("{v:?} is not an RFC 3339 time"))
+                        })?
                         .timestamp_millis(),
                 ),
             };
@@ -199,7 +207,10 @@ impl Config {
         let store = StoreSpec::parse(&src.get("KOOGATE_STORE").unwrap_or_else(|| "./data".into()));
         let key_prefix = src.get("KOOGATE_KEY_PREFIX").unwrap_or_else(|| "koogate:".into());
         if key_prefix.contains(['{', '}']) {
-            return Err(problem("KOOGATE_KEY_PREFIX", "must not contain { or } (they would break Redis Cluster hash tags)"));
+            return Err(problem(
+                "KOOGATE_KEY_PREFIX",
+                "must not contain { or } (they would break Redis Cluster hash tags)",
+            ));
         }
         let data_dir = match (src.get("KOOGATE_DATA_DIR"), &store) {
             (Some(dir), _) => PathBuf::from(dir),
@@ -253,7 +264,9 @@ impl Config {
 
         let encrypt_type = match src.get("KOOGATE_ENCRYPT_TYPE") {
             None => EncryptType::Aes256,
-            Some(v) => EncryptType::parse(&v).ok_or_else(|| problem("KOOGATE_ENCRYPT_TYPE", format!("{v:?} is not 1 or 2")))?,
+            Some(v) => {
+                EncryptType::parse(&v).ok_or_else(|| problem("KOOGATE_ENCRYPT_TYPE", format!("{v:?} is not 1 or 2")))?
+            }
         };
         let log_format = match src.get("KOOGATE_LOG_FORMAT").as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -269,14 +282,22 @@ impl Config {
         };
 
         Ok(Self {
-            listen: src.parsed("KOOGATE_LISTEN", ([0, 0, 0, 0], 8080).into(), "a socket address such as 0.0.0.0:8080")?,
+            listen: src.parsed(
+                "KOOGATE_LISTEN",
+                ([0, 0, 0, 0], 8080).into(),
+                "a socket address such as 0.0.0.0:8080",
+            )?,
             access_keys,
             store,
             key_prefix,
             data_dir,
             billing_url,
             billing_secret,
-            admin_listen: src.parsed("KOOGATE_ADMIN_LISTEN", ([127, 0, 0, 1], 9090).into(), "a socket address such as 127.0.0.1:9090")?,
+            admin_listen: src.parsed(
+                "KOOGATE_ADMIN_LISTEN",
+                ([127, 0, 0, 1], 9090).into(),
+                "a socket address such as 127.0.0.1:9090",
+            )?,
             admin_token: src.secret("KOOGATE_ADMIN_TOKEN")?,
             timestamp_skew_secs: positive("KOOGATE_TIMESTAMP_SKEW_SECS", 60)?,
             frontend_url,
@@ -323,11 +344,16 @@ mod tests {
         let err = |pairs: &[(&str, &str)]| Config::from_parts(env(pairs), None).unwrap_err().to_string();
         assert!(err(&[]).starts_with("KOOGATE_ACCESS_KEY: is required"));
         assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_LISTEN", "nope")]).starts_with("KOOGATE_LISTEN:"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_TIMESTAMP_SKEW_SECS", "-1")]).starts_with("KOOGATE_TIMESTAMP_SKEW_SECS:"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_BILLING_SECRET", "nope")]).starts_with("KOOGATE_BILLING_SECRET:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_TIMESTAMP_SKEW_SECS", "-1")])
+            .starts_with("KOOGATE_TIMESTAMP_SKEW_SECS:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_BILLING_SECRET", "nope")])
+            .starts_with("KOOGATE_BILLING_SECRET:"));
         assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_KEY_PREFIX", "x{y}")]).starts_with("KOOGATE_KEY_PREFIX:"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_SKU_MAP", "/nonexistent.toml")]).starts_with("KOOGATE_SKU_MAP:"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ACCESS_KEY_FILE", "/x")]).starts_with("KOOGATE_ACCESS_KEY:"));
+        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_SKU_MAP", "/nonexistent.toml")])
+            .starts_with("KOOGATE_SKU_MAP:"));
+        assert!(
+            err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ACCESS_KEY_FILE", "/x")]).starts_with("KOOGATE_ACCESS_KEY:")
+        );
         let msg = err(&[("KOOGATE_ACCESS_KEY", "topsecret"), ("KOOGATE_FORWARD_TEST_EVENTS", "maybe")]);
         assert!(msg.starts_with("KOOGATE_FORWARD_TEST_EVENTS:") && !msg.contains("topsecret"));
     }
@@ -349,6 +375,9 @@ mod tests {
         assert_eq!(c.timestamp_skew_secs, 30);
         assert_eq!(c.store, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
         std::fs::write(&path, "bogus = 1\n").unwrap();
-        assert!(Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path)).unwrap_err().to_string().contains("unknown key"));
+        assert!(Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key"));
     }
 }

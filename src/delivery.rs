@@ -68,7 +68,12 @@ enum ForwardError {
     Io(#[from] std::io::Error),
 }
 
-async fn forward_round(store: &dyn Store, path: &PathBuf, consumer: &str, forward_test: bool) -> Result<usize, ForwardError> {
+async fn forward_round(
+    store: &dyn Store,
+    path: &PathBuf,
+    consumer: &str,
+    forward_test: bool,
+) -> Result<usize, ForwardError> {
     let entries = store.outbox_claim(consumer, BATCH, STALE_AFTER).await?;
     if entries.is_empty() {
         return Ok(0);

@@ -176,7 +176,9 @@ fn typed(field: &str, value: &str) -> Option<Value> {
         "period_number" => Value::from(value.parse::<u64>().ok()?),
         "settlement" => serde_json::from_str(value).ok()?,
         "instance_id" | "order_id" | "order_line_id" | "customer_id" | "customer_name" | "product_id" | "sku_code"
-        | "charging_mode" | "period_type" | "amount" | "expire_time" | "status" | "protocol" => Value::String(value.to_owned()),
+        | "charging_mode" | "period_type" | "amount" | "expire_time" | "status" | "protocol" => {
+            Value::String(value.to_owned())
+        }
         _ => return None,
     })
 }
@@ -184,7 +186,8 @@ fn typed(field: &str, value: &str) -> Option<Value> {
 /// Builds the event of an outbox entry: the instance record right after the
 /// transition, overlaid with the call's own fields. Pure: unit-tested.
 pub fn assemble(entry: &OutboxEntry) -> Result<Event, AssembleError> {
-    let kind = EventType::parse(&entry.kind).ok_or_else(|| AssembleError(format!("unknown event type {:?}", entry.kind)))?;
+    let kind =
+        EventType::parse(&entry.kind).ok_or_else(|| AssembleError(format!("unknown event type {:?}", entry.kind)))?;
     let mut data = Map::new();
     for (field, value) in &entry.record {
         if let Some(v) = typed(field, value) {
@@ -254,8 +257,10 @@ pub enum SkuMapError {
 
 impl SkuMap {
     pub fn load(path: &Path) -> Result<Self, SkuMapError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SkuMapError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|e| SkuMapError::Parse { path: path.display().to_string(), message: e.message().to_owned() })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SkuMapError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| SkuMapError::Parse { path: path.display().to_string(), message: e.message().to_owned() })
     }
 
     /// The settlement of a purchase of `sku` (`None` = not known yet).
@@ -346,7 +351,8 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let change: Map<String, Value> =
-            serde_json::from_str(r#"{"order_id":"CS2","scene":"RENEWAL","expire_time":"2026-01-01T00:00:00Z"}"#).unwrap();
+            serde_json::from_str(r#"{"order_id":"CS2","scene":"RENEWAL","expire_time":"2026-01-01T00:00:00Z"}"#)
+                .unwrap();
         let entry = OutboxEntry {
             cursor: "1".into(),
             shard: 0,

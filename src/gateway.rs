@@ -150,7 +150,14 @@ impl Gateway {
         signed(self.keys.current(), 503, Answer::new(code, why).to_body(), code, log)
     }
 
-    async fn run<'k>(&self, call: &Call, nonce: Option<&str>, key: &'k Secret, now_ms: i64, log: &mut CallLog) -> Pending<'k> {
+    async fn run<'k>(
+        &self,
+        call: &Call,
+        nonce: Option<&str>,
+        key: &'k Secret,
+        now_ms: i64,
+        log: &mut CallLog,
+    ) -> Pending<'k> {
         log.activity = call.activity.name(call.generation);
         log.order_id = call.activity.order_id().map(str::to_owned);
         log.instance_id = call.activity.instance_id().map(str::to_owned);
@@ -288,7 +295,14 @@ impl Planner<'_> {
     }
 
     /// A transition: set `set` (plus `updated_at`), emit `kind`, answer success.
-    fn transition(&self, mut set: Record, kind: EventType, call: &Call, change: Map<String, Value>, keep: bool) -> Branch {
+    fn transition(
+        &self,
+        mut set: Record,
+        kind: EventType,
+        call: &Call,
+        change: Map<String, Value>,
+        keep: bool,
+    ) -> Branch {
         set.insert("updated_at".into(), self.now());
         Branch {
             code: ResultCode::Success.as_str().into(),
@@ -377,7 +391,8 @@ impl Planner<'_> {
                 let change = Map::from_iter([("order_id".to_owned(), json!(order_id))]);
                 for status in [ACTIVE, FROZEN] {
                     let set = Record::from([("status".to_owned(), EXPIRED.to_owned())]);
-                    plan.branches.insert(status.into(), self.transition(set, EventType::Expired, call, change.clone(), false));
+                    plan.branches
+                        .insert(status.into(), self.transition(set, EventType::Expired, call, change.clone(), false));
                 }
                 plan.branches.insert(EXPIRED.into(), ok_noop());
                 plan.branches.insert(RELEASED.into(), not_found(instance_id, "was released"));
@@ -394,7 +409,8 @@ impl Planner<'_> {
                         ("status".to_owned(), RELEASED.to_owned()),
                         ("released_at".to_owned(), self.now()),
                     ]);
-                    plan.branches.insert(status.into(), self.transition(set, EventType::Released, call, change.clone(), false));
+                    plan.branches
+                        .insert(status.into(), self.transition(set, EventType::Released, call, change.clone(), false));
                 }
                 // Releasing twice answers success and does nothing again.
                 plan.branches.insert(RELEASED.into(), ok_noop());
@@ -420,7 +436,8 @@ impl Planner<'_> {
             }
             Activity::Upgrade { instance_id, order_id, order_line_id, sku_code, product_id, quantity } => {
                 let mut plan = self.plan_for(instance_id, nonce);
-                plan.dedup = Some(format!("upgrade:{instance_id}:{order_id}/{}", order_line_id.as_deref().unwrap_or("")));
+                plan.dedup =
+                    Some(format!("upgrade:{instance_id}:{order_id}/{}", order_line_id.as_deref().unwrap_or("")));
                 let mut set = Record::new();
                 put(&mut set, "sku_code", sku_code.as_deref());
                 put(&mut set, "product_id", product_id.as_deref());
@@ -435,7 +452,10 @@ impl Planner<'_> {
                 change.insert("order_id".into(), json!(order_id));
                 change.insert("order_line_id".into(), json!(order_line_id));
                 for status in [ACTIVE, FROZEN, EXPIRED] {
-                    plan.branches.insert(status.into(), self.transition(set.clone(), EventType::Changed, call, change.clone(), true));
+                    plan.branches.insert(
+                        status.into(),
+                        self.transition(set.clone(), EventType::Changed, call, change.clone(), true),
+                    );
                 }
                 plan.branches.insert(RELEASED.into(), not_found(instance_id, "was released"));
                 plan.branches.insert(ANY.into(), not_found(instance_id, "does not exist"));

@@ -82,11 +82,20 @@ fn log_call(reply: &Reply, elapsed: Duration) {
     let code = reply.code.as_str();
     match reason {
         None => tracing::info!(
-            generation, activity, order_id, instance_id, code, test, dedup, event_id, latency_ms, "call answered"
+            generation,
+            activity,
+            order_id,
+            instance_id,
+            code,
+            test,
+            dedup,
+            event_id,
+            latency_ms,
+            "call answered"
         ),
-        Some(reason) => tracing::warn!(
-            generation, activity, order_id, instance_id, code, test, reason, latency_ms, "call refused"
-        ),
+        Some(reason) => {
+            tracing::warn!(generation, activity, order_id, instance_id, code, test, reason, latency_ms, "call refused")
+        }
     }
 }
 
@@ -148,11 +157,13 @@ impl App {
                 return Err(Rejection::BadField { field: "Content-Type", problem: "must be application/json".into() });
             }
         }
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(Rejection::BodyTooLarge { limit });
         }
-        let collected = tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await;
+        let collected =
+            tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await;
         match collected {
             Err(_) => Err(Rejection::MalformedJson(format!("body not received within {:?}", self.request_timeout))),
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Rejection::BodyTooLarge { limit }),
@@ -231,7 +242,13 @@ where
 }
 
 /// The KooGallery listener's handler.
-pub fn koogallery_handler(app: Arc<App>) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> + Clone + Send + Sync + 'static {
+pub fn koogallery_handler(
+    app: Arc<App>,
+) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
     move |req| {
         let app = Arc::clone(&app);
         Box::pin(async move { app.route(req).await })
@@ -239,7 +256,12 @@ pub fn koogallery_handler(app: Arc<App>) -> impl Fn(Request<Incoming>) -> std::p
 }
 
 /// The admin listener's handler: `/metrics`, `/healthz`.
-pub fn admin_handler() -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> + Clone + Send + Sync + 'static {
+pub fn admin_handler(
+) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
     move |req| {
         Box::pin(async move {
             match (req.method(), req.uri().path()) {

@@ -1,8 +1,8 @@
 //! Wiring: config → store → gateway → listeners and background tasks.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::net::SocketAddr;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -62,7 +62,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let store = store::open(&config.store, &config.key_prefix).await?;
     tracing::info!(backend = store.backend(), "store opened");
     if config.frontend_url_is_default {
-        tracing::warn!("KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/");
+        tracing::warn!(
+            "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/"
+        );
     }
     tracing::info!(
         "purchase details are not fetched from KooGallery's order API in this build: V2 events carry only the ids the call carried (\"enriched\": false)"

@@ -47,15 +47,45 @@ async fn bad_v2_cases(backend: Backend) {
     let sig_of = |body: &[u8], ts: i64, nonce: &str| v2_query(AK, body, ts, nonce);
     let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
         ("wrong key", v2_query("another-key", &good, now, "n1"), good.clone(), "signature does not match"),
-        ("body changed after signing", sig_of(&good, now, "n2"), [good.as_slice(), b" "].concat(), "signature does not match"),
+        (
+            "body changed after signing",
+            sig_of(&good, now, "n2"),
+            [good.as_slice(), b" "].concat(),
+            "signature does not match",
+        ),
         ("stale timestamp", sig_of(&good, now - 61_000, "n3"), good.clone(), "away from the gateway clock"),
         ("future timestamp", sig_of(&good, now + 61_000, "n4"), good.clone(), "away from the gateway clock"),
         ("missing signature", format!("timestamp={now}&nonce=n5"), good.clone(), "missing query parameter signature"),
-        ("missing nonce", sig_of(&good, now, "n6").replace("&nonce=n6", ""), good.clone(), "missing query parameter nonce"),
-        ("duplicate nonce key", format!("{}&nonce=other", sig_of(&good, now, "n7")), good.clone(), "appears more than once"),
-        ("short signature", sig_of(&good, now, "n8").replacen("signature=", "signature=0", 1), good.clone(), "wrong length"),
-        ("non-hex signature", format!("signature={}&timestamp={now}&nonce=n9", "g".repeat(64)), good.clone(), "wrong length or alphabet"),
-        ("timestamp not a number", format!("signature={}&timestamp=abc&nonce=n10", "0".repeat(64)), good.clone(), "not a valid timestamp"),
+        (
+            "missing nonce",
+            sig_of(&good, now, "n6").replace("&nonce=n6", ""),
+            good.clone(),
+            "missing query parameter nonce",
+        ),
+        (
+            "duplicate nonce key",
+            format!("{}&nonce=other", sig_of(&good, now, "n7")),
+            good.clone(),
+            "appears more than once",
+        ),
+        (
+            "short signature",
+            sig_of(&good, now, "n8").replacen("signature=", "signature=0", 1),
+            good.clone(),
+            "wrong length",
+        ),
+        (
+            "non-hex signature",
+            format!("signature={}&timestamp={now}&nonce=n9", "g".repeat(64)),
+            good.clone(),
+            "wrong length or alphabet",
+        ),
+        (
+            "timestamp not a number",
+            format!("signature={}&timestamp=abc&nonce=n10", "0".repeat(64)),
+            good.clone(),
+            "not a valid timestamp",
+        ),
     ];
     for (what, query, body, needle) in cases {
         let res = c.v2_raw(path, &query, &body).await.unwrap();
@@ -68,7 +98,10 @@ async fn bad_v2_cases(backend: Backend) {
     assert_refused(&gw, "oversized body", res, 413, "000002", "larger than 65536 bytes").await;
     // Wrong content type.
     let q = v2_query(AK, &good, now, "ct");
-    let res = c.send(Method::POST, &format!("{path}?{q}"), &[("content-type", "text/plain")], Bytes::from(good.clone())).await.unwrap();
+    let res = c
+        .send(Method::POST, &format!("{path}?{q}"), &[("content-type", "text/plain")], Bytes::from(good.clone()))
+        .await
+        .unwrap();
     assert_refused(&gw, "wrong content type", res, 200, "000002", "Content-Type").await;
     // Wrong method and path: plain HTTP errors.
     assert_eq!(c.send(Method::GET, path, &[], Bytes::new()).await.unwrap().status, 405);
@@ -92,7 +125,9 @@ async fn bad_v2_cases(backend: Backend) {
     assert_refused(&gw, "unknown instance", res, 200, "000003", "does not exist").await;
 
     let metrics = gw.metrics().await;
-    for reason in ["bad_signature", "stale_timestamp", "replayed_nonce", "body_too_large", "unknown_activity", "missing_field"] {
+    for reason in
+        ["bad_signature", "stale_timestamp", "replayed_nonce", "body_too_large", "unknown_activity", "missing_field"]
+    {
         assert!(metrics.contains(&format!("reason=\"{reason}\"")), "metric for {reason} missing");
     }
     gw.stop().await;
@@ -110,7 +145,10 @@ async fn bad_v2_input_is_refused_and_writes_nothing_embedded() {
 
 async fn bad_v1_cases(backend: Backend) {
     let gw = TestGateway::start(backend, "bad-v1").await;
-    assert_eq!(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(), Some("000000"));
+    assert_eq!(
+        gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(),
+        Some("000000")
+    );
     gw.drain().await;
     let before = gw.snapshot().await;
     for (rel, needle) in [
@@ -165,7 +203,10 @@ async fn timestamps_just_inside_the_window_are_accepted() {
     assert_eq!(outside.result_code().as_deref(), Some("000001"));
     // 10-digit seconds are accepted (the signature covers the timestamp as sent).
     let ts = (now_ms() / 1000 + 20).to_string();
-    let q = format!("signature={}&timestamp={ts}&nonce=tensecs", koogate::protocol::sign::v2_request_signature(AK, "tensecs", &ts, &body));
+    let q = format!(
+        "signature={}&timestamp={ts}&nonce=tensecs",
+        koogate::protocol::sign::v2_request_signature(AK, "tensecs", &ts, &body)
+    );
     assert_eq!(gw.client.v2_raw("/koogallery/v2", &q, &body).await.unwrap().result_code().as_deref(), Some("000000"));
     gw.stop().await;
 }

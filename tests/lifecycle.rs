@@ -80,7 +80,11 @@ async fn v2_lifecycle(backend: Backend) {
     let got: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     // Per-instance order is guaranteed; across instances the shards interleave.
     let of = |inst: &str| -> Vec<String> {
-        events.iter().filter(|e| e["data"]["instance_id"] == inst).map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+        events
+            .iter()
+            .filter(|e| e["data"]["instance_id"] == inst)
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert_eq!(got.len(), expected.len(), "events: {got:?}");
     let mut sorted_got = got.clone();
@@ -102,7 +106,11 @@ async fn v2_lifecycle(backend: Backend) {
             "subscription.released"
         ]
     );
-    let ids: Vec<String> = events.iter().filter(|e| e["data"]["instance_id"] == V2_INSTANCE).map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> = events
+        .iter()
+        .filter(|e| e["data"]["instance_id"] == V2_INSTANCE)
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(ids, (1..=9).map(|n| format!("evt_{V2_INSTANCE}_{n}")).collect::<Vec<_>>());
 
     let renewed = events.iter().find(|e| e["type"] == "subscription.renewed").unwrap();
@@ -227,7 +235,12 @@ async fn test_events_are_forwarded_only_when_asked() {
 #[tokio::test]
 async fn issued_credentials_decrypt_with_the_access_key_and_reach_billing() {
     for backend in BACKENDS {
-        let gw = TestGateway::start_with(backend, "credentials", &[("KOOGATE_ISSUE_CREDENTIALS", "true"), ("KOOGATE_ENCRYPT_TYPE", "2")]).await;
+        let gw = TestGateway::start_with(
+            backend,
+            "credentials",
+            &[("KOOGATE_ISSUE_CREDENTIALS", "true"), ("KOOGATE_ENCRYPT_TYPE", "2")],
+        )
+        .await;
         let res = gw.v2_fixture("v2/01-newInstance.json").await;
         let json = res.json().unwrap();
         assert_eq!(json["encryptType"], "2");

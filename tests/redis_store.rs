@@ -28,7 +28,13 @@ async fn one_evalsha_per_accepted_call_and_reload_after_script_flush() {
     }
     let after = commandstats(&redis.url()).await;
     let delta = |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
-    println!("commandstats delta over {} calls: evalsha={} eval={} script={}", calls.len(), delta("evalsha"), delta("eval"), delta("script|load"));
+    println!(
+        "commandstats delta over {} calls: evalsha={} eval={} script={}",
+        calls.len(),
+        delta("evalsha"),
+        delta("eval"),
+        delta("script|load")
+    );
     assert_eq!(delta("evalsha"), calls.len() as u64, "exactly one EVALSHA per call");
     assert_eq!(delta("eval"), 0);
     assert_eq!(delta("script|load"), 0, "the script is loaded once");

@@ -55,7 +55,14 @@ impl Answer {
         if msg.chars().count() > MAX_MSG {
             msg = msg.chars().take(MAX_MSG).collect();
         }
-        Self { result_code: code.as_str().to_owned(), result_msg: msg, instance_id: None, encrypt_type: None, app_info: None, info: None }
+        Self {
+            result_code: code.as_str().to_owned(),
+            result_msg: msg,
+            instance_id: None,
+            encrypt_type: None,
+            app_info: None,
+            info: None,
+        }
     }
 
     pub fn success() -> Self {
@@ -65,7 +72,8 @@ impl Answer {
     /// The exact bytes to send.
     pub fn to_body(&self) -> String {
         // Serializing plain strings and options cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from(r#"{"resultCode":"000005","resultMsg":"internal error"}"#))
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| String::from(r#"{"resultCode":"000005","resultMsg":"internal error"}"#))
     }
 }
 

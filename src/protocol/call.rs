@@ -78,7 +78,7 @@ pub enum Activity {
         /// V1 has no order lines: `None`.
         order_line_id: Option<String>,
         business_id: String,
-        purchase: Purchase,
+        purchase: Box<Purchase>,
     },
     RefreshInstance {
         instance_id: String,
@@ -92,12 +92,27 @@ pub enum Activity {
         period_number: Option<String>,
     },
     /// V2 updateInstanceStatus and V1 instanceStatus.
-    UpdateStatus { instance_id: String, freeze: bool },
+    UpdateStatus {
+        instance_id: String,
+        freeze: bool,
+    },
     /// V1 only.
-    ExpireInstance { instance_id: String, order_id: Option<String> },
-    ReleaseInstance { instance_id: String, order_id: Option<String>, order_line_id: Option<String> },
-    QueryInstance { instance_ids: Vec<String> },
-    OrderNotify { order_id: String, order_line_id: String },
+    ExpireInstance {
+        instance_id: String,
+        order_id: Option<String>,
+    },
+    ReleaseInstance {
+        instance_id: String,
+        order_id: Option<String>,
+        order_line_id: Option<String>,
+    },
+    QueryInstance {
+        instance_ids: Vec<String>,
+    },
+    OrderNotify {
+        order_id: String,
+        order_line_id: String,
+    },
     /// V2 upgradeInstance and V1 upgrade.
     Upgrade {
         instance_id: String,
@@ -107,7 +122,10 @@ pub enum Activity {
         product_id: Option<String>,
         quantity: Option<String>,
     },
-    ChangeInstanceCheck { instance_id: String, product_info: Option<Value> },
+    ChangeInstanceCheck {
+        instance_id: String,
+        product_info: Option<Value>,
+    },
 }
 
 impl Activity {
@@ -274,7 +292,7 @@ pub fn parse_v2(body: &[u8]) -> Result<Call, Rejection> {
             order_id: obj.req("orderId", ID_MAX)?,
             order_line_id: Some(obj.req("orderLineId", ID_MAX)?),
             business_id: obj.req("businessId", ID_MAX)?,
-            purchase: Purchase::default(),
+            purchase: Box::default(),
         },
         "refreshInstance" => {
             let scene = obj.req("scene", 64)?;
@@ -285,9 +303,7 @@ pub fn parse_v2(body: &[u8]) -> Result<Call, Rejection> {
                 scene: Scene::parse(&scene).ok_or_else(|| {
                     bad("scene", "must be TRIAL_TO_FORMAL, RENEWAL, UNSUBSCRIBE_RENEWAL_PERIOD or RENEWAL_CHANGE")
                 })?,
-                expire_time: Some(
-                    opt_time(&obj, "expireTime")?.ok_or(Rejection::MissingField("expireTime"))?,
-                ),
+                expire_time: Some(opt_time(&obj, "expireTime")?.ok_or(Rejection::MissingField("expireTime"))?),
                 product_id: obj.opt("productId", ID_MAX)?,
                 amount: None,
                 period_type: None,
@@ -383,7 +399,7 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                 order_id: params.req("orderId", ID_MAX)?,
                 order_line_id: None,
                 business_id: params.req("businessId", ID_MAX)?,
-                purchase: Purchase {
+                purchase: Box::new(Purchase {
                     customer_id: Some(params.req("customerId", ID_MAX)?),
                     customer_name: params.opt("customerName", 256)?,
                     user_id: params.opt("userId", ID_MAX)?,
@@ -399,7 +415,7 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                     period_number: opt_count(params, "periodNumber")?,
                     amount: opt_decimal(params, "orderAmount", 3)?,
                     quantity: None,
-                },
+                }),
             }
         }
         "refreshInstance" => {
@@ -475,7 +491,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let call = parse_v2(br#"{"activity":"updateInstanceStatus","instanceId":"i","status":"FREEZE","testFlag":"1"}"#).unwrap();
+        let call =
+            parse_v2(br#"{"activity":"updateInstanceStatus","instanceId":"i","status":"FREEZE","testFlag":"1"}"#)
+                .unwrap();
         assert_eq!(call.activity, Activity::UpdateStatus { instance_id: "i".into(), freeze: true });
         let call = parse_v2(br#"{"activity":"queryInstance","instanceId":"a, b,c"}"#).unwrap();
         assert_eq!(call.activity, Activity::QueryInstance { instance_ids: vec!["a".into(), "b".into(), "c".into()] });
@@ -484,7 +502,10 @@ mod tests {
     #[test]
     fn v2_refusals_name_the_field() {
         let err = |b: &str| parse_v2(b.as_bytes()).unwrap_err();
-        assert_eq!(err(r#"{"activity":"newInstance","orderId":"A","businessId":"b"}"#), Rejection::MissingField("orderLineId"));
+        assert_eq!(
+            err(r#"{"activity":"newInstance","orderId":"A","businessId":"b"}"#),
+            Rejection::MissingField("orderLineId")
+        );
         assert_eq!(
             err(r#"{"activity":"newInstance","orderId":5,"orderLineId":"x","businessId":"b"}"#),
             Rejection::BadField { field: "orderId", problem: "must be a string".into() }
@@ -493,13 +514,33 @@ mod tests {
         assert!(matches!(err(r#"{"activity":"#), Rejection::MalformedJson(_)));
         assert!(matches!(err("[1,2]"), Rejection::MalformedJson(_)));
         assert!(matches!(parse_v2(b"{\"activity\":\"\xff\"}").unwrap_err(), Rejection::MalformedJson(_)));
-        assert!(matches!(err(&format!(r#"{{"activity":"orderNotify","orderId":"{}","orderLineId":"x"}}"#, "A".repeat(65))), Rejection::BadField { field: "orderId", .. }));
-        assert!(matches!(err(r#"{"activity":"updateInstanceStatus","instanceId":"i","status":"MELT"}"#), Rejection::BadField { field: "status", .. }));
-        assert!(matches!(err(r#"{"activity":"refreshInstance","instanceId":"i","orderId":"o","orderLineId":"l","scene":"RENEWAL","expireTime":"2022"}"#), Rejection::BadField { field: "expireTime", .. }));
+        assert!(matches!(
+            err(&format!(r#"{{"activity":"orderNotify","orderId":"{}","orderLineId":"x"}}"#, "A".repeat(65))),
+            Rejection::BadField { field: "orderId", .. }
+        ));
+        assert!(matches!(
+            err(r#"{"activity":"updateInstanceStatus","instanceId":"i","status":"MELT"}"#),
+            Rejection::BadField { field: "status", .. }
+        ));
+        assert!(matches!(
+            err(
+                r#"{"activity":"refreshInstance","instanceId":"i","orderId":"o","orderLineId":"l","scene":"RENEWAL","expireTime":"2022"}"#
+            ),
+            Rejection::BadField { field: "expireTime", .. }
+        ));
         let many: Vec<String> = (0..101).map(|i| format!("id{i}")).collect();
-        assert!(matches!(err(&format!(r#"{{"activity":"queryInstance","instanceId":"{}"}}"#, many.join(","))), Rejection::BadField { field: "instanceId", .. }));
-        assert!(matches!(err(r#"{"activity":"newInstance","orderId":"A\u0000","orderLineId":"x","businessId":"b"}"#), Rejection::BadField { field: "orderId", .. }));
-        assert!(matches!(err(r#"{"activity":"newInstance","orderId":"A","orderLineId":"x","businessId":"b","testFlag":"yes"}"#), Rejection::BadField { field: "testFlag", .. }));
+        assert!(matches!(
+            err(&format!(r#"{{"activity":"queryInstance","instanceId":"{}"}}"#, many.join(","))),
+            Rejection::BadField { field: "instanceId", .. }
+        ));
+        assert!(matches!(
+            err(r#"{"activity":"newInstance","orderId":"A\u0000","orderLineId":"x","businessId":"b"}"#),
+            Rejection::BadField { field: "orderId", .. }
+        ));
+        assert!(matches!(
+            err(r#"{"activity":"newInstance","orderId":"A","orderLineId":"x","businessId":"b","testFlag":"yes"}"#),
+            Rejection::BadField { field: "testFlag", .. }
+        ));
     }
 
     #[test]
@@ -532,17 +573,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         params.insert("mobilePhone".into(), "abcdefgh12345678%%%".into());
-        assert!(matches!(parse_v1(&params, "test-access-key-123").unwrap_err(), Rejection::BadField { field: "mobilePhone", .. }));
+        assert!(matches!(
+            parse_v1(&params, "test-access-key-123").unwrap_err(),
+            Rejection::BadField { field: "mobilePhone", .. }
+        ));
         params.insert("mobilePhone".into(), crypto::encrypt(&key, "1"));
         params.insert("orderAmount".into(), "1.23456".into());
-        assert!(matches!(parse_v1(&params, "test-access-key-123").unwrap_err(), Rejection::BadField { field: "orderAmount", .. }));
+        assert!(matches!(
+            parse_v1(&params, "test-access-key-123").unwrap_err(),
+            Rejection::BadField { field: "orderAmount", .. }
+        ));
     }
 
     #[test]
     fn v1_refresh_scene_is_inferred() {
         let base = |extra: &[(&str, &str)]| {
             let mut p: BTreeMap<String, String> =
-                [("activity", "refreshInstance"), ("instanceId", "i"), ("orderId", "o")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                [("activity", "refreshInstance"), ("instanceId", "i"), ("orderId", "o")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
             for (k, v) in extra {
                 p.insert(k.to_string(), v.to_string());
             }

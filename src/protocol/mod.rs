@@ -90,7 +90,9 @@ pub enum Rejection {
     DuplicateAuthParam(&'static str),
     #[error("authentication failed: {0} is not a valid timestamp")]
     BadTimestamp(&'static str),
-    #[error("authentication failed: timestamp is {skew_secs} s away from the gateway clock (allowed {allowed_secs} s)")]
+    #[error(
+        "authentication failed: timestamp is {skew_secs} s away from the gateway clock (allowed {allowed_secs} s)"
+    )]
     StaleTimestamp { skew_secs: i64, allowed_secs: u64 },
     #[error("authentication failed: signature has the wrong length or alphabet")]
     MalformedSignature,

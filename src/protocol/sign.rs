@@ -33,10 +33,7 @@ pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 pub fn v2_request_signature(access_key: &str, nonce: &str, timestamp: &str, body: &[u8]) -> String {
     let ak = access_key.as_bytes();
     let payload_digest = hex::encode(hmac_sha256(ak, &[body]));
-    hex::encode(hmac_sha256(
-        ak,
-        &[ak, nonce.as_bytes(), timestamp.as_bytes(), payload_digest.as_bytes()],
-    ))
+    hex::encode(hmac_sha256(ak, &[ak, nonce.as_bytes(), timestamp.as_bytes(), payload_digest.as_bytes()]))
 }
 
 /// V1 `authToken` (protocol §3): `base64(HMAC(ak + timeStamp, canonical))`
@@ -69,10 +66,7 @@ where
 
 /// The `Body-Sign` header value for an answer body (protocol §4).
 pub fn body_sign(access_key: &str, body: &[u8]) -> String {
-    format!(
-        "sign_type=\"HMAC-SHA256\", signature=\"{}\"",
-        BASE64.encode(hmac_sha256(access_key.as_bytes(), &[body]))
-    )
+    format!("sign_type=\"HMAC-SHA256\", signature=\"{}\"", BASE64.encode(hmac_sha256(access_key.as_bytes(), &[body])))
 }
 
 /// Checks a `Body-Sign` header against a body, in constant time.
@@ -128,7 +122,8 @@ mod tests {
 
     #[test]
     fn v1_canonical_query_sorts_like_a_treemap_and_drops_the_token() {
-        let params = [("timeStamp", "20200727073711903"), ("activity", "newInstance"), ("authToken", "x"), ("Zeta", "1")];
+        let params =
+            [("timeStamp", "20200727073711903"), ("activity", "newInstance"), ("authToken", "x"), ("Zeta", "1")];
         // byte order: uppercase before lowercase, as Java's String.compareTo
         assert_eq!(
             v1_canonical_query(params.iter().map(|(k, v)| (*k, *v))),

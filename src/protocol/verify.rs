@@ -39,11 +39,8 @@ impl AccessKeys {
 
     /// The keys to try at `now_ms`, current first.
     fn candidates(&self, now_ms: i64) -> impl Iterator<Item = &Secret> {
-        let previous = self
-            .previous
-            .as_ref()
-            .filter(|(_, until)| until.is_none_or(|until| now_ms <= until))
-            .map(|(key, _)| key);
+        let previous =
+            self.previous.as_ref().filter(|(_, until)| until.is_none_or(|until| now_ms <= until)).map(|(key, _)| key);
         std::iter::once(&self.current).chain(previous)
     }
 
@@ -184,10 +181,7 @@ pub fn parse_v1_timestamp(value: &str) -> Result<i64, Rejection> {
 
 /// Formats a UNIX ms time as a V1 `timeStamp`.
 pub fn format_v1_timestamp(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .format("%Y%m%d%H%M%S%3f")
-        .to_string()
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().format("%Y%m%d%H%M%S%3f").to_string()
 }
 
 #[cfg(test)]
@@ -232,7 +226,10 @@ mod tests {
         assert_eq!(q(&v2_query(&sig, ts, "n2")), Rejection::BadSignature);
         assert_eq!(q(&v2_query(&sig, ts, "")), Rejection::MalformedNonce);
         // body changed by one byte
-        assert_eq!(verify_v2(&keys(), &v2_query(&sig, ts, "n1"), b"{ }", NOW, 60).unwrap_err(), Rejection::BadSignature);
+        assert_eq!(
+            verify_v2(&keys(), &v2_query(&sig, ts, "n1"), b"{ }", NOW, 60).unwrap_err(),
+            Rejection::BadSignature
+        );
     }
 
     #[test]
@@ -279,7 +276,12 @@ mod tests {
     fn v1_accepts_a_good_call_and_the_plus_became_space_quirk() {
         let ts = format_v1_timestamp(NOW);
         assert_eq!(ts, "20231114221320000");
-        let params = [("activity", "newInstance"), ("orderId", "CS1906666666ABCDE"), ("timeStamp", ts.as_str()), ("testFlag", "1")];
+        let params = [
+            ("activity", "newInstance"),
+            ("orderId", "CS1906666666ABCDE"),
+            ("timeStamp", ts.as_str()),
+            ("testFlag", "1"),
+        ];
         let query = v1_query(&params, "test-access-key-123");
         let ok = verify_v1(&KEYS, &query, NOW, 60).unwrap();
         assert_eq!(ok.params.get("orderId").map(String::as_str), Some("CS1906666666ABCDE"));

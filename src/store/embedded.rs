@@ -16,7 +16,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, Writ
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::plan::{event_id, Outcome, OutboxEntry, Plan, Record, ABSENT, ANY};
+use super::plan::{event_id, OutboxEntry, Outcome, Plan, Record, ABSENT, ANY};
 use super::{Store, StoreError};
 
 const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
@@ -225,7 +225,12 @@ fn get_record(txn: &WriteTransaction, table: TableDefinition<&str, &str>, key: &
     }
 }
 
-fn put_record(txn: &WriteTransaction, table: TableDefinition<&str, &str>, key: &str, record: &Record) -> Result<(), StoreError> {
+fn put_record(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &str>,
+    key: &str,
+    record: &Record,
+) -> Result<(), StoreError> {
     let json = serde_json::to_string(record).map_err(err)?;
     txn.open_table(table).map_err(err)?.insert(key, json.as_str()).map_err(err)?;
     Ok(())
@@ -315,7 +320,12 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
         let kept = format!("{}{}", branch.code, branch.answer);
         txn.open_table(ANSWERS).map_err(err)?.insert(key.as_str(), kept.as_str()).map_err(err)?;
     }
-    Ok(Outcome::Applied { code: branch.code.clone(), answer: branch.answer.clone(), event_id: minted, prior_status: status })
+    Ok(Outcome::Applied {
+        code: branch.code.clone(),
+        answer: branch.answer.clone(),
+        event_id: minted,
+        prior_status: status,
+    })
 }
 
 fn sweep_nonces(db: &Database) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use plan::{Branch, EventSpec, Outcome, OutboxEntry, Plan, Record};
+pub use plan::{Branch, EventSpec, OutboxEntry, Outcome, Plan, Record};
 
 /// A failure of the store itself (never of the caller's input).
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,8 @@ impl StoreSpec {
             Self::RedisCluster(format!("redis://{rest}"))
         } else if let Some(rest) = value.strip_prefix("rediss+cluster://") {
             Self::RedisCluster(format!("rediss://{rest}"))
-        } else if value.starts_with("redis://") || value.starts_with("rediss://") || value.starts_with("redis+unix://") {
+        } else if value.starts_with("redis://") || value.starts_with("rediss://") || value.starts_with("redis+unix://")
+        {
             Self::Redis(value.to_owned())
         } else {
             Self::Embedded(value.into())

@@ -14,12 +14,14 @@ use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, Str
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use super::keys::{instance_shard, Keys, SHARDS};
-use super::plan::{Outcome, OutboxEntry, Plan, Record};
+use super::plan::{OutboxEntry, Outcome, Plan, Record};
 use super::{Store, StoreError};
 
 const GROUP: &str = "koogate";
 
 /// A standalone or cluster connection; both multiplex and reconnect.
+/// One per store, cloned per call: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -33,7 +35,12 @@ impl ConnectionLike for Conn {
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
     }
-    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
@@ -231,7 +238,9 @@ impl Store for RedisStore {
             }
             let opts = StreamAutoClaimOptions::default().count(max - out.len());
             let claimed: Result<StreamAutoClaimReply, _> =
-                redis::Cmd::xautoclaim_options(key, GROUP, consumer, min_idle, "0-0", opts).query_async(&mut conn).await;
+                redis::Cmd::xautoclaim_options(key, GROUP, consumer, min_idle, "0-0", opts)
+                    .query_async(&mut conn)
+                    .await;
             match claimed {
                 Ok(reply) => out.extend(reply.claimed.iter().filter_map(|id| entry_from_stream(shard as u8, id))),
                 Err(e) if e.code() == Some("NOGROUP") => {

@@ -41,7 +41,8 @@ pub fn fixture(rel: &str) -> Vec<u8> {
 }
 
 pub fn fixture_params(rel: &str) -> BTreeMap<String, String> {
-    let v: BTreeMap<String, String> = serde_json::from_slice(&fixture(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"));
+    let v: BTreeMap<String, String> =
+        serde_json::from_slice(&fixture(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"));
     v
 }
 
@@ -224,7 +225,8 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
     // The test may have stopped its Redis: nothing to clean then.
     let Ok(client) = redis::Client::open(url) else { return };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
     if !keys.is_empty() {
         let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
     }

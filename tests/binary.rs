@@ -1,0 +1,96 @@
+//! The `koogate` binary as an operator runs it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn koogate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_koogate"));
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_with_one_sentence_naming_it() {
+    let out = koogate().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KOOGATE_ACCESS_KEY: is required"), "{err}");
+
+    let out =
+        koogate().env("KOOGATE_ACCESS_KEY", "s3cr3t-key").env("KOOGATE_TIMESTAMP_SKEW_SECS", "soon").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KOOGATE_TIMESTAMP_SKEW_SECS: \"soon\" is not a whole number"), "{err}");
+    assert!(!err.contains("s3cr3t-key"));
+}
+
+#[tokio::test]
+async fn serves_on_the_embedded_store_logs_json_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let secret = "binary-test-access-key-0042";
+    let mut child = koogate()
+        .arg("serve")
+        .env("KOOGATE_ACCESS_KEY", secret)
+        .env("KOOGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KOOGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("KOOGATE_STORE", dir.path().join("store"))
+        .env("KOOGATE_DATA_DIR", dir.path().join("data"))
+        .env("KOOGATE_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(res) = client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await {
+            if res.status == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "gateway did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = client.v2("/koogallery/v2", secret, &fixture("v2/01-newInstance.json"), now_ms()).await.unwrap();
+    assert_eq!(res.result_code().as_deref(), Some("000000"));
+    assert!(independent_body_sign_ok(secret, &res.body, res.body_sign.as_deref()));
+    let bad = client.v2("/koogallery/v2", "wrong-key", &fixture("v2/01-newInstance.json"), now_ms()).await.unwrap();
+    assert_eq!(bad.result_code().as_deref(), Some("000001"));
+
+    let events = dir.path().join("data").join("events.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&events).is_ok_and(|t| t.contains("subscription.created")) {
+        assert!(Instant::now() < deadline, "event did not reach events.jsonl");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGTERM: graceful stop, exit 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    });
+    let (status, stderr) = tokio::time::timeout(Duration::from_secs(20), status).await.unwrap().unwrap();
+    assert!(status.success(), "exit status {status:?}\n{stderr}");
+    assert!(!stderr.contains(secret), "the access key never appears in logs");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON log line: {l}")))
+        .collect();
+    let answered = lines.iter().find(|l| l["message"] == "call answered").expect("a call log line");
+    assert_eq!(answered["activity"], "newInstance");
+    assert_eq!(answered["code"], "000000");
+    assert_eq!(answered["order_id"], "CS2211181819B4LVS");
+    assert_eq!(answered["instance_id"], "028e3b0c-7d93-5e10-9156-f940561c8e6a");
+    assert!(answered["latency_ms"].is_number());
+    let refused = lines.iter().find(|l| l["message"] == "call refused").expect("a refusal log line");
+    assert_eq!(refused["code"], "000001");
+    assert!(refused["reason"].as_str().unwrap().contains("signature does not match"));
+}
