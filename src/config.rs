@@ -27,7 +27,15 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_DATA_DIR", "the store directory, else ./data", "where events.jsonl is written"),
     ("KOOGATE_BILLING_URL", "(none)", "billing core endpoint for events"),
     ("KOOGATE_BILLING_SECRET", "(none)", "whsec_… signing secret for events (or _FILE)"),
-    ("KOOGATE_ADMIN_LISTEN", "127.0.0.1:9090", "address of the admin listener (/metrics)"),
+    ("KOOGATE_DELIVERY_TIMEOUT_SECS", "10", "per-attempt timeout of a delivery to the billing core"),
+    ("KOOGATE_RETRY_INITIAL_MS", "5000", "largest delay before the first retry (doubling, full jitter)"),
+    ("KOOGATE_RETRY_MAX_MS", "3600000", "largest delay between retries"),
+    ("KOOGATE_RETRY_MAX_ATTEMPTS", "40", "attempts before an event is dead-lettered"),
+    ("KOOGATE_RETRY_GIVE_UP_SECS", "86400", "time after the first attempt when an event is dead-lettered"),
+    ("KOOGATE_DELIVERY_VISIBILITY_SECS", "30", "a claimed event not finished by then is taken over by another replica"),
+    ("KOOGATE_DELIVERY_CONCURRENCY", "32", "deliveries in flight at once (one per instance)"),
+    ("KOOGATE_DELIVERY_ORDER_WAIT_SECS", "300", "longest wait for an instance's earlier event before sending anyway"),
+    ("KOOGATE_ADMIN_LISTEN", "127.0.0.1:9090", "address of the admin listener (/metrics, admin API)"),
     ("KOOGATE_ADMIN_TOKEN", "(none: admin API off)", "bearer token of the admin API (or _FILE)"),
     ("KOOGATE_TIMESTAMP_SKEW_SECS", "60", "allowed clock difference of a call's timestamp"),
     ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
@@ -92,6 +100,11 @@ pub struct Config {
     pub store_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub delivery_timeout: Duration,
+    pub retry: crate::backoff::Schedule,
+    pub delivery_visibility: Duration,
+    pub delivery_concurrency: usize,
+    pub delivery_order_wait: Duration,
 }
 
 /// Where values come from: the environment over the file.
@@ -225,6 +238,9 @@ impl Config {
             }
         }
         let billing_secret = src.secret("KOOGATE_BILLING_SECRET")?;
+        if billing_url.is_some() && billing_secret.is_none() {
+            return Err(problem("KOOGATE_BILLING_SECRET", "is required when KOOGATE_BILLING_URL is set (events are signed)"));
+        }
         if let Some(secret) = &billing_secret {
             use base64::Engine;
             let ok = secret
@@ -316,6 +332,17 @@ impl Config {
             store_timeout: Duration::from_secs(positive("KOOGATE_STORE_TIMEOUT_SECS", 3)?),
             shutdown_grace: Duration::from_secs(positive("KOOGATE_SHUTDOWN_GRACE_SECS", 10)?),
             log_format,
+            delivery_timeout: Duration::from_secs(positive("KOOGATE_DELIVERY_TIMEOUT_SECS", 10)?),
+            retry: crate::backoff::Schedule {
+                initial: Duration::from_millis(positive("KOOGATE_RETRY_INITIAL_MS", 5000)?),
+                max: Duration::from_millis(positive("KOOGATE_RETRY_MAX_MS", 3_600_000)?),
+                max_attempts: u32::try_from(positive("KOOGATE_RETRY_MAX_ATTEMPTS", 40)?)
+                    .map_err(|_| problem("KOOGATE_RETRY_MAX_ATTEMPTS", "is too large"))?,
+                give_up_after: Duration::from_secs(positive("KOOGATE_RETRY_GIVE_UP_SECS", 86_400)?),
+            },
+            delivery_visibility: Duration::from_secs(positive("KOOGATE_DELIVERY_VISIBILITY_SECS", 30)?),
+            delivery_concurrency: positive("KOOGATE_DELIVERY_CONCURRENCY", 32)? as usize,
+            delivery_order_wait: Duration::from_secs(positive("KOOGATE_DELIVERY_ORDER_WAIT_SECS", 300)?),
         })
     }
 }

@@ -1,113 +1,428 @@
-//! Moving events out of the outbox.
+//! Delivery: from the outbox to the billing core, durably.
 //!
-//! Until HTTP delivery to the billing core exists, events are appended to
-//! `<data dir>/events.jsonl` (one event per line, fsynced before the outbox
-//! entry is removed: at-least-once, deduplicate by `id`). Events of
-//! `testFlag=1` calls are dropped here unless `KOOGATE_FORWARD_TEST_EVENTS`.
+//! Each replica runs one [`Worker`]. It claims events from the outbox (new
+//! ones, and ones a dead replica claimed and never finished, after the
+//! visibility timeout), and delivers them:
+//!
+//! - **in order per instance**: an event is sent only when its instance's
+//!   previous event is settled (delivered or dead-lettered); the store keeps
+//!   each instance's delivered sequence. Other instances are not held up.
+//! - **with retries**: exponential backoff with full jitter
+//!   ([`crate::backoff`]); attempts are kept in the store, so a replica that
+//!   takes over continues the same schedule.
+//! - **then the dead-letter queue**: permanent refusals (4xx other than
+//!   408/429) at once, others when the schedule is exhausted. A redriven
+//!   event is delivered again under its own id.
+//!
+//! The target is the billing core over HTTP (Standard Webhooks signatures),
+//! or, when no billing URL is set, `<data dir>/events.jsonl`. Events of
+//! `testFlag=1` calls are settled without being sent unless
+//! `KOOGATE_FORWARD_TEST_EVENTS`.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Schedule;
 use crate::events;
 use crate::metrics as m;
-use crate::store::{OutboxEntry, Store};
+use crate::store::{Attempts, DeadLetter, OutboxEntry, Store, StoreError};
+use crate::webhook;
 
-/// Entries taken per round.
-const BATCH: usize = 128;
-/// Pause when the outbox is empty.
-const IDLE: Duration = Duration::from_millis(100);
-/// An entry claimed this long ago and never acknowledged is taken over.
-pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// Where events go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// POST to the billing core, signed with the `whsec_` secret's key.
+    Http { url: String, key: Vec<u8> },
+    /// Append to a JSONL file.
+    Jsonl(PathBuf),
+}
+
+/// How delivery behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub target: Target,
+    pub forward_test: bool,
+    pub attempt_timeout: Duration,
+    pub schedule: Schedule,
+    /// Claimed entries not settled nor touched for this long are taken over by other replicas.
+    pub visibility: Duration,
+    /// Deliveries in flight at once (one per instance at most).
+    pub concurrency: usize,
+    /// An event whose predecessor cannot be found waits at most this long, then goes anyway.
+    pub order_wait: Duration,
+}
+
+/// Outcome of one attempt.
+#[derive(Debug)]
+enum Attempt {
+    Delivered,
+    /// Worth retrying; `after` is the server's Retry-After, when it sent one.
+    Retry { error: String, after: Option<Duration> },
+    Permanent(String),
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn occurred_ms(entry: &OutboxEntry) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(&entry.occurred_at).ok().map(|t| t.timestamp_millis())
+}
 
 /// Consumer name of this process in the outbox's consumer group.
 pub fn consumer_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "koogate".into());
-    format!("{host}-{}", std::process::id())
+    let tag: u16 = rand::random();
+    format!("{host}-{}-{tag:04x}", std::process::id())
 }
 
-/// Appends outbox events to a JSONL file until `shutdown`.
-pub async fn run_jsonl(store: Arc<dyn Store>, path: PathBuf, forward_test: bool, shutdown: CancellationToken) {
-    let consumer = consumer_name();
-    let mut backoff = IDLE;
-    loop {
-        let round = forward_round(store.as_ref(), &path, &consumer, forward_test).await;
-        let pause = match round {
-            Ok(0) => {
-                backoff = IDLE;
-                IDLE
-            }
-            Ok(_) => {
-                backoff = IDLE;
-                Duration::ZERO
-            }
-            Err(e) => {
-                tracing::error!(error = %e, path = %path.display(), "forwarding events failed; will retry");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                backoff
-            }
+/// Sends one event somewhere.
+struct Sender {
+    target: Target,
+    http: reqwest::Client,
+    /// Serializes appends to the JSONL file.
+    file_lock: Mutex<()>,
+}
+
+impl Sender {
+    async fn send(&self, entry: &OutboxEntry) -> Attempt {
+        let event = match events::assemble(entry) {
+            Ok(e) => e,
+            Err(e) => return Attempt::Permanent(e.to_string()),
         };
-        if let Ok(depth) = store.outbox_len().await {
-            m::outbox_depth(depth);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        let body = match serde_json::to_vec(&event) {
+            Ok(b) => b,
+            Err(e) => return Attempt::Permanent(format!("cannot serialize event: {e}")),
+        };
+        match &self.target {
+            Target::Jsonl(path) => match self.append(path, &body).await {
+                Ok(()) => Attempt::Delivered,
+                Err(e) => Attempt::Retry { error: format!("cannot append to {}: {e}", path.display()), after: None },
+            },
+            Target::Http { url, key } => self.post(url, key, &entry.id, body).await,
         }
     }
-}
 
-#[derive(Debug, thiserror::Error)]
-enum ForwardError {
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error("cannot write events file: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-async fn forward_round(
-    store: &dyn Store,
-    path: &PathBuf,
-    consumer: &str,
-    forward_test: bool,
-) -> Result<usize, ForwardError> {
-    let entries = store.outbox_claim(consumer, BATCH, STALE_AFTER).await?;
-    if entries.is_empty() {
-        return Ok(0);
-    }
-    let mut lines = String::new();
-    let mut skipped = 0u64;
-    for entry in &entries {
-        if entry.test && !forward_test {
-            skipped += 1;
-            continue;
-        }
-        match events::assemble(entry) {
-            Ok(event) => {
-                lines.push_str(&serde_json::to_string(&event).unwrap_or_default());
-                lines.push('\n');
-            }
-            Err(e) => tracing::error!(event_id = %entry.id, error = %e, "event dropped: cannot be assembled"),
-        }
-    }
-    if !lines.is_empty() {
+    async fn append(&self, path: &PathBuf, body: &[u8]) -> std::io::Result<()> {
+        let _guard = self.file_lock.lock().await;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
         let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
-        file.write_all(lines.as_bytes()).await?;
-        file.sync_data().await?;
+        let mut line = Vec::with_capacity(body.len() + 1);
+        line.extend_from_slice(body);
+        line.push(b'\n');
+        file.write_all(&line).await?;
+        file.sync_data().await
     }
-    ack(store, &entries).await?;
-    let written = entries.len() as u64 - skipped;
-    m::forwarded("jsonl", "delivered", written);
-    m::forwarded("jsonl", "skipped_test", skipped);
-    Ok(entries.len())
+
+    async fn post(&self, url: &str, key: &[u8], id: &str, body: Vec<u8>) -> Attempt {
+        let ts = chrono::Utc::now().timestamp();
+        let signature = webhook::sign(key, id, ts, &body);
+        let sent = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        let res = match sent {
+            Ok(res) => res,
+            Err(e) if e.is_timeout() => return Attempt::Retry { error: "timed out".into(), after: None },
+            Err(e) => return Attempt::Retry { error: format!("request failed: {}", error_chain(&e)), after: None },
+        };
+        let status = res.status();
+        if status.is_success() {
+            return Attempt::Delivered;
+        }
+        let after = res
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let code = status.as_u16();
+        let error = format!("billing core answered HTTP {code}");
+        if status.is_client_error() && code != 408 && code != 429 {
+            Attempt::Permanent(error)
+        } else {
+            Attempt::Retry { error, after }
+        }
+    }
 }
 
-async fn ack(store: &dyn Store, entries: &[OutboxEntry]) -> Result<(), crate::store::StoreError> {
-    store.outbox_ack(entries).await
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// An event this replica holds.
+struct Held {
+    entry: OutboxEntry,
+    attempts: Attempts,
+    /// When it became the head of its instance and started waiting for a predecessor.
+    waiting_since: Option<Instant>,
+}
+
+/// The delivery loop of one replica.
+pub struct Worker {
+    store: Arc<dyn Store>,
+    settings: Settings,
+    sender: Arc<Sender>,
+    consumer: String,
+    /// Held events by instance, in sequence order.
+    held: BTreeMap<String, BTreeMap<u64, Held>>,
+    /// Instances with a delivery in flight.
+    busy: HashSet<String>,
+}
+
+const CLAIM_BATCH: usize = 256;
+const MAX_HELD: usize = 4096;
+const TICK: Duration = Duration::from_millis(50);
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
+
+impl Worker {
+    pub fn new(store: Arc<dyn Store>, settings: Settings) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.attempt_timeout)
+            .connect_timeout(settings.attempt_timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let sender = Arc::new(Sender { target: settings.target.clone(), http, file_lock: Mutex::new(()) });
+        Ok(Self { store, settings, sender, consumer: consumer_name(), held: BTreeMap::new(), busy: HashSet::new() })
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.values().map(BTreeMap::len).sum()
+    }
+
+    /// Runs until `shutdown`; then lets in-flight deliveries finish within `grace`.
+    /// Events not delivered stay in the outbox for the next start or another replica.
+    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
+        tracing::info!(consumer = %self.consumer, target = ?target_label(&self.settings.target), "delivery started");
+        let mut inflight: JoinSet<(OutboxEntry, Attempt, Duration)> = JoinSet::new();
+        let mut last_touch = Instant::now();
+        let mut last_gauges = Instant::now() - GAUGES_EVERY;
+        let mut store_backoff = TICK;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let round = self.round(&mut inflight).await;
+            let pause = match round {
+                Ok(()) => {
+                    store_backoff = TICK;
+                    TICK
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "delivery: store failed; will retry");
+                    store_backoff = (store_backoff * 2).min(Duration::from_secs(5));
+                    store_backoff
+                }
+            };
+            if last_touch.elapsed() >= self.settings.visibility / 3 {
+                let entries: Vec<OutboxEntry> = self.held.values().flat_map(|m| m.values().map(|h| h.entry.clone())).collect();
+                if let Err(e) = self.store.outbox_touch(&self.consumer, &entries).await {
+                    tracing::warn!(error = %e, "delivery: could not refresh claims");
+                }
+                last_touch = Instant::now();
+            }
+            if last_gauges.elapsed() >= GAUGES_EVERY {
+                self.update_gauges().await;
+                last_gauges = Instant::now();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                    if let Ok((entry, attempt, took)) = done {
+                        self.finish(entry, attempt, took).await;
+                    }
+                }
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        while !inflight.is_empty() {
+            tokio::select! {
+                Some(done) = inflight.join_next() => {
+                    if let Ok((entry, attempt, took)) = done {
+                        self.finish(entry, attempt, took).await;
+                    }
+                }
+                _ = &mut deadline => {
+                    tracing::warn!(left = inflight.len(), "delivery: grace period over; unfinished deliveries stay in the outbox");
+                    break;
+                }
+            }
+        }
+        tracing::info!("delivery stopped");
+    }
+
+    /// Claims more events when there is room, then starts every delivery that may go.
+    async fn round(&mut self, inflight: &mut JoinSet<(OutboxEntry, Attempt, Duration)>) -> Result<(), StoreError> {
+        if self.held_count() < MAX_HELD {
+            let claimed = self.store.outbox_claim(&self.consumer, CLAIM_BATCH, self.settings.visibility).await?;
+            if !claimed.is_empty() {
+                let attempts = self.store.attempts(&claimed).await?;
+                for (entry, attempts) in claimed.into_iter().zip(attempts) {
+                    let (subject, seq) = entry.subject_seq();
+                    let slot = self.held.entry(subject.to_owned()).or_default();
+                    slot.entry(seq).or_insert(Held { entry, attempts: attempts.unwrap_or_default(), waiting_since: None });
+                }
+            }
+        }
+        let free = self.settings.concurrency.saturating_sub(inflight.len());
+        if free == 0 || self.held.is_empty() {
+            return Ok(());
+        }
+        let heads: Vec<String> = self.held.keys().filter(|s| !self.busy.contains(*s)).cloned().collect();
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = heads.iter().map(String::as_str).collect();
+        let delivered = self.store.delivered_seq(&refs).await?;
+        let now = now_ms();
+        let mut started = 0;
+        for (subject, done) in heads.into_iter().zip(delivered) {
+            if started >= free {
+                break;
+            }
+            let Some(queue) = self.held.get_mut(&subject) else { continue };
+            let Some((&seq, head)) = queue.iter_mut().next() else { continue };
+            if !head.entry.redrive && seq <= done {
+                // Settled before (a stale claim of an event another replica finished).
+                let entry = head.entry.clone();
+                queue.remove(&seq);
+                self.store.settle(&entry, None).await?;
+                continue;
+            }
+            if !head.entry.redrive && seq > done + 1 {
+                let since = *head.waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < self.settings.order_wait {
+                    continue; // an earlier event of this instance is not settled yet
+                }
+                tracing::warn!(event_id = %head.entry.id, delivered_seq = done, "delivery: predecessor never settled; sending out of order");
+            }
+            if head.attempts.next_attempt_ms > now {
+                continue;
+            }
+            let entry = head.entry.clone();
+            if entry.test && !self.settings.forward_test {
+                queue.remove(&seq);
+                if queue.is_empty() {
+                    self.held.remove(&subject);
+                }
+                self.store.settle(&entry, None).await?;
+                m::delivery_attempt("skipped_test");
+                continue;
+            }
+            self.busy.insert(subject);
+            let sender = Arc::clone(&self.sender);
+            inflight.spawn(async move {
+                let started = Instant::now();
+                let attempt = sender.send(&entry).await;
+                (entry, attempt, started.elapsed())
+            });
+            started += 1;
+        }
+        Ok(())
+    }
+
+    /// Records an attempt's outcome.
+    async fn finish(&mut self, entry: OutboxEntry, attempt: Attempt, took: Duration) {
+        let (subject, seq) = entry.subject_seq();
+        let subject = subject.to_owned();
+        self.busy.remove(&subject);
+        m::delivery_duration(took);
+        let Some(held) = self.held.get_mut(&subject).and_then(|q| q.remove(&seq)) else { return };
+        let mut attempts = held.attempts;
+        let now = now_ms();
+        if attempts.attempts == 0 {
+            attempts.first_attempt_ms = now;
+        }
+        attempts.attempts += 1;
+        let result = match attempt {
+            Attempt::Delivered => {
+                m::delivery_attempt("delivered");
+                if let Some(t) = occurred_ms(&entry) {
+                    m::delivery_lag(Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                }
+                tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
+                self.store.settle(&entry, None).await
+            }
+            Attempt::Permanent(error) => {
+                m::delivery_attempt("failed_permanent");
+                attempts.last_error = Some(error);
+                self.dead_letter(&entry, attempts).await
+            }
+            Attempt::Retry { error, after } => {
+                m::delivery_attempt("failed_retryable");
+                attempts.last_error = Some(error.clone());
+                let since = Duration::from_millis(u64::try_from(now - attempts.first_attempt_ms).unwrap_or(0));
+                if self.settings.schedule.exhausted(attempts.attempts, since) {
+                    self.dead_letter(&entry, attempts).await
+                } else {
+                    let delay = after.map_or_else(|| self.settings.schedule.delay(attempts.attempts), |a| a.min(self.settings.schedule.max));
+                    attempts.next_attempt_ms = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+                    tracing::warn!(event_id = %entry.id, attempt = attempts.attempts, retry_in_ms = delay.as_millis() as u64, %error, "delivery failed; will retry");
+                    let stored = self.store.record_attempt(&entry, &attempts).await;
+                    self.held.entry(subject.clone()).or_default().insert(seq, Held { entry: entry.clone(), attempts, waiting_since: None });
+                    stored
+                }
+            }
+        };
+        if self.held.get(&subject).is_some_and(BTreeMap::is_empty) {
+            self.held.remove(&subject);
+        }
+        if let Err(e) = result {
+            // The entry stays in the outbox (claimed): it is retried after the visibility timeout.
+            tracing::error!(event_id = %entry.id, error = %e, "delivery: could not record the outcome; the event will be tried again");
+        }
+    }
+
+    async fn dead_letter(&mut self, entry: &OutboxEntry, attempts: Attempts) -> Result<(), StoreError> {
+        m::delivery_attempt("dead_lettered");
+        tracing::error!(event_id = %entry.id, attempts = attempts.attempts, last_error = attempts.last_error.as_deref().unwrap_or(""), "event dead-lettered");
+        let dead = DeadLetter { entry: entry.clone(), attempts, dead_at_ms: now_ms() };
+        self.store.settle(entry, Some(&dead)).await
+    }
+
+    async fn update_gauges(&self) {
+        if let Ok(depth) = self.store.outbox_len().await {
+            m::outbox_depth(depth);
+        }
+        if let Ok(dlq) = self.store.dlq_list().await {
+            m::dlq_size(dlq.len() as u64);
+        }
+        match self.store.oldest_pending_ms().await {
+            Ok(Some(ms)) => m::oldest_pending_age(Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0))),
+            Ok(None) => m::oldest_pending_age(Duration::ZERO),
+            Err(_) => {}
+        }
+    }
+}
+
+fn target_label(target: &Target) -> String {
+    match target {
+        Target::Http { url, .. } => url.clone(),
+        Target::Jsonl(path) => path.display().to_string(),
+    }
 }

@@ -362,6 +362,7 @@ mod tests {
             test: true,
             record,
             change,
+            redrive: false,
         };
         let e = assemble(&entry).unwrap();
         assert_eq!(e.kind, EventType::Renewed);

@@ -255,28 +255,6 @@ pub fn koogallery_handler(
     }
 }
 
-/// The admin listener's handler: `/metrics`, `/healthz`.
-pub fn admin_handler(
-) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
-    move |req| {
-        Box::pin(async move {
-            match (req.method(), req.uri().path()) {
-                (&Method::GET, "/metrics") => {
-                    let mut res = Response::new(Full::new(Bytes::from(m::render())));
-                    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-                    res
-                }
-                (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
-                _ => plain(StatusCode::NOT_FOUND, "not found\n"),
-            }
-        })
-    }
-}
-
 /// Binds a listener, naming the address in the error.
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)

@@ -18,6 +18,8 @@
 //! - [`client`]: calling a gateway as KooGallery does (replay, simulator, tests).
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod delivery;
@@ -28,4 +30,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod secret;
 pub mod server;
+pub mod sink;
 pub mod store;
+pub mod webhook;

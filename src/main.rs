@@ -1,9 +1,12 @@
 //! The `koogate` binary: a thin command line over the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use koogate::client::KooClient;
 use koogate::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -27,6 +30,63 @@ enum Command {
         order_id: String,
         /// V2 order line id; omit for a V1 order.
         order_line_id: Option<String>,
+    },
+    /// Run the reference billing-core sink (verifies Standard Webhooks signatures, dedups, appends JSONL).
+    Sink(SinkArgs),
+    /// Inspect and redrive dead-lettered events through a running gateway's admin API.
+    Dlq {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Args)]
+struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    listen: SocketAddr,
+    /// The `whsec_…` secret the gateway signs with.
+    #[arg(long, env = "KOOGATE_BILLING_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Append accepted events to this JSONL file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Share of requests to fail on purpose (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    fail_share: f64,
+    /// HTTP status of the failures.
+    #[arg(long, default_value_t = 500)]
+    fail_status: u16,
+    /// Answer only after this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Allowed age of webhook-timestamp, seconds.
+    #[arg(long, default_value_t = 300)]
+    tolerance_secs: i64,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Base URL of the gateway's admin listener (default: http://$KOOGATE_ADMIN_LISTEN).
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters.
+    List,
+    /// Show one dead letter with its event.
+    Show { id: String },
+    /// Put dead letters back into the outbox.
+    Redrive {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Event ids.
+        ids: Vec<String>,
     },
 }
 
@@ -56,31 +116,111 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::InstanceId { order_id, order_line_id }) = &cli.command {
-        println!("{}", koogate::store::keys::instance_id_for(order_id, order_line_id.as_deref()));
-        return Ok(());
-    }
-    let config = match Config::load(cli.config.as_deref()) {
+fn load_config(path: Option<&std::path::Path>) -> Config {
+    match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("koogate: configuration error: {e}");
             std::process::exit(2);
         }
+    }
+}
+
+async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
+    let base = match admin.admin {
+        Some(url) => url,
+        None => format!("http://{}", std::env::var("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into())),
     };
-    init_logs(config.log_format);
+    let token = match (std::env::var("KOOGATE_ADMIN_TOKEN"), std::env::var("KOOGATE_ADMIN_TOKEN_FILE")) {
+        (Ok(t), _) => t,
+        (Err(_), Ok(path)) => std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?.trim().to_owned(),
+        _ => bail!("KOOGATE_ADMIN_TOKEN (or KOOGATE_ADMIN_TOKEN_FILE) must be set to use the admin API"),
+    };
+    let client = KooClient::new(&base).with_timeout(Duration::from_secs(30));
+    let auth = format!("Bearer {token}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let (method, path, body) = match &action {
+        DlqAction::List => (hyper::Method::GET, "/v1/dlq".to_owned(), String::new()),
+        DlqAction::Show { id } => (hyper::Method::GET, format!("/v1/dlq/{id}"), String::new()),
+        DlqAction::Redrive { all, ids } => {
+            if !all && ids.is_empty() {
+                bail!("give event ids or --all");
+            }
+            (hyper::Method::POST, "/v1/dlq/redrive".to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
+        }
+    };
+    let res = client.send(method, &path, &headers, body.into()).await.with_context(|| format!("cannot reach {base}"))?;
+    let json: serde_json::Value = serde_json::from_slice(&res.body).context("the admin API answered something that is not JSON")?;
+    if res.status >= 400 {
+        bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
+    }
+    match action {
+        DlqAction::List => {
+            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+            println!("{:<56} {:<32} {:>8}  {:<24}  LAST ERROR", "EVENT ID", "TYPE", "ATTEMPTS", "DEAD AT");
+            for d in &letters {
+                println!(
+                    "{:<56} {:<32} {:>8}  {:<24}  {}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["type"].as_str().unwrap_or(""),
+                    d["attempts"],
+                    d["dead_at"].as_str().unwrap_or(""),
+                    d["last_error"].as_str().unwrap_or("")
+                );
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DlqAction::Show { .. } => println!("{}", serde_json::to_string_pretty(&json)?),
+        DlqAction::Redrive { .. } => {
+            let n = json["redriven"].as_array().map_or(0, Vec::len);
+            println!("redriven: {n}");
+            if let Some(missing) = json["missing"].as_array().filter(|m| !m.is_empty()) {
+                println!("not in the dead-letter queue: {}", serde_json::to_string(missing)?);
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::InstanceId { .. } => Ok(()),
+        Command::InstanceId { order_id, order_line_id } => {
+            println!("{}", koogate::store::keys::instance_id_for(&order_id, order_line_id.as_deref()));
+            Ok(())
+        }
         Command::CheckConfig => {
+            load_config(cli.config.as_deref());
             println!("configuration is valid");
             Ok(())
         }
         Command::Serve => {
+            let config = load_config(cli.config.as_deref());
+            init_logs(config.log_format);
             let running = koogate::server::start(config).await.context("koogate could not start")?;
             running.wait(shutdown_signal()).await;
             Ok(())
         }
+        Command::Sink(args) => {
+            init_logs(LogFormat::Text);
+            let sink = koogate::sink::start(koogate::sink::SinkConfig {
+                listen: args.listen,
+                secret: args.secret,
+                out: args.out,
+                fail_share: args.fail_share,
+                fail_status: args.fail_status,
+                delay: Duration::from_millis(args.delay_ms),
+                tolerance_secs: args.tolerance_secs,
+            })
+            .await
+            .context("the sink could not start")?;
+            tracing::info!(addr = %sink.addr, "sink listening");
+            shutdown_signal().await;
+            sink.stop().await;
+            Ok(())
+        }
+        Command::Dlq { admin, action } => dlq(admin, action).await,
     }
 }

@@ -16,7 +16,12 @@ pub const STORE_DURATION: &str = "koogate_store_duration_seconds";
 pub const STORE_ERRORS: &str = "koogate_store_errors_total";
 pub const EVENTS_CREATED: &str = "koogate_events_created_total";
 pub const OUTBOX_DEPTH: &str = "koogate_outbox_depth";
-pub const EVENTS_FORWARDED: &str = "koogate_events_forwarded_total";
+pub const DELIVERY_ATTEMPTS: &str = "koogate_delivery_attempts_total";
+pub const DELIVERY_DURATION: &str = "koogate_delivery_duration_seconds";
+pub const DELIVERY_LAG: &str = "koogate_delivery_lag_seconds";
+pub const DLQ_SIZE: &str = "koogate_dlq_size";
+pub const OLDEST_PENDING_AGE: &str = "koogate_oldest_pending_age_seconds";
+pub const READY: &str = "koogate_ready";
 pub const OVERLOAD: &str = "koogate_overload_rejections_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -80,8 +85,30 @@ pub fn outbox_depth(depth: u64) {
     gauge!(OUTBOX_DEPTH).set(depth as f64);
 }
 
-pub fn forwarded(sink: &'static str, outcome: &'static str, n: u64) {
-    counter!(EVENTS_FORWARDED, "sink" => sink, "outcome" => outcome).increment(n);
+/// `outcome`: delivered, failed_retryable, failed_permanent, dead_lettered, skipped_test.
+pub fn delivery_attempt(outcome: &'static str) {
+    counter!(DELIVERY_ATTEMPTS, "outcome" => outcome).increment(1);
+}
+
+pub fn delivery_duration(elapsed: Duration) {
+    histogram!(DELIVERY_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// From accepted (the call) to delivered.
+pub fn delivery_lag(elapsed: Duration) {
+    histogram!(DELIVERY_LAG).record(elapsed.as_secs_f64());
+}
+
+pub fn dlq_size(n: u64) {
+    gauge!(DLQ_SIZE).set(n as f64);
+}
+
+pub fn oldest_pending_age(age: Duration) {
+    gauge!(OLDEST_PENDING_AGE).set(age.as_secs_f64());
+}
+
+pub fn ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 pub fn overload() {

@@ -8,7 +8,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Admin;
 use crate::config::Config;
+use crate::delivery::Target;
 use crate::delivery;
 use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
@@ -20,8 +22,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Listen(#[from] std::io::Error),
-    #[error("KOOGATE_BILLING_URL is set, but this build delivers events only to <data dir>/events.jsonl; unset it")]
-    BillingNotSupported,
+    #[error("cannot build the delivery HTTP client: {0}")]
+    Delivery(#[from] reqwest::Error),
 }
 
 /// A running gateway.
@@ -55,9 +57,6 @@ impl Running {
 
 /// Opens the store, binds the listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    if config.billing_url.is_some() {
-        return Err(StartError::BillingNotSupported);
-    }
     crate::metrics::install();
     let store = store::open(&config.store, &config.key_prefix).await?;
     tracing::info!(backend = store.backend(), "store opened");
@@ -102,10 +101,53 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(http::serve(listener, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
-    tasks.spawn(http::serve(admin, limits, shutdown.clone(), http::admin_handler()));
-    let events_path = config.data_dir.join("events.jsonl");
-    tracing::info!(path = %events_path.display(), forward_test_events = config.forward_test_events, "events are appended to a JSONL file");
-    tasks.spawn(delivery::run_jsonl(Arc::clone(&store), events_path, config.forward_test_events, shutdown.clone()));
+    let admin_api = Arc::new(Admin { store: Arc::clone(&store), token: config.admin_token.clone() });
+    if config.admin_token.is_none() {
+        tracing::info!("KOOGATE_ADMIN_TOKEN is not set: the admin API is off (/metrics and /healthz stay on)");
+    }
+    tasks.spawn(http::serve(admin, limits, shutdown.clone(), move |req| {
+        let admin_api = Arc::clone(&admin_api);
+        async move { admin_api.route(req).await }
+    }));
+
+    let target = match (&config.billing_url, &config.billing_secret) {
+        (Some(url), Some(secret)) => {
+            let key = crate::webhook::key_of(secret.expose()).map_err(|e| std::io::Error::other(e.to_string()))?;
+            tracing::info!(url = %url, "events are delivered to the billing core");
+            Target::Http { url: url.clone(), key }
+        }
+        _ => {
+            let path = config.data_dir.join("events.jsonl");
+            tracing::info!(path = %path.display(), "KOOGATE_BILLING_URL is not set: events are appended to a JSONL file");
+            Target::Jsonl(path)
+        }
+    };
+    let worker = delivery::Worker::new(
+        Arc::clone(&store),
+        delivery::Settings {
+            target,
+            forward_test: config.forward_test_events,
+            attempt_timeout: config.delivery_timeout,
+            schedule: config.retry,
+            visibility: config.delivery_visibility,
+            concurrency: config.delivery_concurrency,
+            order_wait: config.delivery_order_wait,
+        },
+    )?;
+    tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
+    tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
     tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
     Ok(Running { addr, admin_addr, store, app, shutdown, tasks })
+}
+
+/// Keeps `koogate_ready` current for alerting (1 = the store answers).
+async fn watch_readiness(store: Arc<dyn store::Store>, shutdown: CancellationToken) {
+    loop {
+        let ok = matches!(tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await, Ok(Ok(())));
+        crate::metrics::ready(ok);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
 }

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::plan::{event_id, OutboxEntry, Outcome, Plan, Record, ABSENT, ANY};
+use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem, ABSENT, ANY};
 use super::{Store, StoreError};
 
 const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
@@ -24,9 +23,11 @@ const ANSWERS: TableDefinition<&str, &str> = TableDefinition::new("answers");
 const INSTANCES: TableDefinition<&str, &str> = TableDefinition::new("instances");
 const ORDERS: TableDefinition<&str, &str> = TableDefinition::new("orders");
 const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
+const ATTEMPTS: TableDefinition<&str, &str> = TableDefinition::new("attempts");
+const DLQ: TableDefinition<&str, &str> = TableDefinition::new("dlq");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Most plans committed together.
+/// Most jobs committed together.
 const MAX_GROUP: usize = 256;
 /// How often expired nonces are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -35,22 +36,20 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Embedded(e.to_string())
 }
 
-/// An outbox entry as stored.
-#[derive(Serialize, Deserialize)]
-struct StoredEntry {
-    shard: u8,
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    occurred_at: String,
-    test: bool,
-    record: Record,
-    change: serde_json::Map<String, serde_json::Value>,
+/// What a write job hands back.
+enum Reply {
+    Outcome(Outcome),
+    Done,
+    Moved(bool),
+    Redeem(Redeem),
 }
 
-enum Job {
-    Apply(Box<Plan>, oneshot::Sender<Result<Outcome, StoreError>>),
-    Ack(Vec<u64>, oneshot::Sender<Result<(), StoreError>>),
+/// A write job: runs inside the group's transaction; says whether it wrote.
+type TxnFn = Box<dyn FnOnce(&WriteTransaction) -> Result<(Reply, bool), StoreError> + Send>;
+
+struct Job {
+    run: TxnFn,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
 /// Which outbox entries are handed out and not yet acknowledged.
@@ -81,6 +80,8 @@ impl EmbeddedStore {
             txn.open_table(INSTANCES).map_err(err)?;
             txn.open_table(ORDERS).map_err(err)?;
             txn.open_table(OUTBOX).map_err(err)?;
+            txn.open_table(ATTEMPTS).map_err(err)?;
+            txn.open_table(DLQ).map_err(err)?;
             txn.open_table(META).map_err(err)?;
         }
         txn.commit().map_err(err)?;
@@ -94,30 +95,43 @@ impl EmbeddedStore {
         Ok(Self { db, jobs, claims: Mutex::new(Claims::default()) })
     }
 
+    /// Runs `f` in the writer thread's next group transaction.
+    async fn write(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<(Reply, bool), StoreError> + Send + 'static,
+    ) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job { run: Box::new(f), reply }).map_err(|_| err("writer thread is gone"))?;
+        rx.await.map_err(|_| err("writer dropped the job (its group failed)"))?
+    }
+
     fn read_entries(&self, seqs: &[u64]) -> Result<Vec<OutboxEntry>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             if let Some(raw) = table.get(*seq).map_err(err)? {
-                let e: StoredEntry = serde_json::from_str(raw.value()).map_err(err)?;
-                out.push(OutboxEntry {
-                    cursor: seq.to_string(),
-                    shard: e.shard,
-                    id: e.id,
-                    kind: e.kind,
-                    occurred_at: e.occurred_at,
-                    test: e.test,
-                    record: e.record,
-                    change: e.change,
-                });
+                let mut e: OutboxEntry = serde_json::from_str(raw.value()).map_err(err)?;
+                e.cursor = seq.to_string();
+                out.push(e);
             }
         }
         Ok(out)
     }
+
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(table).map_err(err)?;
+        let raw = t.get(key).map_err(err)?;
+        raw.map(|v| serde_json::from_str(v.value()).map_err(err)).transpose()
+    }
 }
 
-/// The writer thread: applies jobs in order, commits them in groups.
+/// The writer thread: runs jobs in order, commits them in groups.
 fn writer(db: &Database, rx: &mpsc::Receiver<Job>) {
     let mut last_sweep = Instant::now();
     loop {
@@ -145,38 +159,26 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-enum Done {
-    Apply(oneshot::Sender<Result<Outcome, StoreError>>, Outcome),
-    Ack(oneshot::Sender<Result<(), StoreError>>),
-}
-
+/// Runs a group in one transaction. Replies go out only after the commit;
+/// if anything fails, every job of the group is answered with the error.
 fn run_group(db: &Database, group: Vec<Job>) {
     let mut done = Vec::with_capacity(group.len());
-    let mut senders_on_failure = Vec::new();
+    let mut failed = Vec::new();
     let result = (|| -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(err)?;
         // A group that only read (replays) is not committed: the file stays byte-identical.
         let mut wrote = false;
         let mut jobs = group.into_iter();
-        for job in jobs.by_ref() {
-            match job {
-                Job::Apply(plan, tx) => match apply_in(&txn, &plan) {
-                    Ok(outcome) => {
-                        wrote |= outcome != Outcome::Replay;
-                        done.push(Done::Apply(tx, outcome));
-                    }
-                    Err(e) => {
-                        senders_on_failure.push(Done::Apply(tx, Outcome::Replay));
-                        return Err(e);
-                    }
-                },
-                Job::Ack(seqs, tx) => {
-                    let mut table = txn.open_table(OUTBOX).map_err(err)?;
-                    for seq in seqs {
-                        table.remove(seq).map_err(err)?;
-                    }
-                    wrote = true;
-                    done.push(Done::Ack(tx));
+        for Job { run, reply } in jobs.by_ref() {
+            match run(&txn) {
+                Ok((value, w)) => {
+                    wrote |= w;
+                    done.push((reply, value));
+                }
+                Err(e) => {
+                    failed.push(reply);
+                    failed.extend(jobs.map(|j| j.reply));
+                    return Err(e);
                 }
             }
         }
@@ -188,32 +190,48 @@ fn run_group(db: &Database, group: Vec<Job>) {
     })();
     match result {
         Ok(()) => {
-            for d in done {
-                match d {
-                    Done::Apply(tx, outcome) => {
-                        let _ = tx.send(Ok(outcome));
-                    }
-                    Done::Ack(tx) => {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
+            for (reply, value) in done {
+                let _ = reply.send(Ok(value));
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "embedded store commit failed; every call of the group is answered as failed");
-            // Jobs after the failing one were dropped with their senders: their callers see a closed channel.
-            for d in done.into_iter().chain(senders_on_failure) {
-                match d {
-                    Done::Apply(tx, _) => {
-                        let _ = tx.send(Err(err(&e)));
-                    }
-                    Done::Ack(tx) => {
-                        let _ = tx.send(Err(err(&e)));
-                    }
-                }
+            tracing::error!(error = %e, "embedded store transaction failed; every call of the group is answered as failed");
+            for reply in done.into_iter().map(|(r, _)| r).chain(failed) {
+                let _ = reply.send(Err(err(&e)));
             }
         }
     }
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &str>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let t = txn.open_table(table).map_err(err)?;
+    let raw = t.get(key).map_err(err)?;
+    raw.map(|v| serde_json::from_str(v.value()).map_err(err)).transpose()
+}
+
+fn put_json<T: serde::Serialize>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &str>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(value).map_err(err)?;
+    txn.open_table(table).map_err(err)?.insert(key, json.as_str()).map_err(err)?;
+    Ok(())
+}
+
+/// Appends an entry to the outbox.
+fn push_outbox(txn: &WriteTransaction, entry: &OutboxEntry) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(err)?;
+    let next = meta.get("outbox_next").map_err(err)?.map(|v| v.value()).unwrap_or(1);
+    meta.insert("outbox_next", next + 1).map_err(err)?;
+    let json = serde_json::to_string(entry).map_err(err)?;
+    txn.open_table(OUTBOX).map_err(err)?.insert(next, json.as_str()).map_err(err)?;
+    Ok(())
 }
 
 fn get_record(txn: &WriteTransaction, table: TableDefinition<&str, &str>, key: &str) -> Result<Record, StoreError> {
@@ -297,7 +315,8 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
             serde_json::Value::Object(map) => map,
             _ => return Err(StoreError::Protocol("event change is not a JSON object".into())),
         };
-        let entry = StoredEntry {
+        let entry = OutboxEntry {
+            cursor: String::new(),
             shard: plan.shard,
             id: id.clone(),
             kind: event.kind.clone(),
@@ -305,12 +324,9 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
             test: event.test,
             record: record.clone(),
             change,
+            redrive: false,
         };
-        let mut meta = txn.open_table(META).map_err(err)?;
-        let next = meta.get("outbox_next").map_err(err)?.map(|v| v.value()).unwrap_or(1);
-        meta.insert("outbox_next", next + 1).map_err(err)?;
-        let json = serde_json::to_string(&entry).map_err(err)?;
-        txn.open_table(OUTBOX).map_err(err)?.insert(next, json.as_str()).map_err(err)?;
+        push_outbox(txn, &entry)?;
         minted = Some(id);
     }
     if record_changed {
@@ -356,12 +372,73 @@ fn sweep_nonces(db: &Database) {
     }
 }
 
+/// Removes outbox entries by sequence.
+fn remove_outbox(txn: &WriteTransaction, seqs: &[u64]) -> Result<(), StoreError> {
+    let mut table = txn.open_table(OUTBOX).map_err(err)?;
+    for seq in seqs {
+        table.remove(*seq).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// settle: the same steps as `settle.lua`.
+fn settle_in(txn: &WriteTransaction, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
+    let (subject, seq) = entry.subject_seq();
+    let mut record = get_record(txn, INSTANCES, subject)?;
+    let done = record.get("delivered_seq").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    if seq > done {
+        record.insert("delivered_seq".into(), seq.to_string());
+        put_record(txn, INSTANCES, subject, &record)?;
+    }
+    if let Some(dead) = dead {
+        put_json(txn, DLQ, &entry.id, dead)?;
+    }
+    txn.open_table(ATTEMPTS).map_err(err)?.remove(entry.id.as_str()).map_err(err)?;
+    if let Ok(cursor) = entry.cursor.parse::<u64>() {
+        remove_outbox(txn, &[cursor])?;
+    }
+    Ok(())
+}
+
+/// redeem: the same steps as `redeem.lua`.
+fn redeem_in(txn: &WriteTransaction, order_id: &str, customer: &str, by: &str, at: &str) -> Result<(Redeem, bool), StoreError> {
+    let mut order = get_record(txn, ORDERS, order_id)?;
+    if order.is_empty() || order.get("customer_id").map(String::as_str) != Some(customer) {
+        return Ok((Redeem::NotFound, false));
+    }
+    if order.contains_key("redeemed_at") {
+        return Ok((Redeem::Already(order), false));
+    }
+    for (field, instance) in &order {
+        if field.starts_with("line:") && get_record(txn, INSTANCES, instance)?.get("status").map(String::as_str) == Some("released") {
+            return Ok((Redeem::Released, false));
+        }
+    }
+    order.insert("redeemed_at".into(), at.to_owned());
+    order.insert("redeemed_by".into(), by.to_owned());
+    put_record(txn, ORDERS, order_id, &order)?;
+    Ok((Redeem::Redeemed(order), true))
+}
+
+fn unexpected() -> StoreError {
+    err("writer answered another kind of job")
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Apply(Box::new(plan.clone()), tx)).map_err(|_| err("writer thread is gone"))?;
-        rx.await.map_err(|_| err("writer dropped the call (its group failed)"))?
+        let plan = plan.clone();
+        match self
+            .write(move |txn| {
+                let outcome = apply_in(txn, &plan)?;
+                let wrote = outcome != Outcome::Replay;
+                Ok((Reply::Outcome(outcome), wrote))
+            })
+            .await?
+        {
+            Reply::Outcome(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -399,9 +476,8 @@ impl Store for EmbeddedStore {
 
     async fn outbox_ack(&self, entries: &[OutboxEntry]) -> Result<(), StoreError> {
         let seqs: Vec<u64> = entries.iter().filter_map(|e| e.cursor.parse().ok()).collect();
-        let (tx, rx) = oneshot::channel();
-        self.jobs.send(Job::Ack(seqs.clone(), tx)).map_err(|_| err("writer thread is gone"))?;
-        rx.await.map_err(|_| err("writer dropped the ack"))??;
+        let to_remove = seqs.clone();
+        self.write(move |txn| remove_outbox(txn, &to_remove).map(|()| (Reply::Done, true))).await?;
         let mut claims = self.claims.lock().map_err(|_| err("claims lock poisoned"))?;
         for seq in seqs {
             claims.inflight.remove(&seq);
@@ -414,13 +490,119 @@ impl Store for EmbeddedStore {
         txn.open_table(OUTBOX).map_err(err)?.len().map_err(err)
     }
 
-    async fn instance(&self, instance_id: &str) -> Result<Record, StoreError> {
+    async fn outbox_touch(&self, _consumer: &str, entries: &[OutboxEntry]) -> Result<(), StoreError> {
+        let mut claims = self.claims.lock().map_err(|_| err("claims lock poisoned"))?;
+        let now = Instant::now();
+        for e in entries {
+            if let Some(at) = e.cursor.parse().ok().and_then(|seq: u64| claims.inflight.get_mut(&seq)) {
+                *at = now;
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempts(&self, entries: &[OutboxEntry]) -> Result<Vec<Option<Attempts>>, StoreError> {
+        entries.iter().map(|e| self.read_json(ATTEMPTS, &e.id)).collect()
+    }
+
+    async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError> {
+        let (id, attempts) = (entry.id.clone(), attempts.clone());
+        self.write(move |txn| put_json(txn, ATTEMPTS, &id, &attempts).map(|()| (Reply::Done, true))).await?;
+        Ok(())
+    }
+
+    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
+        let (e, d) = (entry.clone(), dead.cloned());
+        self.write(move |txn| settle_in(txn, &e, d.as_ref()).map(|()| (Reply::Done, true))).await?;
+        if let Ok(seq) = entry.cursor.parse::<u64>() {
+            self.claims.lock().map_err(|_| err("claims lock poisoned"))?.inflight.remove(&seq);
+        }
+        Ok(())
+    }
+
+    async fn delivered_seq(&self, subjects: &[&str]) -> Result<Vec<u64>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(INSTANCES).map_err(err)?;
-        let raw = table.get(instance_id).map_err(err)?;
-        match raw {
-            Some(v) => serde_json::from_str(v.value()).map_err(err),
-            None => Ok(Record::new()),
+        subjects
+            .iter()
+            .map(|s| {
+                let raw = table.get(*s).map_err(err)?;
+                let record: Record = match raw {
+                    Some(v) => serde_json::from_str(v.value()).map_err(err)?,
+                    None => Record::new(),
+                };
+                Ok(record.get("delivered_seq").and_then(|v| v.parse().ok()).unwrap_or(0))
+            })
+            .collect()
+    }
+
+    async fn outbox_entries(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let seqs: Vec<u64> = {
+            let txn = self.db.begin_read().map_err(err)?;
+            let table = txn.open_table(OUTBOX).map_err(err)?;
+            let mut seqs = Vec::new();
+            for item in table.iter().map_err(err)? {
+                seqs.push(item.map_err(err)?.0.value());
+            }
+            seqs
+        };
+        self.read_entries(&seqs)
+    }
+
+    async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(OUTBOX).map_err(err)?;
+        let first = table.first().map_err(err)?;
+        Ok(first.and_then(|(_, v)| {
+            let e: OutboxEntry = serde_json::from_str(v.value()).ok()?;
+            chrono::DateTime::parse_from_rfc3339(&e.occurred_at).ok().map(|t| t.timestamp_millis())
+        }))
+    }
+
+    async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(DLQ).map_err(err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(err)? {
+            let (_, v) = item.map_err(err)?;
+            out.push(serde_json::from_str::<DeadLetter>(v.value()).map_err(err)?);
+        }
+        out.sort_by_key(|d| d.dead_at_ms);
+        Ok(out)
+    }
+
+    async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError> {
+        let id = event_id.to_owned();
+        let moved = self
+            .write(move |txn| {
+                let Some(dead) = get_json::<DeadLetter>(txn, DLQ, &id)? else { return Ok((Reply::Moved(false), false)) };
+                let mut entry = dead.entry;
+                entry.redrive = true;
+                entry.cursor = String::new();
+                push_outbox(txn, &entry)?;
+                txn.open_table(DLQ).map_err(err)?.remove(id.as_str()).map_err(err)?;
+                Ok((Reply::Moved(true), true))
+            })
+            .await?;
+        match moved {
+            Reply::Moved(m) => Ok(m),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn instance(&self, instance_id: &str) -> Result<Record, StoreError> {
+        Ok(self.read_json(INSTANCES, instance_id)?.unwrap_or_default())
+    }
+
+    async fn order(&self, order_id: &str) -> Result<Record, StoreError> {
+        Ok(self.read_json(ORDERS, order_id)?.unwrap_or_default())
+    }
+
+    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError> {
+        let (o, c, b, a) = (order_id.to_owned(), customer_id.to_owned(), redeemed_by.to_owned(), at.to_owned());
+        match self.write(move |txn| redeem_in(txn, &o, &c, &b, &a).map(|(r, w)| (Reply::Redeem(r), w))).await? {
+            Reply::Redeem(r) => Ok(r),
+            _ => Err(unexpected()),
         }
     }
 

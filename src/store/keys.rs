@@ -71,6 +71,14 @@ impl Keys {
     pub fn order(&self, order_id: &str) -> String {
         self.key(order_shard(order_id), "order", order_id)
     }
+    /// Delivery attempts of the shard's events (hash: event id → JSON).
+    pub fn attempts(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:attempts", self.prefix)
+    }
+    /// Dead letters of the shard (hash: event id → JSON).
+    pub fn dlq(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:dlq", self.prefix)
+    }
     pub fn outbox(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:outbox", self.prefix)
     }

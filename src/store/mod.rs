@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use plan::{Branch, EventSpec, OutboxEntry, Outcome, Plan, Record};
+pub use plan::{Attempts, Branch, DeadLetter, EventSpec, OutboxEntry, Outcome, Plan, Record, Redeem};
 
 /// A failure of the store itself (never of the caller's input).
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +62,43 @@ pub trait Store: Send + Sync + 'static {
     /// Number of events in the outbox (claimed or not).
     async fn outbox_len(&self) -> Result<u64, StoreError>;
 
+    /// Keeps claimed entries from being taken over while this consumer still
+    /// holds them (they wait behind an earlier event of their instance).
+    async fn outbox_touch(&self, consumer: &str, entries: &[OutboxEntry]) -> Result<(), StoreError>;
+
+    /// The delivery bookkeeping of entries (none before the first attempt).
+    async fn attempts(&self, entries: &[OutboxEntry]) -> Result<Vec<Option<Attempts>>, StoreError>;
+
+    /// Records a failed attempt and when to try again.
+    async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError>;
+
+    /// The entry left the outbox: delivered (`dead` = None) or dead-lettered.
+    /// Atomically advances its instance's delivered sequence and removes it.
+    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError>;
+
+    /// The highest delivered (or dead-lettered) sequence of each instance.
+    async fn delivered_seq(&self, subjects: &[&str]) -> Result<Vec<u64>, StoreError>;
+
+    /// Every entry still in the outbox (inspection).
+    async fn outbox_entries(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+
+    /// When the oldest event still in the outbox was accepted (UNIX ms).
+    async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Every dead letter.
+    async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Puts a dead letter back into the outbox; false when there is none with that id.
+    async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError>;
+
     /// Reads one instance record (empty when unknown).
     async fn instance(&self, instance_id: &str) -> Result<Record, StoreError>;
+
+    /// Reads one purchase order record (empty when unknown).
+    async fn order(&self, order_id: &str) -> Result<Record, StoreError>;
+
+    /// Redeems a purchase order once, atomically.
+    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError>;
 
     /// `"redis"` or `"embedded"`, for logs and metrics.
     fn backend(&self) -> &'static str;

@@ -98,10 +98,18 @@ pub enum Outcome {
     Read { records: Vec<Record> },
 }
 
+/// Splits an event id into its subject (instance id) and sequence number.
+pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
+    let rest = id.strip_prefix("evt_")?;
+    let (subject, seq) = rest.rsplit_once('_')?;
+    Some((subject, seq.parse().ok()?))
+}
+
 /// One event waiting in the outbox.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     /// Where it sits in the outbox (stream id, or the embedded sequence).
+    #[serde(default)]
     pub cursor: String,
     /// Shard it belongs to.
     pub shard: u8,
@@ -113,4 +121,46 @@ pub struct OutboxEntry {
     pub record: Record,
     /// The call's own fields (a JSON object).
     pub change: serde_json::Map<String, serde_json::Value>,
+    /// Put back by a redrive: delivered even though later events of its
+    /// instance already were.
+    #[serde(default)]
+    pub redrive: bool,
+}
+
+impl OutboxEntry {
+    /// The instance this event belongs to and its place in that instance's order.
+    pub fn subject_seq(&self) -> (&str, u64) {
+        parse_event_id(&self.id).unwrap_or((self.id.as_str(), 0))
+    }
+}
+
+/// Delivery bookkeeping of one event, kept in the store so that a replica
+/// taking over a dead one's work continues the same backoff.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Attempts {
+    pub attempts: u32,
+    pub first_attempt_ms: i64,
+    pub next_attempt_ms: i64,
+    pub last_error: Option<String>,
+}
+
+/// An event that was given up on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub entry: OutboxEntry,
+    pub attempts: Attempts,
+    pub dead_at_ms: i64,
+}
+
+/// What redeeming an order did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Redeem {
+    /// No such order, or another customer's.
+    NotFound,
+    /// The order's instance was released (refunded).
+    Released,
+    /// Redeemed before: the order record with the first redemption.
+    Already(Record),
+    /// Redeemed now.
+    Redeemed(Record),
 }

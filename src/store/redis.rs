@@ -14,7 +14,7 @@ use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, Str
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use super::keys::{instance_shard, Keys, SHARDS};
-use super::plan::{OutboxEntry, Outcome, Plan, Record};
+use super::plan::{Attempts, DeadLetter, Outcome, OutboxEntry, Plan, Record, Redeem};
 use super::{Store, StoreError};
 
 const GROUP: &str = "koogate";
@@ -58,6 +58,9 @@ pub struct RedisStore {
     conn: Conn,
     keys: Keys,
     script: Script,
+    settle: Script,
+    redrive: Script,
+    redeem: Script,
 }
 
 impl RedisStore {
@@ -78,7 +81,14 @@ impl RedisStore {
                 .set_max_delay(500);
             Conn::Single(ConnectionManager::new_with_config(client, config).await?)
         };
-        let store = Self { conn, keys: Keys::new(prefix), script: Script::new(include_str!("apply.lua")) };
+        let store = Self {
+            conn,
+            keys: Keys::new(prefix),
+            script: Script::new(include_str!("apply.lua")),
+            settle: Script::new(include_str!("settle.lua")),
+            redrive: Script::new(include_str!("redrive.lua")),
+            redeem: Script::new(include_str!("redeem.lua")),
+        };
         store.ensure_groups().await?;
         Ok(store)
     }
@@ -157,6 +167,7 @@ fn entry_from_stream(shard: u8, id: &StreamId) -> Option<OutboxEntry> {
             test: field(id, "test")? == "1",
             record: record.into_iter().collect(),
             change,
+            redrive: field(id, "redrive").as_deref() == Some("1"),
         })
     };
     let entry = parse();
@@ -291,6 +302,167 @@ impl Store for RedisStore {
             redis::cmd("HGETALL").arg(self.keys.instance(instance_id)).query_async(&mut conn).await?;
         debug_assert!(instance_shard(instance_id) < SHARDS);
         Ok(map.into_iter().collect())
+    }
+
+    async fn outbox_touch(&self, consumer: &str, entries: &[OutboxEntry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("XCLAIM").arg(self.keys.outbox(e.shard)).arg(GROUP).arg(consumer).arg(0).arg(&e.cursor).arg("JUSTID").ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn attempts(&self, entries: &[OutboxEntry]) -> Result<Vec<Option<Attempts>>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("HGET").arg(self.keys.attempts(e.shard)).arg(&e.id);
+        }
+        let mut conn = self.conn.clone();
+        let raw: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        Ok(raw.into_iter().map(|r| r.and_then(|json| serde_json::from_str(&json).ok())).collect())
+    }
+
+    async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError> {
+        let json = serde_json::to_string(attempts).map_err(|e| StoreError::Protocol(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HSET").arg(self.keys.attempts(entry.shard)).arg(&entry.id).arg(json).query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
+        let (subject, seq) = entry.subject_seq();
+        let dead = match dead {
+            Some(d) => serde_json::to_string(d).map_err(|e| StoreError::Protocol(e.to_string()))?,
+            None => String::new(),
+        };
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .settle
+            .key(self.keys.instance(subject))
+            .key(self.keys.outbox(entry.shard))
+            .key(self.keys.attempts(entry.shard))
+            .key(self.keys.dlq(entry.shard))
+            .arg(&entry.id)
+            .arg(seq)
+            .arg(&entry.cursor)
+            .arg(GROUP)
+            .arg(dead)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn delivered_seq(&self, subjects: &[&str]) -> Result<Vec<u64>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for s in subjects {
+            pipe.cmd("HGET").arg(self.keys.instance(s)).arg("delivered_seq");
+        }
+        let mut conn = self.conn.clone();
+        let raw: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(raw.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn outbox_entries(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let keys = self.keys.outboxes();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("XRANGE").arg(key).arg("-").arg("+");
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut conn).await?;
+        Ok(replies
+            .iter()
+            .enumerate()
+            .flat_map(|(shard, r)| r.ids.iter().filter_map(move |id| entry_from_stream(shard as u8, id)))
+            .collect())
+    }
+
+    async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in self.keys.outboxes() {
+            pipe.cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut conn).await?;
+        // A stream id starts with the milliseconds it was added at.
+        Ok(replies
+            .iter()
+            .filter_map(|r| r.ids.first())
+            .filter_map(|id| id.id.split_once('-').and_then(|(ms, _)| ms.parse().ok()))
+            .min())
+    }
+
+    async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.cmd("HVALS").arg(self.keys.dlq(shard));
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        let mut out: Vec<DeadLetter> =
+            replies.iter().flatten().filter_map(|json| serde_json::from_str(json).ok()).collect();
+        out.sort_by_key(|d| d.dead_at_ms);
+        Ok(out)
+    }
+
+    async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError> {
+        let Some((subject, _)) = super::plan::parse_event_id(event_id) else { return Ok(false) };
+        let shard = instance_shard(subject);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("HGET").arg(self.keys.dlq(shard)).arg(event_id).query_async(&mut conn).await?;
+        let Some(dead) = raw.and_then(|json| serde_json::from_str::<DeadLetter>(&json).ok()) else { return Ok(false) };
+        let e = &dead.entry;
+        let record = serde_json::to_string(&e.record).map_err(|err| StoreError::Protocol(err.to_string()))?;
+        let change = serde_json::Value::Object(e.change.clone()).to_string();
+        let moved: i64 = self
+            .redrive
+            .key(self.keys.dlq(shard))
+            .key(self.keys.outbox(shard))
+            .arg(event_id)
+            .arg(&["id", &e.id, "type", &e.kind, "occurred_at", &e.occurred_at][..])
+            .arg(&["test", if e.test { "1" } else { "0" }, "record", &record, "change", &change, "redrive", "1"][..])
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(moved == 1)
+    }
+
+    async fn order(&self, order_id: &str) -> Result<Record, StoreError> {
+        let mut conn = self.conn.clone();
+        let map: HashMap<String, String> = redis::cmd("HGETALL").arg(self.keys.order(order_id)).query_async(&mut conn).await?;
+        Ok(map.into_iter().collect())
+    }
+
+    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError> {
+        let order = self.order(order_id).await?;
+        let mut invocation = self.redeem.prepare_invoke();
+        invocation.key(self.keys.order(order_id));
+        for (field, instance) in &order {
+            if field.starts_with("line:") {
+                invocation.key(self.keys.instance(instance));
+            }
+        }
+        invocation.arg(customer_id).arg(redeemed_by).arg(at);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let tag = reply.first().and_then(bytes).unwrap_or_default();
+        let record = || reply.get(1).map(record_of).unwrap_or_default();
+        Ok(match tag.as_str() {
+            "released" => Redeem::Released,
+            "already" => Redeem::Already(record()),
+            "redeemed" => Redeem::Redeemed(record()),
+            _ => Redeem::NotFound,
+        })
     }
 
     fn backend(&self) -> &'static str {

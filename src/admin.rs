@@ -1,0 +1,287 @@
+//! The admin listener: `/metrics`, `/healthz`, and with `KOOGATE_ADMIN_TOKEN`
+//! the admin API (bearer token, compared in constant time):
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/events?instance_id=&order_id=` | events not yet delivered and dead letters |
+//! | `GET /v1/events/{id}` | one event: pending, dead, delivered or unknown |
+//! | `GET /v1/dlq` | dead letters |
+//! | `GET /v1/dlq/{id}` | one dead letter |
+//! | `POST /v1/dlq/redrive` | `{"ids":[…]}` or `{"all":true}`: back into the outbox |
+//! | `GET /v1/orders/{order_id}?customer_id=` | a purchase order's facts, for that customer only |
+//! | `POST /v1/orders/{order_id}/redeem` | `{"customer_id","redeemed_by"}`: once; 409 after |
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::gateway::rfc3339;
+use crate::http::Body;
+use crate::metrics as m;
+use crate::protocol::sign::constant_time_eq;
+use crate::secret::Secret;
+use crate::store::plan::parse_event_id;
+use crate::store::{DeadLetter, OutboxEntry, Record, Redeem, Store, StoreError};
+
+pub struct Admin {
+    pub store: Arc<dyn Store>,
+    pub token: Option<Secret>,
+}
+
+fn respond(status: StatusCode, body: Value) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    respond(status, json!({"error": code, "message": message.into()}))
+}
+
+fn store_error(e: &StoreError) -> Response<Body> {
+    tracing::error!(error = %e, "admin API: store failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store did not answer; try again")
+}
+
+fn ms_time(ms: i64) -> Value {
+    chrono::DateTime::from_timestamp_millis(ms).map_or(Value::Null, |t| Value::String(rfc3339(t)))
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// One event as the admin API shows it.
+fn event_view(entry: &OutboxEntry, status: &str, attempts: Option<&crate::store::Attempts>) -> Value {
+    let (instance, seq) = entry.subject_seq();
+    json!({
+        "id": entry.id,
+        "type": entry.kind,
+        "status": status,
+        "instance_id": instance,
+        "seq": seq,
+        "order_id": entry.change.get("order_id").cloned().unwrap_or_else(|| entry.record.get("order_id").cloned().into()),
+        "purchase_order_id": entry.record.get("order_id"),
+        "occurred_at": entry.occurred_at,
+        "test": entry.test,
+        "redrive": entry.redrive,
+        "attempts": attempts.map_or(0, |a| a.attempts),
+        "last_error": attempts.and_then(|a| a.last_error.clone()),
+        "next_attempt_at": attempts.filter(|a| a.next_attempt_ms > 0).map(|a| ms_time(a.next_attempt_ms)),
+    })
+}
+
+fn dead_view(d: &DeadLetter) -> Value {
+    let mut v = event_view(&d.entry, "dead", Some(&d.attempts));
+    v["dead_at"] = ms_time(d.dead_at_ms);
+    v["event"] = crate::events::assemble(&d.entry).ok().and_then(|e| serde_json::to_value(e).ok()).unwrap_or(Value::Null);
+    v
+}
+
+fn matches(entry: &OutboxEntry, instance: Option<&str>, order: Option<&str>) -> bool {
+    let event_order = entry.change.get("order_id").and_then(Value::as_str);
+    instance.is_none_or(|i| entry.subject_seq().0 == i)
+        && order.is_none_or(|o| event_order == Some(o) || entry.record.get("order_id").map(String::as_str) == Some(o))
+}
+
+#[derive(Deserialize)]
+struct RedriveBody {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Deserialize)]
+struct RedeemBody {
+    customer_id: String,
+    redeemed_by: String,
+}
+
+impl Admin {
+    pub async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/metrics") => {
+                let mut res = Response::new(Full::new(Bytes::from(m::render())));
+                res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                return res;
+            }
+            (&Method::GET, "/healthz") => return respond(StatusCode::OK, json!({"status": "ok"})),
+            _ => {}
+        }
+        if !path.starts_with("/v1/") {
+            return error(StatusCode::NOT_FOUND, "not_found", "no such path");
+        }
+        let Some(token) = &self.token else {
+            return error(StatusCode::NOT_FOUND, "admin_api_off", "the admin API is off: set KOOGATE_ADMIN_TOKEN");
+        };
+        let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let authorized = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()));
+        if !authorized {
+            tracing::warn!(path = %path, "admin API: missing or wrong bearer token");
+            let mut res = error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
+            res.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return res;
+        }
+        let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+        let result = match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["events"]) => {
+                let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
+                self.list_events(instance.as_deref(), order.as_deref()).await
+            }
+            (Method::GET, ["events", id]) => self.show_event(id).await,
+            (Method::GET, ["dlq"]) => self.store.dlq_list().await.map(|d| {
+                respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
+            }),
+            (Method::GET, ["dlq", id]) => self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
+                Some(d) => respond(StatusCode::OK, dead_view(d)),
+                None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
+            }),
+            (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+                Ok(body) => self.redrive(body).await,
+                Err(res) => return res,
+            },
+            (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
+                Some(customer) => self.order(order_id, &customer).await,
+                None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
+            },
+            (Method::POST, ["orders", order_id, "redeem"]) => {
+                let order_id = (*order_id).to_owned();
+                match read_json::<RedeemBody>(req).await {
+                    Ok(body) => self.redeem(&order_id, body).await,
+                    Err(res) => return res,
+                }
+            }
+            _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
+        };
+        result.unwrap_or_else(|e| store_error(&e))
+    }
+
+    async fn list_events(&self, instance: Option<&str>, order: Option<&str>) -> Result<Response<Body>, StoreError> {
+        let pending: Vec<OutboxEntry> =
+            self.store.outbox_entries().await?.into_iter().filter(|e| matches(e, instance, order)).collect();
+        let attempts = self.store.attempts(&pending).await?;
+        let mut events: Vec<Value> =
+            pending.iter().zip(&attempts).map(|(e, a)| event_view(e, "pending", a.as_ref())).collect();
+        events.extend(self.store.dlq_list().await?.iter().filter(|d| matches(&d.entry, instance, order)).map(dead_view));
+        Ok(respond(StatusCode::OK, json!({ "events": events })))
+    }
+
+    async fn show_event(&self, id: &str) -> Result<Response<Body>, StoreError> {
+        let Some((subject, seq)) = parse_event_id(id) else {
+            return Ok(error(StatusCode::NOT_FOUND, "not_found", format!("{id} is not an event id")));
+        };
+        if let Some(d) = self.store.dlq_list().await?.iter().find(|d| d.entry.id == id) {
+            return Ok(respond(StatusCode::OK, dead_view(d)));
+        }
+        if let Some(e) = self.store.outbox_entries().await?.into_iter().find(|e| e.id == id) {
+            let attempts = self.store.attempts(std::slice::from_ref(&e)).await?;
+            let mut v = event_view(&e, "pending", attempts.first().and_then(Option::as_ref));
+            v["event"] = crate::events::assemble(&e).ok().and_then(|ev| serde_json::to_value(ev).ok()).unwrap_or(Value::Null);
+            return Ok(respond(StatusCode::OK, v));
+        }
+        let delivered = self.store.delivered_seq(&[subject]).await?.first().copied().unwrap_or(0);
+        if seq >= 1 && seq <= delivered {
+            return Ok(respond(StatusCode::OK, json!({"id": id, "status": "delivered", "instance_id": subject, "seq": seq})));
+        }
+        Ok(error(StatusCode::NOT_FOUND, "not_found", format!("no event {id}")))
+    }
+
+    async fn redrive(&self, body: RedriveBody) -> Result<Response<Body>, StoreError> {
+        let ids: Vec<String> =
+            if body.all { self.store.dlq_list().await?.into_iter().map(|d| d.entry.id).collect() } else { body.ids };
+        if ids.is_empty() {
+            return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids or all:true"));
+        }
+        let (mut redriven, mut missing) = (Vec::new(), Vec::new());
+        for id in ids {
+            if self.store.dlq_redrive(&id).await? {
+                redriven.push(id);
+            } else {
+                missing.push(id);
+            }
+        }
+        tracing::info!(count = redriven.len(), "dead letters redriven");
+        Ok(respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing})))
+    }
+
+    /// The facts of a purchase order, joined with its instances.
+    async fn order_facts(&self, order_id: &str, order: &Record) -> Result<Value, StoreError> {
+        let mut instances = Vec::new();
+        for (field, instance_id) in order {
+            let Some(line) = field.strip_prefix("line:") else { continue };
+            let r = self.store.instance(instance_id).await?;
+            let settlement: Value = r.get("settlement").and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
+            instances.push(json!({
+                "instance_id": instance_id,
+                "order_line_id": if line.is_empty() { Value::Null } else { line.into() },
+                "status": r.get("status"),
+                "sku_code": r.get("sku_code"),
+                "product_id": r.get("product_id"),
+                "settlement": settlement,
+                "test": r.get("test").map(|t| t == "1"),
+            }));
+        }
+        let first = instances.first().cloned().unwrap_or(Value::Null);
+        let released = instances.iter().any(|i| i["status"] == "released");
+        let redeemed = order.get("redeemed_at").map(|at| json!({"redeemed_at": at, "redeemed_by": order.get("redeemed_by")}));
+        Ok(json!({
+            "order_id": order_id,
+            "customer_id": order.get("customer_id"),
+            "status": if released { "released" } else { "paid" },
+            "instance_id": first["instance_id"],
+            "sku_code": first["sku_code"],
+            "cards": first["settlement"]["cards"],
+            "total_cny": first["settlement"]["total_cny"],
+            "settlement": first["settlement"],
+            "instances": instances,
+            "redeemed": redeemed,
+        }))
+    }
+
+    async fn order(&self, order_id: &str, customer: &str) -> Result<Response<Body>, StoreError> {
+        let order = self.store.order(order_id).await?;
+        // Unknown and someone else's answer alike: nothing to learn by guessing ids.
+        if order.is_empty() || order.get("customer_id").map(String::as_str) != Some(customer) {
+            return Ok(error(StatusCode::NOT_FOUND, "not_found", "no such order for this customer"));
+        }
+        Ok(respond(StatusCode::OK, self.order_facts(order_id, &order).await?))
+    }
+
+    async fn redeem(&self, order_id: &str, body: RedeemBody) -> Result<Response<Body>, StoreError> {
+        let at = rfc3339(chrono::Utc::now());
+        Ok(match self.store.redeem(order_id, &body.customer_id, &body.redeemed_by, &at).await? {
+            Redeem::NotFound => error(StatusCode::NOT_FOUND, "not_found", "no such order for this customer"),
+            Redeem::Released => {
+                error(StatusCode::CONFLICT, "order_released", "the order was released (refunded) and cannot be redeemed")
+            }
+            Redeem::Already(order) => {
+                let mut v = self.order_facts(order_id, &order).await?;
+                v["error"] = json!("already_redeemed");
+                respond(StatusCode::CONFLICT, v)
+            }
+            Redeem::Redeemed(order) => {
+                tracing::info!(order_id, "order redeemed");
+                respond(StatusCode::OK, self.order_facts(order_id, &order).await?)
+            }
+        })
+    }
+}
+
+/// Reads a small JSON body, or answers 400.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let body = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_body", "body unreadable or over 64 KiB"))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+}

@@ -1,0 +1,203 @@
+//! The reference billing-core sink (`koogate sink`): a small webhook receiver
+//! for local runs and tests.
+//!
+//! It verifies Standard Webhooks signatures (401 when bad), deduplicates by
+//! `webhook-id` (a duplicate is answered 200 and not stored again), appends
+//! accepted events to a JSONL file (fsynced before answering), and can be
+//! told to fail a share of requests or to answer slowly, for fault tests.
+//! `GET /stats` and `GET /events` show what it received.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Body, ListenerLimits};
+use crate::webhook;
+
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    pub listen: SocketAddr,
+    /// `whsec_…`
+    pub secret: String,
+    /// Accepted events are appended here (none: memory only).
+    pub out: Option<PathBuf>,
+    /// Share of requests answered `fail_status` before looking at them (0.0–1.0).
+    pub fail_share: f64,
+    pub fail_status: u16,
+    /// Wait this long before answering (after storing).
+    pub delay: Duration,
+    /// Allowed age of `webhook-timestamp`.
+    pub tolerance_secs: i64,
+}
+
+/// Counters of a sink.
+#[derive(Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed_on_purpose: AtomicU64,
+}
+
+struct State {
+    key: Vec<u8>,
+    config: SinkConfig,
+    stats: Stats,
+    /// Accepted ids and events, in arrival order.
+    accepted: Mutex<(HashSet<String>, Vec<Value>)>,
+}
+
+/// A running sink.
+pub struct RunningSink {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningSink {
+    pub fn stats(&self) -> &Stats {
+        &self.state.stats
+    }
+    /// Accepted events, in arrival order.
+    pub async fn events(&self) -> Vec<Value> {
+        self.state.accepted.lock().await.1.clone()
+    }
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("--secret: {0}")]
+    Secret(#[from] webhook::SignatureError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Starts a sink; events already in `out` count as seen (dedup survives restarts).
+pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
+    let key = webhook::key_of(&config.secret)?;
+    let mut seen = HashSet::new();
+    let mut events = Vec::new();
+    if let Some(path) = &config.out {
+        if let Ok(text) = tokio::fs::read_to_string(path).await {
+            for line in text.lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(line) {
+                    if let Some(id) = v["id"].as_str() {
+                        seen.insert(id.to_owned());
+                    }
+                    events.push(v);
+                }
+            }
+        }
+    }
+    let listener = http::bind(config.listen, "sink --listen").await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(State { key, config, stats: Stats::default(), accepted: Mutex::new((seen, events)) });
+    let shutdown = CancellationToken::new();
+    let limits = ListenerLimits {
+        max_connections: 1024,
+        header_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(2),
+    };
+    let handler_state = Arc::clone(&state);
+    let handler = move |req: Request<Incoming>| {
+        let state = Arc::clone(&handler_state);
+        async move { handle(&state, req).await }
+    };
+    let task = tokio::spawn(http::serve(listener, limits, shutdown.clone(), handler));
+    Ok(RunningSink { addr, state, shutdown, task })
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let stats = &state.stats;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/stats") => {
+            let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            return reply(
+                StatusCode::OK,
+                json!({"received": n(&stats.received), "accepted": n(&stats.accepted), "duplicates": n(&stats.duplicates),
+                       "rejected": n(&stats.rejected), "failed_on_purpose": n(&stats.failed_on_purpose)}),
+            );
+        }
+        (&Method::GET, "/events") => return reply(StatusCode::OK, Value::Array(state.accepted.lock().await.1.clone())),
+        (&Method::POST, _) => {}
+        _ => return reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    if state.config.fail_share > 0.0 && rand::thread_rng().gen_bool(state.config.fail_share.clamp(0.0, 1.0)) {
+        stats.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
+        let status = StatusCode::from_u16(state.config.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return reply(status, json!({"error": "failing on purpose (--fail-share)"}));
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (id, ts, sig) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+    let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "body unreadable"})),
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Err(e) = webhook::verify(&state.key, id.as_deref(), ts.as_deref(), sig.as_deref(), &body, now, state.config.tolerance_secs) {
+        stats.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "sink: signature refused");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
+    }
+    let id = id.unwrap_or_default();
+    let event: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": format!("not JSON: {e}")})),
+    };
+    {
+        let mut accepted = state.accepted.lock().await;
+        if accepted.0.contains(&id) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            drop(accepted);
+            tokio::time::sleep(state.config.delay).await;
+            return reply(StatusCode::OK, json!({"status": "duplicate"}));
+        }
+        if let Some(path) = &state.config.out {
+            if let Err(e) = append(path, &body).await {
+                tracing::error!(error = %e, "sink: cannot write");
+                return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "cannot store"}));
+            }
+        }
+        accepted.0.insert(id);
+        accepted.1.push(event);
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    tokio::time::sleep(state.config.delay).await;
+    reply(StatusCode::OK, json!({"status": "accepted"}))
+}
+
+async fn append(path: &PathBuf, body: &[u8]) -> std::io::Result<()> {
+    let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+    let mut line = body.to_vec();
+    line.push(b'\n');
+    file.write_all(&line).await?;
+    file.sync_data().await
+}
