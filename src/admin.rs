@@ -55,7 +55,9 @@ fn ms_time(ms: i64) -> Value {
 }
 
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// One event as the admin API shows it.
@@ -81,7 +83,8 @@ fn event_view(entry: &OutboxEntry, status: &str, attempts: Option<&crate::store:
 fn dead_view(d: &DeadLetter) -> Value {
     let mut v = event_view(&d.entry, "dead", Some(&d.attempts));
     v["dead_at"] = ms_time(d.dead_at_ms);
-    v["event"] = crate::events::assemble(&d.entry).ok().and_then(|e| serde_json::to_value(e).ok()).unwrap_or(Value::Null);
+    v["event"] =
+        crate::events::assemble(&d.entry).ok().and_then(|e| serde_json::to_value(e).ok()).unwrap_or(Value::Null);
     v
 }
 
@@ -123,7 +126,8 @@ impl Admin {
         let Some(token) = &self.token else {
             return error(StatusCode::NOT_FOUND, "admin_api_off", "the admin API is off: set KOOGATE_ADMIN_TOKEN");
         };
-        let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let presented =
+            req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         let authorized = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()));
         if !authorized {
             tracing::warn!(path = %path, "admin API: missing or wrong bearer token");
@@ -132,36 +136,39 @@ impl Admin {
             return res;
         }
         let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
-        let result = match (req.method().clone(), segments.as_slice()) {
-            (Method::GET, ["events"]) => {
-                let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
-                self.list_events(instance.as_deref(), order.as_deref()).await
-            }
-            (Method::GET, ["events", id]) => self.show_event(id).await,
-            (Method::GET, ["dlq"]) => self.store.dlq_list().await.map(|d| {
-                respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
-            }),
-            (Method::GET, ["dlq", id]) => self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
-                Some(d) => respond(StatusCode::OK, dead_view(d)),
-                None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
-            }),
-            (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
-                Ok(body) => self.redrive(body).await,
-                Err(res) => return res,
-            },
-            (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
-                Some(customer) => self.order(order_id, &customer).await,
-                None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
-            },
-            (Method::POST, ["orders", order_id, "redeem"]) => {
-                let order_id = (*order_id).to_owned();
-                match read_json::<RedeemBody>(req).await {
-                    Ok(body) => self.redeem(&order_id, body).await,
-                    Err(res) => return res,
+        let result =
+            match (req.method().clone(), segments.as_slice()) {
+                (Method::GET, ["events"]) => {
+                    let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
+                    self.list_events(instance.as_deref(), order.as_deref()).await
                 }
-            }
-            _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
-        };
+                (Method::GET, ["events", id]) => self.show_event(id).await,
+                (Method::GET, ["dlq"]) => self.store.dlq_list().await.map(|d| {
+                    respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
+                }),
+                (Method::GET, ["dlq", id]) => {
+                    self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
+                        Some(d) => respond(StatusCode::OK, dead_view(d)),
+                        None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
+                    })
+                }
+                (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+                    Ok(body) => self.redrive(body).await,
+                    Err(res) => return res,
+                },
+                (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
+                    Some(customer) => self.order(order_id, &customer).await,
+                    None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
+                },
+                (Method::POST, ["orders", order_id, "redeem"]) => {
+                    let order_id = (*order_id).to_owned();
+                    match read_json::<RedeemBody>(req).await {
+                        Ok(body) => self.redeem(&order_id, body).await,
+                        Err(res) => return res,
+                    }
+                }
+                _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
+            };
         result.unwrap_or_else(|e| store_error(&e))
     }
 
@@ -171,7 +178,8 @@ impl Admin {
         let attempts = self.store.attempts(&pending).await?;
         let mut events: Vec<Value> =
             pending.iter().zip(&attempts).map(|(e, a)| event_view(e, "pending", a.as_ref())).collect();
-        events.extend(self.store.dlq_list().await?.iter().filter(|d| matches(&d.entry, instance, order)).map(dead_view));
+        events
+            .extend(self.store.dlq_list().await?.iter().filter(|d| matches(&d.entry, instance, order)).map(dead_view));
         Ok(respond(StatusCode::OK, json!({ "events": events })))
     }
 
@@ -185,12 +193,16 @@ impl Admin {
         if let Some(e) = self.store.outbox_entries().await?.into_iter().find(|e| e.id == id) {
             let attempts = self.store.attempts(std::slice::from_ref(&e)).await?;
             let mut v = event_view(&e, "pending", attempts.first().and_then(Option::as_ref));
-            v["event"] = crate::events::assemble(&e).ok().and_then(|ev| serde_json::to_value(ev).ok()).unwrap_or(Value::Null);
+            v["event"] =
+                crate::events::assemble(&e).ok().and_then(|ev| serde_json::to_value(ev).ok()).unwrap_or(Value::Null);
             return Ok(respond(StatusCode::OK, v));
         }
         let delivered = self.store.delivered_seq(&[subject]).await?.first().copied().unwrap_or(0);
         if seq >= 1 && seq <= delivered {
-            return Ok(respond(StatusCode::OK, json!({"id": id, "status": "delivered", "instance_id": subject, "seq": seq})));
+            return Ok(respond(
+                StatusCode::OK,
+                json!({"id": id, "status": "delivered", "instance_id": subject, "seq": seq}),
+            ));
         }
         Ok(error(StatusCode::NOT_FOUND, "not_found", format!("no event {id}")))
     }
@@ -219,7 +231,8 @@ impl Admin {
         for (field, instance_id) in order {
             let Some(line) = field.strip_prefix("line:") else { continue };
             let r = self.store.instance(instance_id).await?;
-            let settlement: Value = r.get("settlement").and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
+            let settlement: Value =
+                r.get("settlement").and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
             instances.push(json!({
                 "instance_id": instance_id,
                 "order_line_id": if line.is_empty() { Value::Null } else { line.into() },
@@ -232,7 +245,8 @@ impl Admin {
         }
         let first = instances.first().cloned().unwrap_or(Value::Null);
         let released = instances.iter().any(|i| i["status"] == "released");
-        let redeemed = order.get("redeemed_at").map(|at| json!({"redeemed_at": at, "redeemed_by": order.get("redeemed_by")}));
+        let redeemed =
+            order.get("redeemed_at").map(|at| json!({"redeemed_at": at, "redeemed_by": order.get("redeemed_by")}));
         Ok(json!({
             "order_id": order_id,
             "customer_id": order.get("customer_id"),
@@ -260,9 +274,11 @@ impl Admin {
         let at = rfc3339(chrono::Utc::now());
         Ok(match self.store.redeem(order_id, &body.customer_id, &body.redeemed_by, &at).await? {
             Redeem::NotFound => error(StatusCode::NOT_FOUND, "not_found", "no such order for this customer"),
-            Redeem::Released => {
-                error(StatusCode::CONFLICT, "order_released", "the order was released (refunded) and cannot be redeemed")
-            }
+            Redeem::Released => error(
+                StatusCode::CONFLICT,
+                "order_released",
+                "the order was released (refunded) and cannot be redeemed",
+            ),
             Redeem::Already(order) => {
                 let mut v = self.order_facts(order_id, &order).await?;
                 v["error"] = json!("already_redeemed");

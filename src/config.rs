@@ -239,7 +239,10 @@ impl Config {
         }
         let billing_secret = src.secret("KOOGATE_BILLING_SECRET")?;
         if billing_url.is_some() && billing_secret.is_none() {
-            return Err(problem("KOOGATE_BILLING_SECRET", "is required when KOOGATE_BILLING_URL is set (events are signed)"));
+            return Err(problem(
+                "KOOGATE_BILLING_SECRET",
+                "is required when KOOGATE_BILLING_URL is set (events are signed)",
+            ));
         }
         if let Some(secret) = &billing_secret {
             use base64::Engine;

@@ -64,7 +64,10 @@ pub struct Settings {
 enum Attempt {
     Delivered,
     /// Worth retrying; `after` is the server's Retry-After, when it sent one.
-    Retry { error: String, after: Option<Duration> },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
     Permanent(String),
 }
 
@@ -238,7 +241,8 @@ impl Worker {
                 }
             };
             if last_touch.elapsed() >= self.settings.visibility / 3 {
-                let entries: Vec<OutboxEntry> = self.held.values().flat_map(|m| m.values().map(|h| h.entry.clone())).collect();
+                let entries: Vec<OutboxEntry> =
+                    self.held.values().flat_map(|m| m.values().map(|h| h.entry.clone())).collect();
                 if let Err(e) = self.store.outbox_touch(&self.consumer, &entries).await {
                     tracing::warn!(error = %e, "delivery: could not refresh claims");
                 }
@@ -285,7 +289,11 @@ impl Worker {
                 for (entry, attempts) in claimed.into_iter().zip(attempts) {
                     let (subject, seq) = entry.subject_seq();
                     let slot = self.held.entry(subject.to_owned()).or_default();
-                    slot.entry(seq).or_insert(Held { entry, attempts: attempts.unwrap_or_default(), waiting_since: None });
+                    slot.entry(seq).or_insert(Held {
+                        entry,
+                        attempts: attempts.unwrap_or_default(),
+                        waiting_since: None,
+                    });
                 }
             }
         }
@@ -380,11 +388,17 @@ impl Worker {
                 if self.settings.schedule.exhausted(attempts.attempts, since) {
                     self.dead_letter(&entry, attempts).await
                 } else {
-                    let delay = after.map_or_else(|| self.settings.schedule.delay(attempts.attempts), |a| a.min(self.settings.schedule.max));
+                    let delay = after.map_or_else(
+                        || self.settings.schedule.delay(attempts.attempts),
+                        |a| a.min(self.settings.schedule.max),
+                    );
                     attempts.next_attempt_ms = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
                     tracing::warn!(event_id = %entry.id, attempt = attempts.attempts, retry_in_ms = delay.as_millis() as u64, %error, "delivery failed; will retry");
                     let stored = self.store.record_attempt(&entry, &attempts).await;
-                    self.held.entry(subject.clone()).or_default().insert(seq, Held { entry: entry.clone(), attempts, waiting_since: None });
+                    self.held
+                        .entry(subject.clone())
+                        .or_default()
+                        .insert(seq, Held { entry: entry.clone(), attempts, waiting_since: None });
                     stored
                 }
             }

@@ -196,6 +196,8 @@ where
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so none outlives the listener (they hold the app and its store).
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -228,17 +230,20 @@ where
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
+        // Reap finished connection tasks as we go.
+        while conns.try_join_next().is_some() {}
     }
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the grace period; closing"),
     }
+    conns.shutdown().await;
 }
 
 /// The KooGallery listener's handler.

@@ -70,7 +70,7 @@ struct SinkArgs {
 #[derive(Args)]
 struct AdminArgs {
     /// Base URL of the gateway's admin listener (default: http://$KOOGATE_ADMIN_LISTEN).
-    #[arg(long)]
+    #[arg(long, global = true)]
     admin: Option<String>,
 }
 
@@ -133,7 +133,9 @@ async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
     };
     let token = match (std::env::var("KOOGATE_ADMIN_TOKEN"), std::env::var("KOOGATE_ADMIN_TOKEN_FILE")) {
         (Ok(t), _) => t,
-        (Err(_), Ok(path)) => std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?.trim().to_owned(),
+        (Err(_), Ok(path)) => {
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?.trim().to_owned()
+        }
         _ => bail!("KOOGATE_ADMIN_TOKEN (or KOOGATE_ADMIN_TOKEN_FILE) must be set to use the admin API"),
     };
     let client = KooClient::new(&base).with_timeout(Duration::from_secs(30));
@@ -149,8 +151,10 @@ async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
             (hyper::Method::POST, "/v1/dlq/redrive".to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
         }
     };
-    let res = client.send(method, &path, &headers, body.into()).await.with_context(|| format!("cannot reach {base}"))?;
-    let json: serde_json::Value = serde_json::from_slice(&res.body).context("the admin API answered something that is not JSON")?;
+    let res =
+        client.send(method, &path, &headers, body.into()).await.with_context(|| format!("cannot reach {base}"))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&res.body).context("the admin API answered something that is not JSON")?;
     if res.status >= 400 {
         bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
     }

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::delivery::Target;
 use crate::delivery;
+use crate::delivery::Target;
 use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
 use crate::store::{self, StoreError};

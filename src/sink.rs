@@ -162,7 +162,15 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "body unreadable"})),
     };
     let now = chrono::Utc::now().timestamp();
-    if let Err(e) = webhook::verify(&state.key, id.as_deref(), ts.as_deref(), sig.as_deref(), &body, now, state.config.tolerance_secs) {
+    if let Err(e) = webhook::verify(
+        &state.key,
+        id.as_deref(),
+        ts.as_deref(),
+        sig.as_deref(),
+        &body,
+        now,
+        state.config.tolerance_secs,
+    ) {
         stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %e, "sink: signature refused");
         return reply(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));

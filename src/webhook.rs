@@ -55,7 +55,10 @@ pub fn verify(
         return Err(SignatureError::StaleTimestamp(now_secs - ts));
     }
     let expected = sign(key, id, ts, body);
-    let ok = signatures.split(' ').filter(|s| s.starts_with("v1,")).any(|s| constant_time_eq(s.as_bytes(), expected.as_bytes()));
+    let ok = signatures
+        .split(' ')
+        .filter(|s| s.starts_with("v1,"))
+        .any(|s| constant_time_eq(s.as_bytes(), expected.as_bytes()));
     if ok {
         Ok(())
     } else {
@@ -74,7 +77,15 @@ mod tests {
         let body = br#"{"test": 2432232314}"#;
         let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-        let ok = verify(&key, Some("msg_p5jXN8AQM9LWM0D4loKWxJek"), Some("1614265330"), Some(&format!("v1,bogus {sig}")), body, 1614265330, 300);
+        let ok = verify(
+            &key,
+            Some("msg_p5jXN8AQM9LWM0D4loKWxJek"),
+            Some("1614265330"),
+            Some(&format!("v1,bogus {sig}")),
+            body,
+            1614265330,
+            300,
+        );
         assert_eq!(ok, Ok(()));
     }
 
@@ -82,10 +93,16 @@ mod tests {
     fn refusals() {
         let key = key_of("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let sig = sign(&key, "id", 100, b"{}");
-        assert_eq!(verify(&key, None, Some("100"), Some(&sig), b"{}", 100, 300), Err(SignatureError::MissingHeader("webhook-id")));
+        assert_eq!(
+            verify(&key, None, Some("100"), Some(&sig), b"{}", 100, 300),
+            Err(SignatureError::MissingHeader("webhook-id"))
+        );
         assert_eq!(verify(&key, Some("id"), Some("100"), Some(&sig), b"{ }", 100, 300), Err(SignatureError::NoMatch));
         assert_eq!(verify(&key, Some("id2"), Some("100"), Some(&sig), b"{}", 100, 300), Err(SignatureError::NoMatch));
-        assert_eq!(verify(&key, Some("id"), Some("100"), Some(&sig), b"{}", 500, 300), Err(SignatureError::StaleTimestamp(400)));
+        assert_eq!(
+            verify(&key, Some("id"), Some("100"), Some(&sig), b"{}", 500, 300),
+            Err(SignatureError::StaleTimestamp(400))
+        );
         assert_eq!(verify(&key, Some("id"), Some("x"), Some(&sig), b"{}", 100, 300), Err(SignatureError::BadTimestamp));
         assert_eq!(key_of("nope"), Err(SignatureError::BadSecret));
     }

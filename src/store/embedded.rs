@@ -63,8 +63,21 @@ struct Claims {
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    jobs: mpsc::Sender<Job>,
+    /// `None` only while dropping.
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     claims: Mutex<Claims>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Stops the writer thread and waits for it, so the file lock is released
+    /// when the store is gone (a restart in the same process can reopen it).
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl EmbeddedStore {
@@ -88,11 +101,11 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (jobs, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("koogate-embedded-writer".into())
             .spawn(move || writer(&writer_db, &rx))
             .map_err(err)?;
-        Ok(Self { db, jobs, claims: Mutex::new(Claims::default()) })
+        Ok(Self { db, jobs: Some(jobs), writer: Some(writer), claims: Mutex::new(Claims::default()) })
     }
 
     /// Runs `f` in the writer thread's next group transaction.
@@ -101,7 +114,8 @@ impl EmbeddedStore {
         f: impl FnOnce(&WriteTransaction) -> Result<(Reply, bool), StoreError> + Send + 'static,
     ) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { run: Box::new(f), reply }).map_err(|_| err("writer thread is gone"))?;
+        let jobs = self.jobs.as_ref().ok_or_else(|| err("store is closing"))?;
+        jobs.send(Job { run: Box::new(f), reply }).map_err(|_| err("writer thread is gone"))?;
         rx.await.map_err(|_| err("writer dropped the job (its group failed)"))?
     }
 
@@ -401,7 +415,13 @@ fn settle_in(txn: &WriteTransaction, entry: &OutboxEntry, dead: Option<&DeadLett
 }
 
 /// redeem: the same steps as `redeem.lua`.
-fn redeem_in(txn: &WriteTransaction, order_id: &str, customer: &str, by: &str, at: &str) -> Result<(Redeem, bool), StoreError> {
+fn redeem_in(
+    txn: &WriteTransaction,
+    order_id: &str,
+    customer: &str,
+    by: &str,
+    at: &str,
+) -> Result<(Redeem, bool), StoreError> {
     let mut order = get_record(txn, ORDERS, order_id)?;
     if order.is_empty() || order.get("customer_id").map(String::as_str) != Some(customer) {
         return Ok((Redeem::NotFound, false));
@@ -410,7 +430,9 @@ fn redeem_in(txn: &WriteTransaction, order_id: &str, customer: &str, by: &str, a
         return Ok((Redeem::Already(order), false));
     }
     for (field, instance) in &order {
-        if field.starts_with("line:") && get_record(txn, INSTANCES, instance)?.get("status").map(String::as_str) == Some("released") {
+        if field.starts_with("line:")
+            && get_record(txn, INSTANCES, instance)?.get("status").map(String::as_str) == Some("released")
+        {
             return Ok((Redeem::Released, false));
         }
     }
@@ -575,7 +597,9 @@ impl Store for EmbeddedStore {
         let id = event_id.to_owned();
         let moved = self
             .write(move |txn| {
-                let Some(dead) = get_json::<DeadLetter>(txn, DLQ, &id)? else { return Ok((Reply::Moved(false), false)) };
+                let Some(dead) = get_json::<DeadLetter>(txn, DLQ, &id)? else {
+                    return Ok((Reply::Moved(false), false));
+                };
                 let mut entry = dead.entry;
                 entry.redrive = true;
                 entry.cursor = String::new();
@@ -598,7 +622,13 @@ impl Store for EmbeddedStore {
         Ok(self.read_json(ORDERS, order_id)?.unwrap_or_default())
     }
 
-    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError> {
+    async fn redeem(
+        &self,
+        order_id: &str,
+        customer_id: &str,
+        redeemed_by: &str,
+        at: &str,
+    ) -> Result<Redeem, StoreError> {
         let (o, c, b, a) = (order_id.to_owned(), customer_id.to_owned(), redeemed_by.to_owned(), at.to_owned());
         match self.write(move |txn| redeem_in(txn, &o, &c, &b, &a).map(|(r, w)| (Reply::Redeem(r), w))).await? {
             Reply::Redeem(r) => Ok(r),

@@ -98,7 +98,13 @@ pub trait Store: Send + Sync + 'static {
     async fn order(&self, order_id: &str) -> Result<Record, StoreError>;
 
     /// Redeems a purchase order once, atomically.
-    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError>;
+    async fn redeem(
+        &self,
+        order_id: &str,
+        customer_id: &str,
+        redeemed_by: &str,
+        at: &str,
+    ) -> Result<Redeem, StoreError>;
 
     /// `"redis"` or `"embedded"`, for logs and metrics.
     fn backend(&self) -> &'static str;

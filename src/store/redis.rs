@@ -14,7 +14,7 @@ use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, Str
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 
 use super::keys::{instance_shard, Keys, SHARDS};
-use super::plan::{Attempts, DeadLetter, Outcome, OutboxEntry, Plan, Record, Redeem};
+use super::plan::{Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem};
 use super::{Store, StoreError};
 
 const GROUP: &str = "koogate";
@@ -310,7 +310,14 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for e in entries {
-            pipe.cmd("XCLAIM").arg(self.keys.outbox(e.shard)).arg(GROUP).arg(consumer).arg(0).arg(&e.cursor).arg("JUSTID").ignore();
+            pipe.cmd("XCLAIM")
+                .arg(self.keys.outbox(e.shard))
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(0)
+                .arg(&e.cursor)
+                .arg("JUSTID")
+                .ignore();
         }
         let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
@@ -333,7 +340,12 @@ impl Store for RedisStore {
     async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError> {
         let json = serde_json::to_string(attempts).map_err(|e| StoreError::Protocol(e.to_string()))?;
         let mut conn = self.conn.clone();
-        let _: i64 = redis::cmd("HSET").arg(self.keys.attempts(entry.shard)).arg(&entry.id).arg(json).query_async(&mut conn).await?;
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.attempts(entry.shard))
+            .arg(&entry.id)
+            .arg(json)
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -420,7 +432,8 @@ impl Store for RedisStore {
         let Some((subject, _)) = super::plan::parse_event_id(event_id) else { return Ok(false) };
         let shard = instance_shard(subject);
         let mut conn = self.conn.clone();
-        let raw: Option<String> = redis::cmd("HGET").arg(self.keys.dlq(shard)).arg(event_id).query_async(&mut conn).await?;
+        let raw: Option<String> =
+            redis::cmd("HGET").arg(self.keys.dlq(shard)).arg(event_id).query_async(&mut conn).await?;
         let Some(dead) = raw.and_then(|json| serde_json::from_str::<DeadLetter>(&json).ok()) else { return Ok(false) };
         let e = &dead.entry;
         let record = serde_json::to_string(&e.record).map_err(|err| StoreError::Protocol(err.to_string()))?;
@@ -439,11 +452,18 @@ impl Store for RedisStore {
 
     async fn order(&self, order_id: &str) -> Result<Record, StoreError> {
         let mut conn = self.conn.clone();
-        let map: HashMap<String, String> = redis::cmd("HGETALL").arg(self.keys.order(order_id)).query_async(&mut conn).await?;
+        let map: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(self.keys.order(order_id)).query_async(&mut conn).await?;
         Ok(map.into_iter().collect())
     }
 
-    async fn redeem(&self, order_id: &str, customer_id: &str, redeemed_by: &str, at: &str) -> Result<Redeem, StoreError> {
+    async fn redeem(
+        &self,
+        order_id: &str,
+        customer_id: &str,
+        redeemed_by: &str,
+        at: &str,
+    ) -> Result<Redeem, StoreError> {
         let order = self.order(order_id).await?;
         let mut invocation = self.redeem.prepare_invoke();
         invocation.key(self.keys.order(order_id));

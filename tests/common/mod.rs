@@ -1,6 +1,9 @@
 //! Shared test harness: real gateways on loopback, real Redis, real files.
 #![allow(dead_code)]
 
+pub mod billing;
+pub mod process;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,0 +1,439 @@
+//! Delivery to a real billing-core HTTP server: nothing lost, each id once,
+//! ordered per instance, retried, dead-lettered, redriven.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::billing::{ok, Arrival, Billing, SECRET};
+use common::*;
+use hyper::Method;
+
+const TOKEN: &str = "admin-token-for-tests-7f3a";
+
+fn delivery_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KOOGATE_BILLING_URL", url.to_owned()),
+        ("KOOGATE_BILLING_SECRET", SECRET.to_owned()),
+        ("KOOGATE_RETRY_INITIAL_MS", "100".to_owned()),
+        ("KOOGATE_RETRY_MAX_MS", "1000".to_owned()),
+        ("KOOGATE_DELIVERY_TIMEOUT_SECS", "1".to_owned()),
+        ("KOOGATE_ADMIN_TOKEN", TOKEN.to_owned()),
+    ]
+}
+
+async fn start(backend: Backend, name: &str, url: &str, more: &[(&str, &str)]) -> TestGateway {
+    let env = delivery_env(url);
+    let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.extend_from_slice(more);
+    TestGateway::start_with(backend, name, &pairs).await
+}
+
+/// Distinct ids, each delivered (2xx) exactly once?
+fn once_each(delivered: &[Arrival]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in delivered {
+        *counts.entry(a.id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Per instance, the sequence numbers in delivery order.
+fn seqs_by_instance(delivered: &[Arrival]) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for a in delivered {
+        let (subject, seq) = koogate::store::plan::parse_event_id(&a.id).unwrap();
+        out.entry(subject.to_owned()).or_default().push(seq);
+    }
+    out
+}
+
+async fn billing_down_then_up(backend: Backend) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/billing/events");
+    let gw = start(backend, "down-up", &url, &[]).await;
+    for rel in fixture_files("v2") {
+        assert_eq!(gw.v2_fixture(&rel).await.result_code().as_deref(), Some("000000"), "{rel}");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await; // attempts fail: connection refused
+    let billing = Billing::start_on(format!("127.0.0.1:{port}").parse().unwrap(), |_, _, _| ok()).await;
+    let delivered = billing.wait_delivered(12, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered_after = billing.delivered();
+    let counts = once_each(&delivered_after);
+    println!(
+        "{backend:?}: billing down then up: 12 accepted transitions, {} distinct ids delivered, max copies {}",
+        counts.len(),
+        counts.values().max().unwrap()
+    );
+    assert_eq!(counts.len(), 12, "the debug probe's event is not forwarded");
+    assert!(counts.values().all(|n| *n == 1), "each id once: {counts:?}");
+    assert!(billing.arrivals().iter().all(|a| a.signature_ok), "every delivery is signed");
+    for (instance, seqs) in seqs_by_instance(&delivered) {
+        let mut sorted = seqs.clone();
+        sorted.sort();
+        assert_eq!(seqs, sorted, "instance {instance} delivered in order");
+    }
+    let renewed = delivered.iter().find(|a| a.event["type"] == "subscription.renewed").unwrap();
+    assert_eq!(renewed.event["data"]["expire_time"], "2027-11-24T02:36:18.256Z");
+    gw.drain().await;
+    billing.stop();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn billing_down_then_up_every_event_once_redis() {
+    billing_down_then_up(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn billing_down_then_up_every_event_once_embedded() {
+    billing_down_then_up(Backend::Embedded).await;
+}
+
+fn purchase(n: usize) -> Vec<u8> {
+    format!(r#"{{"activity":"newInstance","businessId":"b-{n}","orderId":"CSRETRY{n:04}","orderLineId":"CSRETRY{n:04}-000001","testFlag":"0"}}"#).into_bytes()
+}
+
+#[tokio::test]
+async fn failures_and_timeouts_are_retried_with_growing_gaps() {
+    // Attempts 1, 2, 4: HTTP 500; attempt 3: slower than the 1 s timeout; attempt 5: accepted.
+    let billing = Billing::start(|_, attempt, _| match attempt {
+        1 | 2 | 4 => (500, Duration::ZERO),
+        3 => (503, Duration::from_millis(1500)),
+        _ => ok(),
+    })
+    .await;
+    let gw = start(Backend::Redis, "retry", &billing.url(), &[]).await;
+    let n = 8;
+    for i in 0..n {
+        assert_eq!(gw.v2(&purchase(i)).await.result_code().as_deref(), Some("000000"));
+    }
+    billing.wait_delivered(n, Duration::from_secs(60)).await;
+    let arrivals = billing.arrivals();
+    let mut gaps: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    for id in arrivals.iter().map(|a| a.id.clone()).collect::<BTreeSet<_>>() {
+        let times: Vec<&Arrival> = arrivals.iter().filter(|a| a.id == id).collect();
+        assert_eq!(times.len(), 5, "{id}: five attempts");
+        for k in 0..4 {
+            // from the end of attempt k to the start of attempt k+1
+            let end_of_k = if k == 2 { times[k].at + Duration::from_millis(1000) } else { times[k].at };
+            gaps[k].push(times[k + 1].at.saturating_duration_since(end_of_k).as_secs_f64());
+        }
+    }
+    let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let means: Vec<f64> = gaps.iter().map(mean).collect();
+    println!("mean gap before retry 1..4 (s): {means:.3?}; ceilings 0.1, 0.2, 0.4, 0.8 plus polling");
+    for (k, g) in gaps.iter().enumerate() {
+        let ceiling = 0.1 * f64::from(1u32 << k) + 0.6;
+        assert!(g.iter().all(|x| *x <= ceiling), "retry {} waited longer than its ceiling: {g:?}", k + 1);
+    }
+    assert!(means[3] > means[0], "gaps grow: {means:?}");
+    assert!(once_each(&billing.delivered()).values().all(|c| *c == 1));
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("koogate_delivery_attempts_total{outcome=\"failed_retryable\"}"), "{metrics}");
+    billing.stop();
+    gw.stop().await;
+}
+
+async fn admin(
+    gw: &TestGateway,
+    method: Method,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body.to_owned())).await.unwrap();
+    (res.status, serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null))
+}
+
+// Multi-threaded: the CLI runs as a blocking child process while the gateway serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_is_dead_lettered_later_events_flow_and_redrive_delivers_it() {
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = Arc::clone(&refuse);
+    let billing = Billing::start(move |_, _, event| {
+        if event["type"] == "subscription.created" && r.load(Ordering::SeqCst) {
+            (400, Duration::ZERO)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    for backend in BACKENDS {
+        refuse.store(true, Ordering::SeqCst);
+        let gw = start(backend, "dlq", &billing.url(), &[]).await;
+        assert_eq!(gw.v2_fixture("v2/01-newInstance.json").await.result_code().as_deref(), Some("000000"));
+        assert_eq!(gw.v2_fixture("v2/04-refreshInstance-renewal.json").await.result_code().as_deref(), Some("000000"));
+        let created = "evt_028e3b0c-7d93-5e10-9156-f940561c8e6a_1";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dlq = loop {
+            let (status, body) = admin(&gw, Method::GET, "/v1/dlq", "", Some(TOKEN)).await;
+            assert_eq!(status, 200);
+            if body["dead_letters"].as_array().is_some_and(|d| !d.is_empty()) {
+                break body;
+            }
+            assert!(Instant::now() < deadline, "the 400 did not reach the dead-letter queue");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let dead = &dlq["dead_letters"][0];
+        assert_eq!(dead["id"], created);
+        assert_eq!(dead["attempts"], 1, "a 400 is not retried");
+        assert_eq!(dead["last_error"], "billing core answered HTTP 400");
+        assert_eq!(dead["event"]["type"], "subscription.created");
+        // The renewal is not held up forever behind a dead letter.
+        let delivered = billing.wait_delivered(1, Duration::from_secs(10)).await;
+        assert!(delivered.iter().any(|a| a.id.ends_with("_2")));
+        let (status, shown) = admin(&gw, Method::GET, &format!("/v1/events/{created}"), "", Some(TOKEN)).await;
+        assert_eq!((status, shown["status"].as_str()), (200, Some("dead")));
+        let (_, listed) = admin(&gw, Method::GET, "/v1/events?order_id=CS2211181819B4LVS", "", Some(TOKEN)).await;
+        assert_eq!(listed["events"].as_array().unwrap().len(), 1);
+
+        // The billing core is fixed; the operator redrives with the CLI.
+        let cli = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
+                .args(args)
+                .arg("--admin")
+                .arg(format!("http://{}", gw.running().admin_addr))
+                .env("KOOGATE_ADMIN_TOKEN", TOKEN)
+                .output()
+                .unwrap()
+        };
+        let list = cli(&["dlq", "list"]);
+        assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+        let text = String::from_utf8_lossy(&list.stdout);
+        assert!(text.contains(created) && text.contains("1 dead letter(s)"), "{text}");
+        refuse.store(false, Ordering::SeqCst);
+        let redrive = cli(&["dlq", "redrive", created]);
+        assert!(redrive.status.success(), "{}", String::from_utf8_lossy(&redrive.stderr));
+        assert!(String::from_utf8_lossy(&redrive.stdout).contains("redriven: 1"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !billing.delivered().iter().any(|a| a.id == created) {
+            assert!(Instant::now() < deadline, "redriven event was not delivered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, after) = admin(&gw, Method::GET, "/v1/dlq", "", Some(TOKEN)).await;
+        assert!(after["dead_letters"].as_array().unwrap().is_empty());
+        // The billing core has it; the gateway settles it right after the answer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, shown) = admin(&gw, Method::GET, &format!("/v1/events/{created}"), "", Some(TOKEN)).await;
+            if shown["status"] == "delivered" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {shown}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!cli(&["dlq", "redrive", created]).status.success(), "redriving a missing id fails");
+        billing.arrivals.lock().unwrap().clear();
+        gw.stop().await;
+    }
+    billing.stop();
+}
+
+#[tokio::test]
+async fn order_is_kept_per_instance_while_other_instances_flow() {
+    let a_instance = "028e3b0c-7d93-5e10-9156-f940561c8e6a";
+    let billing =
+        Billing::start(
+            move |id, attempt, _| {
+                if id == format!("evt_{a_instance}_1") && attempt <= 3 {
+                    (500, Duration::ZERO)
+                } else {
+                    ok()
+                }
+            },
+        )
+        .await;
+    let gw = start(Backend::Redis, "order", &billing.url(), &[("KOOGATE_RETRY_INITIAL_MS", "300")]).await;
+    for rel in
+        ["v2/01-newInstance.json", "v2/04-refreshInstance-renewal.json", "v2/10-updateInstanceStatus-freeze.json"]
+    {
+        assert_eq!(gw.v2_fixture(rel).await.result_code().as_deref(), Some("000000"));
+    }
+    for i in 0..5 {
+        assert_eq!(gw.v2(&purchase(100 + i)).await.result_code().as_deref(), Some("000000"));
+    }
+    let delivered = billing.wait_delivered(8, Duration::from_secs(30)).await;
+    let order = seqs_by_instance(&delivered);
+    assert_eq!(order[a_instance], vec![1, 2, 3], "A's events in order, each once");
+    let a_first = delivered.iter().position(|a| a.id.starts_with(&format!("evt_{a_instance}"))).unwrap();
+    let others_before = delivered[..a_first].len();
+    println!("order: {others_before} events of other instances delivered while A's first event was retrying");
+    assert_eq!(others_before, 5, "other instances were not held up");
+    let a_attempts = billing.arrivals().iter().filter(|x| x.id.starts_with(&format!("evt_{a_instance}"))).count();
+    assert_eq!(a_attempts, 6, "3 failed attempts of A's first event, then A's 3 events once each");
+    billing.stop();
+    gw.stop().await;
+}
+
+async fn ledger(backend: Backend) {
+    let billing = Billing::start(|_, _, _| ok()).await;
+    let gw = start(backend, "ledger", &billing.url(), &[]).await;
+    assert_eq!(
+        gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(),
+        Some("000000")
+    );
+    let customer = "68cbc86abc2018ab880d92f36422fa0e";
+    let (status, order) =
+        admin(&gw, Method::GET, &format!("/v1/orders/CS1906666666ABCDE?customer_id={customer}"), "", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{order}");
+    assert_eq!(order["cards"], 50);
+    assert_eq!(order["total_cny"], 5000);
+    assert_eq!(order["status"], "paid");
+    assert_eq!(order["sku_code"], "svc-card-100");
+    assert_eq!(order["instance_id"], "21ab9e22-5c60-5afb-b878-85ea829f9cda");
+    assert!(order["redeemed"].is_null());
+    let (status, _) =
+        admin(&gw, Method::GET, "/v1/orders/CS1906666666ABCDE?customer_id=someone-else", "", Some(TOKEN)).await;
+    assert_eq!(status, 404, "another customer learns nothing");
+    let (status, _) = admin(&gw, Method::GET, "/v1/orders/CSNOSUCHORDER?customer_id=x", "", Some(TOKEN)).await;
+    assert_eq!(status, 404);
+
+    let redeem = |by: &str| format!(r#"{{"customer_id":"{customer}","redeemed_by":"{by}"}}"#);
+    let (status, wrong) = admin(
+        &gw,
+        Method::POST,
+        "/v1/orders/CS1906666666ABCDE/redeem",
+        r#"{"customer_id":"x","redeemed_by":"u"}"#,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 404, "{wrong}");
+    let (status, first) =
+        admin(&gw, Method::POST, "/v1/orders/CS1906666666ABCDE/redeem", &redeem("billing-user-1"), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["redeemed"]["redeemed_by"], "billing-user-1");
+    let (status, again) =
+        admin(&gw, Method::POST, "/v1/orders/CS1906666666ABCDE/redeem", &redeem("billing-user-2"), Some(TOKEN)).await;
+    assert_eq!(status, 409);
+    assert_eq!(again["error"], "already_redeemed");
+    assert_eq!(again["redeemed"]["redeemed_by"], "billing-user-1", "the first redemption's details");
+
+    // A released (refunded) order cannot be redeemed.
+    let mut refunded = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    refunded.insert("orderId".into(), "CS1906666666REFND".into());
+    let res = gw.v1(&refunded).await;
+    let instance = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let release: BTreeMap<String, String> =
+        [("activity", "releaseInstance"), ("instanceId", instance.as_str()), ("orderId", "CS1906666666REFND")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    assert_eq!(gw.v1(&release).await.result_code().as_deref(), Some("000000"));
+    let (status, body) =
+        admin(&gw, Method::POST, "/v1/orders/CS1906666666REFND/redeem", &redeem("u"), Some(TOKEN)).await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("order_released")));
+
+    // Concurrent redeems of one order: exactly one wins.
+    let mut again = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    again.insert("orderId".into(), "CS1906666666RACES".into());
+    assert_eq!(gw.v1(&again).await.result_code().as_deref(), Some("000000"));
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let c = gw.admin.clone();
+            let body = redeem(&format!("racer-{i}"));
+            tokio::spawn(async move {
+                let auth = format!("Bearer {TOKEN}");
+                c.send(
+                    Method::POST,
+                    "/v1/orders/CS1906666666RACES/redeem",
+                    &[("authorization", auth.as_str())],
+                    body.into(),
+                )
+                .await
+                .unwrap()
+                .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 19);
+
+    // The admin API refuses missing and wrong tokens.
+    assert_eq!(admin(&gw, Method::GET, "/v1/dlq", "", None).await.0, 401);
+    assert_eq!(admin(&gw, Method::GET, "/v1/dlq", "", Some("admin-token-for-tests-7f3b")).await.0, 401);
+    assert_eq!(admin(&gw, Method::GET, "/v1/dlq", "", Some("short")).await.0, 401);
+    billing.stop();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn order_ledger_redeems_once_redis() {
+    ledger(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn order_ledger_redeems_once_embedded() {
+    ledger(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn admin_api_is_off_without_a_token() {
+    let gw = TestGateway::start(Backend::Embedded, "admin-off").await;
+    let (status, body) = admin(&gw, Method::GET, "/v1/dlq", "", Some("anything")).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("admin_api_off")));
+    let res = gw.admin.send(Method::GET, "/metrics", &[], bytes::Bytes::new()).await.unwrap();
+    assert_eq!(res.status, 200);
+    gw.stop().await;
+}
+
+async fn restart_resumes(backend: Backend) {
+    // Billing slow: stop the gateway with deliveries in flight, start it again on the same store.
+    let billing = Billing::start(|_, _, _| (200, Duration::from_millis(300))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("restart");
+    let make_env = || {
+        let mut env = base_env(backend, &prefix, dir.path(), REDIS_URL);
+        for (k, v) in delivery_env(&billing.url()) {
+            env.insert(k.into(), v);
+        }
+        env.insert("KOOGATE_DELIVERY_CONCURRENCY".into(), "2".into());
+        env.insert("KOOGATE_SHUTDOWN_GRACE_SECS".into(), "1".into());
+        env.insert("KOOGATE_DELIVERY_VISIBILITY_SECS".into(), "1".into());
+        env
+    };
+    let running = koogate::server::start(koogate::config::Config::from_parts(make_env(), None).unwrap()).await.unwrap();
+    let client = koogate::client::KooClient::new(&format!("http://{}", running.addr));
+    for i in 0..12 {
+        let res = client.v2("/koogallery/v2", AK, &purchase(200 + i), now_ms()).await.unwrap();
+        assert_eq!(res.result_code().as_deref(), Some("000000"));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    running.stop().await; // SIGTERM's path: stop accepting, finish in-flight deliveries within the grace
+    let before_restart = once_each(&billing.delivered()).len();
+    let running = koogate::server::start(koogate::config::Config::from_parts(make_env(), None).unwrap()).await.unwrap();
+    billing.wait_delivered(12, Duration::from_secs(30)).await;
+    let counts = once_each(&billing.delivered());
+    println!(
+        "{backend:?}: graceful stop after {before_restart} of 12 delivered; after restart {} delivered, max copies {}",
+        counts.len(),
+        counts.values().max().unwrap()
+    );
+    assert_eq!(counts.len(), 12);
+    running.stop().await;
+    billing.stop();
+    delete_prefix(REDIS_URL, &prefix).await;
+}
+
+#[tokio::test]
+async fn graceful_stop_leaves_the_rest_for_the_next_start_redis() {
+    restart_resumes(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn graceful_stop_leaves_the_rest_for_the_next_start_embedded() {
+    restart_resumes(Backend::Embedded).await;
+}

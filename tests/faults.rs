@@ -1,0 +1,113 @@
+//! Fault tests with real processes: gateways killed with SIGKILL mid-stream,
+//! the reference sink as the billing core. Each prints its figures.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::billing::SECRET;
+use common::process::{jsonl_ids, Proc};
+use common::*;
+
+fn purchase(tag: &str, n: usize) -> Vec<u8> {
+    format!(r#"{{"activity":"newInstance","businessId":"b{n}","orderId":"CS{tag}{n:05}","orderLineId":"CS{tag}{n:05}-000001","testFlag":"0"}}"#)
+        .into_bytes()
+}
+
+fn gateway_env(store: &str, prefix: &str, data: &std::path::Path, sink_port: u16) -> BTreeMap<String, String> {
+    [
+        ("KOOGATE_ACCESS_KEY", AK.to_owned()),
+        ("KOOGATE_STORE", store.to_owned()),
+        ("KOOGATE_KEY_PREFIX", prefix.to_owned()),
+        ("KOOGATE_DATA_DIR", data.display().to_string()),
+        ("KOOGATE_BILLING_URL", format!("http://127.0.0.1:{sink_port}/events")),
+        ("KOOGATE_BILLING_SECRET", SECRET.to_owned()),
+        ("KOOGATE_RETRY_INITIAL_MS", "100".to_owned()),
+        ("KOOGATE_RETRY_MAX_MS", "500".to_owned()),
+        ("KOOGATE_DELIVERY_VISIBILITY_SECS", "2".to_owned()),
+        ("KOOGATE_DELIVERY_CONCURRENCY", "4".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn wait_accepted(sink: &Proc, n: u64, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = sink.stats().await;
+        if stats["accepted"].as_u64() >= Some(n) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "sink accepted only {stats} of {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_redis_one_killed_mid_delivery_every_event_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sink.jsonl");
+    // A slow billing core keeps deliveries in flight when the kill comes.
+    let sink = Proc::sink(SECRET, &out, &["--delay-ms", "150"]).await;
+    let prefix = unique_prefix("kill2");
+    let mut a = Proc::gateway(&gateway_env(REDIS_URL, &prefix, &dir.path().join("a"), sink.port)).await;
+    let b = Proc::gateway(&gateway_env(REDIS_URL, &prefix, &dir.path().join("b"), sink.port)).await;
+    let total = 60;
+    let mut accepted = 0;
+    for i in 0..total {
+        let gw = if i % 2 == 0 && i < 30 { &a } else { &b };
+        let res = gw.client.v2("/koogallery/v2", AK, &purchase("KILL", i), now_ms()).await.unwrap();
+        if res.result_code().as_deref() == Some("000000") {
+            accepted += 1;
+        }
+        if i == 30 {
+            a.kill9();
+        }
+    }
+    let stats = wait_accepted(&sink, accepted, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids = jsonl_ids(&out);
+    let copies: usize = ids.values().sum();
+    println!(
+        "two gateways, one SIGKILLed: accepted calls {accepted}, events at the sink {} distinct, {} deliveries, {} duplicates refused by the sink",
+        ids.len(),
+        stats["accepted"].as_u64().unwrap() + stats["duplicates"].as_u64().unwrap(),
+        stats["duplicates"]
+    );
+    assert_eq!(accepted, total as u64);
+    assert_eq!(ids.len(), total, "every accepted call's event reached the billing core");
+    assert_eq!(copies, total, "the sink stored each id once");
+    drop(b);
+    delete_prefix(REDIS_URL, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_gateway_killed_and_restarted_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sink.jsonl");
+    let sink = Proc::sink(SECRET, &out, &["--delay-ms", "100"]).await;
+    let store = dir.path().join("store").display().to_string();
+    let env = gateway_env(&store, "", &dir.path().join("data"), sink.port);
+    let mut gw = Proc::gateway(&env).await;
+    let mut answers = BTreeMap::new();
+    for i in 0..40 {
+        let res = gw.client.v2("/koogallery/v2", AK, &purchase("EMBK", i), now_ms()).await.unwrap();
+        assert_eq!(res.result_code().as_deref(), Some("000000"));
+        answers.insert(i, res.body.clone());
+    }
+    gw.kill9(); // mid-delivery: the sink is slow
+    let delivered_before = jsonl_ids(&out).len();
+    let gw = Proc::gateway(&env).await;
+    // The store survived the kill: retries get the same answers.
+    for i in [0, 17, 39] {
+        let res = gw.client.v2("/koogallery/v2", AK, &purchase("EMBK", i), now_ms()).await.unwrap();
+        assert_eq!(res.body, answers[&i], "answer {i} is the same after the kill");
+    }
+    wait_accepted(&sink, 40, Duration::from_secs(60)).await;
+    let ids = jsonl_ids(&out);
+    println!("embedded store SIGKILLed after 40 accepted calls ({delivered_before} delivered before the kill): {} distinct events at the sink, {} stored copies", ids.len(), ids.values().sum::<usize>());
+    assert_eq!(ids.len(), 40);
+    assert!(ids.values().all(|n| *n == 1));
+}
