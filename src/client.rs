@@ -7,12 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::header::CONTENT_TYPE;
-use hyper::{Method, Request};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::Method;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
@@ -74,23 +70,60 @@ pub enum ClientError {
     Http(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("bad CA certificate: {0}")]
+    Certificate(String),
 }
 
-/// A pooled HTTP/1.1 client for one gateway base URL.
+/// A pooled HTTP/1.1 client (HTTPS with certificate verification) for one
+/// gateway base URL.
 #[derive(Clone)]
 pub struct KooClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: reqwest::Client,
     base: String,
     timeout: Duration,
 }
 
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 impl KooClient {
-    /// `base` like `http://127.0.0.1:8080` (no trailing slash needed).
+    /// `base` like `http://127.0.0.1:8080` or `https://gw.example.com` (no trailing slash needed).
     pub fn new(base: &str) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { http, base: base.trim_end_matches('/').to_owned(), timeout: Duration::from_secs(10) }
+        Self::build(base, None).unwrap_or_else(|_| Self {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Like [`KooClient::new`], also trusting the PEM CA certificate(s) given.
+    pub fn with_ca(base: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        Self::build(base, Some(ca_pem))
+    }
+
+    fn build(base: &str, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .http1_only()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = ca_pem {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ClientError::Certificate(e.to_string()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| ClientError::Http(chain(&e)))?;
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), timeout: Duration::from_secs(10) })
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -107,21 +140,30 @@ impl KooClient {
         body: Bytes,
     ) -> Result<CallResponse, ClientError> {
         let uri = format!("{}{path_and_query}", self.base);
-        let mut builder = Request::builder().method(method).uri(&uri);
+        let url = reqwest::Url::parse(&uri).map_err(|_| ClientError::Url(uri.clone()))?;
+        let mut req = self.http.request(method, url).timeout(self.timeout).body(body);
         for (name, value) in headers {
-            builder = builder.header(*name, *value);
+            req = req.header(*name, *value);
         }
-        let req = builder.body(Full::new(body)).map_err(|_| ClientError::Url(uri.clone()))?;
-        let call = async {
-            let res = self.http.request(req).await.map_err(|e| ClientError::Http(format!("{e:?}")))?;
-            let status = res.status().as_u16();
-            let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let body_sign = header("Body-Sign");
-            let content_type = header(CONTENT_TYPE.as_str());
-            let body = res.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
-            Ok(CallResponse { status, body, body_sign, content_type })
-        };
-        tokio::time::timeout(self.timeout, call).await.map_err(|_| ClientError::Timeout(self.timeout))?
+        let res = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                ClientError::Timeout(self.timeout)
+            } else {
+                ClientError::Http(chain(&e))
+            }
+        })?;
+        let status = res.status().as_u16();
+        let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body_sign = header("Body-Sign");
+        let content_type = header(CONTENT_TYPE.as_str());
+        let body = res.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                ClientError::Timeout(self.timeout)
+            } else {
+                ClientError::Http(chain(&e))
+            }
+        })?;
+        Ok(CallResponse { status, body, body_sign, content_type })
     }
 
     /// A signed V2 call with a fresh nonce at `timestamp_ms`.
