@@ -28,6 +28,7 @@ pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod replay;
 pub mod secret;
 pub mod server;
 pub mod sink;

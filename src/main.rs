@@ -33,6 +33,8 @@ enum Command {
     },
     /// Run the reference billing-core sink (verifies Standard Webhooks signatures, dedups, appends JSONL).
     Sink(SinkArgs),
+    /// Send fixture payloads to a gateway, signed as KooGallery signs them, and check every answer.
+    Replay(ReplayArgs),
     /// Inspect and redrive dead-lettered events through a running gateway's admin API.
     Dlq {
         #[command(flatten)]
@@ -65,6 +67,41 @@ struct SinkArgs {
     /// Allowed age of webhook-timestamp, seconds.
     #[arg(long, default_value_t = 300)]
     tolerance_secs: i64,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Fixture files or directories (sorted by name); `-` reads one payload from stdin.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Base URL of the gateway, e.g. https://gw.example.com or http://127.0.0.1:8080.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The product's access key.
+    #[arg(long, env = "KOOGATE_ACCESS_KEY", hide_env_values = true)]
+    key: String,
+    /// Send as V1 (query parameters) even outside a `v1` folder.
+    #[arg(long)]
+    v1: bool,
+    #[arg(long, default_value = "/koogallery/v2")]
+    v2_path: String,
+    #[arg(long, default_value = "/koogallery/v1")]
+    v1_path: String,
+    /// Send each fixture this many times (KooGallery retrying: watch the dedup).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Repeats in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Expected result code of every answer (default: expect.toml beside the fixture, else 000000).
+    #[arg(long)]
+    expect: Option<String>,
+    /// PEM file of a CA to trust besides the system's (staging certificates).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Per-call timeout, seconds (KooGallery waits 5).
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -187,6 +224,42 @@ async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use koogate::replay;
+    let mut fixtures = Vec::new();
+    let files: Vec<PathBuf> = args.paths.iter().filter(|p| p.as_os_str() != "-").cloned().collect();
+    if args.paths.iter().any(|p| p.as_os_str() == "-") {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("cannot read stdin")?;
+        let generation = if args.v1 { koogate::protocol::Generation::V1 } else { koogate::protocol::Generation::V2 };
+        let expect = args.expect.clone().unwrap_or_else(|| "000000".into());
+        fixtures.push(replay::Fixture { name: "<stdin>".into(), generation, bytes, expect });
+    }
+    if !files.is_empty() {
+        fixtures.extend(replay::load(&files, args.v1, args.expect.as_deref())?);
+    }
+    let client = match &args.ca_cert {
+        Some(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+            KooClient::with_ca(&args.url, &pem)?
+        }
+        None => KooClient::new(&args.url),
+    }
+    .with_timeout(Duration::from_secs(args.timeout_secs));
+    let target =
+        replay::Target { url: args.url.clone(), v2_path: args.v2_path, v1_path: args.v1_path, access_key: args.key };
+    let rows = replay::run(&client, &target, &fixtures, args.repeat, args.concurrency).await;
+    print!("{}", replay::table(&rows));
+    let ok = rows.iter().filter(|r| r.ok()).count();
+    let signed = rows.iter().filter(|r| r.signature_ok).count();
+    println!("{ok} of {} answers as expected; {signed} with a valid Body-Sign", rows.len());
+    if let Some(verdict) = replay::verdict(&rows) {
+        eprintln!("koogate replay: {verdict}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -226,5 +299,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { admin, action } => dlq(admin, action).await,
+        Command::Replay(args) => replay(args).await,
     }
 }
