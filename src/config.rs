@@ -19,6 +19,8 @@ use crate::store::StoreSpec;
 /// (name, default, meaning) of every setting.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_LISTEN", "0.0.0.0:8080", "address of the KooGallery listener"),
+    ("KOOGATE_TLS_CERT", "(none: plain HTTP)", "PEM certificate chain: serve KooGallery calls over TLS 1.2+"),
+    ("KOOGATE_TLS_KEY", "(none)", "PEM private key of KOOGATE_TLS_CERT"),
     ("KOOGATE_ACCESS_KEY", "(required)", "KooGallery access key (or KOOGATE_ACCESS_KEY_FILE)"),
     ("KOOGATE_PREVIOUS_ACCESS_KEY", "(none)", "previous access key, still accepted during a rotation (or _FILE)"),
     ("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", "(none: no end)", "RFC 3339 time the previous key stops being accepted"),
@@ -75,6 +77,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Certificate chain and key files for TLS on the KooGallery listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub access_keys: AccessKeys,
     pub store: StoreSpec,
     pub key_prefix: String,
@@ -300,7 +304,15 @@ impl Config {
             Ok(v)
         };
 
+        let tls = match (src.get("KOOGATE_TLS_CERT"), src.get("KOOGATE_TLS_KEY")) {
+            (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+            (None, None) => None,
+            (Some(_), None) => return Err(problem("KOOGATE_TLS_KEY", "is required when KOOGATE_TLS_CERT is set")),
+            (None, Some(_)) => return Err(problem("KOOGATE_TLS_CERT", "is required when KOOGATE_TLS_KEY is set")),
+        };
+
         Ok(Self {
+            tls,
             listen: src.parsed(
                 "KOOGATE_LISTEN",
                 ([0, 0, 0, 0], 8080).into(),

@@ -33,4 +33,5 @@ pub mod secret;
 pub mod server;
 pub mod sink;
 pub mod store;
+pub mod tls;
 pub mod webhook;

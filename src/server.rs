@@ -22,6 +22,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Listen(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot build the delivery HTTP client: {0}")]
     Delivery(#[from] reqwest::Error),
 }
@@ -100,7 +102,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(http::serve(listener, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+        None => None,
+    };
+    tracing::info!(
+        tls = tls.is_some(),
+        "KooGallery listener {}",
+        if tls.is_some() { "terminates TLS" } else { "speaks plain HTTP (terminate TLS in front)" }
+    );
+    tasks.spawn(http::serve_tls(listener, tls, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
     let admin_api = Arc::new(Admin { store: Arc::clone(&store), token: config.admin_token.clone() });
     if config.admin_token.is_none() {
         tracing::info!("KOOGATE_ADMIN_TOKEN is not set: the admin API is off (/metrics and /healthz stay on)");
