@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod marketplace;
 pub mod metrics;
 pub mod protocol;
 pub mod replay;

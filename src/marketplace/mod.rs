@@ -1,0 +1,4 @@
+//! KooGallery's seller open API: the order query, signed with API Gateway
+//! AK/SK signing ([`apig`]).
+
+pub mod apig;
