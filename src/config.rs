@@ -43,6 +43,15 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
     ("KOOGATE_ADMIN_URL", "(none)", "appInfo.adminUrl answered to newInstance"),
     ("KOOGATE_SKU_MAP", "(none)", "TOML file mapping SKUs to settlement kinds"),
+    ("KOOGATE_MARKETPLACE_URL", "https://mkt.myhuaweicloud.com", "KooGallery open API base URL (order query)"),
+    (
+        "KOOGATE_MARKETPLACE_AK",
+        "(none: no enrichment)",
+        "Huawei Cloud access key ID for the order query API (or _FILE)",
+    ),
+    ("KOOGATE_MARKETPLACE_SK", "(none)", "Huawei Cloud secret access key (or _FILE)"),
+    ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "5", "per-call timeout of the order query API"),
+    ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
     ("KOOGATE_FORWARD_TEST_EVENTS", "false", "forward events of testFlag=1 calls too"),
     ("KOOGATE_V2_PATH", "/koogallery/v2", "path of V2 calls (POST)"),
     ("KOOGATE_V1_PATH", "/koogallery/v1", "path of V1 calls (GET)"),
@@ -109,6 +118,17 @@ pub struct Config {
     pub delivery_visibility: Duration,
     pub delivery_concurrency: usize,
     pub delivery_order_wait: Duration,
+    pub marketplace: Option<Marketplace>,
+}
+
+/// The order query API's address and credentials.
+#[derive(Debug, Clone)]
+pub struct Marketplace {
+    pub url: String,
+    pub ak: Secret,
+    pub sk: Secret,
+    pub timeout: Duration,
+    pub cache_ttl: Duration,
 }
 
 /// Where values come from: the environment over the file.
@@ -304,6 +324,27 @@ impl Config {
             Ok(v)
         };
 
+        let marketplace_url =
+            src.get("KOOGATE_MARKETPLACE_URL").unwrap_or_else(|| "https://mkt.myhuaweicloud.com".into());
+        if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
+            return Err(problem("KOOGATE_MARKETPLACE_URL", format!("{marketplace_url:?} is not an https:// URL")));
+        }
+        let marketplace = match (src.secret("KOOGATE_MARKETPLACE_AK")?, src.secret("KOOGATE_MARKETPLACE_SK")?) {
+            (Some(ak), Some(sk)) => Some(Marketplace {
+                url: marketplace_url,
+                ak,
+                sk,
+                timeout: Duration::from_secs(positive("KOOGATE_MARKETPLACE_TIMEOUT_SECS", 5)?),
+                cache_ttl: Duration::from_secs(positive("KOOGATE_ORDER_CACHE_SECS", 604_800)?),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(problem("KOOGATE_MARKETPLACE_SK", "is required when KOOGATE_MARKETPLACE_AK is set"))
+            }
+            (None, Some(_)) => {
+                return Err(problem("KOOGATE_MARKETPLACE_AK", "is required when KOOGATE_MARKETPLACE_SK is set"))
+            }
+        };
         let tls = match (src.get("KOOGATE_TLS_CERT"), src.get("KOOGATE_TLS_KEY")) {
             (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
             (None, None) => None,
@@ -358,6 +399,7 @@ impl Config {
             delivery_visibility: Duration::from_secs(positive("KOOGATE_DELIVERY_VISIBILITY_SECS", 30)?),
             delivery_concurrency: positive("KOOGATE_DELIVERY_CONCURRENCY", 32)? as usize,
             delivery_order_wait: Duration::from_secs(positive("KOOGATE_DELIVERY_ORDER_WAIT_SECS", 300)?),
+            marketplace,
         })
     }
 }

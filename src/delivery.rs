@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Schedule;
+use crate::enrich::Enricher;
 use crate::events;
 use crate::metrics as m;
 use crate::store::{Attempts, DeadLetter, OutboxEntry, Store, StoreError};
@@ -186,6 +187,8 @@ struct Held {
 /// The delivery loop of one replica.
 pub struct Worker {
     store: Arc<dyn Store>,
+    /// Completes V2 purchase/upgrade/notify events from the order query API.
+    enricher: Option<Arc<Enricher>>,
     settings: Settings,
     sender: Arc<Sender>,
     consumer: String,
@@ -201,7 +204,7 @@ const TICK: Duration = Duration::from_millis(50);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
 impl Worker {
-    pub fn new(store: Arc<dyn Store>, settings: Settings) -> Result<Self, reqwest::Error> {
+    pub fn new(store: Arc<dyn Store>, settings: Settings, enricher: Option<Enricher>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(settings.attempt_timeout)
             .connect_timeout(settings.attempt_timeout.min(Duration::from_secs(5)))
@@ -209,7 +212,15 @@ impl Worker {
             .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let sender = Arc::new(Sender { target: settings.target.clone(), http, file_lock: Mutex::new(()) });
-        Ok(Self { store, settings, sender, consumer: consumer_name(), held: BTreeMap::new(), busy: HashSet::new() })
+        Ok(Self {
+            store,
+            enricher: enricher.map(Arc::new),
+            settings,
+            sender,
+            consumer: consumer_name(),
+            held: BTreeMap::new(),
+            busy: HashSet::new(),
+        })
     }
 
     fn held_count(&self) -> usize {
@@ -344,9 +355,17 @@ impl Worker {
             }
             self.busy.insert(subject);
             let sender = Arc::clone(&self.sender);
+            let enricher = self.enricher.clone().filter(|_| Enricher::needs(&entry));
             inflight.spawn(async move {
                 let started = Instant::now();
-                let attempt = sender.send(&entry).await;
+                let mut outgoing = entry.clone();
+                if let Some(enricher) = enricher {
+                    if let Err(e) = enricher.enrich(&mut outgoing).await {
+                        let error = format!("waiting for the order query API: {e}");
+                        return (entry, Attempt::Retry { error, after: None }, started.elapsed());
+                    }
+                }
+                let attempt = sender.send(&outgoing).await;
                 (entry, attempt, started.elapsed())
             });
             started += 1;

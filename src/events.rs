@@ -131,6 +131,8 @@ pub struct EventData {
     /// `v1` or `v2`.
     pub protocol: Option<String>,
     pub settlement: Option<Settlement>,
+    /// KooGallery's order type (NEW, TRIAL, RENEW, CHANGE, …), once enriched.
+    pub order_type: Option<String>,
     /// True once the order query API filled the purchase details.
     pub enriched: bool,
     /// V1 buyer contact (decrypted). Personal data: never logged.
@@ -176,7 +178,7 @@ fn typed(field: &str, value: &str) -> Option<Value> {
         "period_number" => Value::from(value.parse::<u64>().ok()?),
         "settlement" => serde_json::from_str(value).ok()?,
         "instance_id" | "order_id" | "order_line_id" | "customer_id" | "customer_name" | "product_id" | "sku_code"
-        | "charging_mode" | "period_type" | "amount" | "expire_time" | "status" | "protocol" => {
+        | "charging_mode" | "period_type" | "amount" | "expire_time" | "status" | "protocol" | "order_type" => {
             Value::String(value.to_owned())
         }
         _ => return None,

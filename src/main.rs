@@ -35,6 +35,8 @@ enum Command {
     Sink(SinkArgs),
     /// Send fixture payloads to a gateway, signed as KooGallery signs them, and check every answer.
     Replay(ReplayArgs),
+    /// Simulate KooGallery: serve its order query API and run call scenarios against a gateway.
+    Simulate(SimulateArgs),
     /// Inspect and redrive dead-lettered events through a running gateway's admin API.
     Dlq {
         #[command(flatten)]
@@ -102,6 +104,59 @@ struct ReplayArgs {
     /// Per-call timeout, seconds (KooGallery waits 5).
     #[arg(long, default_value_t = 5)]
     timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Address of the simulated order query API (port 0: any free port).
+    #[arg(long, default_value = koogate::simulate::market::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// JSON file of orders (a list or map of orderInfo objects); default: the mock and scenario orders.
+    #[arg(long)]
+    orders: Option<PathBuf>,
+    /// Access key id callers of the order query API must sign with.
+    #[arg(long, env = "KOOGATE_MARKETPLACE_AK", default_value = koogate::simulate::market::DEFAULT_AK)]
+    ak: String,
+    /// Secret key of --ak.
+    #[arg(long, env = "KOOGATE_MARKETPLACE_SK", hide_env_values = true, default_value = koogate::simulate::market::DEFAULT_SK)]
+    sk: String,
+    /// Share of order queries answered HTTP 500 (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    fail_share: f64,
+    /// Base URL of a gateway to run the scenarios against, e.g. http://127.0.0.1:8080.
+    #[arg(long, conflicts_with = "serve_only")]
+    gateway: Option<String>,
+    /// The product's access key (signs calls, checks Body-Sign).
+    #[arg(long, env = "KOOGATE_ACCESS_KEY", hide_env_values = true)]
+    key: Option<String>,
+    #[arg(long, default_value = "/koogallery/v2")]
+    v2_path: String,
+    #[arg(long, default_value = "/koogallery/v1")]
+    v1_path: String,
+    /// Run only this scenario (repeatable); default: all.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
+    /// Retries of a call that got no answer, a non-200 status or 000005.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+    /// Wait before the first retry, milliseconds (doubling after).
+    #[arg(long, default_value_t = 200)]
+    retry_ms: u64,
+    /// Per-attempt timeout, seconds (KooGallery waits 5).
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
+    /// Suffix of this run's order ids (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Only serve the order query API until Ctrl-C/SIGTERM.
+    #[arg(long)]
+    serve_only: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Args)]
@@ -300,5 +355,31 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dlq { admin, action } => dlq(admin, action).await,
         Command::Replay(args) => replay(args).await,
+        Command::Simulate(a) => {
+            init_logs(LogFormat::Text);
+            let opts = koogate::simulate::CliOptions {
+                listen: a.listen,
+                orders: a.orders,
+                ak: a.ak,
+                sk: koogate::secret::Secret::new(a.sk),
+                fail_share: a.fail_share,
+                gateway: a.gateway,
+                key: a.key.map(koogate::secret::Secret::new),
+                v2_path: a.v2_path,
+                v1_path: a.v1_path,
+                scenarios: a.scenarios,
+                retries: a.retries,
+                retry_ms: a.retry_ms,
+                timeout_secs: a.timeout_secs,
+                run_id: a.run_id,
+                serve_only: a.serve_only,
+                json: a.json,
+                list: a.list,
+            };
+            if !koogate::simulate::command(opts, shutdown_signal()).await.context("koogate simulate")? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

@@ -22,6 +22,7 @@ pub const DELIVERY_LAG: &str = "koogate_delivery_lag_seconds";
 pub const DLQ_SIZE: &str = "koogate_dlq_size";
 pub const OLDEST_PENDING_AGE: &str = "koogate_oldest_pending_age_seconds";
 pub const READY: &str = "koogate_ready";
+pub const ORDER_QUERIES: &str = "koogate_order_queries_total";
 pub const OVERLOAD: &str = "koogate_overload_rejections_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -113,4 +114,9 @@ pub fn ready(ready: bool) {
 
 pub fn overload() {
     counter!(OVERLOAD).increment(1);
+}
+
+/// `outcome`: ok, cached, not_found, auth_refused, refused, malformed, transport.
+pub fn order_query(outcome: &'static str) {
+    counter!(ORDER_QUERIES, "outcome" => outcome).increment(1);
 }

@@ -12,6 +12,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery;
 use crate::delivery::Target;
+use crate::enrich::Enricher;
 use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
 use crate::store::{self, StoreError};
@@ -67,9 +68,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/"
         );
     }
-    tracing::info!(
-        "purchase details are not fetched from KooGallery's order API in this build: V2 events carry only the ids the call carried (\"enriched\": false)"
-    );
 
     let settings = Settings {
         window_secs: config.timestamp_skew_secs,
@@ -133,6 +131,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Target::Jsonl(path)
         }
     };
+    let enricher = match &config.marketplace {
+        Some(m) => {
+            let api = crate::marketplace::order::OrderApi::new(&m.url, m.ak.clone(), m.sk.clone(), m.timeout)
+                .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+            tracing::info!(url = %m.url, "V2 purchase, upgrade and order-notify events are completed from KooGallery's order query API before delivery");
+            Some(Enricher { api, store: Arc::clone(&store), sku_map: config.sku_map.clone(), cache_ttl: m.cache_ttl })
+        }
+        None => {
+            tracing::warn!("KOOGATE_MARKETPLACE_AK/SK are not set: V2 events go out with only what the call carried (\"enriched\": false: no buyer account id, SKU or card count)");
+            None
+        }
+    };
     let worker = delivery::Worker::new(
         Arc::clone(&store),
         delivery::Settings {
@@ -144,6 +154,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             concurrency: config.delivery_concurrency,
             order_wait: config.delivery_order_wait,
         },
+        enricher,
     )?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));

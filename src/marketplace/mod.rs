@@ -2,3 +2,4 @@
 //! AK/SK signing ([`apig`]).
 
 pub mod apig;
+pub mod order;

@@ -53,3 +53,11 @@ pub fn v1_refresh_scene(trial_to_formal: bool, order_amount: Option<&str>) -> su
 /// `timeStamp` window only; KooGallery's retries of the same URL are answered
 /// from the dedup record, so no replay check is made on V1 (documented in the README).
 pub const V1_HAS_NONCE: bool = false;
+
+/// The order query API's code for an unknown order is not documented here:
+/// `MKT.0100` (what the simulator answers) or a message saying the order does
+/// not exist is read as "not found"; every other non-`MKT.0000` code is a refusal.
+pub fn order_not_found(code: &str, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    code == "MKT.0100" || m.contains("not exist") || m.contains("not found")
+}

@@ -26,6 +26,7 @@ const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 const ATTEMPTS: TableDefinition<&str, &str> = TableDefinition::new("attempts");
 const DLQ: TableDefinition<&str, &str> = TableDefinition::new("dlq");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ORDER_CACHE: TableDefinition<&str, &str> = TableDefinition::new("order_cache");
 
 /// Most jobs committed together.
 const MAX_GROUP: usize = 256;
@@ -96,6 +97,7 @@ impl EmbeddedStore {
             txn.open_table(ATTEMPTS).map_err(err)?;
             txn.open_table(DLQ).map_err(err)?;
             txn.open_table(META).map_err(err)?;
+            txn.open_table(ORDER_CACHE).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
@@ -634,6 +636,51 @@ impl Store for EmbeddedStore {
             Reply::Redeem(r) => Ok(r),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn cached_order(&self, order_id: &str, line: &str) -> Result<Option<String>, StoreError> {
+        let cached: Option<(i64, String)> = self.read_json(ORDER_CACHE, &format!("{order_id}/{line}"))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        Ok(cached.filter(|(expires, _)| *expires > now).map(|(_, body)| body))
+    }
+
+    async fn cache_order(&self, order_id: &str, line: &str, answer: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = format!("{order_id}/{line}");
+        let expires = chrono::Utc::now().timestamp_millis() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let value = (expires, answer.to_owned());
+        self.write(move |txn| put_json(txn, ORDER_CACHE, &key, &value).map(|()| (Reply::Done, true))).await?;
+        Ok(())
+    }
+
+    async fn enrich(
+        &self,
+        instance_id: &str,
+        fields: &Record,
+        order_id: Option<&str>,
+        order_fields: &Record,
+    ) -> Result<(), StoreError> {
+        let (instance_id, fields) = (instance_id.to_owned(), fields.clone());
+        let (order_id, order_fields) = (order_id.map(str::to_owned), order_fields.clone());
+        self.write(move |txn| {
+            let mut wrote = false;
+            let mut record = get_record(txn, INSTANCES, &instance_id)?;
+            if !fields.is_empty() && record.contains_key("status") {
+                record.extend(fields);
+                put_record(txn, INSTANCES, &instance_id, &record)?;
+                wrote = true;
+            }
+            if let Some(order) = order_id.filter(|_| !order_fields.is_empty()) {
+                let mut o = get_record(txn, ORDERS, &order)?;
+                if !o.is_empty() {
+                    o.extend(order_fields);
+                    put_record(txn, ORDERS, &order, &o)?;
+                    wrote = true;
+                }
+            }
+            Ok((Reply::Done, wrote))
+        })
+        .await?;
+        Ok(())
     }
 
     fn backend(&self) -> &'static str {

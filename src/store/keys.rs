@@ -79,6 +79,10 @@ impl Keys {
     pub fn dlq(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:dlq", self.prefix)
     }
+    /// A cached order query answer.
+    pub fn order_cache(&self, order_id: &str, line: &str) -> String {
+        self.key(order_shard(order_id), "orderq", &format!("{order_id}/{line}"))
+    }
     pub fn outbox(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:outbox", self.prefix)
     }

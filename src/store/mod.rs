@@ -97,6 +97,22 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one purchase order record (empty when unknown).
     async fn order(&self, order_id: &str) -> Result<Record, StoreError>;
 
+    /// A cached order query answer of an order line (raw JSON), if fresh.
+    async fn cached_order(&self, order_id: &str, line: &str) -> Result<Option<String>, StoreError>;
+
+    /// Caches an order query answer for `ttl`.
+    async fn cache_order(&self, order_id: &str, line: &str, answer: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Writes facts learned from the order query API: into the instance
+    /// record (when it exists) and the purchase order's record (when given).
+    async fn enrich(
+        &self,
+        instance_id: &str,
+        fields: &Record,
+        order_id: Option<&str>,
+        order_fields: &Record,
+    ) -> Result<(), StoreError>;
+
     /// Redeems a purchase order once, atomically.
     async fn redeem(
         &self,

@@ -485,6 +485,51 @@ impl Store for RedisStore {
         })
     }
 
+    async fn cached_order(&self, order_id: &str, line: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("GET").arg(self.keys.order_cache(order_id, line)).query_async(&mut conn).await?)
+    }
+
+    async fn cache_order(&self, order_id: &str, line: &str, answer: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let secs = ttl.as_secs().max(1);
+        let () = redis::cmd("SET")
+            .arg(self.keys.order_cache(order_id, line))
+            .arg(answer)
+            .arg("EX")
+            .arg(secs)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn enrich(
+        &self,
+        instance_id: &str,
+        fields: &Record,
+        order_id: Option<&str>,
+        order_fields: &Record,
+    ) -> Result<(), StoreError> {
+        // Separate commands: the order of an upgrade may live in another slot than its instance.
+        let mut conn = self.conn.clone();
+        if !fields.is_empty() {
+            let key = self.keys.instance(instance_id);
+            let exists: bool = redis::cmd("HEXISTS").arg(&key).arg("status").query_async(&mut conn).await?;
+            if exists {
+                let () = redis::cmd("HSET").arg(&key).arg(fields).query_async(&mut conn).await.map(|_: i64| ())?;
+            }
+        }
+        if let (Some(order), false) = (order_id, order_fields.is_empty()) {
+            let key = self.keys.order(order);
+            let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await?;
+            if exists {
+                let () =
+                    redis::cmd("HSET").arg(&key).arg(order_fields).query_async(&mut conn).await.map(|_: i64| ())?;
+            }
+        }
+        Ok(())
+    }
+
     fn backend(&self) -> &'static str {
         "redis"
     }
