@@ -4,7 +4,7 @@
 //! use, or after a restart or `SCRIPT FLUSH`) it is loaded and run again.
 //! The outbox is one stream per shard with consumer group `koogate`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -118,18 +118,70 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Reads never-delivered entries, one `XREADGROUP` per shard in one
-    /// pipeline (a single multi-stream read would cross slots on a cluster).
+    /// Runs commands, each tagged with the shard its key lives in, in as few
+    /// round trips as the deployment allows: one pipeline on a standalone
+    /// Redis; on a cluster one pipeline per shard (a pipeline must not cross
+    /// slots there), all at once. Replies come back in the commands' order.
+    async fn query_all<T: redis::FromRedisValue>(&self, cmds: Vec<(u8, Cmd)>) -> Result<Vec<T>, redis::RedisError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for (_, cmd) in &cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                let mut conn = self.conn.clone();
+                pipe.query_async(&mut conn).await
+            }
+            Conn::Cluster(_) => {
+                let mut groups: BTreeMap<u8, Vec<(usize, Cmd)>> = BTreeMap::new();
+                for (i, (shard, cmd)) in cmds.into_iter().enumerate() {
+                    groups.entry(shard).or_default().push((i, cmd));
+                }
+                let total = groups.values().map(Vec::len).sum();
+                let runs = groups.into_values().map(|group| {
+                    let mut conn = self.conn.clone();
+                    async move {
+                        let mut pipe = redis::pipe();
+                        for (_, cmd) in &group {
+                            pipe.add_command(cmd.clone());
+                        }
+                        let replies: Vec<T> = pipe.query_async(&mut conn).await?;
+                        Ok::<_, redis::RedisError>(group.into_iter().map(|(i, _)| i).zip(replies).collect::<Vec<_>>())
+                    }
+                });
+                let mut slots: Vec<Option<T>> = (0..total).map(|_| None).collect();
+                for (i, reply) in futures::future::try_join_all(runs).await?.into_iter().flatten() {
+                    slots[i] = Some(reply);
+                }
+                slots
+                    .into_iter()
+                    .map(|r| {
+                        r.ok_or_else(|| redis::RedisError::from((ErrorKind::ResponseError, "missing pipeline reply")))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Reads never-delivered entries, one `XREADGROUP` per shard (a single
+    /// multi-stream read would cross slots on a cluster).
     async fn read_new(&self, consumer: &str, max: usize) -> Result<Vec<OutboxEntry>, redis::RedisError> {
-        let mut conn = self.conn.clone();
         let keys = self.keys.outboxes();
         let per_shard = max.div_ceil(usize::from(SHARDS)).max(1);
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            let opts = StreamReadOptions::default().group(GROUP, consumer).count(per_shard);
-            pipe.cmd("XREADGROUP").arg(&opts).arg("STREAMS").arg(key).arg(">");
-        }
-        let replies: Vec<Option<StreamReadReply>> = pipe.query_async(&mut conn).await?;
+        let cmds = keys
+            .iter()
+            .enumerate()
+            .map(|(shard, key)| {
+                let opts = StreamReadOptions::default().group(GROUP, consumer).count(per_shard);
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg(&opts).arg("STREAMS").arg(key).arg(">");
+                (shard as u8, cmd)
+            })
+            .collect();
+        let replies: Vec<Option<StreamReadReply>> = self.query_all(cmds).await?;
         let mut out = Vec::new();
         for reply in replies.into_iter().flatten() {
             for stream in reply.keys {
@@ -223,13 +275,45 @@ impl Store for RedisStore {
                 None => self.keys.nonce(shard, "-"),
             })
             .key(self.keys.outbox(shard));
-        for id in &plan.read {
+        // On a cluster the script cannot read records of other shards: those
+        // are read beside it (a query naming instances of several shards).
+        let cluster = matches!(self.conn, Conn::Cluster(_));
+        let in_script = |id: &str| !cluster || instance_shard(id) == shard;
+        let (here, elsewhere): (Vec<&String>, Vec<&String>) = plan.read.iter().partition(|id| in_script(id));
+        for id in &here {
             invocation.key(self.keys.instance(id));
         }
         invocation.arg(json);
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
-        outcome_of(reply)
+        match outcome_of(reply)? {
+            Outcome::Read { records } if !elsewhere.is_empty() => {
+                let cmds = elsewhere
+                    .iter()
+                    .map(|id| {
+                        let mut cmd = redis::cmd("HGETALL");
+                        cmd.arg(self.keys.instance(id));
+                        (instance_shard(id), cmd)
+                    })
+                    .collect();
+                let others: Vec<HashMap<String, String>> = self.query_all(cmds).await?;
+                let (mut here_records, mut other_records) = (records.into_iter(), others.into_iter());
+                let merged = plan
+                    .read
+                    .iter()
+                    .map(|id| {
+                        let next = if in_script(id) {
+                            here_records.next()
+                        } else {
+                            other_records.next().map(|m| m.into_iter().collect())
+                        };
+                        next.unwrap_or_default()
+                    })
+                    .collect();
+                Ok(Outcome::Read { records: merged })
+            }
+            other => Ok(other),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -272,27 +356,29 @@ impl Store for RedisStore {
     }
 
     async fn outbox_ack(&self, entries: &[OutboxEntry]) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for e in entries {
             let key = self.keys.outbox(e.shard);
-            pipe.cmd("XACK").arg(&key).arg(GROUP).arg(&e.cursor).ignore();
-            pipe.cmd("XDEL").arg(&key).arg(&e.cursor).ignore();
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&key).arg(GROUP).arg(&e.cursor);
+            let mut del = redis::cmd("XDEL");
+            del.arg(&key).arg(&e.cursor);
+            cmds.push((e.shard, ack));
+            cmds.push((e.shard, del));
         }
-        let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
+        let _: Vec<i64> = self.query_all(cmds).await?;
         Ok(())
     }
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in self.keys.outboxes() {
-            pipe.cmd("XLEN").arg(key);
-        }
-        let mut conn = self.conn.clone();
-        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        let cmds = (0..SHARDS)
+            .map(|shard| {
+                let mut cmd = redis::cmd("XLEN");
+                cmd.arg(self.keys.outbox(shard));
+                (shard, cmd)
+            })
+            .collect();
+        let lens: Vec<u64> = self.query_all(cmds).await?;
         Ok(lens.iter().sum())
     }
 
@@ -305,35 +391,28 @@ impl Store for RedisStore {
     }
 
     async fn outbox_touch(&self, consumer: &str, entries: &[OutboxEntry]) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for e in entries {
-            pipe.cmd("XCLAIM")
-                .arg(self.keys.outbox(e.shard))
-                .arg(GROUP)
-                .arg(consumer)
-                .arg(0)
-                .arg(&e.cursor)
-                .arg("JUSTID")
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
+        let cmds = entries
+            .iter()
+            .map(|e| {
+                let mut cmd = redis::cmd("XCLAIM");
+                cmd.arg(self.keys.outbox(e.shard)).arg(GROUP).arg(consumer).arg(0).arg(&e.cursor).arg("JUSTID");
+                (e.shard, cmd)
+            })
+            .collect();
+        let _: Vec<Value> = self.query_all(cmds).await?;
         Ok(())
     }
 
     async fn attempts(&self, entries: &[OutboxEntry]) -> Result<Vec<Option<Attempts>>, StoreError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for e in entries {
-            pipe.cmd("HGET").arg(self.keys.attempts(e.shard)).arg(&e.id);
-        }
-        let mut conn = self.conn.clone();
-        let raw: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let cmds = entries
+            .iter()
+            .map(|e| {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(self.keys.attempts(e.shard)).arg(&e.id);
+                (e.shard, cmd)
+            })
+            .collect();
+        let raw: Vec<Option<String>> = self.query_all(cmds).await?;
         Ok(raw.into_iter().map(|r| r.and_then(|json| serde_json::from_str(&json).ok())).collect())
     }
 
@@ -373,26 +452,27 @@ impl Store for RedisStore {
     }
 
     async fn delivered_seq(&self, subjects: &[&str]) -> Result<Vec<u64>, StoreError> {
-        if subjects.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for s in subjects {
-            pipe.cmd("HGET").arg(self.keys.instance(s)).arg("delivered_seq");
-        }
-        let mut conn = self.conn.clone();
-        let raw: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        let cmds = subjects
+            .iter()
+            .map(|s| {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(self.keys.instance(s)).arg("delivered_seq");
+                (instance_shard(s), cmd)
+            })
+            .collect();
+        let raw: Vec<Option<u64>> = self.query_all(cmds).await?;
         Ok(raw.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn outbox_entries(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let keys = self.keys.outboxes();
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("XRANGE").arg(key).arg("-").arg("+");
-        }
-        let mut conn = self.conn.clone();
-        let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut conn).await?;
+        let cmds = (0..SHARDS)
+            .map(|shard| {
+                let mut cmd = redis::cmd("XRANGE");
+                cmd.arg(self.keys.outbox(shard)).arg("-").arg("+");
+                (shard, cmd)
+            })
+            .collect();
+        let replies: Vec<redis::streams::StreamRangeReply> = self.query_all(cmds).await?;
         Ok(replies
             .iter()
             .enumerate()
@@ -401,12 +481,14 @@ impl Store for RedisStore {
     }
 
     async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in self.keys.outboxes() {
-            pipe.cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1);
-        }
-        let mut conn = self.conn.clone();
-        let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut conn).await?;
+        let cmds = (0..SHARDS)
+            .map(|shard| {
+                let mut cmd = redis::cmd("XRANGE");
+                cmd.arg(self.keys.outbox(shard)).arg("-").arg("+").arg("COUNT").arg(1);
+                (shard, cmd)
+            })
+            .collect();
+        let replies: Vec<redis::streams::StreamRangeReply> = self.query_all(cmds).await?;
         // A stream id starts with the milliseconds it was added at.
         Ok(replies
             .iter()
@@ -416,12 +498,14 @@ impl Store for RedisStore {
     }
 
     async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            pipe.cmd("HVALS").arg(self.keys.dlq(shard));
-        }
-        let mut conn = self.conn.clone();
-        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        let cmds = (0..SHARDS)
+            .map(|shard| {
+                let mut cmd = redis::cmd("HVALS");
+                cmd.arg(self.keys.dlq(shard));
+                (shard, cmd)
+            })
+            .collect();
+        let replies: Vec<Vec<String>> = self.query_all(cmds).await?;
         let mut out: Vec<DeadLetter> =
             replies.iter().flatten().filter_map(|json| serde_json::from_str(json).ok()).collect();
         out.sort_by_key(|d| d.dead_at_ms);

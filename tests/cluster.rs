@@ -1,0 +1,150 @@
+//! A real local Redis Cluster (3 masters, started here): the Lua script, the
+//! outbox and the ledger work, and the keys of one order share one slot.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Cluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                let node_dir = dir.path().join(port.to_string());
+                std::fs::create_dir_all(&node_dir).unwrap();
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                    .args(["--save", "", "--appendonly", "no", "--cluster-node-timeout", "2000"])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server runs")
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in &ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "cluster node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        let cluster = Self { nodes, ports, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !cluster.info().contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn info(&self) -> String {
+        let out =
+            Command::new("redis-cli").args(["-p", &self.ports[0].to_string(), "cluster", "info"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keyslot(&self, key: &str) -> u16 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.ports[0].to_string(), "cluster", "keyslot", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_runs_on_a_redis_cluster() {
+    let cluster = Cluster::start();
+    let url = format!("redis+cluster://127.0.0.1:{}", cluster.ports[0]);
+    let gw = TestGateway::start_on(
+        Backend::Redis,
+        "cluster",
+        &url,
+        &[("KOOGATE_STORE", &url), ("KOOGATE_ADMIN_TOKEN", "t0ken")],
+    )
+    .await;
+    for rel in fixture_files("v2").into_iter().chain(fixture_files("v1")) {
+        let res = if rel.starts_with("v1/") { gw.v1_fixture(&rel).await } else { gw.v2_fixture(&rel).await };
+        assert_eq!(res.result_code().as_deref(), Some("000000"), "{rel}: {}", String::from_utf8_lossy(&res.body));
+        assert!(independent_body_sign_ok(AK, &res.body, res.body_sign.as_deref()));
+    }
+    // A retry answered from the kept answer; a query across shards.
+    let first = gw.v2_fixture("v2/01-newInstance.json").await;
+    assert_eq!(first.json().unwrap()["instanceId"], "028e3b0c-7d93-5e10-9156-f940561c8e6a");
+    let ids = [
+        "028e3b0c-7d93-5e10-9156-f940561c8e6a",
+        "1119022f-e030-5c83-bf39-f86b7c1ef4fb",
+        "25d3fb37-0e31-538a-9441-18fe9f5e4232",
+        "21ab9e22-5c60-5afb-b878-85ea829f9cda",
+    ];
+    let shards: std::collections::BTreeSet<u8> = ids.iter().map(|i| koogate::store::keys::instance_shard(i)).collect();
+    assert!(shards.len() > 1, "the query spans shards");
+    let query = format!(r#"{{"activity":"queryInstance","instanceId":"{}"}}"#, ids.join(","));
+    let res = gw.v2(query.as_bytes()).await;
+    assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.json().unwrap()["info"].as_array().unwrap().len(), 4);
+
+    // The outbox drains through the consumer group on every shard.
+    gw.drain().await;
+    let events = gw.events();
+    println!("redis cluster (3 masters): {} events delivered from the outbox", events.len());
+    assert_eq!(events.len(), 12 + 7);
+
+    // The ledger's redeem script runs too.
+    let auth = "Bearer t0ken";
+    let body = r#"{"customer_id":"68cbc86abc2018ab880d92f36422fa0e","redeemed_by":"u1"}"#;
+    let res = gw
+        .admin
+        .send(hyper::Method::POST, "/v1/orders/CS1906666666ABCDE/redeem", &[("authorization", auth)], body.into())
+        .await
+        .unwrap();
+    assert_eq!(res.status, 409, "released in the V1 lifecycle: {}", String::from_utf8_lossy(&res.body));
+
+    // Every key of one order and its instance hashes to one slot.
+    let keys = koogate::store::keys::Keys::new(&gw.prefix);
+    let instance = koogate::store::keys::instance_id_for("CS2211181819B4LVS", Some("CS2211181819B4LVS-000001"));
+    let shard = koogate::store::keys::instance_shard(&instance);
+    let order_keys = [
+        keys.instance(&instance),
+        keys.order("CS2211181819B4LVS"),
+        keys.answer(shard, "new:CS2211181819B4LVS/CS2211181819B4LVS-000001"),
+        keys.nonce(shard, "anything"),
+        keys.outbox(shard),
+        keys.attempts(shard),
+        keys.dlq(shard),
+    ];
+    let slots: std::collections::BTreeSet<u16> = order_keys.iter().map(|k| cluster.keyslot(k)).collect();
+    println!("keys of order CS2211181819B4LVS: {} keys, slots {slots:?}", order_keys.len());
+    assert_eq!(slots.len(), 1, "{order_keys:?}");
+    gw.stop().await;
+}
