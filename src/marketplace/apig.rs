@@ -150,17 +150,15 @@ pub fn parse_date(value: &str) -> Option<DateTime<Utc>> {
 }
 
 /// Verifies a request as API Gateway does: the date within 15 minutes, the
-/// signature over the headers the client says it signed.
+/// signature over the headers the client says it signed. `received` carries
+/// every header that arrived.
 pub fn verify(
     authorization: Option<&str>,
     lookup_sk: impl Fn(&str) -> Option<String>,
-    method: &str,
-    path: &str,
-    query: &[(String, String)],
-    all_headers: &[(String, String)],
-    body: &[u8],
+    received: &Request<'_>,
     now: DateTime<Utc>,
 ) -> Result<(), VerifyError> {
+    let Request { method, path, query, headers: all_headers, body } = *received;
     let auth = authorization.and_then(parse_authorization).ok_or(VerifyError::Malformed)?;
     let sk = lookup_sk(&auth.access).ok_or(VerifyError::UnknownAccessKey)?;
     if !auth.signed_headers.iter().any(|h| h == "host") || !auth.signed_headers.iter().any(|h| h == "x-sdk-date") {
@@ -266,7 +264,7 @@ mod tests {
         let req = Request { method: "GET", path: "/api/x", query: &query, headers: &headers, body: b"" };
         let auth = req.authorization("AK1", "SK1");
         let sk = |ak: &str| (ak == "AK1").then(|| "SK1".to_owned());
-        let check = |auth: &str, now| verify(Some(auth), sk, "GET", "/api/x", &query, &headers, b"", now);
+        let check = |auth: &str, now| verify(Some(auth), sk, &req, now);
         assert_eq!(check(&auth, now), Ok(()));
         assert_eq!(check(&auth.replace("AK1", "AK2"), now), Err(VerifyError::UnknownAccessKey));
         assert_eq!(check(&auth, now + chrono::Duration::minutes(16)), Err(VerifyError::StaleDate));
