@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::orders::{found_answer, OrderBook};
 use super::SimulateError;
 use crate::http::{self, Body, ListenerLimits};
-use crate::marketplace::apig::{self, VerifyError};
+use crate::marketplace::apig;
 use crate::secret::Secret;
 
 /// Path of the order query API.
@@ -319,8 +319,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let lookup_sk = |ak: &str| (ak == state.ak).then(|| state.sk.expose().to_owned());
-    let verified =
-        apig::verify(authorization.as_deref(), lookup_sk, &method, &path, &query, &headers, &body, chrono::Utc::now());
+    let verified = apig::verify(
+        authorization.as_deref(),
+        lookup_sk,
+        &apig::Request { method: &method, path: &path, query: &query, headers: &headers, body: &body },
+        chrono::Utc::now(),
+    );
     if let Err(e) = verified {
         bump(&c.unauthorized);
         tracing::warn!(reason = %e, "order query refused as API Gateway would (401)");
@@ -356,6 +360,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::marketplace::apig::VerifyError;
 
     #[test]
     fn every_refusal_has_an_apigw_message() {
