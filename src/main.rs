@@ -118,7 +118,8 @@ struct SimulateArgs {
     #[arg(long, env = "KOOGATE_MARKETPLACE_AK", default_value = koogate::simulate::market::DEFAULT_AK)]
     ak: String,
     /// Secret key of --ak.
-    #[arg(long, env = "KOOGATE_MARKETPLACE_SK", hide_env_values = true, default_value = koogate::simulate::market::DEFAULT_SK)]
+    #[arg(long, env = "KOOGATE_MARKETPLACE_SK", hide_env_values = true)]
+    #[arg(default_value = koogate::simulate::market::DEFAULT_SK)]
     sk: String,
     /// Share of order queries answered HTTP 500 (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]

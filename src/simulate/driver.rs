@@ -329,7 +329,7 @@ fn judge(
         return Some(res.body);
     }
     record.violations.extend(problem);
-    let Some(json) = json else {
+    let Some(json) = json.as_ref() else {
         record.violations.push(format!("not JSON: {:?}", snippet(&res.body)));
         return Some(res.body);
     };
