@@ -355,12 +355,17 @@ impl Worker {
             }
             self.busy.insert(subject);
             let sender = Arc::clone(&self.sender);
-            let enricher = self.enricher.clone().filter(|_| Enricher::needs(&entry));
+            let enricher = self.enricher.clone();
             inflight.spawn(async move {
                 let started = Instant::now();
                 let mut outgoing = entry.clone();
                 if let Some(enricher) = enricher {
-                    if let Err(e) = enricher.enrich(&mut outgoing).await {
+                    let completed = if Enricher::needs(&outgoing) {
+                        enricher.enrich(&mut outgoing).await
+                    } else {
+                        enricher.refresh_facts(&mut outgoing).await
+                    };
+                    if let Err(e) = completed {
                         let error = format!("waiting for the order query API: {e}");
                         return (entry, Attempt::Retry { error, after: None }, started.elapsed());
                     }

@@ -38,6 +38,20 @@ pub struct Enricher {
     pub cache_ttl: Duration,
 }
 
+/// Instance facts that come from orders and hold until the next order changes them.
+const FACTS: &[&str] = &[
+    "customer_id",
+    "customer_name",
+    "product_id",
+    "sku_code",
+    "charging_mode",
+    "period_type",
+    "period_number",
+    "quantity",
+    "settlement",
+    "enriched",
+];
+
 fn text(entry: &OutboxEntry, field: &str) -> Option<String> {
     entry.change.get(field).and_then(Value::as_str).map(str::to_owned)
 }
@@ -54,6 +68,29 @@ impl Enricher {
             _ => false,
         };
         v2 && kind && entry.change.get("enriched") != Some(&Value::Bool(true))
+    }
+
+    /// Lays the instance's current order facts over an event that does not
+    /// need the order API itself (a renewal, a freeze, a release…). Its
+    /// snapshot was taken when the call arrived, possibly before the purchase
+    /// or an upgrade was enriched; since an instance's events go out in
+    /// order, the current record holds the facts as of this transition.
+    /// The call's own fields (`change`) still win.
+    pub async fn refresh_facts(&self, entry: &mut OutboxEntry) -> Result<(), EnrichError> {
+        if entry.record.get("protocol").map(String::as_str) != Some("v2") {
+            return Ok(());
+        }
+        let (subject, _) = entry.subject_seq();
+        let current = self.store.instance(subject).await?;
+        if current.get("enriched").map(String::as_str) != Some("1") {
+            return Ok(());
+        }
+        for field in FACTS {
+            if let Some(v) = current.get(*field) {
+                entry.record.insert((*field).to_owned(), v.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Completes `entry` from the order (cached or queried) and records what was learned.

@@ -234,6 +234,23 @@ fn signed(key: &Secret, http_status: u16, body: String, code: ResultCode, log: C
     Reply { http_status, body, body_sign, code, log }
 }
 
+/// KooGallery probes production twice a day with debug calls on the same mock
+/// orders. A mock order line always maps to the same instance, so once a probe
+/// released it, the next cycle's probes would meet a released instance and get
+/// 000003. For debug calls (and only those) a released instance behaves as an
+/// active one again.
+fn revive_released_test_instance(plan: &mut Plan) {
+    let released_is_refused =
+        plan.branches.get(RELEASED).is_some_and(|b| b.code == ResultCode::InstanceNotFound.as_str());
+    if let (true, Some(active)) = (released_is_refused, plan.branches.get(ACTIVE).cloned()) {
+        let mut revived = active;
+        if revived.event.is_some() || !revived.set.is_empty() {
+            revived.set.entry("status".into()).or_insert_with(|| ACTIVE.into());
+        }
+        plan.branches.insert(RELEASED.into(), revived);
+    }
+}
+
 /// Turns a call into a plan. Pure: no I/O, the clock is `now_ms`.
 pub struct Planner<'a> {
     pub settings: &'a Settings,
@@ -316,6 +333,14 @@ impl Planner<'_> {
 
     /// The plan of a call, for every status its instance may have.
     pub fn plan(&self, call: &Call, nonce: Option<&str>) -> Plan {
+        let mut plan = self.plan_activity(call, nonce);
+        if call.test {
+            revive_released_test_instance(&mut plan);
+        }
+        plan
+    }
+
+    fn plan_activity(&self, call: &Call, nonce: Option<&str>) -> Plan {
         match &call.activity {
             Activity::NewInstance { order_id, order_line_id, business_id, purchase } => {
                 self.plan_new(call, nonce, order_id, order_line_id.as_deref(), business_id, purchase)
