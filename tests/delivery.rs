@@ -437,3 +437,64 @@ async fn graceful_stop_leaves_the_rest_for_the_next_start_redis() {
 async fn graceful_stop_leaves_the_rest_for_the_next_start_embedded() {
     restart_resumes(Backend::Embedded).await;
 }
+
+#[tokio::test]
+async fn a_flapping_and_slow_billing_core_loses_nothing_and_keeps_order() {
+    // Half the attempts fail (5xx), some answer after the 1 s attempt timeout, by a fixed pattern.
+    let billing = Billing::start(|id, attempt, _| {
+        let h = id.bytes().fold(attempt as u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        match h % 4 {
+            0 | 1 => (503, Duration::ZERO),
+            2 if attempt < 4 => (200, Duration::from_millis(1300)), // too slow: the gateway gives up, the billing core got it
+            _ => ok(),
+        }
+    })
+    .await;
+    let gw = start(Backend::Redis, "flapping", &billing.url(), &[("KOOGATE_RETRY_MAX_MS", "400")]).await;
+    // Three instances, each bought, renewed, frozen, unfrozen and released.
+    let mut expected = 0;
+    for n in 0..3 {
+        let order = format!("CSFLAP{n:03}");
+        let line = format!("{order}-000001");
+        let buy = format!(
+            r#"{{"activity":"newInstance","businessId":"b{n}","orderId":"{order}","orderLineId":"{line}","testFlag":"0"}}"#
+        );
+        let res = gw.v2(buy.as_bytes()).await;
+        let id = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+        let calls = [
+            format!(
+                r#"{{"activity":"refreshInstance","instanceId":"{id}","orderId":"R{order}","orderLineId":"R{line}","scene":"RENEWAL","expireTime":"20281124023618","testFlag":"0"}}"#
+            ),
+            format!(r#"{{"activity":"updateInstanceStatus","instanceId":"{id}","status":"FREEZE","testFlag":"0"}}"#),
+            format!(r#"{{"activity":"updateInstanceStatus","instanceId":"{id}","status":"UNFREEZE","testFlag":"0"}}"#),
+            format!(r#"{{"activity":"releaseInstance","instanceId":"{id}","testFlag":"0"}}"#),
+        ];
+        for c in calls {
+            assert_eq!(gw.v2(c.as_bytes()).await.result_code().as_deref(), Some("000000"));
+        }
+        expected += 5;
+    }
+    billing.wait_delivered(expected, Duration::from_secs(60)).await;
+    let arrivals = billing.arrivals();
+    let accepted = billing.delivered();
+    // Order per instance: the first 2xx of each event comes after the first 2xx of its predecessor.
+    let mut first_ok: Vec<&Arrival> = Vec::new();
+    for a in &accepted {
+        if !first_ok.iter().any(|f| f.id == a.id) {
+            first_ok.push(a);
+        }
+    }
+    for (instance, seqs) in seqs_by_instance(&first_ok.iter().map(|a| (*a).clone()).collect::<Vec<_>>()) {
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5], "instance {instance}");
+    }
+    let copies = accepted.len() - first_ok.len();
+    println!(
+        "flapping and slow billing core: {expected} events, {} attempts, {} distinct delivered, {copies} extra copies of slow answers (deduplicated by id)",
+        arrivals.len(),
+        first_ok.len()
+    );
+    assert_eq!(first_ok.len(), expected);
+    gw.drain().await;
+    billing.stop();
+    gw.stop().await;
+}
