@@ -105,6 +105,7 @@ fn readme_documents_every_setting() {
         .filter_map(|l| l.split('`').next())
         .map(|name| format!("KOOGATE_{name}"))
         .collect();
-    let code: std::collections::BTreeSet<String> = koogate::config::SETTINGS.iter().map(|(n, _, _)| n.to_string()).collect();
+    let code: std::collections::BTreeSet<String> =
+        koogate::config::SETTINGS.iter().map(|(n, _, _)| n.to_string()).collect();
     assert_eq!(table, code, "README configuration table and config::SETTINGS differ");
 }
