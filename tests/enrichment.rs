@@ -187,10 +187,8 @@ async fn debug_probes_enrich_from_mock_orders_and_revive_a_released_mock_instanc
         gw.v2(&call("updateInstanceStatus", r#""status":"UNFREEZE","#)).await.result_code().as_deref(),
         Some("000000")
     );
-    let renew = format!(
-        r#""orderId":"MOCKMONTYRENEW","orderLineId":"MOCKMONTYRENEW-000001","scene":"RENEWAL","expireTime":"20271121235959","#
-    );
-    assert_eq!(gw.v2(&call("refreshInstance", &renew)).await.result_code().as_deref(), Some("000000"));
+    let renew = r#""orderId":"MOCKMONTYRENEW","orderLineId":"MOCKMONTYRENEW-000001","scene":"RENEWAL","expireTime":"20271121235959","#;
+    assert_eq!(gw.v2(&call("refreshInstance", renew)).await.result_code().as_deref(), Some("000000"));
     // A real (non-debug) call on a released instance is still refused.
     let real =
         format!(r#"{{"activity":"updateInstanceStatus","instanceId":"{instance}","status":"FREEZE","testFlag":"0"}}"#);
