@@ -196,6 +196,10 @@ pub struct Worker {
     held: BTreeMap<String, BTreeMap<u64, Held>>,
     /// Instances with a delivery in flight.
     busy: HashSet<String>,
+    /// When the outbox was last asked for new events, and whether that claim was a full batch.
+    last_claim: Option<(Instant, bool)>,
+    /// When stale claims of dead replicas were last looked for.
+    last_takeover: Option<Instant>,
 }
 
 const CLAIM_BATCH: usize = 256;
@@ -220,6 +224,8 @@ impl Worker {
             consumer: consumer_name(),
             held: BTreeMap::new(),
             busy: HashSet::new(),
+            last_claim: None,
+            last_takeover: None,
         })
     }
 
@@ -293,8 +299,20 @@ impl Worker {
 
     /// Claims more events when there is room, then starts every delivery that may go.
     async fn round(&mut self, inflight: &mut JoinSet<(OutboxEntry, Attempt, Duration)>) -> Result<(), StoreError> {
-        if self.held_count() < MAX_HELD {
-            let claimed = self.store.outbox_claim(&self.consumer, CLAIM_BATCH, self.settings.visibility).await?;
+        // Ask the outbox again after a full batch at once, else at most every tick; look for
+        // a dead replica's events every third of the visibility timeout.
+        let due = match self.last_claim {
+            None => true,
+            Some((at, full)) => full || at.elapsed() >= TICK,
+        };
+        if self.held_count() < MAX_HELD && due {
+            let takeover = self.last_takeover.is_none_or(|at| at.elapsed() >= self.settings.visibility / 3);
+            let stale = takeover.then_some(self.settings.visibility);
+            let claimed = self.store.outbox_claim(&self.consumer, CLAIM_BATCH, stale).await?;
+            if takeover {
+                self.last_takeover = Some(Instant::now());
+            }
+            self.last_claim = Some((Instant::now(), claimed.len() >= CLAIM_BATCH));
             if !claimed.is_empty() {
                 let attempts = self.store.attempts(&claimed).await?;
                 for (entry, attempts) in claimed.into_iter().zip(attempts) {
@@ -312,13 +330,21 @@ impl Worker {
         if free == 0 || self.held.is_empty() {
             return Ok(());
         }
-        let heads: Vec<String> = self.held.keys().filter(|s| !self.busy.contains(*s)).cloned().collect();
+        // Only instances whose first held event is due need their delivered sequence looked up.
+        let now = now_ms();
+        let heads: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(s, q)| {
+                !self.busy.contains(*s) && q.values().next().is_some_and(|h| h.attempts.next_attempt_ms <= now)
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
         if heads.is_empty() {
             return Ok(());
         }
         let refs: Vec<&str> = heads.iter().map(String::as_str).collect();
         let delivered = self.store.delivered_seq(&refs).await?;
-        let now = now_ms();
         let mut started = 0;
         for (subject, done) in heads.into_iter().zip(delivered) {
             if started >= free {

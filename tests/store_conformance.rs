@@ -55,7 +55,7 @@ async fn run(store: Arc<dyn Store>) -> (Vec<String>, Vec<serde_json::Value>) {
     }
     let mut events = Vec::new();
     loop {
-        let batch = store.outbox_claim("conformance", 100, Duration::from_secs(30)).await.unwrap();
+        let batch = store.outbox_claim("conformance", 100, Some(Duration::from_secs(30))).await.unwrap();
         if batch.is_empty() {
             break;
         }
@@ -102,13 +102,15 @@ async fn outbox_entries_not_acknowledged_are_handed_out_again() {
         let planner = Planner { settings: &settings, key: &key, now_ms: 1_764_000_000_000 };
         let call = parse_v2(&fixture("v2/01-newInstance.json")).unwrap();
         store.apply(&planner.plan(&call, None)).await.unwrap();
-        let first = store.outbox_claim("a", 10, Duration::from_secs(60)).await.unwrap();
+        let first = store.outbox_claim("a", 10, Some(Duration::from_secs(60))).await.unwrap();
         assert_eq!(first.len(), 1);
         // Claimed by "a", not stale yet: nobody else gets it.
-        assert!(store.outbox_claim("b", 10, Duration::from_secs(60)).await.unwrap().is_empty());
+        assert!(store.outbox_claim("b", 10, Some(Duration::from_secs(60))).await.unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(60)).await;
         // "a" died: after the visibility timeout "b" takes it over.
-        let again = store.outbox_claim("b", 10, Duration::from_millis(50)).await.unwrap();
+        // Without asking for the takeover scan, nothing is taken over.
+        assert!(store.outbox_claim("b", 10, None).await.unwrap().is_empty());
+        let again = store.outbox_claim("b", 10, Some(Duration::from_millis(50))).await.unwrap();
         assert_eq!(again.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), vec![first[0].id.clone()], "{backend:?}");
         store.outbox_ack(&again).await.unwrap();
         assert_eq!(store.outbox_len().await.unwrap(), 0);

@@ -471,14 +471,19 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    async fn outbox_claim(&self, _consumer: &str, max: usize, stale: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+    async fn outbox_claim(
+        &self,
+        _consumer: &str,
+        max: usize,
+        stale: Option<Duration>,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let seqs = {
             let mut claims = self.claims.lock().map_err(|_| err("claims lock poisoned"))?;
             let now = Instant::now();
             let mut seqs: Vec<u64> = claims
                 .inflight
                 .iter()
-                .filter(|(_, at)| now.duration_since(**at) >= stale)
+                .filter(|(_, at)| stale.is_some_and(|stale| now.duration_since(**at) >= stale))
                 .map(|(seq, _)| *seq)
                 .take(max)
                 .collect();

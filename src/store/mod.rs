@@ -52,9 +52,16 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Takes up to `max` events from the outbox for `consumer`, oldest first
-    /// per shard. Entries stay in the outbox until [`Store::outbox_ack`]; ones
-    /// claimed by a consumer that died are handed out again after `stale`.
-    async fn outbox_claim(&self, consumer: &str, max: usize, stale: Duration) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// per shard. Entries stay in the outbox until settled or acknowledged.
+    /// With `stale`, entries another consumer claimed and left untouched that
+    /// long (it died) are taken over first; that scan costs a command per
+    /// shard, so callers ask for it only now and then.
+    async fn outbox_claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        stale: Option<Duration>,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
 
     /// Removes delivered entries from the outbox.
     async fn outbox_ack(&self, entries: &[OutboxEntry]) -> Result<(), StoreError>;

@@ -322,12 +322,19 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn outbox_claim(&self, consumer: &str, max: usize, stale: Duration) -> Result<Vec<OutboxEntry>, StoreError> {
+    async fn outbox_claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        stale: Option<Duration>,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         // Entries a dead consumer claimed and never acknowledged come first.
         let mut out = Vec::new();
         let mut conn = self.conn.clone();
-        let min_idle = u64::try_from(stale.as_millis()).unwrap_or(u64::MAX);
-        for (shard, key) in self.keys.outboxes().iter().enumerate() {
+        let min_idle = stale.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX));
+        let scan = if min_idle.is_some() { self.keys.outboxes() } else { Vec::new() };
+        for (shard, key) in scan.iter().enumerate() {
+            let min_idle = min_idle.unwrap_or(u64::MAX);
             if out.len() >= max {
                 break;
             }
