@@ -83,17 +83,6 @@ pub struct KooClient {
     timeout: Duration,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 impl KooClient {
     /// `base` like `http://127.0.0.1:8080` or `https://gw.example.com` (no trailing slash needed).
     pub fn new(base: &str) -> Self {
@@ -122,7 +111,7 @@ impl KooClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder.build().map_err(|e| ClientError::Http(chain(&e)))?;
+        let http = builder.build().map_err(|e| ClientError::Http(crate::error_chain(&e)))?;
         Ok(Self { http, base: base.trim_end_matches('/').to_owned(), timeout: Duration::from_secs(10) })
     }
 
@@ -149,7 +138,7 @@ impl KooClient {
             if e.is_timeout() {
                 ClientError::Timeout(self.timeout)
             } else {
-                ClientError::Http(chain(&e))
+                ClientError::Http(crate::error_chain(&e))
             }
         })?;
         let status = res.status().as_u16();
@@ -160,7 +149,7 @@ impl KooClient {
             if e.is_timeout() {
                 ClientError::Timeout(self.timeout)
             } else {
-                ClientError::Http(chain(&e))
+                ClientError::Http(crate::error_chain(&e))
             }
         })?;
         Ok(CallResponse { status, body, body_sign, content_type })

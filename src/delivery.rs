@@ -143,7 +143,9 @@ impl Sender {
         let res = match sent {
             Ok(res) => res,
             Err(e) if e.is_timeout() => return Attempt::Retry { error: "timed out".into(), after: None },
-            Err(e) => return Attempt::Retry { error: format!("request failed: {}", error_chain(&e)), after: None },
+            Err(e) => {
+                return Attempt::Retry { error: format!("request failed: {}", crate::error_chain(&e)), after: None }
+            }
         };
         let status = res.status();
         if status.is_success() {
@@ -163,17 +165,6 @@ impl Sender {
             Attempt::Retry { error, after }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// An event this replica holds.

@@ -38,3 +38,16 @@ pub mod sink;
 pub mod store;
 pub mod tls;
 pub mod webhook;
+
+/// An error with its sources, `outer: inner: innermost` (for log lines and
+/// dead letters, where "error sending request" alone says nothing).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -169,61 +169,11 @@ impl Exposition {
     }
 }
 
-/// A private redis-server that may be put to sleep, killed on drop.
-struct SleepyRedis {
-    port: u16,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl SleepyRedis {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "local"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "private redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { port, child, _dir: dir }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Blocks the server for `secs` (it answers nothing meanwhile), in the background.
-    async fn sleep(&self, secs: f64) -> tokio::task::JoinHandle<()> {
-        let mut conn = redis_conn(&self.url()).await;
-        let task = tokio::spawn(async move {
-            let _: () = redis::cmd("DEBUG").arg("SLEEP").arg(secs).query_async(&mut conn).await.expect("DEBUG SLEEP");
-        });
-        // Let the command reach the server before the calls that should wait on it.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        task
-    }
-}
-
-impl Drop for SleepyRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Store timeouts (`koogate_store_errors_total`) and overload rejections
 /// (`koogate_overload_rejections_total`): one call in flight at most, the
 /// store asleep for longer than the store timeout, three calls at once.
 async fn produce_store_errors_and_overload() {
-    let redis = SleepyRedis::start();
+    let redis = OwnRedis::start_with(&["--enable-debug-command", "local"]);
     let gw = TestGateway::start_on(
         Backend::Redis,
         "dashboards-faults",

@@ -244,10 +244,16 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
@@ -263,6 +269,18 @@ impl OwnRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Blocks the server for `secs` (it answers nothing meanwhile), in the
+    /// background; needs `start_with(&["--enable-debug-command", "local"])`.
+    pub async fn sleep(&self, secs: f64) -> tokio::task::JoinHandle<()> {
+        let mut conn = redis_conn(&self.url()).await;
+        let task = tokio::spawn(async move {
+            let _: () = redis::cmd("DEBUG").arg("SLEEP").arg(secs).query_async(&mut conn).await.expect("DEBUG SLEEP");
+        });
+        // Let the command reach the server before the calls that should wait on it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        task
     }
 }
 
