@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -87,12 +86,71 @@ pub fn consumer_name() -> String {
     format!("{host}-{}-{tag:04x}", std::process::id())
 }
 
+/// Appends lines to the JSONL file with group commit: lines that arrive
+/// together are written and fsynced once, and each append is answered only
+/// after its fsync (one fsync per event would cap delivery at the disk's
+/// fsync rate).
+struct JsonlWriter {
+    lines: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+}
+
+impl JsonlWriter {
+    fn start(path: PathBuf) -> Self {
+        let (lines, mut rx) =
+            tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>)>(1024);
+        tokio::spawn(async move {
+            let mut file: Option<tokio::fs::File> = None;
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let mut buf = Vec::new();
+                for (line, _) in &batch {
+                    buf.extend_from_slice(line);
+                }
+                let written = async {
+                    if file.is_none() {
+                        if let Some(dir) = path.parent() {
+                            tokio::fs::create_dir_all(dir).await?;
+                        }
+                        file = Some(tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?);
+                    }
+                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("file not open"))?;
+                    f.write_all(&buf).await?;
+                    f.sync_data().await
+                }
+                .await
+                .map_err(|e| format!("cannot append to {}: {e}", path.display()));
+                if written.is_err() {
+                    file = None; // reopen next time
+                }
+                for (_, reply) in batch {
+                    let _ = reply.send(written.clone());
+                }
+            }
+        });
+        Self { lines }
+    }
+
+    async fn append(&self, body: &[u8]) -> Result<(), String> {
+        let mut line = Vec::with_capacity(body.len() + 1);
+        line.extend_from_slice(body);
+        line.push(b'\n');
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.lines.send((line, reply)).await.map_err(|_| "the JSONL writer stopped".to_owned())?;
+        rx.await.map_err(|_| "the JSONL writer stopped".to_owned())?
+    }
+}
+
 /// Sends one event somewhere.
 struct Sender {
     target: Target,
     http: reqwest::Client,
-    /// Serializes appends to the JSONL file.
-    file_lock: Mutex<()>,
+    jsonl: Option<JsonlWriter>,
 }
 
 impl Sender {
@@ -106,25 +164,15 @@ impl Sender {
             Err(e) => return Attempt::Permanent(format!("cannot serialize event: {e}")),
         };
         match &self.target {
-            Target::Jsonl(path) => match self.append(path, &body).await {
-                Ok(()) => Attempt::Delivered,
-                Err(e) => Attempt::Retry { error: format!("cannot append to {}: {e}", path.display()), after: None },
+            Target::Jsonl(_) => match self.jsonl.as_ref().map(|w| w.append(&body)) {
+                Some(appended) => match appended.await {
+                    Ok(()) => Attempt::Delivered,
+                    Err(error) => Attempt::Retry { error, after: None },
+                },
+                None => Attempt::Retry { error: "no JSONL writer".into(), after: None },
             },
             Target::Http { url, key } => self.post(url, key, &entry.id, body).await,
         }
-    }
-
-    async fn append(&self, path: &PathBuf, body: &[u8]) -> std::io::Result<()> {
-        let _guard = self.file_lock.lock().await;
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
-        let mut line = Vec::with_capacity(body.len() + 1);
-        line.extend_from_slice(body);
-        line.push(b'\n');
-        file.write_all(&line).await?;
-        file.sync_data().await
     }
 
     async fn post(&self, url: &str, key: &[u8], id: &str, body: Vec<u8>) -> Attempt {
@@ -191,10 +239,12 @@ pub struct Worker {
     last_claim: Option<(Instant, bool)>,
     /// When stale claims of dead replicas were last looked for.
     last_takeover: Option<Instant>,
+    /// Where the next scan for due instances starts.
+    scan_from: Option<String>,
 }
 
 const CLAIM_BATCH: usize = 256;
-const MAX_HELD: usize = 4096;
+const MAX_HELD: usize = 1024;
 const TICK: Duration = Duration::from_millis(50);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
@@ -206,7 +256,11 @@ impl Worker {
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let sender = Arc::new(Sender { target: settings.target.clone(), http, file_lock: Mutex::new(()) });
+        let jsonl = match &settings.target {
+            Target::Jsonl(path) => Some(JsonlWriter::start(path.clone())),
+            Target::Http { .. } => None,
+        };
+        let sender = Arc::new(Sender { target: settings.target.clone(), http, jsonl });
         Ok(Self {
             store,
             enricher: enricher.map(Arc::new),
@@ -217,6 +271,7 @@ impl Worker {
             busy: HashSet::new(),
             last_claim: None,
             last_takeover: None,
+            scan_from: None,
         })
     }
 
@@ -321,16 +376,31 @@ impl Worker {
         if free == 0 || self.held.is_empty() {
             return Ok(());
         }
-        // Only instances whose first held event is due need their delivered sequence looked up.
+        // Only instances whose first held event is due need their delivered
+        // sequence looked up, and no more of them than can be started now (a
+        // few spare for heads still waiting on a predecessor). The scan starts
+        // where the last one stopped, so no instance is starved.
         let now = now_ms();
-        let heads: Vec<String> = self
-            .held
-            .iter()
-            .filter(|(s, q)| {
-                !self.busy.contains(*s) && q.values().next().is_some_and(|h| h.attempts.next_attempt_ms <= now)
-            })
-            .map(|(s, _)| s.clone())
-            .collect();
+        let wanted = free * 4;
+        let due = |s: &String, q: &BTreeMap<u64, Held>| {
+            !self.busy.contains(s) && q.values().next().is_some_and(|h| h.attempts.next_attempt_ms <= now)
+        };
+        let mut heads: Vec<String> = Vec::new();
+        if let Some(after) = self.scan_from.take() {
+            let rest = self.held.range::<String, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+            heads.extend(rest.filter(|(s, q)| due(s, q)).map(|(s, _)| s.clone()).take(wanted));
+        }
+        if heads.len() < wanted {
+            let first: Vec<String> = self
+                .held
+                .iter()
+                .filter(|(s, q)| due(s, q) && !heads.contains(s))
+                .map(|(s, _)| s.clone())
+                .take(wanted - heads.len())
+                .collect();
+            heads.extend(first);
+        }
+        self.scan_from = heads.last().cloned();
         if heads.is_empty() {
             return Ok(());
         }
