@@ -91,8 +91,11 @@ pub fn consumer_name() -> String {
 /// after its fsync (one fsync per event would cap delivery at the disk's
 /// fsync rate).
 struct JsonlWriter {
-    lines: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    lines: tokio::sync::mpsc::Sender<PendingLine>,
 }
+
+/// A line to append, and where to say whether it is on disk.
+type PendingLine = (Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 impl JsonlWriter {
     fn start(path: PathBuf) -> Self {
