@@ -24,7 +24,11 @@ pub fn nonce() -> String {
 pub fn v2_query(access_key: &str, body: &[u8], timestamp_ms: i64, nonce: &str) -> String {
     let ts = timestamp_ms.to_string();
     let signature = v2_request_signature(access_key, nonce, &ts, body);
-    format!("signature={signature}&timestamp={ts}&nonce={nonce}")
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("signature", &signature)
+        .append_pair("timestamp", &ts)
+        .append_pair("nonce", nonce)
+        .finish()
 }
 
 /// The query string of a V1 call: `params` plus `timeStamp` and `authToken`,

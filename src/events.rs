@@ -276,7 +276,11 @@ impl SkuMap {
             SettlementKind::StoredValueCard => {
                 let face = rule.map_or(default_face_value(), |r| r.face_value_cny);
                 let cards = quantity.or_else(|| cards_from_amount(amount?, face));
-                Settlement::StoredValueCard { cards, face_value_cny: face, total_cny: cards.map(|c| c * face) }
+                Settlement::StoredValueCard {
+                    cards,
+                    face_value_cny: face,
+                    total_cny: cards.and_then(|c| c.checked_mul(face)),
+                }
             }
         })
     }

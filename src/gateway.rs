@@ -536,8 +536,8 @@ impl Planner<'_> {
         let app_info = AppInfo {
             front_end_url: self.settings.frontend_url.clone(),
             admin_url: self.settings.admin_url.clone(),
-            user_name: credentials.as_ref().map(|c| crypto::encrypt(&key, &c.user_name)),
-            password: credentials.as_ref().map(|c| crypto::encrypt(&key, &c.password)),
+            user_name: credentials.as_ref().and_then(|c| crypto::encrypt(&key, &c.user_name).ok()),
+            password: credentials.as_ref().and_then(|c| crypto::encrypt(&key, &c.password).ok()),
             memo: None,
         };
         let mut answer = Answer::success();

@@ -163,8 +163,8 @@ async fn v1_lifecycle(backend: Backend) {
     let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
     // Contact fields arrive encrypted (§9) with the access key.
     let key = koogate::protocol::crypto::derive_key(AK, koogate::protocol::crypto::EncryptType::Aes256);
-    params.insert("mobilePhone".into(), koogate::protocol::crypto::encrypt(&key, "13800000000"));
-    params.insert("email".into(), koogate::protocol::crypto::encrypt(&key, "ops@acme.example"));
+    params.insert("mobilePhone".into(), koogate::protocol::crypto::encrypt(&key, "13800000000").unwrap());
+    params.insert("email".into(), koogate::protocol::crypto::encrypt(&key, "ops@acme.example").unwrap());
     let first = gw.v1(&params).await;
     assert_signed(&first);
     assert_eq!(first.result_code().as_deref(), Some("000000"));

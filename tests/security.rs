@@ -72,8 +72,8 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
     bodies.push(client.v2("/koogallery/v2", "wrong", &fixture("v2/01-newInstance.json"), now_ms()).await.unwrap().body);
     let key = koogate::protocol::crypto::derive_key(ak, koogate::protocol::crypto::EncryptType::Aes256);
     let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
-    params.insert("mobilePhone".into(), koogate::protocol::crypto::encrypt(&key, PHONE));
-    params.insert("email".into(), koogate::protocol::crypto::encrypt(&key, EMAIL));
+    params.insert("mobilePhone".into(), koogate::protocol::crypto::encrypt(&key, PHONE).unwrap());
+    params.insert("email".into(), koogate::protocol::crypto::encrypt(&key, EMAIL).unwrap());
     bodies.push(client.v1("/koogallery/v1", ak, &params, now_ms()).await.unwrap().body);
     for rel in fixture_files("v1/bad") {
         bodies.push(client.v1("/koogallery/v1", ak, &fixture_params(&rel), now_ms()).await.unwrap().body);

@@ -560,7 +560,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-        params.insert("mobilePhone".into(), crypto::encrypt(&key, "13800000000"));
+        params.insert("mobilePhone".into(), crypto::encrypt(&key, "13800000000").unwrap());
         let call = parse_v1(&params, "test-access-key-123").unwrap();
         assert!(call.test);
         match call.activity {
@@ -577,7 +577,7 @@ mod tests {
             parse_v1(&params, "test-access-key-123").unwrap_err(),
             Rejection::BadField { field: "mobilePhone", .. }
         ));
-        params.insert("mobilePhone".into(), crypto::encrypt(&key, "1"));
+        params.insert("mobilePhone".into(), crypto::encrypt(&key, "1").unwrap());
         params.insert("orderAmount".into(), "1.23456".into());
         assert!(matches!(
             parse_v1(&params, "test-access-key-123").unwrap_err(),

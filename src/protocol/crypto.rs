@@ -93,23 +93,27 @@ pub fn random_iv() -> String {
     rand::thread_rng().sample_iter(&Alphanumeric).take(IV_LEN).map(char::from).collect()
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("AES needs a 16- or 32-byte key and a 16-byte IV")]
+pub struct EncryptError;
+
 /// Encrypts `plaintext` with an explicit IV (16 ASCII characters).
-pub fn encrypt_with_iv(key: &[u8], iv: &str, plaintext: &str) -> String {
-    debug_assert_eq!(iv.len(), IV_LEN);
+pub fn encrypt_with_iv(key: &[u8], iv: &str, plaintext: &str) -> Result<String, EncryptError> {
+    if iv.len() != IV_LEN {
+        return Err(EncryptError);
+    }
     let ct = match key.len() {
         32 => cbc::Encryptor::<aes::Aes256>::new_from_slices(key, iv.as_bytes())
             .map(|c| c.encrypt_padded_vec_mut::<Pkcs7>(plaintext.as_bytes())),
-        _ => cbc::Encryptor::<aes::Aes128>::new_from_slices(key, iv.as_bytes())
+        16 => cbc::Encryptor::<aes::Aes128>::new_from_slices(key, iv.as_bytes())
             .map(|c| c.encrypt_padded_vec_mut::<Pkcs7>(plaintext.as_bytes())),
+        _ => return Err(EncryptError),
     };
-    match ct {
-        Ok(ct) => format!("{iv}{}", BASE64.encode(ct)),
-        Err(_) => unreachable!("keys come from derive_key and IVs are 16 bytes"),
-    }
+    ct.map(|ct| format!("{iv}{}", BASE64.encode(ct))).map_err(|_| EncryptError)
 }
 
 /// Encrypts with a fresh random IV.
-pub fn encrypt(key: &[u8], plaintext: &str) -> String {
+pub fn encrypt(key: &[u8], plaintext: &str) -> Result<String, EncryptError> {
     encrypt_with_iv(key, &random_iv(), plaintext)
 }
 
@@ -162,12 +166,14 @@ mod tests {
     #[test]
     fn encryption_matches_java_vector_and_round_trips() {
         let key = derive_key("test-access-key-123", EncryptType::Aes256);
-        let enc = encrypt_with_iv(&key, "abcdefgh12345678", "P@ssw0rd");
+        let enc = encrypt_with_iv(&key, "abcdefgh12345678", "P@ssw0rd").unwrap();
         assert_eq!(enc, "abcdefgh12345678bmkqomiL6m/xwfltpSLVgQ==");
+        assert_eq!(encrypt_with_iv(&key, "short", "x"), Err(EncryptError));
+        assert_eq!(encrypt_with_iv(&key[..20], "abcdefgh12345678", "x"), Err(EncryptError));
         assert_eq!(decrypt(&key, &enc).as_deref(), Ok("P@ssw0rd"));
 
         let key128 = derive_key("test-access-key-123", EncryptType::Aes128);
-        let enc = encrypt(&key128, "13800000000");
+        let enc = encrypt(&key128, "13800000000").unwrap();
         assert_eq!(enc.len(), 16 + 24);
         assert_eq!(decrypt(&key128, &enc).as_deref(), Ok("13800000000"));
     }
@@ -178,7 +184,7 @@ mod tests {
         assert_eq!(decrypt(&key, "short"), Err(DecryptError::TooShort));
         assert_eq!(decrypt(&key, "abcdefgh12345678!!notbase64"), Err(DecryptError::BadBase64));
         let other = derive_key("another-key", EncryptType::Aes256);
-        let enc = encrypt_with_iv(&other, "abcdefgh12345678", "P@ssw0rd");
+        let enc = encrypt_with_iv(&other, "abcdefgh12345678", "P@ssw0rd").unwrap();
         assert!(matches!(decrypt(&key, &enc), Err(DecryptError::BadPadding | DecryptError::NotUtf8)));
         assert_eq!(decrypt(&key, "abcdefgh1234567é"), Err(DecryptError::TooShort));
     }
