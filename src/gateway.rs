@@ -18,7 +18,7 @@ use crate::protocol::call::{Activity, Call, Purchase, Scene};
 use crate::protocol::crypto::{self, EncryptType};
 use crate::protocol::sign::body_sign;
 use crate::protocol::verify::{verify_v1, verify_v2, AccessKeys};
-use crate::protocol::{call, unconfirmed, Generation, Rejection, ResultCode};
+use crate::protocol::{call, unconfirmed, Rejection, ResultCode};
 use crate::secret::Secret;
 use crate::store::keys::{instance_id_for, instance_shard};
 use crate::store::plan::{ABSENT, ANY};
@@ -625,9 +625,4 @@ impl Planner<'_> {
         answer.info = Some(info);
         answer.to_body()
     }
-}
-
-/// The generation label of a path's protocol.
-pub fn generation_label(g: Generation) -> &'static str {
-    g.as_str()
 }
