@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use koogate::protocol::verify::AccessKeys;
+use koogate::protocol::Rejection;
 use koogate::secret::Secret;
 
 /// The access key every target verifies with (the one of the unit tests).
@@ -91,5 +92,23 @@ impl Mode {
 
     pub fn in_window(self) -> bool {
         self.offset_ms.abs() <= (WINDOW_SECS as i64) * 1000
+    }
+}
+
+/// The only refusals a correctly signed call may get: stale (outside the
+/// window) or a bad signature (signed with a key the ring does not hold).
+pub fn check_signed_refusal(mode: Mode, refusal: &Rejection, signed: &str) {
+    match refusal {
+        Rejection::StaleTimestamp { allowed_secs, .. } => {
+            assert_eq!(*allowed_secs, WINDOW_SECS);
+            assert!(!mode.in_window(), "{mode:?} in window but refused as stale: {signed}");
+        }
+        Rejection::BadSignature => {
+            assert!(
+                !matches!(mode.signer, Signer::Current | Signer::Previous),
+                "{mode:?}: a correctly signed call was refused: {signed}"
+            );
+        }
+        other => panic!("{mode:?}: a correctly signed call was refused with {other:?}: {signed}"),
     }
 }

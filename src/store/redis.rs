@@ -393,7 +393,6 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let map: HashMap<String, String> =
             redis::cmd("HGETALL").arg(self.keys.instance(instance_id)).query_async(&mut conn).await?;
-        debug_assert!(instance_shard(instance_id) < SHARDS);
         Ok(map.into_iter().collect())
     }
 
