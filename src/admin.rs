@@ -10,6 +10,11 @@
 //! | `POST /v1/dlq/redrive` | `{"ids":[…]}` or `{"all":true}`: back into the outbox |
 //! | `GET /v1/orders/{order_id}?customer_id=` | a purchase order's facts, for that customer only |
 //! | `POST /v1/orders/{order_id}/redeem` | `{"customer_id","redeemed_by"}`: once; 409 after |
+//! | `POST /v1/usage` | `{"records":[…]}`: usage to push to KooGallery, a verdict per record |
+//! | `GET /v1/usage` | the usage ledger's gauges (unpushed, oldest, dead) |
+//! | `GET /v1/usage/records/{metering_sn}` | one usage record and where its push stands |
+//! | `GET /v1/usage/dlq` | usage records KooGallery refused (or that were given up on) |
+//! | `POST /v1/usage/dlq/redrive` | `{"ids":[metering_sn…]}` or `{"all":true}`: push them again |
 
 use std::sync::Arc;
 
@@ -23,11 +28,14 @@ use serde_json::{json, Value};
 
 use crate::gateway::rfc3339;
 use crate::http::Body;
+use crate::marketplace::usage::PushRecord;
 use crate::metrics as m;
 use crate::protocol::sign::constant_time_eq;
 use crate::secret::Secret;
 use crate::store::plan::parse_event_id;
 use crate::store::{DeadLetter, OutboxEntry, Record, Redeem, Store, StoreError};
+use crate::usage::intake::IntakeError;
+use crate::usage::StoredUsage;
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -94,6 +102,31 @@ fn matches(entry: &OutboxEntry, instance: Option<&str>, order: Option<&str>) -> 
         && order.is_none_or(|o| event_order == Some(o) || entry.record.get("order_id").map(String::as_str) == Some(o))
 }
 
+/// One usage record as the admin API shows it.
+fn usage_view(u: &StoredUsage) -> Value {
+    let push = PushRecord::from_stored(u);
+    json!({
+        "metering_sn": push.metering_sn,
+        "instance_id": push.instance_id,
+        "relate_pkg_instance": push.relate_pkg_instance,
+        "begin_time": push.begin_time,
+        "end_time": push.end_time,
+        "usage_value": push.usage_value,
+        "record_time": push.record_time,
+        "status": if u.held { "held" } else { u.state.as_str() },
+        "accepted_at": ms_time(u.accepted_ms),
+        "attempts": u.attempts,
+        "last_error": u.error,
+        "code": u.code,
+        "message": u.msg,
+        "pushed_at": u.pushed_ms.map_or(Value::Null, ms_time),
+        "dead_at": u.dead_ms.map_or(Value::Null, ms_time),
+    })
+}
+
+/// Largest `POST /v1/usage` body: 1000 records of about 300 bytes, with room.
+const USAGE_BODY_LIMIT: usize = 1024 * 1024;
+
 #[derive(Deserialize)]
 struct RedriveBody {
     #[serde(default)]
@@ -136,39 +169,56 @@ impl Admin {
             return res;
         }
         let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
-        let result =
-            match (req.method().clone(), segments.as_slice()) {
-                (Method::GET, ["events"]) => {
-                    let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
-                    self.list_events(instance.as_deref(), order.as_deref()).await
-                }
-                (Method::GET, ["events", id]) => self.show_event(id).await,
-                (Method::GET, ["dlq"]) => self.store.dlq_list().await.map(|d| {
+        let result = match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["events"]) => {
+                let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
+                self.list_events(instance.as_deref(), order.as_deref()).await
+            }
+            (Method::GET, ["events", id]) => self.show_event(id).await,
+            (Method::GET, ["dlq"]) => {
+                self.store.dlq_list().await.map(|d| {
                     respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
-                }),
-                (Method::GET, ["dlq", id]) => {
-                    self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
-                        Some(d) => respond(StatusCode::OK, dead_view(d)),
-                        None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
-                    })
-                }
-                (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
-                    Ok(body) => self.redrive(body).await,
+                })
+            }
+            (Method::GET, ["dlq", id]) => {
+                self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
+                    Some(d) => respond(StatusCode::OK, dead_view(d)),
+                    None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
+                })
+            }
+            (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+                Ok(body) => self.redrive(body).await,
+                Err(res) => return res,
+            },
+            (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
+                Some(customer) => self.order(order_id, &customer).await,
+                None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
+            },
+            (Method::POST, ["orders", order_id, "redeem"]) => {
+                let order_id = (*order_id).to_owned();
+                match read_json::<RedeemBody>(req).await {
+                    Ok(body) => self.redeem(&order_id, body).await,
                     Err(res) => return res,
-                },
-                (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
-                    Some(customer) => self.order(order_id, &customer).await,
-                    None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
-                },
-                (Method::POST, ["orders", order_id, "redeem"]) => {
-                    let order_id = (*order_id).to_owned();
-                    match read_json::<RedeemBody>(req).await {
-                        Ok(body) => self.redeem(&order_id, body).await,
-                        Err(res) => return res,
-                    }
                 }
-                _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
-            };
+            }
+            (Method::POST, ["usage"]) => return self.usage_intake(req).await,
+            (Method::GET, ["usage"]) => self.store.usage_stats().await.map(|s| {
+                let oldest = s.oldest_unpushed_ms.map_or(Value::Null, ms_time);
+                respond(StatusCode::OK, json!({"unpushed": s.unpushed, "oldest_unpushed_at": oldest, "dead": s.dead}))
+            }),
+            (Method::GET, ["usage", "records", sn]) => self.store.usage_get(sn).await.map(|u| match u {
+                Some(u) => respond(StatusCode::OK, usage_view(&u)),
+                None => error(StatusCode::NOT_FOUND, "not_found", format!("no usage record with metering_sn {sn}")),
+            }),
+            (Method::GET, ["usage", "dlq"]) => self.store.usage_dead().await.map(|d| {
+                respond(StatusCode::OK, json!({"dead_letters": d.iter().map(usage_view).collect::<Vec<_>>()}))
+            }),
+            (Method::POST, ["usage", "dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+                Ok(body) => self.usage_redrive(body).await,
+                Err(res) => return res,
+            },
+            _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
+        };
         result.unwrap_or_else(|e| store_error(&e))
     }
 
@@ -222,6 +272,49 @@ impl Admin {
             }
         }
         tracing::info!(count = redriven.len(), "dead letters redriven");
+        Ok(respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing})))
+    }
+
+    async fn usage_intake(&self, req: Request<Incoming>) -> Response<Body> {
+        let body = match Limited::new(req.into_body(), USAGE_BODY_LIMIT).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_body", "body unreadable or over 1 MiB (1000 records)")
+            }
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        match crate::usage::intake::intake(self.store.as_ref(), &body, now).await {
+            Ok(answer) => respond(StatusCode::OK, serde_json::to_value(answer).unwrap_or(Value::Null)),
+            Err(e @ IntakeError::BadRequest(_)) => {
+                tracing::warn!(error = %e, "usage intake: request refused");
+                error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            Err(e @ IntakeError::Store(_)) => {
+                tracing::error!(error = %e, "usage intake: store failed");
+                error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
+            }
+        }
+    }
+
+    async fn usage_redrive(&self, body: RedriveBody) -> Result<Response<Body>, StoreError> {
+        let ids: Vec<String> = if body.all {
+            self.store.usage_dead().await?.into_iter().map(|u| u.record.metering_sn).collect()
+        } else {
+            body.ids
+        };
+        if ids.is_empty() {
+            return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids (metering_sn) or all:true"));
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let (mut redriven, mut missing) = (Vec::new(), Vec::new());
+        for id in ids {
+            if self.store.usage_redrive(&id, now).await? {
+                redriven.push(id);
+            } else {
+                missing.push(id);
+            }
+        }
+        tracing::info!(count = redriven.len(), "dead usage records redriven");
         Ok(respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing})))
     }
 

@@ -43,7 +43,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
     ("KOOGATE_ADMIN_URL", "(none)", "appInfo.adminUrl answered to newInstance"),
     ("KOOGATE_SKU_MAP", "(none)", "TOML file mapping SKUs to settlement kinds"),
-    ("KOOGATE_MARKETPLACE_URL", "https://mkt.myhuaweicloud.com", "KooGallery open API base URL (order query)"),
+    (
+        "KOOGATE_MARKETPLACE_URL",
+        "https://mkt.myhuaweicloud.com",
+        "KooGallery open API base URL (order query, usage push)",
+    ),
     (
         "KOOGATE_MARKETPLACE_AK",
         "(none: no enrichment)",
@@ -52,6 +56,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_MARKETPLACE_SK", "(none)", "Huawei Cloud secret access key (or _FILE)"),
     ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "5", "per-call timeout of the order query API"),
     ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
+    ("KOOGATE_USAGE_PUSH", "true", "push accepted usage records to KooGallery (false: keep them until turned on)"),
+    ("KOOGATE_USAGE_BATCH", "1000", "usage records per push call (at most 1000)"),
+    ("KOOGATE_USAGE_TIMEOUT_MS", "10000", "per-call timeout of the usage push"),
+    ("KOOGATE_USAGE_LEASE_SECS", "60", "a claimed usage record not settled by then is pushed again (same metering_sn)"),
+    ("KOOGATE_USAGE_HOLD_SECS", "60", "how often usage of a frozen instance is looked at again"),
+    ("KOOGATE_USAGE_POLL_MS", "1000", "pause of the usage push when nothing is due"),
     ("KOOGATE_FORWARD_TEST_EVENTS", "false", "forward events of testFlag=1 calls too"),
     ("KOOGATE_V2_PATH", "/koogallery/v2", "path of V2 calls (POST)"),
     ("KOOGATE_V1_PATH", "/koogallery/v1", "path of V1 calls (GET)"),
@@ -119,6 +129,21 @@ pub struct Config {
     pub delivery_concurrency: usize,
     pub delivery_order_wait: Duration,
     pub marketplace: Option<Marketplace>,
+    pub usage: Usage,
+}
+
+/// The usage push (protocol §10): where, how much at once, how often.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    /// Push at all (records are accepted either way).
+    pub push: bool,
+    /// Base URL of KooGallery's open API (`KOOGATE_MARKETPLACE_URL`).
+    pub url: String,
+    pub batch: usize,
+    pub timeout: Duration,
+    pub lease: Duration,
+    pub hold: Duration,
+    pub poll: Duration,
 }
 
 /// The order query API's address and credentials.
@@ -329,6 +354,19 @@ impl Config {
         if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
             return Err(problem("KOOGATE_MARKETPLACE_URL", format!("{marketplace_url:?} is not an https:// URL")));
         }
+        let usage_batch = positive("KOOGATE_USAGE_BATCH", 1000)? as usize;
+        if usage_batch > crate::marketplace::usage::MAX_BATCH {
+            return Err(problem("KOOGATE_USAGE_BATCH", "must be at most 1000 (KooGallery's limit)"));
+        }
+        let usage = Usage {
+            push: src.get("KOOGATE_USAGE_PUSH").is_none() || src.flag("KOOGATE_USAGE_PUSH")?,
+            url: marketplace_url.clone(),
+            batch: usage_batch,
+            timeout: Duration::from_millis(positive("KOOGATE_USAGE_TIMEOUT_MS", 10_000)?),
+            lease: Duration::from_secs(positive("KOOGATE_USAGE_LEASE_SECS", 60)?),
+            hold: Duration::from_secs(positive("KOOGATE_USAGE_HOLD_SECS", 60)?),
+            poll: Duration::from_millis(positive("KOOGATE_USAGE_POLL_MS", 1000)?),
+        };
         let marketplace = match (src.secret("KOOGATE_MARKETPLACE_AK")?, src.secret("KOOGATE_MARKETPLACE_SK")?) {
             (Some(ak), Some(sk)) => Some(Marketplace {
                 url: marketplace_url,
@@ -398,6 +436,7 @@ impl Config {
             },
             delivery_visibility: Duration::from_secs(positive("KOOGATE_DELIVERY_VISIBILITY_SECS", 30)?),
             delivery_concurrency: positive("KOOGATE_DELIVERY_CONCURRENCY", 32)? as usize,
+            usage,
             delivery_order_wait: Duration::from_secs(positive("KOOGATE_DELIVERY_ORDER_WAIT_SECS", 300)?),
             marketplace,
         })

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::events::{Contact, Credentials, EventType, SettlementKind, SkuMap};
 use crate::metrics as m;
-use crate::protocol::answer::{code_of, Answer, AppInfo, InstanceInfo};
+use crate::protocol::answer::{code_of, Answer, AppInfo, InstanceInfo, UsageInfo};
 use crate::protocol::call::{Activity, Call, Purchase, Scene};
 use crate::protocol::crypto::{self, EncryptType};
 use crate::protocol::sign::body_sign;
@@ -615,6 +615,7 @@ impl Planner<'_> {
                     front_end_url: self.settings.frontend_url.clone(),
                     ..AppInfo::default()
                 }),
+                usage_info: usage_info(r),
             })
             .collect();
         if info.is_empty() {
@@ -625,4 +626,22 @@ impl Planner<'_> {
         answer.info = Some(info);
         answer.to_body()
     }
+}
+
+/// `usageInfo` of a pay-per-use instance (its charging mode says so, or usage
+/// was pushed for it): the total KooGallery has taken and the end of the
+/// latest pushed period.
+fn usage_info(record: &Record) -> Option<UsageInfo> {
+    let pushed = record.get(crate::usage::FIELD_USAGE_E4).and_then(|v| v.parse::<i64>().ok());
+    let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
+    if pushed.is_none() && !pay_per_use {
+        return None;
+    }
+    Some(UsageInfo {
+        usage_value: crate::usage::record::format_e4(pushed.unwrap_or(0)),
+        statistical_time: record
+            .get(crate::usage::FIELD_USAGE_END)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(crate::protocol::unconfirmed::usage_statistical_time),
+    })
 }

@@ -37,6 +37,7 @@ pub mod simulate;
 pub mod sink;
 pub mod store;
 pub mod tls;
+pub mod usage;
 pub mod webhook;
 
 /// An error with its sources, `outer: inner: innermost` (for log lines and

@@ -24,6 +24,15 @@ pub const OLDEST_PENDING_AGE: &str = "koogate_oldest_pending_age_seconds";
 pub const READY: &str = "koogate_ready";
 pub const ORDER_QUERIES: &str = "koogate_order_queries_total";
 pub const OVERLOAD: &str = "koogate_overload_rejections_total";
+pub const USAGE_RECORDS: &str = "koogate_usage_records_total";
+pub const USAGE_PUSHED: &str = "koogate_usage_pushed_total";
+pub const USAGE_REFUSED: &str = "koogate_usage_refused_total";
+pub const USAGE_PUSH_CALLS: &str = "koogate_usage_push_calls_total";
+pub const USAGE_PUSH_DURATION: &str = "koogate_usage_push_duration_seconds";
+pub const USAGE_UNPUSHED: &str = "koogate_usage_unpushed";
+pub const USAGE_HELD: &str = "koogate_usage_held";
+pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
+pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -125,4 +134,36 @@ pub fn overload() {
 /// `outcome`: ok, cached, not_found, auth_refused, refused, malformed, transport.
 pub fn order_query(outcome: &'static str) {
     counter!(ORDER_QUERIES, "outcome" => outcome).increment(1);
+}
+
+/// Records posted by the billing core, by verdict: accepted, duplicate, rejected.
+pub fn usage_records(verdict: &'static str, n: u64) {
+    counter!(USAGE_RECORDS, "verdict" => verdict).increment(n);
+}
+
+/// Records KooGallery took.
+pub fn usage_pushed(n: u64) {
+    counter!(USAGE_PUSHED).increment(n);
+}
+
+/// Records that went to the usage dead-letter list (`reason`: refused, gave_up).
+pub fn usage_refused(reason: &'static str, n: u64) {
+    counter!(USAGE_REFUSED, "reason" => reason).increment(n);
+}
+
+/// Push calls by outcome: taken, refused, retry.
+pub fn usage_push_call(outcome: &'static str, elapsed: Duration) {
+    counter!(USAGE_PUSH_CALLS, "outcome" => outcome).increment(1);
+    histogram!(USAGE_PUSH_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn usage_gauges(unpushed: u64, dead: u64, oldest_unpushed_age: Duration) {
+    gauge!(USAGE_UNPUSHED).set(unpushed as f64);
+    gauge!(USAGE_DLQ_SIZE).set(dead as f64);
+    gauge!(USAGE_OLDEST_UNPUSHED_AGE).set(oldest_unpushed_age.as_secs_f64());
+}
+
+/// Records held back because their instance is frozen (last claim round).
+pub fn usage_held(n: usize) {
+    gauge!(USAGE_HELD).set(n as f64);
 }

@@ -157,6 +157,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         enricher,
     )?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
+    if config.usage.push {
+        let api = crate::marketplace::usage::UsageApi::new(
+            &config.usage.url,
+            config.access_keys.current().clone(),
+            config.usage.timeout,
+        )
+        .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+        let pusher = crate::usage::push::Pusher::new(
+            Arc::clone(&store),
+            api,
+            crate::usage::push::Settings {
+                batch: config.usage.batch,
+                lease: config.usage.lease,
+                hold: config.usage.hold,
+                poll: config.usage.poll,
+                schedule: config.retry,
+            },
+        );
+        tasks.spawn(pusher.run(shutdown.clone()));
+    } else {
+        tracing::info!("KOOGATE_USAGE_PUSH is false: usage records are accepted and kept, not pushed");
+    }
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
     tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
     Ok(Running { addr, admin_addr, store, app, shutdown, tasks })

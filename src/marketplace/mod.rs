@@ -3,3 +3,4 @@
 
 pub mod apig;
 pub mod order;
+pub mod usage;

@@ -28,6 +28,20 @@ pub struct AppInfo {
 pub struct InstanceInfo {
     pub instance_id: String,
     pub app_info: AppInfo,
+    /// Pay-per-use instances: the usage KooGallery has taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_info: Option<UsageInfo>,
+}
+
+/// `usageInfo` of a pay-per-use instance in a queryInstance answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageInfo {
+    /// Total pushed usage, a decimal string.
+    pub usage_value: String,
+    /// End of the latest pushed period (format: `unconfirmed::usage_statistical_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistical_time: Option<String>,
 }
 
 /// An answer body. Field order is the wire order.

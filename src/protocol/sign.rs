@@ -75,6 +75,19 @@ pub fn verify_body_sign(access_key: &str, body: &[u8], header: &str) -> bool {
     constant_time_eq(body_sign(access_key, body).as_bytes(), header.as_bytes())
 }
 
+/// Usage push `signature` header (protocol §10):
+/// `base64(HMAC-SHA256(accessKey, "ts=<ts>&nonce=<nonce>&body=<canonical body>"))`.
+/// The string's exact layout lives in [`super::unconfirmed::usage_string_to_sign`].
+pub fn usage_signature(access_key: &str, ts: &str, nonce: &str, canonical_body: &str) -> String {
+    let signed = super::unconfirmed::usage_string_to_sign(ts, nonce, canonical_body);
+    BASE64.encode(hmac_sha256(access_key.as_bytes(), &[signed.as_bytes()]))
+}
+
+/// Checks a usage push `signature` header in constant time (the simulator's side).
+pub fn verify_usage_signature(access_key: &str, ts: &str, nonce: &str, canonical_body: &str, header: &str) -> bool {
+    constant_time_eq(usage_signature(access_key, ts, nonce, canonical_body).as_bytes(), header.as_bytes())
+}
+
 /// Constant-time equality of two byte strings (length is not secret).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))

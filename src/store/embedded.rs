@@ -17,6 +17,9 @@ use tokio::sync::oneshot;
 
 use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem, ABSENT, ANY};
 use super::{Store, StoreError};
+use crate::usage::{Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
+
+mod usage;
 
 const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
 const ANSWERS: TableDefinition<&str, &str> = TableDefinition::new("answers");
@@ -43,6 +46,8 @@ enum Reply {
     Done,
     Moved(bool),
     Redeem(Redeem),
+    Decisions(Vec<Decision>),
+    Claims(Vec<UsageClaim>),
 }
 
 /// A write job: runs inside the group's transaction; says whether it wrote.
@@ -98,6 +103,11 @@ impl EmbeddedStore {
             txn.open_table(DLQ).map_err(err)?;
             txn.open_table(META).map_err(err)?;
             txn.open_table(ORDER_CACHE).map_err(err)?;
+            for table in
+                [usage::USAGE, usage::USAGE_PERIODS, usage::USAGE_PENDING, usage::USAGE_UNPUSHED, usage::USAGE_DLQ]
+            {
+                txn.open_table(table).map_err(err)?;
+            }
         }
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
@@ -686,6 +696,34 @@ impl Store for EmbeddedStore {
         })
         .await?;
         Ok(())
+    }
+
+    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
+        self.usage_accept_impl(records, now_ms).await
+    }
+
+    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
+        self.usage_claim_impl(max, now_ms, lease).await
+    }
+
+    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError> {
+        self.usage_settle_impl(settles, now_ms).await
+    }
+
+    async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
+        self.usage_get_impl(metering_sn)
+    }
+
+    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
+        self.usage_dead_impl()
+    }
+
+    async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.usage_redrive_impl(metering_sn, now_ms).await
+    }
+
+    async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
+        self.usage_stats_impl()
     }
 
     fn backend(&self) -> &'static str {

@@ -90,6 +90,33 @@ impl Keys {
     pub fn outboxes(&self) -> Vec<String> {
         (0..SHARDS).map(|s| self.outbox(s)).collect()
     }
+    /// The prefix of every key of a shard: `<prefix>{s<N>}:` (the usage scripts
+    /// build their per-record keys from it, inside the shard's slot).
+    pub fn shard_prefix(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:", self.prefix)
+    }
+    /// Usage records waiting to be pushed (sorted set: metering_sn → when due, UNIX ms).
+    pub fn usage_pending(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:usage:pending", self.prefix)
+    }
+    /// Usage records not yet pushed (sorted set: metering_sn → accepted at, UNIX ms).
+    pub fn usage_unpushed(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:usage:unpushed", self.prefix)
+    }
+    /// Usage records KooGallery refused (sorted set: metering_sn → dead at, UNIX ms).
+    pub fn usage_dlq(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:usage:dlq", self.prefix)
+    }
+    /// One usage record (hash of its fields), in its instance's shard.
+    pub fn usage_record(&self, instance_id: &str, metering_sn: &str) -> String {
+        self.key(instance_shard(instance_id), "usage:r", metering_sn)
+    }
+    /// Which record holds a metering_sn (hash: metering_sn → record content), in
+    /// the metering_sn's own shard: it makes the sn unique across all instances.
+    pub fn usage_sn_registry(&self, metering_sn: &str) -> (u8, String) {
+        let shard = order_shard(metering_sn);
+        (shard, format!("{}{{s{shard}}}:usage:sn", self.prefix))
+    }
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

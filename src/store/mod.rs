@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::usage::{Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
+
 pub use plan::{Attempts, Branch, DeadLetter, EventSpec, OutboxEntry, Outcome, Plan, Record, Redeem};
 
 /// A failure of the store itself (never of the caller's input).
@@ -128,6 +130,30 @@ pub trait Store: Send + Sync + 'static {
         redeemed_by: &str,
         at: &str,
     ) -> Result<Redeem, StoreError>;
+
+    /// Decides and stores usage records, in order (see [`crate::usage::decide`]):
+    /// every accepted record is stored, with its period and its `metering_sn`,
+    /// before this returns.
+    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError>;
+
+    /// Takes up to `max` usage records due by `now_ms` and leases them until
+    /// `now_ms + lease` (another replica takes them over after that).
+    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError>;
+
+    /// Settles claimed records. Only a still pending record changes.
+    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError>;
+
+    /// One usage record by `metering_sn`.
+    async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError>;
+
+    /// Every record in the usage dead-letter list, oldest first.
+    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError>;
+
+    /// Puts a dead usage record back to be pushed; false when no dead record has that sn.
+    async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Gauges: unpushed records, the oldest one's acceptance time, dead records.
+    async fn usage_stats(&self) -> Result<UsageStats, StoreError>;
 
     /// `"redis"` or `"embedded"`, for logs and metrics.
     fn backend(&self) -> &'static str;

@@ -16,6 +16,9 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 use super::keys::{instance_shard, Keys, SHARDS};
 use super::plan::{Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem};
 use super::{Store, StoreError};
+use crate::usage::{Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
+
+mod usage;
 
 const GROUP: &str = "koogate";
 
@@ -61,6 +64,7 @@ pub struct RedisStore {
     settle: Script,
     redrive: Script,
     redeem: Script,
+    usage: usage::Scripts,
 }
 
 impl RedisStore {
@@ -88,6 +92,7 @@ impl RedisStore {
             settle: Script::new(include_str!("settle.lua")),
             redrive: Script::new(include_str!("redrive.lua")),
             redeem: Script::new(include_str!("redeem.lua")),
+            usage: usage::Scripts::new(),
         };
         store.ensure_groups().await?;
         Ok(store)
@@ -618,6 +623,34 @@ impl Store for RedisStore {
             }
         }
         Ok(())
+    }
+
+    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
+        self.usage_accept_impl(records, now_ms).await
+    }
+
+    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
+        self.usage_claim_impl(max, now_ms, lease).await
+    }
+
+    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError> {
+        self.usage_settle_impl(settles, now_ms).await
+    }
+
+    async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
+        self.usage_get_impl(metering_sn).await
+    }
+
+    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
+        self.usage_dead_impl().await
+    }
+
+    async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.usage_redrive_impl(metering_sn, now_ms).await
+    }
+
+    async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
+        self.usage_stats_impl().await
     }
 
     fn backend(&self) -> &'static str {

@@ -1,0 +1,221 @@
+//! The usage API (`POST {base}/api/mkp-openapi-public/global/v1/isv/usage-data`,
+//! protocol §10): the wire body, its signature headers and the answer.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::protocol::sign::usage_signature;
+use crate::protocol::unconfirmed::{usage_answer_class, usage_canonical_body, UsageAnswerClass};
+use crate::secret::Secret;
+use crate::usage::record::{compact, StoredUsage};
+
+pub const USAGE_PATH: &str = "/api/mkp-openapi-public/global/v1/isv/usage-data";
+/// Most records KooGallery takes in one call.
+pub const MAX_BATCH: usize = 1000;
+
+/// One record on the wire (`UsagePushData`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRecord {
+    pub instance_id: String,
+    pub record_time: String,
+    pub begin_time: String,
+    pub end_time: String,
+    pub usage_value: String,
+    pub metering_sn: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relate_pkg_instance: Option<String>,
+}
+
+impl PushRecord {
+    pub fn from_stored(s: &StoredUsage) -> Self {
+        let r = &s.record;
+        Self {
+            instance_id: r.instance_id.clone(),
+            record_time: s.record_time.clone(),
+            begin_time: compact(r.begin),
+            end_time: compact(r.end),
+            usage_value: r.value(),
+            metering_sn: r.metering_sn.clone(),
+            relate_pkg_instance: (!r.item.is_empty()).then(|| r.item.clone()),
+        }
+    }
+}
+
+/// The request body: `{"usage_records":[…]}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PushBody {
+    pub usage_records: Vec<PushRecord>,
+}
+
+/// The canonical (signed and sent) body of a batch.
+pub fn canonical_body(records: &[PushRecord]) -> String {
+    let value = serde_json::to_value(PushBody { usage_records: records.to_vec() }).unwrap_or(Value::Null);
+    usage_canonical_body(&value)
+}
+
+/// The three signature headers of a push: `ts`, `nonce`, `signature`.
+pub fn signature_headers(
+    access_key: &str,
+    canonical_body: &str,
+    ts_ms: i64,
+    nonce: &str,
+) -> [(&'static str, String); 3] {
+    let ts = ts_ms.to_string();
+    let signature = usage_signature(access_key, &ts, nonce, canonical_body);
+    [("ts", ts), ("nonce", nonce.to_owned()), ("signature", signature)]
+}
+
+/// The answer's code and message (shape unconfirmed, see `unconfirmed::usage_answer_class`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UsageAnswer {
+    #[serde(default, alias = "resultCode", skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, alias = "resultMsg")]
+    pub error_msg: String,
+}
+
+/// What came of one push call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// KooGallery has every record of the batch.
+    Taken,
+    /// KooGallery refused the batch: final for its records.
+    Refused { code: String, msg: String },
+    /// No usable answer: push the same records again later.
+    Retry(String),
+}
+
+/// Reads an answer into a [`PushOutcome`].
+pub fn read_answer(http_status: u16, body: &[u8]) -> PushOutcome {
+    let answer: Option<UsageAnswer> = serde_json::from_slice(body).ok();
+    let code = answer.as_ref().and_then(|a| a.error_code.clone());
+    let msg = answer.as_ref().map(|a| a.error_msg.clone()).unwrap_or_default();
+    match usage_answer_class(http_status, code.as_deref(), &msg) {
+        UsageAnswerClass::Taken | UsageAnswerClass::AlreadyTaken => PushOutcome::Taken,
+        UsageAnswerClass::Refused => PushOutcome::Refused { code: code.unwrap_or_default(), msg },
+        UsageAnswerClass::Retry => {
+            let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
+            PushOutcome::Retry(match code {
+                Some(code) => format!("HTTP {http_status}, {code}: {msg}"),
+                None => format!("HTTP {http_status}: {text}"),
+            })
+        }
+    }
+}
+
+/// A pooled client of the usage API, signing with the seller's access key.
+#[derive(Clone)]
+pub struct UsageApi {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    key: Secret,
+}
+
+impl UsageApi {
+    pub fn new(base: &str, key: Secret, timeout: Duration) -> Result<Self, String> {
+        let base = reqwest::Url::parse(base).map_err(|e| format!("bad marketplace URL {base}: {e}"))?;
+        let url = base.join(USAGE_PATH).map_err(|e| e.to_string())?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { http, url, key })
+    }
+
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// Pushes one batch (at most [`MAX_BATCH`] records).
+    pub async fn push(&self, records: &[PushRecord]) -> PushOutcome {
+        let body = canonical_body(records);
+        let nonce = crate::client::nonce();
+        let mut req = self.http.post(self.url.clone()).header("content-type", "application/json");
+        for (name, value) in signature_headers(self.key.expose(), &body, chrono::Utc::now().timestamp_millis(), &nonce)
+        {
+            req = req.header(name, value);
+        }
+        let res = match req.body(body).send().await {
+            Ok(res) => res,
+            Err(e) if e.is_timeout() => return PushOutcome::Retry("timed out".into()),
+            Err(e) => return PushOutcome::Retry(crate::error_chain(&e)),
+        };
+        let status = res.status().as_u16();
+        match res.bytes().await {
+            Ok(body) => read_answer(status, &body),
+            Err(e) => PushOutcome::Retry(format!("HTTP {status}, body unreadable: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(sn: &str) -> PushRecord {
+        PushRecord {
+            instance_id: "7f141bf1-aec8-4859-8323-fb3a8ad50721".into(),
+            record_time: "20220809T091000Z".into(),
+            begin_time: "20220809T080000Z".into(),
+            end_time: "20220809T090000Z".into(),
+            usage_value: "99".into(),
+            metering_sn: sn.into(),
+            relate_pkg_instance: None,
+        }
+    }
+
+    #[test]
+    fn the_body_is_sorted_at_every_level() {
+        let body = canonical_body(&[rec("sn-1")]);
+        assert_eq!(
+            body,
+            r#"{"usage_records":[{"begin_time":"20220809T080000Z","end_time":"20220809T090000Z","instance_id":"7f141bf1-aec8-4859-8323-fb3a8ad50721","metering_sn":"sn-1","record_time":"20220809T091000Z","usage_value":"99"}]}"#
+        );
+    }
+
+    /// Computed with Python's `hmac` and `json.dumps(sort_keys=True)`, not with this crate.
+    #[test]
+    fn signature_vector_of_an_independent_implementation() {
+        let body = canonical_body(&[PushRecord { metering_sn: "sn-0001".into(), ..rec("") }]);
+        let headers =
+            signature_headers("test-access-key-123", &body, 1_700_000_000_000, "6a3cd1f0e4b24c5e9a8b7c6d5e4f3a2b");
+        assert_eq!(headers[0], ("ts", "1700000000000".to_owned()));
+        assert_eq!(headers[2], ("signature", "RKm1YDTLgIT4GtjYK+2xm3D3j9RPyKdCpY2AndyzXBw=".to_owned()));
+        assert!(crate::protocol::sign::verify_usage_signature(
+            "test-access-key-123",
+            "1700000000000",
+            "6a3cd1f0e4b24c5e9a8b7c6d5e4f3a2b",
+            &body,
+            "RKm1YDTLgIT4GtjYK+2xm3D3j9RPyKdCpY2AndyzXBw="
+        ));
+        assert!(!crate::protocol::sign::verify_usage_signature("other", "1700000000000", "n", &body, &headers[2].1));
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        assert_eq!(read_answer(200, br#"{"error_code":"MKT.0000","error_msg":"Success"}"#), PushOutcome::Taken);
+        assert_eq!(read_answer(200, br#"{"resultCode":"MKT.0000","resultMsg":"ok"}"#), PushOutcome::Taken);
+        assert_eq!(
+            read_answer(400, br#"{"error_code":"MKT.0100","error_msg":"instance does not exist"}"#),
+            PushOutcome::Refused { code: "MKT.0100".into(), msg: "instance does not exist".into() }
+        );
+        assert_eq!(
+            read_answer(400, br#"{"error_code":"MKT.0105","error_msg":"metering_sn already exists"}"#),
+            PushOutcome::Taken
+        );
+        for (status, body) in [
+            (500, &br#"{"error_code":"MKT.9999","error_msg":"System error"}"#[..]),
+            (401, br#"{"error_code":"MKT.0151","error_msg":"signature wrong"}"#),
+            (429, b"slow down"),
+            (200, b"<html>"),
+            (502, b""),
+        ] {
+            assert!(matches!(read_answer(status, body), PushOutcome::Retry(_)), "{status}");
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The push worker: stored usage records to KooGallery's usage API.
+//!
+//! Each round claims due records for a lease, holds those of frozen
+//! instances, pushes the rest in batches of at most 1000 and settles every
+//! record. A batch KooGallery refuses is split in halves until the refused
+//! records stand alone, so one bad record does not take 999 good ones into
+//! the dead-letter list. Failures without a usable answer are retried with
+//! the delivery backoff, with the same `metering_sn`s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::{StoredUsage, UsageRecord, UsageSettle};
+use crate::backoff::Schedule;
+use crate::gateway::status::{EXPIRED, FROZEN};
+use crate::marketplace::usage::{PushOutcome, PushRecord, UsageApi, MAX_BATCH};
+use crate::metrics as m;
+use crate::store::{Store, StoreError};
+
+/// How the push worker behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Records per push call (at most 1000).
+    pub batch: usize,
+    /// A claimed record not settled by then is pushed again (same metering_sn).
+    pub lease: Duration,
+    /// How often the usage of a frozen instance is looked at again.
+    pub hold: Duration,
+    /// Pause between rounds when nothing was due.
+    pub poll: Duration,
+    pub schedule: Schedule,
+}
+
+/// Instance statuses whose usage waits: frozen (V2 FREEZE) and expired (V1
+/// expireInstance, the same thing in the older protocol).
+pub fn holds(status: &str) -> bool {
+    matches!(status, FROZEN | EXPIRED)
+}
+
+pub struct Pusher {
+    store: Arc<dyn Store>,
+    api: UsageApi,
+    settings: Settings,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Pusher {
+    pub fn new(store: Arc<dyn Store>, api: UsageApi, mut settings: Settings) -> Self {
+        settings.batch = settings.batch.clamp(1, MAX_BATCH);
+        Self { store, api, settings }
+    }
+
+    /// Pushes until `shutdown`. A push in flight is finished first (its
+    /// records' lease would otherwise make them wait); a round left undone
+    /// stays in the store.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(url = %self.api.url(), batch = self.settings.batch, "usage push started");
+        let mut store_backoff = self.settings.poll;
+        let mut last_gauges = Instant::now() - GAUGES_EVERY;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let pause = match self.round().await {
+                Ok(0) => {
+                    store_backoff = self.settings.poll;
+                    self.settings.poll
+                }
+                Ok(_) => Duration::ZERO,
+                Err(e) => {
+                    tracing::error!(error = %e, "usage push: store failed; will retry");
+                    store_backoff = (store_backoff * 2).min(Duration::from_secs(5));
+                    store_backoff
+                }
+            };
+            if last_gauges.elapsed() >= GAUGES_EVERY {
+                self.update_gauges().await;
+                last_gauges = Instant::now();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!("usage push stopped");
+    }
+
+    /// One round; returns how many records were claimed.
+    pub async fn round(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let claims = self.store.usage_claim(self.settings.batch, now, self.settings.lease).await?;
+        if claims.is_empty() {
+            m::usage_held(0);
+            return Ok(0);
+        }
+        let claimed = claims.len();
+        let mut settles = Vec::with_capacity(claimed);
+        let mut send = Vec::with_capacity(claimed);
+        for claim in claims {
+            if holds(&claim.instance_status) {
+                let at_ms = now + i64::try_from(self.settings.hold.as_millis()).unwrap_or(i64::MAX / 2);
+                settles.push((claim.stored.record, UsageSettle::Hold { at_ms }));
+            } else {
+                send.push(claim.stored);
+            }
+        }
+        m::usage_held(settles.len());
+        for chunk in send.chunks(self.settings.batch) {
+            settles.extend(self.push(chunk.to_vec()).await);
+        }
+        self.store.usage_settle(&settles, now_ms()).await?;
+        Ok(claimed)
+    }
+
+    /// Pushes a batch; a refused batch of several records is split.
+    fn push(&self, batch: Vec<StoredUsage>) -> BoxFuture<'_, Vec<(UsageRecord, UsageSettle)>> {
+        Box::pin(async move {
+            let records: Vec<PushRecord> = batch.iter().map(PushRecord::from_stored).collect();
+            let started = Instant::now();
+            let outcome = self.api.push(&records).await;
+            let took = started.elapsed();
+            match outcome {
+                PushOutcome::Taken => {
+                    m::usage_push_call("taken", took);
+                    m::usage_pushed(batch.len() as u64);
+                    tracing::info!(records = batch.len(), took_ms = took.as_millis() as u64, "usage pushed");
+                    batch.into_iter().map(|s| (s.record, UsageSettle::Pushed)).collect()
+                }
+                PushOutcome::Refused { code, msg } if batch.len() > 1 => {
+                    m::usage_push_call("refused", took);
+                    tracing::warn!(records = batch.len(), %code, %msg, "usage batch refused; splitting it to find the refused records");
+                    let mut second = batch;
+                    let first: Vec<StoredUsage> = second.drain(..second.len() / 2).collect();
+                    let mut out = self.push(first).await;
+                    out.extend(self.push(second).await);
+                    out
+                }
+                PushOutcome::Refused { code, msg } => {
+                    m::usage_push_call("refused", took);
+                    m::usage_refused("refused", 1);
+                    let sn = batch.first().map(|s| s.record.metering_sn.clone()).unwrap_or_default();
+                    tracing::error!(metering_sn = %sn, %code, %msg, "KooGallery refused a usage record; it is in the usage dead-letter list");
+                    batch
+                        .into_iter()
+                        .map(|s| (s.record, UsageSettle::Dead { code: code.clone(), msg: msg.clone() }))
+                        .collect()
+                }
+                PushOutcome::Retry(error) => {
+                    m::usage_push_call("retry", took);
+                    tracing::warn!(records = batch.len(), %error, "usage push failed; will retry with the same metering_sn");
+                    batch.into_iter().map(|s| self.retry(s, &error)).collect()
+                }
+            }
+        })
+    }
+
+    fn retry(&self, stored: StoredUsage, error: &str) -> (UsageRecord, UsageSettle) {
+        let attempts = stored.attempts + 1;
+        let age = Duration::from_millis(u64::try_from(now_ms() - stored.accepted_ms).unwrap_or(0));
+        if self.settings.schedule.exhausted(attempts, age) {
+            m::usage_refused("gave_up", 1);
+            tracing::error!(metering_sn = %stored.record.metering_sn, attempts, %error, "usage push gave up; the record is in the usage dead-letter list");
+            let msg = format!("gave up after {attempts} attempts: {error}");
+            return (stored.record, UsageSettle::Dead { code: GAVE_UP.into(), msg });
+        }
+        let delay = i64::try_from(self.settings.schedule.delay(attempts).as_millis()).unwrap_or(i64::MAX / 4);
+        (stored.record, UsageSettle::Retry { attempts, at_ms: now_ms() + delay, error: error.to_owned() })
+    }
+
+    async fn update_gauges(&self) {
+        match self.store.usage_stats().await {
+            Ok(stats) => {
+                let age = stats
+                    .oldest_unpushed_ms
+                    .map(|ms| Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0)))
+                    .unwrap_or_default();
+                m::usage_gauges(stats.unpushed, stats.dead, age);
+            }
+            Err(e) => tracing::warn!(error = %e, "usage push: could not read the ledger's gauges"),
+        }
+    }
+}
+
+/// The code of a record dead-lettered because pushing it kept failing.
+pub const GAVE_UP: &str = "koogate.gave_up";
+
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
