@@ -1,0 +1,462 @@
+//! Usage push (issue #9): intake verdicts, pushes to a real KooGallery usage
+//! API on loopback (its own signature check), batches, faults, holds, the
+//! usage dead-letter list, queryInstance's usageInfo. Real Redis and the
+//! embedded store, real sockets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::kooapi::{self, e4, UsageApi};
+use common::{Backend, TestGateway};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "usage-admin-token-0123456789";
+
+fn env<'a>(api: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("KOOGATE_ADMIN_TOKEN", TOKEN),
+        ("KOOGATE_MARKETPLACE_URL", api),
+        ("KOOGATE_USAGE_POLL_MS", "20"),
+        ("KOOGATE_RETRY_INITIAL_MS", "50"),
+        ("KOOGATE_RETRY_MAX_MS", "200"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Value) -> (u16, Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let body = if body.is_null() { bytes::Bytes::new() } else { bytes::Bytes::from(body.to_string()) };
+    let res = gw.admin.send(method, path, &headers, body).await.expect("admin API answers");
+    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+}
+
+async fn post_usage(gw: &TestGateway, records: Vec<Value>) -> (u16, Value) {
+    admin(gw, hyper::Method::POST, "/v1/usage", json!({ "records": records })).await
+}
+
+/// A purchase; returns the instance id.
+async fn buy(gw: &TestGateway, order: &str) -> String {
+    let body = json!({"activity":"newInstance","businessId":uuid::Uuid::new_v4().to_string(),
+        "orderId":order,"orderLineId":format!("{order}-000001"),"testFlag":"0"});
+    let res = gw.v2(body.to_string().as_bytes()).await;
+    assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+    res.json().unwrap()["instanceId"].as_str().unwrap().to_owned()
+}
+
+async fn call(gw: &TestGateway, body: Value) {
+    let res = gw.v2(body.to_string().as_bytes()).await;
+    assert_eq!(res.result_code().as_deref(), Some("000000"), "{body}: {}", String::from_utf8_lossy(&res.body));
+}
+
+/// Hour `h` of 2026-11-01 as KooGallery's time format.
+fn hour(h: u32) -> String {
+    let t = chrono::DateTime::from_timestamp(1_793_491_200 + i64::from(h) * 3600, 0).unwrap();
+    t.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+fn rec(instance: &str, h: u32, value: &str, sn: &str) -> Value {
+    json!({"instance_id": instance, "begin_time": hour(h), "end_time": hour(h + 1), "usage_value": value, "metering_sn": sn})
+}
+
+/// A sample's value (metrics are process-wide: tests running beside this one add to them).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {series}"))
+}
+
+fn statuses(answer: &Value) -> Vec<String> {
+    answer["records"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap().to_owned()).collect()
+}
+
+async fn record_status(gw: &TestGateway, sn: &str) -> Value {
+    admin(gw, hyper::Method::GET, &format!("/v1/usage/records/{sn}"), Value::Null).await.1
+}
+
+async fn wait_status(gw: &TestGateway, sn: &str, status: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = record_status(gw, sn).await;
+        if r["status"] == status {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{sn} never became {status}: {r}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn intake_verdicts(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw = TestGateway::start_with(backend, "usage-intake", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let a = buy(&gw, "CSUSAGEINTAKEA").await;
+    let b = buy(&gw, "CSUSAGEINTAKEB").await;
+
+    let (status, first) = post_usage(
+        &gw,
+        vec![
+            rec(&a, 0, "1.5", "sn-a0"),
+            rec(&a, 1, "2", "sn-a1"),
+            rec(&b, 0, "0.0001", "sn-b0"),
+            json!({"instance_id": a, "begin_time": "2026-11-01T02:00:00Z", "end_time": "2026-11-01T03:00:00+00:00",
+                   "usage_value": 3.25, "metering_sn": "sn-a2"}),
+            json!({"instance_id": a, "begin_time": hour(0), "end_time": hour(1), "usage_value": "7",
+                   "metering_sn": "sn-a0-pkg", "relate_pkg_instance": "pkg-1"}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(statuses(&first), ["accepted"; 5], "{first}");
+    assert_eq!(first["accepted"], 5);
+
+    let (status, second) = post_usage(
+        &gw,
+        vec![
+            rec(&a, 0, "1.5", "sn-a0"),                      // the same record again
+            rec(&a, 0, "1.6", "sn-a0"),                      // same sn, other value
+            rec(&b, 0, "1.5", "sn-a1"),                      // sn of another instance's record
+            json!({"instance_id": a, "begin_time": "20261101T003000Z", "end_time": "20261101T013000Z",
+                   "usage_value": "1", "metering_sn": "sn-overlap"}),
+            rec(&a, 3, "1", "sn-a3"),                        // adjacent: fine
+            rec("no-such-instance", 0, "1", "sn-ghost"),
+            rec(&a, 4, "0", "sn-zero"),
+            rec(&a, 4, "1.00001", "sn-5dec"),
+            json!({"instance_id": a, "begin_time": hour(6), "end_time": hour(5), "usage_value": "1", "metering_sn": "sn-back"}),
+            json!({"instance_id": a, "begin_time": hour(6), "end_time": hour(7), "usage_value": "1"}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(
+        statuses(&second),
+        [
+            "duplicate",
+            "rejected",
+            "rejected",
+            "rejected",
+            "accepted",
+            "rejected",
+            "rejected",
+            "rejected",
+            "rejected",
+            "rejected"
+        ],
+        "{second}"
+    );
+    let reasons: Vec<&str> =
+        second["records"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap_or("")).collect();
+    for (i, needle) in [
+        (1, "already used for a different record"),
+        (2, "already used for a different record"),
+        (3, "overlaps the accepted period of metering_sn sn-a1"),
+        (5, "not known"),
+        (6, "greater than 0"),
+        (7, "more than 4 decimals"),
+        (8, "end_time must be after begin_time"),
+        (9, "metering_sn is missing"),
+    ] {
+        assert!(reasons[i].contains(needle), "record {i}: {:?} lacks {needle:?}", reasons[i]);
+    }
+    assert_eq!(
+        (second["accepted"].as_u64(), second["duplicate"].as_u64(), second["rejected"].as_u64()),
+        (Some(1), Some(1), Some(8))
+    );
+
+    // The refused sn-overlap left nothing behind: the same sn is free for a good record.
+    let (_, third) = post_usage(&gw, vec![rec(&a, 5, "1", "sn-overlap")]).await;
+    assert_eq!(statuses(&third), ["accepted"], "{third}");
+
+    // Unreadable requests change nothing.
+    let before = gw.snapshot().await;
+    for (body, needle) in [
+        (json!({"nothing": []}), "\"records\" is missing"),
+        (json!({"records": []}), "empty"),
+        (
+            json!({"records": (0..1001).map(|i| rec(&a, 100 + i, "1", &format!("x{i}"))).collect::<Vec<_>>()}),
+            "at most 1000",
+        ),
+    ] {
+        let (status, answer) = admin(&gw, hyper::Method::POST, "/v1/usage", body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["message"].as_str().unwrap().contains(needle), "{answer}");
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let res = gw
+        .admin
+        .send(
+            hyper::Method::POST,
+            "/v1/usage",
+            &[("authorization", auth.as_str())],
+            bytes::Bytes::from_static(b"{not json"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 400);
+    let res = gw
+        .admin
+        .send(
+            hyper::Method::POST,
+            "/v1/usage",
+            &[],
+            bytes::Bytes::from(json!({"records": [rec(&a, 9, "1", "sn-noauth")]}).to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 401, "usage intake needs the admin token");
+    assert_eq!(gw.snapshot().await, before, "a refused request wrote something");
+
+    let stats = admin(&gw, hyper::Method::GET, "/v1/usage", Value::Null).await.1;
+    assert_eq!(stats["unpushed"], 7, "{stats}");
+    assert!(api.calls().is_empty(), "KOOGATE_USAGE_PUSH=false pushed anyway");
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "koogate_usage_records_total{verdict=\"accepted\"}") >= 7.0, "{metrics}");
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn intake_verdicts_redis() {
+    intake_verdicts(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn intake_verdicts_embedded() {
+    intake_verdicts(Backend::Embedded).await;
+}
+
+/// 2,400 hourly records on three instances: batches of at most 1000, every
+/// record at KooGallery once, totals equal, queryInstance reports them.
+async fn pushes_once_in_batches(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw = TestGateway::start_with(backend, "usage-batches", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let instances = [buy(&gw, "CSUSAGEBATCH1").await, buy(&gw, "CSUSAGEBATCH2").await, buy(&gw, "CSUSAGEBATCH3").await];
+    let mut accepted: BTreeMap<String, i64> = BTreeMap::new();
+    for (n, inst) in instances.iter().enumerate() {
+        let records: Vec<Value> = (0..800u32)
+            .map(|h| rec(inst, h, &format!("{}.{:04}", h % 7 + 1, (h * 37 + n as u32) % 10_000), &format!("b{n}-{h}")))
+            .collect();
+        for r in &records {
+            *accepted.entry(inst.clone()).or_default() += e4(r["usage_value"].as_str().unwrap());
+        }
+        let (status, answer) = post_usage(&gw, records).await;
+        assert_eq!((status, answer["accepted"].as_u64()), (200, Some(800)), "{answer}");
+    }
+    // Turn pushing on: a second gateway on the same store (Redis) or the same one restarted (embedded).
+    let gw = restart(gw, &env(&url, &[])).await;
+    let started = Instant::now();
+    api.wait_records(2400, Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    let calls = api.calls();
+    let sizes: Vec<usize> = calls.iter().map(|c| c.sns.len()).collect();
+    assert!(sizes.iter().all(|s| *s <= 1000), "a batch over 1000: {sizes:?}");
+    assert!(sizes.contains(&1000), "2400 due records should fill a batch: {sizes:?}");
+    assert!(calls.iter().all(|c| c.signature_ok && c.sorted), "every push is signed over a sorted body");
+    let records = api.records();
+    assert!(records.values().all(|(_, n)| *n == 1), "a record arrived twice without a failure");
+    assert_eq!(api.totals(), accepted, "totals at KooGallery differ from totals accepted");
+    println!(
+        "usage push ({backend:?}): 2400 records in {} calls, {:.0} records/s, lost 0, doubled 0",
+        calls.len(),
+        2400.0 / took.as_secs_f64()
+    );
+
+    // The ledger says pushed; queryInstance answers the totals.
+    wait_status(&gw, "b2-799", "pushed", Duration::from_secs(5)).await;
+    let stats = admin(&gw, hyper::Method::GET, "/v1/usage", Value::Null).await.1;
+    assert_eq!((stats["unpushed"].as_u64(), stats["dead"].as_u64()), (Some(0), Some(0)), "{stats}");
+    let ids = instances.join(",");
+    let res = gw.v2(json!({"activity":"queryInstance","instanceId":ids}).to_string().as_bytes()).await;
+    let answer = res.json().unwrap();
+    for info in answer["info"].as_array().unwrap() {
+        let id = info["instanceId"].as_str().unwrap();
+        let usage = &info["usageInfo"];
+        assert_eq!(e4(usage["usageValue"].as_str().unwrap()), accepted[id], "{answer}");
+        assert_eq!(usage["statisticalTime"], hour(800), "{answer}");
+    }
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "koogate_usage_pushed_total") >= 2400.0, "{metrics}");
+    gw.stop().await;
+    api.stop();
+}
+
+/// Stops a gateway and starts another on the same store with `extra` settings.
+async fn restart(mut gw: TestGateway, extra: &[(&str, &str)]) -> TestGateway {
+    if let Some(running) = gw.running.take() {
+        running.stop().await;
+    }
+    let mut env = common::base_env(gw.backend, &gw.prefix, gw.dir.path(), &gw.redis_url);
+    for (k, v) in extra {
+        env.insert((*k).into(), (*v).into());
+    }
+    let config = koogate::config::Config::from_parts(env, None).unwrap();
+    let running = koogate::server::start(config).await.unwrap();
+    gw.client = koogate::client::KooClient::new(&format!("http://{}", running.addr));
+    gw.admin = koogate::client::KooClient::new(&format!("http://{}", running.admin_addr));
+    gw.running = Some(running);
+    gw
+}
+
+#[tokio::test]
+async fn pushes_once_in_batches_redis() {
+    pushes_once_in_batches(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn pushes_once_in_batches_embedded() {
+    pushes_once_in_batches(Backend::Embedded).await;
+}
+
+/// KooGallery stores a batch and answers too late: the push times out and
+/// is retried with the same metering_sns, which KooGallery counts once.
+#[tokio::test]
+async fn a_timeout_after_receipt_is_retried_with_the_same_metering_sn() {
+    let api = UsageApi::start(|n, _| {
+        let mut r = kooapi::taken();
+        if n <= 2 {
+            r.delay = Duration::from_millis(1500);
+        }
+        r
+    })
+    .await;
+    let url = api.url();
+    let gw =
+        TestGateway::start_with(Backend::Redis, "usage-timeout", &env(&url, &[("KOOGATE_USAGE_TIMEOUT_MS", "300")]))
+            .await;
+    let inst = buy(&gw, "CSUSAGETIMEOUT").await;
+    let records: Vec<Value> = (0..24).map(|h| rec(&inst, h, "1.25", &format!("t-{h}"))).collect();
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 24);
+    wait_status(&gw, "t-23", "pushed", Duration::from_secs(20)).await;
+    let calls = api.calls();
+    let arrivals: u32 = api.records().values().map(|(_, n)| n).sum();
+    assert!(calls.len() >= 3, "expected two timed-out calls and a retry: {}", calls.len());
+    assert!(arrivals >= 48, "the retry should have carried the same records again: {arrivals}");
+    assert_eq!(api.records().len(), 24, "KooGallery counts each metering_sn once");
+    assert_eq!(api.totals()[&inst], 24 * 12_500);
+    let r = record_status(&gw, "t-0").await;
+    assert!(r["attempts"].as_u64().unwrap() >= 1 && r["last_error"].as_str().unwrap().contains("timed out"), "{r}");
+    println!(
+        "timeout after receipt: {} calls, {arrivals} arrivals of 24 records, counted 24, lost 0, doubled 0",
+        calls.len()
+    );
+    gw.stop().await;
+    api.stop();
+}
+
+/// One record KooGallery refuses: the batch is split, the others go through,
+/// the refused one lands in the usage dead-letter list with KooGallery's
+/// code, and a redrive pushes it once KooGallery takes it.
+async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
+    let accept_bad = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&accept_bad);
+    let api = UsageApi::start(move |_, records| {
+        let bad = records.iter().any(|r| r["metering_sn"] == "r-bad");
+        if bad && !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            kooapi::refused("instance does not exist")
+        } else {
+            kooapi::taken()
+        }
+    })
+    .await;
+    let url = api.url();
+    let gw = TestGateway::start_with(backend, "usage-refused", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let inst = buy(&gw, "CSUSAGEREFUSED").await;
+    let mut records: Vec<Value> = (0..9).map(|h| rec(&inst, h, "2", &format!("r-{h}"))).collect();
+    records.insert(4, rec(&inst, 20, "5", "r-bad"));
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
+    let gw = restart(gw, &env(&url, &[])).await;
+    let dead = wait_status(&gw, "r-bad", "dead", Duration::from_secs(20)).await;
+    assert_eq!((dead["code"].as_str(), dead["message"].as_str()), (Some("MKT.0100"), Some("instance does not exist")));
+    api.wait_records(9, Duration::from_secs(10)).await;
+    assert!(!api.records().contains_key("r-bad"));
+    let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
+    let letters = dlq["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{dlq}");
+    assert_eq!(letters[0]["metering_sn"], "r-bad");
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "koogate_usage_refused_total{reason=\"refused\"}") >= 1.0, "{metrics}");
+
+    accept_bad.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, redriven) =
+        admin(&gw, hyper::Method::POST, "/v1/usage/dlq/redrive", json!({"ids": ["r-bad", "r-nope"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!((redriven["redriven"].clone(), redriven["missing"].clone()), (json!(["r-bad"]), json!(["r-nope"])));
+    wait_status(&gw, "r-bad", "pushed", Duration::from_secs(10)).await;
+    assert_eq!(api.records()["r-bad"].1, 1);
+    assert_eq!(api.totals()[&inst], 9 * 20_000 + 50_000);
+    let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
+    assert_eq!(dlq["dead_letters"], json!([]));
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn refused_records_are_dead_lettered_and_redriven_redis() {
+    refused_records_are_dead_lettered_and_redriven(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn refused_records_are_dead_lettered_and_redriven_embedded() {
+    refused_records_are_dead_lettered_and_redriven(Backend::Embedded).await;
+}
+
+/// Frozen: accepted, held, pushed after UNFREEZE. Released: new usage
+/// refused, usage accepted before the release still pushed.
+async fn freeze_and_release_rules(backend: Backend) {
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&down);
+    let api = UsageApi::start(move |_, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            kooapi::failing()
+        } else {
+            kooapi::taken()
+        }
+    })
+    .await;
+    let url = api.url();
+    let gw = TestGateway::start_with(backend, "usage-freeze", &env(&url, &[("KOOGATE_USAGE_HOLD_SECS", "1")])).await;
+    let inst = buy(&gw, "CSUSAGEFREEZE").await;
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"FREEZE"})).await;
+    let (_, answer) = post_usage(&gw, vec![rec(&inst, 0, "3", "f-0")]).await;
+    assert_eq!(statuses(&answer), ["accepted"], "usage of a frozen instance is accepted (and held)");
+    wait_status(&gw, "f-0", "held", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(api.calls().is_empty(), "usage of a frozen instance was pushed");
+    assert_eq!(record_status(&gw, "f-0").await["status"], "held");
+
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"UNFREEZE"})).await;
+    wait_status(&gw, "f-0", "pushed", Duration::from_secs(10)).await;
+
+    // Accepted while KooGallery is down, then the instance is released: still pushed.
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(statuses(&post_usage(&gw, vec![rec(&inst, 1, "4", "f-1")]).await.1), ["accepted"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.calls().iter().filter(|c| c.status == 500).count() == 0 {
+        assert!(Instant::now() < deadline, "no failed push seen");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    call(&gw, json!({"activity":"releaseInstance","instanceId":inst})).await;
+    let (_, after) = post_usage(&gw, vec![rec(&inst, 2, "5", "f-2")]).await;
+    assert_eq!(statuses(&after), ["rejected"]);
+    assert!(after["records"][0]["reason"].as_str().unwrap().contains("released"), "{after}");
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&gw, "f-1", "pushed", Duration::from_secs(10)).await;
+    assert_eq!(api.totals()[&inst], 70_000);
+    assert!(!api.records().contains_key("f-2"));
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn freeze_and_release_rules_redis() {
+    freeze_and_release_rules(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn freeze_and_release_rules_embedded() {
+    freeze_and_release_rules(Backend::Embedded).await;
+}
