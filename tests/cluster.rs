@@ -86,11 +86,18 @@ impl Drop for Cluster {
 async fn the_gateway_runs_on_a_redis_cluster() {
     let cluster = Cluster::start();
     let url = format!("redis+cluster://127.0.0.1:{}", cluster.ports[0]);
+    let usage_api = kooapi::UsageApi::start(|_, _| kooapi::taken()).await;
+    let usage_url = usage_api.url();
     let gw = TestGateway::start_on(
         Backend::Redis,
         "cluster",
         &url,
-        &[("KOOGATE_STORE", &url), ("KOOGATE_ADMIN_TOKEN", "t0ken")],
+        &[
+            ("KOOGATE_STORE", &url),
+            ("KOOGATE_ADMIN_TOKEN", "t0ken"),
+            ("KOOGATE_MARKETPLACE_URL", &usage_url),
+            ("KOOGATE_USAGE_POLL_MS", "20"),
+        ],
     )
     .await;
     for rel in fixture_files("v2").into_iter().chain(fixture_files("v1")) {
@@ -146,5 +153,72 @@ async fn the_gateway_runs_on_a_redis_cluster() {
     let slots: std::collections::BTreeSet<u16> = order_keys.iter().map(|k| cluster.keyslot(k)).collect();
     println!("keys of order CS2211181819B4LVS: {} keys, slots {slots:?}", order_keys.len());
     assert_eq!(slots.len(), 1, "{order_keys:?}");
+
+    // Usage: records of instances in different shards, a metering_sn reused across shards refused,
+    // every record pushed once, totals in queryInstance.
+    let mut usage_instances = Vec::new();
+    for order in ["CSCLUSTERUSAGE1", "CSCLUSTERUSAGE5", "CSCLUSTERUSAGE9"] {
+        let body = format!(
+            r#"{{"activity":"newInstance","businessId":"b-{order}","orderId":"{order}","orderLineId":"{order}-1"}}"#
+        );
+        let res = gw.v2(body.as_bytes()).await;
+        usage_instances.push(res.json().unwrap()["instanceId"].as_str().unwrap().to_owned());
+    }
+    let usage_shards: std::collections::BTreeSet<u8> =
+        usage_instances.iter().map(|i| koogate::store::keys::instance_shard(i)).collect();
+    assert!(usage_shards.len() > 1, "usage spans shards: {usage_instances:?}");
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    for (n, inst) in usage_instances.iter().enumerate() {
+        for h in 0..24 {
+            records.push(serde_json::json!({"instance_id": inst, "begin_time": format!("20261101T{h:02}0000Z"),
+                "end_time": format!("20261101T{h:02}5959Z"), "usage_value": "1.5", "metering_sn": format!("c{n}-{h}")}));
+        }
+    }
+    records.push(serde_json::json!({"instance_id": usage_instances[1], "begin_time": "20261102T000000Z",
+        "end_time": "20261102T010000Z", "usage_value": "1", "metering_sn": "c0-0"}));
+    let res = gw
+        .admin
+        .send(
+            hyper::Method::POST,
+            "/v1/usage",
+            &[("authorization", auth)],
+            serde_json::json!({"records": records}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
+    assert_eq!((answer["accepted"].as_u64(), answer["rejected"].as_u64()), (Some(72), Some(1)), "{answer}");
+    assert!(answer["records"][72]["reason"].as_str().unwrap().contains("already used"), "{answer}");
+    usage_api.wait_records(72, Duration::from_secs(20)).await;
+    assert!(usage_api.records().values().all(|(_, n)| *n == 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let query = format!(r#"{{"activity":"queryInstance","instanceId":"{}"}}"#, usage_instances.join(","));
+        let res = gw.v2(query.as_bytes()).await;
+        let info = res.json().unwrap()["info"].clone();
+        if info.as_array().unwrap().iter().all(|i| i["usageInfo"]["usageValue"] == "36") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queryInstance does not show the pushed usage: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inst = &usage_instances[0];
+    let shard = koogate::store::keys::instance_shard(inst);
+    let usage_keys = [
+        keys.instance(inst),
+        keys.usage_record(inst, "c0-0"),
+        keys.usage_pending(shard),
+        keys.usage_unpushed(shard),
+        keys.usage_dlq(shard),
+        format!("{}{}", keys.shard_prefix(shard), koogate::usage::period_index(inst, "")),
+    ];
+    let slots: std::collections::BTreeSet<u16> = usage_keys.iter().map(|k| cluster.keyslot(k)).collect();
+    println!(
+        "usage on the cluster: 72 records over {} shards pushed once; {} keys of one instance in slots {slots:?}",
+        usage_shards.len(),
+        usage_keys.len()
+    );
+    assert_eq!(slots.len(), 1, "{usage_keys:?}");
+    usage_api.stop();
     gw.stop().await;
 }

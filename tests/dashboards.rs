@@ -3,7 +3,9 @@
 //!
 //! A gateway on Redis delivering to the reference billing sink gets good calls,
 //! a retry and a bad signature; a second gateway on a private Redis that is put
-//! to sleep (`DEBUG SLEEP`) produces store timeouts and overload rejections.
+//! to sleep (`DEBUG SLEEP`) produces store timeouts and overload rejections;
+//! a third one pushes usage records to a KooGallery usage API on loopback that
+//! takes some and refuses one.
 //! Then every `koogate_*` name in the dashboard's PromQL and in alerts.yml must
 //! be a sample of the `/metrics` exposition: a counter or gauge by its own
 //! name, a histogram by `<name>_bucket`, `_sum` or `_count`.
@@ -14,8 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::kooapi::{self, UsageApi};
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const DASHBOARD: &str = "deploy/grafana/dashboards/koogate.json";
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
@@ -204,6 +207,60 @@ async fn produce_store_errors_and_overload() {
     tokio::time::timeout(Duration::from_secs(20), gw.stop()).await.expect("the faults gateway stops");
 }
 
+/// The usage push series (`koogate_usage_*`): records posted with every
+/// verdict (accepted, duplicate, rejected), pushed to a KooGallery usage API on
+/// loopback that takes them but one, which it refuses (a split batch, a
+/// dead letter). Metrics are process-wide: the main gateway's /metrics shows them.
+async fn produce_usage_push() {
+    const TOKEN: &str = "dashboards-usage-token-0123456789";
+    let api = UsageApi::start(|_, records| {
+        if records.iter().any(|r| r["metering_sn"] == "dash-u-bad") {
+            kooapi::refused("instance does not exist")
+        } else {
+            kooapi::taken()
+        }
+    })
+    .await;
+    let url = api.url();
+    let gw = TestGateway::start_with(
+        Backend::Redis,
+        "dashboards-usage",
+        &[("KOOGATE_ADMIN_TOKEN", TOKEN), ("KOOGATE_MARKETPLACE_URL", url.as_str()), ("KOOGATE_USAGE_POLL_MS", "20")],
+    )
+    .await;
+    let bought = gw.v2_fixture("v2/01-newInstance.json").await;
+    let instance =
+        bought.json().expect("newInstance answers JSON")["instanceId"].as_str().expect("an instanceId").to_owned();
+    let hour = |h: i64| {
+        let t = chrono::DateTime::from_timestamp(1_793_491_200 + h * 3600, 0).unwrap();
+        t.format("%Y%m%dT%H%M%SZ").to_string()
+    };
+    let usage = |from: i64, to: i64, sn: &str| {
+        let (begin, end) = (hour(from), hour(to));
+        json!({"instance_id": instance, "begin_time": begin, "end_time": end, "usage_value": "1", "metering_sn": sn})
+    };
+    let rec = |h: i64, sn: &str| usage(h, h + 1, sn);
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let post = |records: Vec<Value>| {
+        let body = bytes::Bytes::from(json!({ "records": records }).to_string());
+        gw.admin.send(hyper::Method::POST, "/v1/usage", &headers, body)
+    };
+    let first = post(vec![rec(0, "dash-u-0"), rec(1, "dash-u-1"), rec(2, "dash-u-bad")]).await.expect("answered");
+    assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
+    // A duplicate (same metering_sn again) and a rejected record (it ends before it begins).
+    let second = post(vec![rec(0, "dash-u-0"), usage(5, 4, "dash-u-backwards")]).await.expect("answered");
+    assert_eq!(second.status, 200, "{}", String::from_utf8_lossy(&second.body));
+    api.wait_records(2, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gw.metrics().await.contains("koogate_usage_refused_total{") {
+        assert!(Instant::now() < deadline, "the refused usage record never reached the usage dead-letter list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(20), gw.stop()).await.expect("the usage gateway stops");
+    api.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_and_alerts_use_only_exported_metrics() {
     // What the dashboard and the alerts query.
@@ -263,6 +320,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     gw.drain().await;
 
     produce_store_errors_and_overload().await;
+    produce_usage_push().await;
 
     // Gauges are set by background tasks every 2-5 s: scrape until all are there, 15 s at most.
     let deadline = Instant::now() + Duration::from_secs(15);
