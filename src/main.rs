@@ -35,12 +35,15 @@ enum Command {
     Sink(SinkArgs),
     /// Send fixture payloads to a gateway, signed as KooGallery signs them, and check every answer.
     Replay(ReplayArgs),
-    /// Simulate KooGallery: serve its order query API and run call scenarios against a gateway.
-    Simulate(SimulateArgs),
-    /// Inspect and redrive dead-lettered events through a running gateway's admin API.
+    /// Simulate KooGallery: serve its order query and usage APIs and run call scenarios against a gateway.
+    Simulate(Box<SimulateArgs>),
+    /// Inspect and redrive dead-lettered events (or, with --usage, usage records) through a running gateway's admin API.
     Dlq {
         #[command(flatten)]
         admin: AdminArgs,
+        /// The usage dead-letter list: usage records KooGallery refused (ids are metering_sn).
+        #[arg(long, global = true)]
+        usage: bool,
         #[command(subcommand)]
         action: DlqAction,
     },
@@ -127,7 +130,7 @@ struct SimulateArgs {
     /// Base URL of a gateway to run the scenarios against, e.g. http://127.0.0.1:8080.
     #[arg(long, conflicts_with = "serve_only")]
     gateway: Option<String>,
-    /// The product's access key (signs calls, checks Body-Sign).
+    /// The product's access key (signs calls, checks Body-Sign, verifies usage pushes).
     #[arg(long, env = "KOOGATE_ACCESS_KEY", hide_env_values = true)]
     key: Option<String>,
     #[arg(long, default_value = "/koogallery/v2")]
@@ -149,7 +152,7 @@ struct SimulateArgs {
     /// Suffix of this run's order ids (default: random).
     #[arg(long)]
     run_id: Option<String>,
-    /// Only serve the order query API until Ctrl-C/SIGTERM.
+    /// Only serve the order query and usage APIs until Ctrl-C/SIGTERM.
     #[arg(long)]
     serve_only: bool,
     /// Print the report as JSON.
@@ -158,6 +161,31 @@ struct SimulateArgs {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Share of usage API calls answered HTTP 500, storing nothing (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    usage_fail_share: f64,
+    /// Answer usage API calls this late after storing their records (a shorter push timeout loses the answer).
+    #[arg(long, default_value_t = 0)]
+    usage_delay_ms: u64,
+    /// Share of usage API calls answered late (with --usage-delay-ms; 0.0 to 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    usage_delay_share: f64,
+    /// Instance id the usage API does not know: a push naming it is refused (repeatable).
+    #[arg(long = "refuse-instance")]
+    refuse_instances: Vec<String>,
+    /// Base URL of the gateway's admin listener, e.g. http://127.0.0.1:9090 (the usage scenario posts usage there).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token of the gateway's admin API.
+    #[arg(long, env = "KOOGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Longest wait for the usage API to receive every record of the usage scenario, seconds.
+    #[arg(long, default_value_t = 30)]
+    usage_wait_secs: u64,
+    /// Base URL of the simulator the gateway pushes usage to, when it is not this one
+    /// (e.g. a `koogate simulate --serve-only` at http://127.0.0.1:9300).
+    #[arg(long)]
+    usage_api: Option<String>,
 }
 
 #[derive(Args)]
@@ -171,14 +199,14 @@ struct AdminArgs {
 enum DlqAction {
     /// List dead letters.
     List,
-    /// Show one dead letter with its event.
+    /// Show one dead letter with its event (with --usage: any usage record by metering_sn).
     Show { id: String },
-    /// Put dead letters back into the outbox.
+    /// Put dead letters back into the outbox (with --usage: push them to KooGallery again).
     Redrive {
         /// Every dead letter.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
-        /// Event ids.
+        /// Event ids (with --usage: metering_sn).
         ids: Vec<String>,
     },
 }
@@ -219,7 +247,7 @@ fn load_config(path: Option<&std::path::Path>) -> Config {
     }
 }
 
-async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
+async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result<()> {
     let base = match admin.admin {
         Some(url) => url,
         None => format!("http://{}", std::env::var("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into())),
@@ -234,14 +262,19 @@ async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
     let client = KooClient::new(&base).with_timeout(Duration::from_secs(30));
     let auth = format!("Bearer {token}");
     let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let (list, show, redrive) = if usage {
+        ("/v1/usage/dlq", "/v1/usage/records", "/v1/usage/dlq/redrive")
+    } else {
+        ("/v1/dlq", "/v1/dlq", "/v1/dlq/redrive")
+    };
     let (method, path, body) = match &action {
-        DlqAction::List => (hyper::Method::GET, "/v1/dlq".to_owned(), String::new()),
-        DlqAction::Show { id } => (hyper::Method::GET, format!("/v1/dlq/{id}"), String::new()),
+        DlqAction::List => (hyper::Method::GET, list.to_owned(), String::new()),
+        DlqAction::Show { id } => (hyper::Method::GET, format!("{show}/{id}"), String::new()),
         DlqAction::Redrive { all, ids } => {
             if !all && ids.is_empty() {
-                bail!("give event ids or --all");
+                bail!("give ids or --all");
             }
-            (hyper::Method::POST, "/v1/dlq/redrive".to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
+            (hyper::Method::POST, redrive.to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
         }
     };
     let res =
@@ -252,6 +285,26 @@ async fn dlq(admin: AdminArgs, action: DlqAction) -> anyhow::Result<()> {
         bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
     }
     match action {
+        DlqAction::List if usage => {
+            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<40} {:<38} {:>14} {:<12} {:<24}  MESSAGE",
+                "METERING SN", "INSTANCE", "VALUE", "CODE", "DEAD AT"
+            );
+            for d in &letters {
+                let text = |k: &str| d[k].as_str().unwrap_or("").to_owned();
+                println!(
+                    "{:<40} {:<38} {:>14} {:<12} {:<24}  {}",
+                    text("metering_sn"),
+                    text("instance_id"),
+                    text("usage_value"),
+                    text("code"),
+                    text("dead_at"),
+                    text("message")
+                );
+            }
+            println!("{} dead usage record(s)", letters.len());
+        }
         DlqAction::List => {
             let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
             println!("{:<56} {:<32} {:>8}  {:<24}  LAST ERROR", "EVENT ID", "TYPE", "ATTEMPTS", "DEAD AT");
@@ -354,7 +407,7 @@ async fn main() -> anyhow::Result<()> {
             sink.stop().await;
             Ok(())
         }
-        Command::Dlq { admin, action } => dlq(admin, action).await,
+        Command::Dlq { admin, usage, action } => dlq(admin, usage, action).await,
         Command::Replay(args) => replay(args).await,
         Command::Simulate(a) => {
             init_logs(LogFormat::Text);
@@ -376,6 +429,14 @@ async fn main() -> anyhow::Result<()> {
                 serve_only: a.serve_only,
                 json: a.json,
                 list: a.list,
+                usage_fail_share: a.usage_fail_share,
+                usage_delay: Duration::from_millis(a.usage_delay_ms),
+                usage_delay_share: a.usage_delay_share,
+                refuse_instances: a.refuse_instances,
+                admin: a.admin,
+                admin_token: a.admin_token.map(koogate::secret::Secret::new),
+                usage_wait_secs: a.usage_wait_secs,
+                usage_api: a.usage_api,
             };
             if !koogate::simulate::command(opts, shutdown_signal()).await.context("koogate simulate")? {
                 std::process::exit(1);

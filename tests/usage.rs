@@ -380,11 +380,28 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     let metrics = gw.metrics().await;
     assert!(metric(&metrics, "koogate_usage_refused_total{reason=\"refused\"}") >= 1.0, "{metrics}");
 
+    // The operator looks with the CLI, KooGallery is fixed, the CLI redrives.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://{}", gw.running().admin_addr))
+            .env("KOOGATE_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cli(&["dlq", "--usage", "list"]);
+    assert!(
+        listed.contains("r-bad") && listed.contains("MKT.0100") && listed.contains("1 dead usage record(s)"),
+        "{listed}"
+    );
+    assert!(cli(&["dlq", "--usage", "show", "r-bad"]).contains("\"status\": \"dead\""));
     accept_bad.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (status, redriven) =
-        admin(&gw, hyper::Method::POST, "/v1/usage/dlq/redrive", json!({"ids": ["r-bad", "r-nope"]})).await;
-    assert_eq!(status, 200);
-    assert_eq!((redriven["redriven"].clone(), redriven["missing"].clone()), (json!(["r-bad"]), json!(["r-nope"])));
+    assert!(cli(&["dlq", "--usage", "redrive", "r-bad"]).contains("redriven: 1"));
+    let (status, redriven) = admin(&gw, hyper::Method::POST, "/v1/usage/dlq/redrive", json!({"ids": ["r-nope"]})).await;
+    assert_eq!((status, redriven["missing"].clone()), (200, json!(["r-nope"])));
     wait_status(&gw, "r-bad", "pushed", Duration::from_secs(10)).await;
     assert_eq!(api.records()["r-bad"].1, 1);
     assert_eq!(api.totals()[&inst], 9 * 20_000 + 50_000);
@@ -394,12 +411,12 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     api.stop();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_records_are_dead_lettered_and_redriven_redis() {
     refused_records_are_dead_lettered_and_redriven(Backend::Redis).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_records_are_dead_lettered_and_redriven_embedded() {
     refused_records_are_dead_lettered_and_redriven(Backend::Embedded).await;
 }
@@ -459,4 +476,103 @@ async fn freeze_and_release_rules_redis() {
 #[tokio::test]
 async fn freeze_and_release_rules_embedded() {
     freeze_and_release_rules(Backend::Embedded).await;
+}
+
+/// The gateway process is SIGKILLed while KooGallery holds a push: after a
+/// restart the leased records are pushed again with the same metering_sns,
+/// KooGallery counts each once, and the ledger ends with nothing unpushed.
+async fn killed_mid_push(backend: Backend) {
+    use common::process::Proc;
+    let api = UsageApi::start(|n, _| {
+        let mut r = kooapi::taken();
+        if n == 1 {
+            r.delay = Duration::from_secs(5);
+        }
+        r
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = common::unique_prefix("usage-kill");
+    let mut env = common::base_env(backend, &prefix, dir.path(), common::REDIS_URL);
+    for (k, v) in env_of(&api.url()) {
+        env.insert(k.into(), v);
+    }
+    let mut gw = Proc::gateway(&env).await;
+    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
+    let body = json!({"activity":"newInstance","businessId":"b-kill","orderId":"CSUSAGEKILL","orderLineId":"CSUSAGEKILL-1","testFlag":"0"});
+    let res = gw.client.v2("/koogallery/v2", common::AK, body.to_string().as_bytes(), common::now_ms()).await.unwrap();
+    let inst = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let mut accepted = 0;
+    for chunk in 0..3u32 {
+        let records: Vec<Value> =
+            (0..500).map(|h| rec(&inst, chunk * 500 + h, "0.5", &format!("k-{}", chunk * 500 + h))).collect();
+        let auth = format!("Bearer {TOKEN}");
+        let res = admin
+            .send(
+                hyper::Method::POST,
+                "/v1/usage",
+                &[("authorization", auth.as_str())],
+                json!({"records": records}).to_string().into(),
+            )
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&res.body).unwrap();
+        accepted += answer["accepted"].as_u64().unwrap();
+    }
+    assert_eq!(accepted, 1500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.calls().is_empty() {
+        assert!(Instant::now() < deadline, "no push started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.kill9(); // KooGallery has the first batch and has not answered
+    let in_flight = api.calls()[0].sns.len();
+    let gw = Proc::gateway(&env).await;
+    api.wait_records(1500, Duration::from_secs(30)).await;
+    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
+    let auth = format!("Bearer {TOKEN}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = admin
+            .send(hyper::Method::GET, "/v1/usage", &[("authorization", auth.as_str())], bytes::Bytes::new())
+            .await
+            .unwrap();
+        let stats: Value = serde_json::from_slice(&res.body).unwrap();
+        if stats["unpushed"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ledger still has unpushed records: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let arrivals: u32 = api.records().values().map(|(_, n)| n).sum();
+    assert_eq!(api.records().len(), 1500, "lost records");
+    assert!(arrivals as usize >= 1500 + in_flight, "the killed push was not repeated: {arrivals} arrivals");
+    assert_eq!(api.totals()[&inst], 1500 * 5_000, "KooGallery's total differs from the accepted total");
+    println!(
+        "killed mid-push ({backend:?}): {in_flight} records in flight, {arrivals} arrivals, 1500 counted, lost 0, doubled 0"
+    );
+    drop(gw);
+    if backend == Backend::Redis {
+        common::delete_prefix(common::REDIS_URL, &prefix).await;
+    }
+    api.stop();
+}
+
+fn env_of(api: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KOOGATE_ADMIN_TOKEN", TOKEN.into()),
+        ("KOOGATE_MARKETPLACE_URL", api.into()),
+        ("KOOGATE_USAGE_POLL_MS", "20".into()),
+        ("KOOGATE_USAGE_LEASE_SECS", "1".into()),
+    ]
+}
+
+#[tokio::test]
+async fn killed_mid_push_redis() {
+    killed_mid_push(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn killed_mid_push_embedded() {
+    killed_mid_push(Backend::Embedded).await;
 }

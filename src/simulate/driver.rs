@@ -23,8 +23,10 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::orders::{is_run_id, new_run_id};
-use super::report::{CallRecord, Report, ScenarioReport};
+use super::report::{CallRecord, Report, ScenarioReport, Skipped};
 use super::scenario::{Rendered, Scenario, Step, NAMES};
+use super::usage::parse_decimal_e4;
+use super::usage_flow::{self, UsageTarget};
 use super::SimulateError;
 use crate::backoff::Schedule;
 use crate::client::{CallResponse, ClientError, KooClient};
@@ -92,6 +94,9 @@ pub struct RunOptions {
     pub run_id: String,
     /// Scenario names; empty: all of them.
     pub scenarios: Vec<String>,
+    /// The gateway's admin API and the simulator's usage API, for the usage
+    /// scenario (`None`: it is skipped).
+    pub usage: Option<UsageTarget>,
 }
 
 impl RunOptions {
@@ -103,6 +108,7 @@ impl RunOptions {
             timeout: Duration::from_secs(5),
             run_id: new_run_id(),
             scenarios: Vec::new(),
+            usage: None,
         }
     }
 }
@@ -128,16 +134,32 @@ pub fn select(names: &[String], run_id: &str) -> Result<Vec<Scenario>, SimulateE
 
 /// Runs the selected scenarios (at once, each call after call) and reports.
 pub async fn run_scenarios(opts: &RunOptions) -> Result<Report, SimulateError> {
-    let scenarios = select(&opts.scenarios, &opts.run_id)?;
+    let (scenarios, skipped): (Vec<Scenario>, Vec<Scenario>) =
+        select(&opts.scenarios, &opts.run_id)?.into_iter().partition(|s| s.usage.is_none() || opts.usage.is_some());
+    let skipped = skipped
+        .into_iter()
+        .map(|s| Skipped {
+            name: s.name.to_owned(),
+            why:
+                "it posts usage to the gateway's admin API: give --admin URL and --admin-token (or KOOGATE_ADMIN_TOKEN)"
+                    .into(),
+        })
+        .collect();
     reqwest::Url::parse(&opts.target.url).map_err(|_| SimulateError::GatewayUrl(opts.target.url.clone()))?;
     let client = KooClient::new(&opts.target.url).with_timeout(opts.timeout);
+    let http = reqwest::Client::builder().timeout(opts.timeout).build().map_err(std::io::Error::other)?;
+    let usage = Arc::new(opts.usage.clone());
     let target = Arc::new(opts.target.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let mut reports: Vec<Option<ScenarioReport>> = vec![None; scenarios.len()];
     let names: Vec<(String, String)> = scenarios.iter().map(|s| (s.name.to_owned(), s.about.to_owned())).collect();
     for (i, scenario) in scenarios.into_iter().enumerate() {
         let (client, target, retry) = (client.clone(), Arc::clone(&target), opts.retry);
-        tasks.spawn(async move { (i, run_one(&client, &target, retry, &scenario).await) });
+        let (http, usage) = (http.clone(), Arc::clone(&usage));
+        tasks.spawn(async move {
+            let usage = usage.as_ref().as_ref().map(|u| (&http, u));
+            (i, run_one(&client, &target, retry, usage, &scenario).await)
+        });
     }
     while let Some(done) = tasks.join_next().await {
         if let Ok((i, report)) = done {
@@ -158,21 +180,40 @@ pub async fn run_scenarios(opts: &RunOptions) -> Result<Report, SimulateError> {
             })
         })
         .collect();
-    Ok(Report { run_id: opts.run_id.clone(), gateway: opts.target.url.clone(), scenarios })
+    Ok(Report { run_id: opts.run_id.clone(), gateway: opts.target.url.clone(), scenarios, skipped })
 }
 
-/// One scenario, call after call.
+/// One scenario, call after call (and its usage step, see [`usage_flow`]).
 async fn run_one(
     client: &KooClient,
     target: &GatewayTarget,
     retry: RetryPolicy,
+    usage: Option<(&reqwest::Client, &UsageTarget)>,
     scenario: &Scenario,
 ) -> ScenarioReport {
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut answers: Vec<Option<Bytes>> = Vec::new();
-    let mut calls = Vec::new();
+    let mut calls: Vec<CallRecord> = Vec::new();
     let mut aborted = None;
+    // Until when a queryInstance with usage expectations asks again while the totals are not there yet.
+    let mut usage_deadline = None;
     for (i, step) in scenario.steps.iter().enumerate() {
+        if let Some(plan) = scenario.usage.as_ref().filter(|p| p.after == i) {
+            let Some((http, usage)) = usage else {
+                aborted = Some("the usage step needs the gateway's admin API (--admin, --admin-token)".into());
+                break;
+            };
+            match usage_flow::run(http, usage, plan, &vars, calls.len() + 1).await {
+                Ok(outcome) => {
+                    calls.extend(outcome.rows);
+                    usage_deadline = outcome.received_all.then(|| Instant::now() + usage.wait);
+                }
+                Err(why) => {
+                    aborted = Some(why);
+                    break;
+                }
+            }
+        }
         if let Some(var) = step.missing(&vars) {
             aborted = Some(format!(
                 "step {} ({}) not sent: no instance id for {var:?} (its newInstance failed)",
@@ -181,7 +222,11 @@ async fn run_one(
             ));
             break;
         }
-        let (mut record, body) = call(client, target, retry, step, &vars, i + 1).await;
+        let n = calls.len() + 1;
+        let (mut record, body) = match usage_deadline.filter(|_| !step.expect_usage.is_empty()) {
+            Some(until) => call_until_usage(client, target, retry, step, &vars, n, until).await,
+            None => call(client, target, retry, step, &vars, n).await,
+        };
         if let (Some(var), Some(id), Some("000000")) =
             (&step.capture, record.instance_id.clone(), record.result_code.as_deref())
         {
@@ -209,6 +254,58 @@ async fn run_one(
         calls.push(record);
     }
     ScenarioReport { name: scenario.name.to_owned(), about: scenario.about.to_owned(), calls, aborted }
+}
+
+/// A queryInstance with usage expectations, asked again (every 100 ms, until
+/// `until`) while its totals are not all there: the gateway adds a record to
+/// an instance's usage only once KooGallery's answer to the push came back.
+/// The record counts every attempt.
+#[allow(clippy::too_many_arguments)]
+async fn call_until_usage(
+    client: &KooClient,
+    target: &GatewayTarget,
+    retry: RetryPolicy,
+    step: &Step,
+    vars: &BTreeMap<String, String>,
+    n: usize,
+    until: Instant,
+) -> (CallRecord, Option<Bytes>) {
+    let mut attempts = 0;
+    loop {
+        let (mut record, body) = call(client, target, retry, step, vars, n).await;
+        attempts += record.attempts;
+        let json: Option<Value> = body.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+        let settled = json.as_ref().is_none_or(|j| usage_mismatches(step, vars, j).is_empty());
+        if settled || Instant::now() >= until {
+            record.attempts = attempts;
+            return (record, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How a queryInstance answer's `usageInfo.usageValue`s differ from [`Step::expect_usage`].
+fn usage_mismatches(step: &Step, vars: &BTreeMap<String, String>, json: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let info = json.get("info").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for (var, total) in &step.expect_usage {
+        let id = vars.get(var).map(String::as_str).unwrap_or_default();
+        let Some(item) = info.iter().find(|i| i.get("instanceId").and_then(Value::as_str) == Some(id)) else {
+            continue; // "no info for" is reported by the queryInstance check
+        };
+        let expected = super::usage::format_e4(*total);
+        match item.pointer("/usageInfo/usageValue").and_then(Value::as_str) {
+            None => out.push(format!("{var} ({id}): no usageInfo.usageValue; expected {expected}")),
+            Some(v) => match parse_decimal_e4(v) {
+                Ok(got) if got == *total => {}
+                Ok(_) => {
+                    out.push(format!("{var} ({id}): usageInfo.usageValue {v}, expected {expected} (the usage posted)"))
+                }
+                Err(e) => out.push(format!("{var} ({id}): usageInfo.usageValue is not a decimal: {e}")),
+            },
+        }
+    }
+    out
 }
 
 /// Why the answer's `Body-Sign` is not acceptable, if it is not.
@@ -368,6 +465,7 @@ fn judge(
                 record.violations.push(format!("queryInstance answer has no info for {id}"));
             }
         }
+        record.violations.extend(usage_mismatches(step, vars, json));
     }
     Some(res.body)
 }
@@ -402,5 +500,26 @@ mod tests {
         assert!(retry_reason(&res(200, r#"{"resultCode":"000005"}"#)).is_some());
         assert!(retry_reason(&res(200, r#"{"resultCode":"000001"}"#)).is_none());
         assert!(retry_reason(&res(200, "not json")).is_none());
+    }
+
+    #[test]
+    fn usage_totals_are_compared_exactly() {
+        let scenario = Scenario::named(super::super::scenario::USAGE_SCENARIO, "R1").unwrap();
+        let mut step = scenario.steps[3].clone();
+        step.expect_usage = vec![("a".into(), 12_345), ("b".into(), 20_000)];
+        let vars = BTreeMap::from([("a".to_owned(), "id-a".to_owned()), ("b".to_owned(), "id-b".to_owned())]);
+        let answer = |a: &str, b: Value| {
+            serde_json::json!({"resultCode": "000000", "info": [
+                {"instanceId": "id-a", "usageInfo": {"usageValue": a}},
+                {"instanceId": "id-b", "usageInfo": b},
+            ]})
+        };
+        let ok = answer("1.2345", serde_json::json!({"usageValue": "2.0000"}));
+        assert_eq!(usage_mismatches(&step, &vars, &ok), Vec::<String>::new());
+        let off = answer("1.2346", serde_json::json!({}));
+        let v = usage_mismatches(&step, &vars, &off);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].contains("usageInfo.usageValue 1.2346, expected 1.2345"), "{v:?}");
+        assert!(v[1].contains("no usageInfo.usageValue; expected 2"), "{v:?}");
     }
 }

@@ -4,8 +4,12 @@
 //!
 //! It can be told to fail a share of calls (or all of them) with HTTP 500,
 //! and counts what it was asked (`stats`, also `GET /stats`).
+//!
+//! The same server serves KooGallery's usage API ([`super::usage`]):
+//! `POST /api/mkp-openapi-public/global/v1/isv/usage-data`, with what it
+//! received at `GET /sim/usage`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -22,6 +26,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::orders::{found_answer, OrderBook};
+use super::usage::{self, UsageSimStats, UsageState, USAGE_PATH};
 use super::SimulateError;
 use crate::http::{self, Body, ListenerLimits};
 use crate::marketplace::apig;
@@ -57,6 +62,11 @@ pub mod codes {
     /// API Gateway: no such API (wrong path or method), HTTP 404.
     pub const APIGW_NO_API: &str = "APIGW.0101";
     pub const APIGW_NO_API_MSG: &str = "The API does not exist or has not been published in the environment.";
+    /// Usage API: missing or wrong `ts`, `nonce` or `signature`, HTTP 401 (guess).
+    pub const USAGE_AUTH: &str = "MKT.0151";
+    /// Usage API: an invalid record, more than 1000, an unsorted body or an
+    /// unknown instance, HTTP 400, the whole call refused (guess).
+    pub const USAGE_INVALID: &str = "MKT.0100";
 
     /// API Gateway's `error_msg` for an authentication failure. The first
     /// two are Huawei's documented wording; the others are guesses.
@@ -89,6 +99,18 @@ pub struct MarketConfig {
     pub book: OrderBook,
     /// Share of calls answered HTTP 500 before looking at them (0.0–1.0).
     pub fail_share: f64,
+    /// The product's access key usage pushes must be signed with (`None`:
+    /// every usage call is answered 401).
+    pub usage_key: Option<Secret>,
+    /// Share of usage calls answered HTTP 500 before storing anything (0.0–1.0).
+    pub usage_fail_share: f64,
+    /// Instance ids KooGallery "does not know": a usage call naming one is refused as a whole (400).
+    pub refuse_instances: BTreeSet<String>,
+    /// Usage calls answered this long after their records were stored (the
+    /// answer is "lost" to a caller with a shorter timeout) …
+    pub usage_delay_after_store: Duration,
+    /// … this share of them (0.0–1.0).
+    pub usage_delay_share: f64,
 }
 
 impl MarketConfig {
@@ -98,8 +120,13 @@ impl MarketConfig {
             listen,
             ak: DEFAULT_AK.into(),
             sk: Secret::new(DEFAULT_SK),
-            book: OrderBook::generated(),
+            book: OrderBook::generated().with_usage_orders(),
             fail_share: 0.0,
+            usage_key: None,
+            usage_fail_share: 0.0,
+            refuse_instances: BTreeSet::new(),
+            usage_delay_after_store: Duration::ZERO,
+            usage_delay_share: 0.0,
         }
     }
 }
@@ -145,6 +172,7 @@ struct State {
     counters: Counters,
     /// Order id → authenticated queries of it.
     queried: Mutex<BTreeMap<String, u64>>,
+    usage: UsageState,
 }
 
 /// A running order query API.
@@ -155,7 +183,7 @@ pub struct MarketServer {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn sane_share(share: f64) -> f64 {
+pub(super) fn sane_share(share: f64) -> f64 {
     if share.is_nan() {
         0.0
     } else {
@@ -169,6 +197,15 @@ impl MarketServer {
         if !(0.0..=1.0).contains(&config.fail_share) {
             return Err(SimulateError::FailShare(config.fail_share));
         }
+        for (flag, value) in
+            [("--usage-fail-share", config.usage_fail_share), ("--usage-delay-share", config.usage_delay_share)]
+        {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(SimulateError::Share { flag, value });
+            }
+        }
+        let usage = UsageState::new(config.usage_key, config.usage_fail_share, config.refuse_instances);
+        usage.set_delay_after_store(config.usage_delay_after_store, config.usage_delay_share);
         let listener = http::bind(config.listen, "simulate --listen").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -179,6 +216,7 @@ impl MarketServer {
             fail_share: AtomicU64::new(config.fail_share.to_bits()),
             counters: Counters::default(),
             queried: Mutex::new(BTreeMap::new()),
+            usage,
         });
         let limits = ListenerLimits {
             max_connections: 1024,
@@ -212,6 +250,34 @@ impl MarketServer {
 
     pub fn stats(&self) -> MarketStats {
         self.state.stats()
+    }
+
+    /// What the usage API received (also `GET /sim/usage`).
+    pub fn usage_stats(&self) -> UsageSimStats {
+        self.state.usage.stats()
+    }
+
+    /// The usage API has an access key to verify signatures with.
+    pub fn usage_key_set(&self) -> bool {
+        self.state.usage.has_key()
+    }
+
+    /// Fails this share of usage calls (0.0–1.0) with HTTP 500 from now on, storing nothing.
+    pub fn set_usage_fail_share(&self, share: f64) {
+        self.state.usage.set_fail_share(share);
+    }
+
+    /// From now on, `share` of the usage calls (0.0–1.0) are answered `delay`
+    /// after their records were stored: a caller with a shorter timeout loses
+    /// the answer and must push the same records again.
+    pub fn set_usage_delay_after_store(&self, delay: Duration, share: f64) {
+        self.state.usage.set_delay_after_store(delay, share);
+    }
+
+    /// Makes KooGallery not know (`true`) or know again (`false`) an instance:
+    /// a usage call naming it is refused as a whole with HTTP 400.
+    pub fn set_refused_instance(&self, instance_id: &str, refused: bool) {
+        self.state.usage.set_refused(instance_id, refused);
     }
 
     /// Authenticated queries per order id.
@@ -267,7 +333,7 @@ impl State {
     }
 }
 
-fn reply(status: StatusCode, body: &Value) -> Response<Body> {
+pub(super) fn reply(status: StatusCode, body: &Value) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
@@ -290,6 +356,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => return reply(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/stats") => return reply(StatusCode::OK, &json!(state.stats())),
+        (&Method::GET, usage::STATS_PATH) => return reply(StatusCode::OK, &json!(state.usage.stats())),
+        (&Method::POST, USAGE_PATH) => return usage::handle(&state.usage, req).await,
         (_, ORDER_QUERY_PATH) => {}
         _ => return gateway_error(StatusCode::NOT_FOUND, codes::APIGW_NO_API, codes::APIGW_NO_API_MSG),
     }

@@ -4,20 +4,39 @@
 //! - [`market`]: the order query API (`GET …/order/query`) on loopback,
 //!   verifying API Gateway AK/SK signatures as Huawei does, answering from
 //!   an [`OrderBook`]; it can fail on purpose and counts what it was asked.
+//! - [`usage`]: on the same server, KooGallery's usage API (`POST
+//!   …/isv/usage-data`): verifies the push signature with the product's
+//!   access key (`--key`), checks every record, deduplicates by
+//!   `metering_sn`, keeps per-instance totals (`GET /sim/usage`); it can fail
+//!   a share of calls (`--usage-fail-share`), answer late after storing (the
+//!   answer "lost": `--usage-delay-ms`, `--usage-delay-share`) and refuse
+//!   instances it "does not know" (`--refuse-instance`).
 //! - [`orders`]: the order book: KooGallery's nine mock orders and the
 //!   scenario orders (also `fixtures/orders.json`), or a JSON file.
 //! - [`scenario`]: named call sequences (purchase, renewal, freeze, upgrade,
-//!   release, trial, probes, retries; V2 and V1) with expected result codes.
+//!   release, trial, probes, retries, pay-per-use usage; V2 and V1) with
+//!   expected result codes.
 //! - [`driver`]: calls a gateway as KooGallery does, retries what KooGallery
 //!   retries, checks every answer; [`report`]: what it saw.
+//! - [`usage_flow`]: the usage step of `account-settlement-usage`: posts a
+//!   day of hourly usage of 3 workspaces to the gateway's admin API
+//!   (`--admin`, `--admin-token`), waits until the usage API received every
+//!   record, and compares the totals. Without the admin API that scenario is
+//!   skipped (and said so in the report).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), koogate::simulate::SimulateError> {
-//! use koogate::simulate::{run_scenarios, GatewayTarget, MarketConfig, MarketServer, RunOptions};
-//! let market = MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await?;
+//! use koogate::secret::Secret;
+//! use koogate::simulate::{run_scenarios, GatewayTarget, MarketConfig, MarketServer, RunOptions, UsageTarget};
+//! let mut config = MarketConfig::new("127.0.0.1:0".parse().unwrap());
+//! config.usage_key = Some(Secret::new("access-key"));
+//! let market = MarketServer::start(config).await?;
 //! // start the gateway with KOOGATE_MARKETPLACE_URL = market.url(), then:
-//! let report = run_scenarios(&RunOptions::new(GatewayTarget::new("http://127.0.0.1:8080", "access-key"))).await?;
+//! let mut run = RunOptions::new(GatewayTarget::new("http://127.0.0.1:8080", "access-key"));
+//! run.usage = Some(UsageTarget::new("http://127.0.0.1:9090", Secret::new("admin-token"), &market.url()));
+//! let report = run_scenarios(&run).await?;
 //! println!("{}", report.summary());
+//! println!("{:?}", market.usage_stats().instances);
 //! market.stop().await;
 //! # Ok(()) }
 //! ```
@@ -27,6 +46,8 @@ pub mod market;
 pub mod orders;
 pub mod report;
 pub mod scenario;
+pub mod usage;
+pub mod usage_flow;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,8 +57,10 @@ use std::time::Duration;
 pub use driver::{run_scenarios, select, GatewayTarget, RetryPolicy, RunOptions};
 pub use market::{MarketConfig, MarketServer, MarketStats};
 pub use orders::OrderBook;
-pub use report::{CallRecord, Report, ScenarioReport};
-pub use scenario::{Scenario, NAMES as SCENARIOS};
+pub use report::{CallRecord, Report, ScenarioReport, Skipped};
+pub use scenario::{Scenario, NAMES as SCENARIOS, USAGE_SCENARIO};
+pub use usage::UsageSimStats;
+pub use usage_flow::UsageTarget;
 
 use crate::secret::Secret;
 
@@ -59,6 +82,10 @@ pub enum SimulateError {
     MissingKey,
     #[error("--fail-share must be between 0 and 1, not {0}")]
     FailShare(f64),
+    #[error("{flag} must be between 0 and 1, not {value}")]
+    Share { flag: &'static str, value: f64 },
+    #[error("--admin {0:?} is not a URL like http://127.0.0.1:9090")]
+    AdminUrl(String),
     #[error("interrupted before the scenarios finished")]
     Interrupted,
 }
@@ -92,6 +119,22 @@ pub struct CliOptions {
     pub json: bool,
     /// Print the scenarios and exit.
     pub list: bool,
+    /// Share of usage calls answered HTTP 500, storing nothing.
+    pub usage_fail_share: f64,
+    /// Usage calls answered this late after storing their records …
+    pub usage_delay: Duration,
+    /// … this share of them.
+    pub usage_delay_share: f64,
+    /// Instance ids the usage API refuses ("does not exist").
+    pub refuse_instances: Vec<String>,
+    /// Base URL of the gateway's admin listener (the usage scenario posts usage there).
+    pub admin: Option<String>,
+    /// Its bearer token.
+    pub admin_token: Option<Secret>,
+    /// Longest wait for the usage API to receive every record of the usage scenario.
+    pub usage_wait_secs: u64,
+    /// The simulator the gateway pushes usage to, when not this one.
+    pub usage_api: Option<String>,
 }
 
 /// Runs `koogate simulate`. `Ok(false)`: a scenario saw a protocol violation
@@ -99,13 +142,14 @@ pub struct CliOptions {
 pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Result<bool, SimulateError> {
     if opts.list {
         for s in Scenario::all("RLIST") {
-            println!("{:<30} {} calls: {}", s.name, s.steps.len(), s.about);
+            let usage = s.usage.as_ref().map(|u| format!(" + {} usage records", u.records.len())).unwrap_or_default();
+            println!("{:<30} {} calls{usage}: {}", s.name, s.steps.len(), s.about);
         }
         return Ok(true);
     }
     let book = match &opts.orders {
         Some(path) => OrderBook::load(path)?,
-        None => OrderBook::generated(),
+        None => OrderBook::generated().with_usage_orders(),
     };
     let run = match (&opts.gateway, opts.serve_only) {
         (Some(url), false) => {
@@ -126,6 +170,22 @@ pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Re
         }
         _ => None,
     };
+    let token = opts.admin_token.clone().filter(|t| !t.expose().is_empty());
+    let admin = match (&opts.admin, token) {
+        (Some(url), Some(token)) => {
+            reqwest::Url::parse(url).map_err(|_| SimulateError::AdminUrl(url.clone()))?;
+            Some((url.clone(), token))
+        }
+        (Some(_), None) => {
+            eprintln!("koogate simulate: --admin without --admin-token (or KOOGATE_ADMIN_TOKEN): the usage scenario is skipped");
+            None
+        }
+        (None, Some(_)) => {
+            eprintln!("koogate simulate: --admin-token without --admin: the usage scenario is skipped");
+            None
+        }
+        (None, None) => None,
+    };
     let say = |line: String| if opts.json { eprintln!("{line}") } else { println!("{line}") };
     let orders = book.len();
     let sk_hint = if opts.sk.expose() == market::DEFAULT_SK { market::DEFAULT_SK } else { "<your --sk>" };
@@ -135,6 +195,11 @@ pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Re
         sk: opts.sk.clone(),
         book,
         fail_share: opts.fail_share,
+        usage_key: opts.key.clone(),
+        usage_fail_share: opts.usage_fail_share,
+        refuse_instances: opts.refuse_instances.iter().cloned().collect(),
+        usage_delay_after_store: opts.usage_delay,
+        usage_delay_share: opts.usage_delay_share,
     };
     let market = MarketServer::start(config).await?;
     say(format!("order query API on {} ({orders} orders); point the gateway at it with:", market.url()));
@@ -143,6 +208,27 @@ pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Re
         market.url(),
         opts.ak
     ));
+    let key_note = if market.usage_key_set() {
+        "signatures checked with --key"
+    } else {
+        "no --key: every usage call is refused 401"
+    };
+    say(format!(
+        "usage API on {}{} ({key_note}); received: GET {}{}",
+        market.url(),
+        usage::USAGE_PATH,
+        market.url(),
+        usage::STATS_PATH
+    ));
+    let run = run.map(|mut run| {
+        run.usage = admin.map(|(url, token)| {
+            let usage_api = opts.usage_api.clone().unwrap_or_else(|| market.url());
+            let mut target = UsageTarget::new(&url, token, &usage_api);
+            target.wait = Duration::from_secs(opts.usage_wait_secs.max(1));
+            target
+        });
+        run
+    });
     let Some(run) = run else {
         say("serving until Ctrl-C or SIGTERM".into());
         shutdown.await;
@@ -154,12 +240,26 @@ pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Re
         _ = shutdown => Err(SimulateError::Interrupted),
     };
     let stats = market.stats();
+    let usage = market.usage_stats();
     market.stop().await;
     let report = report?;
     say(format!(
         "order query API: {} requests ({} answered, {} unknown orders, {} refused 401, {} failed on purpose)",
         stats.requests, stats.found, stats.not_found, stats.unauthorized, stats.failed_on_purpose
     ));
+    if usage.calls > 0 {
+        say(format!(
+            "usage API: {} calls ({} taken, {} refused 401, {} refused 400, {} failed on purpose, {} answered late), {} records, {} duplicate receipts",
+            usage.calls,
+            usage.taken_calls,
+            usage.unauthorized_calls,
+            usage.refused_calls,
+            usage.failed_calls,
+            usage.delayed_answers,
+            usage.records,
+            usage.duplicates
+        ));
+    }
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {

@@ -252,9 +252,38 @@ pub const SCENARIO_ORDERS: [OrderSpec; 9] = [
     sim("SIMDEDUPNEW", "NEW", "20261126093000", ("year", 1), "20271126235959", SIM_SKU_PRO, "990.00"),
 ];
 
+/// Product of the pay-per-use scenario: one instance per workspace, usage pushed hourly.
+pub const PPU_PRODUCT: &str = "OFFI900000000000000200";
+pub const PPU_SKU: &str = "sim-ppu-workspace-hour";
+
+const fn ppu(id: &'static str) -> OrderSpec {
+    OrderSpec {
+        id,
+        order_type: "NEW",
+        create_time: "20261126093000",
+        charging_mode: "ON_DEMAND",
+        period_type: None,
+        period_number: None,
+        expire_time: None,
+        product_id: PPU_PRODUCT,
+        sku_code: PPU_SKU,
+        linear_value: None,
+        product_name: "Simulated SaaS, pay per use, per workspace-hour",
+        amount: "0.00",
+        buyer: SIM_BUYER,
+        mock_extend_params: false,
+    }
+}
+
+/// The template orders of `account-settlement-usage`: three workspaces of one
+/// customer, each a pay-per-use (`ON_DEMAND`) order. Not in
+/// [`OrderBook::generated`] (whose copy is `fixtures/orders.json`): added by
+/// [`OrderBook::with_usage_orders`].
+pub const USAGE_ORDERS: [OrderSpec; 3] = [ppu("SIMPPUWSA"), ppu("SIMPPUWSB"), ppu("SIMPPUWSC")];
+
 /// A scenario order by template id.
 pub fn scenario_order(id: &str) -> Option<&'static OrderSpec> {
-    SCENARIO_ORDERS.iter().find(|o| o.id == id)
+    SCENARIO_ORDERS.iter().chain(USAGE_ORDERS.iter()).find(|o| o.id == id)
 }
 
 impl OrderSpec {
@@ -322,6 +351,15 @@ impl OrderBook {
             .map(|spec| (spec.id.to_owned(), spec.order_info()))
             .collect();
         Self { orders }
+    }
+
+    /// The book with the usage scenario's orders ([`USAGE_ORDERS`]) added
+    /// where it has no order of that id.
+    pub fn with_usage_orders(mut self) -> Self {
+        for spec in USAGE_ORDERS {
+            self.orders.entry(spec.id.to_owned()).or_insert_with(|| spec.order_info());
+        }
+        self
     }
 
     /// Reads a JSON file: a list of `orderInfo` objects (or of whole answers
@@ -512,6 +550,23 @@ mod tests {
         assert!(book.lookup("NOSUCH-R1A2B3C4", None).is_none());
         assert!(is_run_id(&new_run_id()));
         assert!(!is_run_id("1ABC") && !is_run_id("") && !is_run_id("A-B"));
+    }
+
+    #[test]
+    fn the_usage_orders_are_pay_per_use_orders_of_one_customer() {
+        let book = OrderBook::generated().with_usage_orders();
+        assert_eq!(book.len(), OrderBook::generated().len() + USAGE_ORDERS.len());
+        for spec in USAGE_ORDERS {
+            let id = run_order_id(spec.id, "RUSAGE1");
+            let info = book.lookup(&id, Some(&line_id(&id))).unwrap();
+            assert_eq!(info["orderLine"][0]["chargingMode"], "ON_DEMAND");
+            assert_eq!(info["buyerInfo"]["customerId"], SIM_BUYER.customer_id);
+            assert!(OrderBook::generated().lookup(&id, None).is_none());
+        }
+        // an order of that id in the book is kept
+        let mut book = OrderBook::default();
+        book.insert(json!({"orderId": "SIMPPUWSA", "orderType": "CUSTOM"})).unwrap();
+        assert_eq!(book.with_usage_orders().lookup("SIMPPUWSA", None).unwrap()["orderType"], "CUSTOM");
     }
 
     #[test]

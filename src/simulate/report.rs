@@ -3,12 +3,14 @@
 
 use serde::Serialize;
 
-/// One call as KooGallery saw it (after its retries).
+/// One call as KooGallery saw it (after its retries), or one step of the
+/// usage flow (`adm`: posted to the gateway's admin API; `sim`: checked at
+/// the simulated usage API).
 #[derive(Clone, Debug, Serialize)]
 pub struct CallRecord {
     /// 1-based position in the scenario.
     pub step: usize,
-    /// `v1` or `v2`.
+    /// `v1` or `v2`, or `adm`/`sim` for a usage flow step.
     pub generation: &'static str,
     pub activity: String,
     pub order_id: Option<String>,
@@ -36,6 +38,20 @@ pub struct ScenarioReport {
     pub aborted: Option<String>,
 }
 
+impl CallRecord {
+    /// A KooGallery call, whose answer is signed (`Body-Sign`).
+    pub fn is_signed_call(&self) -> bool {
+        matches!(self.generation, "v1" | "v2")
+    }
+}
+
+/// A scenario not run, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    pub name: String,
+    pub why: String,
+}
+
 impl ScenarioReport {
     pub fn violations(&self) -> usize {
         self.calls.iter().map(|c| c.violations.len()).sum::<usize>() + usize::from(self.aborted.is_some())
@@ -48,6 +64,9 @@ pub struct Report {
     pub run_id: String,
     pub gateway: String,
     pub scenarios: Vec<ScenarioReport>,
+    /// Scenarios selected but not run (not counted in the summary).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
 }
 
 impl Report {
@@ -106,7 +125,11 @@ impl Report {
                     c.result_code.as_deref().unwrap_or("-"),
                     c.expect,
                     c.instance_id.as_deref().unwrap_or("-"),
-                    if c.signature_ok { "ok" } else { "BAD" },
+                    match (c.is_signed_call(), c.signature_ok) {
+                        (false, _) => "-",
+                        (true, true) => "ok",
+                        (true, false) => "BAD",
+                    },
                     c.attempts,
                     c.latency_ms,
                 ));
@@ -117,6 +140,9 @@ impl Report {
             if let Some(why) = &s.aborted {
                 out.push_str(&format!("    ! stopped: {why}\n"));
             }
+        }
+        for s in &self.skipped {
+            out.push_str(&format!("\n== {}: skipped: {}\n", s.name, s.why));
         }
         out.push('\n');
         out.push_str(&self.summary());
@@ -165,11 +191,17 @@ mod tests {
                     aborted: Some("stopped".into()),
                 },
             ],
+            skipped: vec![Skipped { name: "c".into(), why: "no admin API".into() }],
         };
         assert_eq!(report.summary(), "2 scenarios, 3 calls, 3 violations");
         assert!(!report.ok());
         assert_eq!(report.violation_lines().len(), 3);
         assert!(report.table().ends_with("2 scenarios, 3 calls, 3 violations\n"));
         assert!(report.table().contains("    ! unsigned"));
+        assert!(report.table().contains("== c: skipped: no admin API\n"));
+        let mut usage_row = call(&[]);
+        usage_row.generation = "adm";
+        usage_row.signature_ok = false;
+        assert!(!usage_row.is_signed_call() && call(&[]).is_signed_call());
     }
 }

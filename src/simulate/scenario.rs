@@ -4,6 +4,10 @@
 //! Order ids carry the run id (`SIMSUBNEW-R1A2B3C4`) so a rerun against the
 //! same gateway starts fresh; the debug probes use KooGallery's fixed mock
 //! orders and must pass on every rerun.
+//!
+//! `account-settlement-usage` also has a [`UsagePlan`]: between its calls,
+//! the driver posts usage to the gateway's admin API (as the billing core
+//! does) and waits for the simulated usage API to receive all of it.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +44,69 @@ pub struct Step {
     pub expect_instance: Option<String>,
     /// The answer must be byte for byte the answer to this earlier step (0-based).
     pub same_answer_as: Option<usize>,
+    /// queryInstance: `usageInfo.usageValue` each captured instance must
+    /// answer, in units of 0.0001 (by capture name).
+    pub expect_usage: Vec<(String, i64)>,
+}
+
+/// One hour of one workspace's usage, as the billing core posts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedUsage {
+    /// Capture name of the instance.
+    pub var: String,
+    pub metering_sn: String,
+    /// The period, UNIX seconds.
+    pub begin: i64,
+    pub end: i64,
+    /// In units of 0.0001.
+    pub value_e4: i64,
+}
+
+/// Usage posted to the gateway's admin API in the middle of a scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsagePlan {
+    /// Posted after this many steps (0-based index of the step it precedes).
+    pub after: usize,
+    pub records: Vec<PlannedUsage>,
+}
+
+impl UsagePlan {
+    /// `hours` hourly records per capture, from `day_start` (UNIX seconds), with
+    /// values of up to 4 decimals. The `metering_sn`s carry the run id and the hour.
+    pub fn hourly(after: usize, vars: &[&str], run_id: &str, day_start: i64, hours: i64) -> Self {
+        let mut records = Vec::new();
+        for (w, var) in (1i64..).zip(vars) {
+            for h in 0..hours {
+                let begin = day_start + h * 3600;
+                let stamp = chrono::DateTime::from_timestamp(begin, 0)
+                    .map(|t| t.format("%Y%m%d%H").to_string())
+                    .unwrap_or_default();
+                records.push(PlannedUsage {
+                    var: (*var).to_owned(),
+                    metering_sn: format!("SIMPPU-{run_id}-{var}-{stamp}"),
+                    begin,
+                    end: begin + 3600,
+                    // 1.2345 × workspace + 0.1001 × hour: every decimal place used, some trailing zeros
+                    value_e4: 12_345 * w + 1_001 * h,
+                });
+            }
+        }
+        Self { after, records }
+    }
+
+    /// Total per capture name, in units of 0.0001.
+    pub fn totals(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for r in &self.records {
+            *out.entry(r.var.clone()).or_insert(0) += r.value_e4;
+        }
+        out
+    }
+}
+
+/// The start (UNIX seconds) of the UTC day before `now_secs`.
+pub fn previous_day(now_secs: i64) -> i64 {
+    (now_secs.div_euclid(86_400) - 1) * 86_400
 }
 
 /// A call ready to sign and send.
@@ -62,6 +129,7 @@ impl Step {
             capture: None,
             expect_instance: None,
             same_answer_as: None,
+            expect_usage: Vec::new(),
         }
     }
 
@@ -205,17 +273,26 @@ pub struct Scenario {
     /// What it covers, in one line.
     pub about: &'static str,
     pub steps: Vec<Step>,
+    /// Usage to post between the calls (needs the gateway's admin API).
+    pub usage: Option<UsagePlan>,
 }
 
 /// Every scenario, in the order they are reported.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 7] = [
     "stored-value-cards",
     "account-settlement-lifecycle",
     "trial-converted",
     "debug-probes",
     "retry-dedup",
     "v1-lifecycle",
+    USAGE_SCENARIO,
 ];
+
+/// The scenario that pushes usage (run only with the gateway's admin API).
+pub const USAGE_SCENARIO: &str = "account-settlement-usage";
+/// Workspaces (instances) of the usage scenario, and hours of usage of each.
+pub const USAGE_WORKSPACES: [&str; 3] = ["wsA", "wsB", "wsC"];
+pub const USAGE_HOURS: i64 = 24;
 
 impl Scenario {
     /// Every scenario for run `run_id`.
@@ -226,6 +303,7 @@ impl Scenario {
     /// The scenario called `name`, for run `run_id`.
     pub fn named(name: &str, run_id: &str) -> Option<Scenario> {
         let id = |template: &str| run_order_id(template, run_id);
+        let mut usage = None;
         let (name, about, steps) = match name {
             "stored-value-cards" => {
                 let v1_order = id("SIMV1CARDS");
@@ -350,9 +428,29 @@ impl Scenario {
                     ],
                 )
             }
+            USAGE_SCENARIO => {
+                let day = previous_day(chrono::Utc::now().timestamp());
+                let plan = UsagePlan::hourly(3, &USAGE_WORKSPACES, run_id, day, USAGE_HOURS);
+                let mut query = Step::new(Generation::V2, "queryInstance", None)
+                    .field("instanceId", Field::Instances(USAGE_WORKSPACES.iter().map(|v| (*v).to_owned()).collect()))
+                    .test_flag(false);
+                query.expect_usage = plan.totals().into_iter().collect();
+                usage = Some(plan);
+                let mut steps: Vec<Step> = orders::USAGE_ORDERS
+                    .iter()
+                    .zip(USAGE_WORKSPACES)
+                    .map(|(order, var)| v2_new(&id(order.id), false, var))
+                    .collect();
+                steps.push(query);
+                (
+                    USAGE_SCENARIO,
+                    "one customer buys a pay-per-use product for 3 workspaces (V2 newInstance, ON_DEMAND); a day of hourly usage of each is posted to the gateway's admin API; KooGallery must receive every record once and queryInstance must answer each total",
+                    steps,
+                )
+            }
             _ => return None,
         };
-        Some(Scenario { name, about, steps })
+        Some(Scenario { name, about, steps, usage })
     }
 }
 
@@ -364,7 +462,8 @@ mod tests {
     fn every_name_has_a_scenario_and_orders_carry_the_run_id() {
         let all = Scenario::all("RTEST1");
         assert_eq!(all.iter().map(|s| s.name).collect::<Vec<_>>(), NAMES);
-        assert_eq!(all.iter().map(|s| s.steps.len()).sum::<usize>(), 24);
+        assert_eq!(all.iter().map(|s| s.steps.len()).sum::<usize>(), 28);
+        assert_eq!(all.iter().filter(|s| s.usage.is_some()).map(|s| s.name).collect::<Vec<_>>(), [USAGE_SCENARIO]);
         for s in &all {
             for step in &s.steps {
                 if let Some(order) = &step.order_id {
@@ -377,7 +476,7 @@ mod tests {
 
     #[test]
     fn every_v2_template_the_scenarios_use_is_in_the_book() {
-        let book = orders::OrderBook::generated();
+        let book = orders::OrderBook::generated().with_usage_orders();
         for s in Scenario::all("RBOOK") {
             for step in s.steps.iter().filter(|s| s.generation == Generation::V2) {
                 if let Some(order) = &step.order_id {
@@ -411,5 +510,30 @@ mod tests {
         assert_eq!(query.queried_instances(&vars), ["id-a", "id-b"]);
         let Rendered::V2(body) = query.render(&vars) else { panic!() };
         assert_eq!(String::from_utf8(body).unwrap(), r#"{"activity":"queryInstance","instanceId":"id-a,id-b"}"#);
+    }
+
+    #[test]
+    fn the_usage_plan_is_a_day_of_hourly_records_per_workspace() {
+        let day = previous_day(1_767_323_045); // 2026-01-02T03:04:05Z
+        assert_eq!(day, 1_767_225_600); // 2026-01-01T00:00:00Z
+        assert_eq!(previous_day(1_767_225_600), 1_767_139_200);
+        let s = Scenario::named(USAGE_SCENARIO, "RUSE1").unwrap();
+        let plan = s.usage.as_ref().unwrap();
+        assert_eq!(plan.after, 3);
+        assert_eq!(plan.records.len(), 72);
+        assert!(s.steps[..3].iter().all(Step::is_new_instance));
+        assert_eq!(s.steps[3].activity, "queryInstance");
+        let sns: std::collections::BTreeSet<&str> = plan.records.iter().map(|r| r.metering_sn.as_str()).collect();
+        assert_eq!(sns.len(), 72, "every metering_sn is unique");
+        assert!(sns.iter().all(|sn| sn.len() <= 64 && sn.contains("-RUSE1-")));
+        let a = UsagePlan::hourly(0, &["a", "b"], "R1", day, 24);
+        assert_eq!(a.records[0].metering_sn, "SIMPPU-R1-a-2026010100");
+        assert_eq!(a.records[23].metering_sn, "SIMPPU-R1-a-2026010123");
+        assert_eq!((a.records[1].begin, a.records[1].end), (day + 3600, day + 7200));
+        // a: 24 × 1.2345 + 0.1001 × (0 + … + 23); b: 24 × 2.469 + the same
+        assert_eq!(a.totals(), BTreeMap::from([("a".into(), 572_556), ("b".into(), 868_836)]));
+        let expected: Vec<(String, i64)> = plan.totals().into_iter().collect();
+        assert_eq!(s.steps[3].expect_usage, expected);
+        assert_eq!(s.steps[3].needs(), USAGE_WORKSPACES);
     }
 }
