@@ -18,6 +18,7 @@ mod load;
 mod probe;
 mod report;
 mod targets;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -323,6 +324,25 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let usage = if redis_error.is_none() && needs_redis {
+        eprintln!("== usage push: ledger -> simulated KooGallery usage API");
+        let (instances, per_instance) = if smoke { (2, 100) } else { (20, 1000) };
+        match usage::measure(&ctx.settings, instances, per_instance).await {
+            Ok(u) => {
+                eprintln!(
+                    "   {} records: intake {:.0} records/s, pushed {:.0} records/s in {} calls; lost {}, doubled {}, totals equal: {}",
+                    u.records, u.intake_records_per_sec, u.pushed_records_per_sec, u.push_calls, u.lost, u.doubled, u.totals_equal
+                );
+                Some(u)
+            }
+            Err(e) => {
+                eprintln!("   usage phase failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(mut own) = own_redis.take() {
         own.stop().await;
     } else if let Some(r) = redis.as_mut() {
@@ -337,14 +357,18 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     info.total_secs = started.elapsed().as_secs_f64();
     let mut summary = report::build(&info, &reports);
     summary["delivery"] = serde_json::to_value(&delivery)?;
+    summary["usage"] = serde_json::to_value(&usage)?;
     println!("{}", report::table(&info, &reports, &summary));
     report::write(&ctx.out, &summary)?;
     println!("results written to {} ({:.1} s in all)", ctx.out.display(), info.total_secs);
 
-    let failures: Vec<String> = reports
+    let mut failures: Vec<String> = reports
         .iter()
         .filter_map(|(k, r)| r.failure(ctx.max_error_rate).map(|why| format!("{}: {why}", k.label())))
         .collect();
+    if let Some(u) = usage.as_ref().filter(|u| u.lost > 0 || u.doubled > 0 || !u.totals_equal) {
+        failures.push(format!("usage push: lost {}, doubled {}, totals equal: {}", u.lost, u.doubled, u.totals_equal));
+    }
     if failures.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
