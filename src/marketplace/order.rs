@@ -202,13 +202,7 @@ pub struct OrderApi {
 impl OrderApi {
     pub fn new(base: &str, ak: Secret, sk: Secret, timeout: Duration) -> Result<Self, OrderError> {
         let base = reqwest::Url::parse(base).map_err(|e| OrderError::Transport(format!("bad URL {base}: {e}")))?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| OrderError::Transport(e.to_string()))?;
+        let http = super::http_client(timeout).map_err(|e| OrderError::Transport(e.to_string()))?;
         Ok(Self { http, base, ak, sk })
     }
 

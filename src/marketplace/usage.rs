@@ -117,13 +117,7 @@ impl UsageApi {
     pub fn new(base: &str, key: Secret, timeout: Duration) -> Result<Self, String> {
         let base = reqwest::Url::parse(base).map_err(|e| format!("bad marketplace URL {base}: {e}"))?;
         let url = base.join(USAGE_PATH).map_err(|e| e.to_string())?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let http = super::http_client(timeout).map_err(|e| e.to_string())?;
         Ok(Self { http, url, key })
     }
 

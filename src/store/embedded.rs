@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem, ABSENT, ANY};
 use super::{Store, StoreError};
-use crate::usage::{Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
+use crate::usage::{Decision, UsageClaim};
 
 mod usage;
 
@@ -696,34 +696,6 @@ impl Store for EmbeddedStore {
         })
         .await?;
         Ok(())
-    }
-
-    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
-        self.usage_accept_impl(records, now_ms).await
-    }
-
-    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
-        self.usage_claim_impl(max, now_ms, lease).await
-    }
-
-    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError> {
-        self.usage_settle_impl(settles, now_ms).await
-    }
-
-    async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
-        self.usage_get_impl(metering_sn)
-    }
-
-    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
-        self.usage_dead_impl()
-    }
-
-    async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
-        self.usage_redrive_impl(metering_sn, now_ms).await
-    }
-
-    async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
-        self.usage_stats_impl()
     }
 
     fn backend(&self) -> &'static str {

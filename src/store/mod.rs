@@ -44,9 +44,9 @@ impl StoreError {
     }
 }
 
-/// What the gateway needs from a store.
+/// What the gateway needs from a store (and, as a supertrait, the usage ledger).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: UsageLedger + Send + Sync + 'static {
     /// Applies a plan atomically: all of it or nothing.
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError>;
 
@@ -131,6 +131,14 @@ pub trait Store: Send + Sync + 'static {
         at: &str,
     ) -> Result<Redeem, StoreError>;
 
+    /// `"redis"` or `"embedded"`, for logs and metrics.
+    fn backend(&self) -> &'static str;
+}
+
+/// The usage ledger of account settlement (see [`crate::usage`]): each backend
+/// implements it in its own `usage` module.
+#[async_trait]
+pub trait UsageLedger {
     /// Decides and stores usage records, in order (see [`crate::usage::decide`]):
     /// every accepted record is stored, with its period and its `metering_sn`,
     /// before this returns.
@@ -154,9 +162,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gauges: unpushed records, the oldest one's acceptance time, dead records.
     async fn usage_stats(&self) -> Result<UsageStats, StoreError>;
-
-    /// `"redis"` or `"embedded"`, for logs and metrics.
-    fn backend(&self) -> &'static str;
 }
 
 /// Opens the store a `KOOGATE_STORE` value names.

@@ -176,6 +176,11 @@ pub struct UsageStats {
 pub const FIELD_USAGE_E4: &str = "usage_e4";
 pub const FIELD_USAGE_END: &str = "usage_end";
 
+/// When a lease taken at `now_ms` runs out.
+pub fn lease_end(now_ms: i64, lease: std::time::Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2))
+}
+
 /// The period index key of an instance and metering item, below a shard prefix.
 pub fn period_index(instance_id: &str, item: &str) -> String {
     format!("usage:p:{}:{instance_id}:{item}", instance_id.len())

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{err, get_record, put_record, EmbeddedStore, Reply, INSTANCES};
-use crate::store::StoreError;
+use crate::store::{StoreError, UsageLedger};
 use crate::usage::{
     decide, period_index, Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats, FIELD_USAGE_E4,
     FIELD_USAGE_END,
@@ -218,12 +219,9 @@ fn redrive_in(txn: &WriteTransaction, sn: &str, now_ms: i64) -> Result<bool, Sto
     Ok(true)
 }
 
-impl EmbeddedStore {
-    pub(super) async fn usage_accept_impl(
-        &self,
-        records: &[UsageRecord],
-        now_ms: i64,
-    ) -> Result<Vec<Decision>, StoreError> {
+#[async_trait]
+impl UsageLedger for EmbeddedStore {
+    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
         let records = records.to_vec();
         match self.write(move |txn| accept_in(txn, &records, now_ms).map(|(d, w)| (Reply::Decisions(d), w))).await? {
             Reply::Decisions(d) => Ok(d),
@@ -231,35 +229,26 @@ impl EmbeddedStore {
         }
     }
 
-    pub(super) async fn usage_claim_impl(
-        &self,
-        max: usize,
-        now_ms: i64,
-        lease: Duration,
-    ) -> Result<Vec<UsageClaim>, StoreError> {
-        let until = now_ms + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
+        let until = crate::usage::lease_end(now_ms, lease);
         match self.write(move |txn| claim_in(txn, max, now_ms, until).map(|(c, w)| (Reply::Claims(c), w))).await? {
             Reply::Claims(c) => Ok(c),
             _ => Err(err("unexpected reply")),
         }
     }
 
-    pub(super) async fn usage_settle_impl(
-        &self,
-        settles: &[(UsageRecord, UsageSettle)],
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError> {
         let settles = settles.to_vec();
         self.write(move |txn| settle_in(txn, &settles, now_ms).map(|()| (Reply::Done, true))).await?;
         Ok(())
     }
 
-    pub(super) fn usage_get_impl(&self, sn: &str) -> Result<Option<StoredUsage>, StoreError> {
+    async fn usage_get(&self, sn: &str) -> Result<Option<StoredUsage>, StoreError> {
         let fields: Option<Fields> = self.read_json(USAGE, sn)?;
         Ok(fields.as_ref().and_then(StoredUsage::from_fields))
     }
 
-    pub(super) fn usage_dead_impl(&self) -> Result<Vec<StoredUsage>, StoreError> {
+    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let dlq = txn.open_table(USAGE_DLQ).map_err(err)?;
         let usage = txn.open_table(USAGE).map_err(err)?;
@@ -275,7 +264,7 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    pub(super) async fn usage_redrive_impl(&self, sn: &str, now_ms: i64) -> Result<bool, StoreError> {
+    async fn usage_redrive(&self, sn: &str, now_ms: i64) -> Result<bool, StoreError> {
         let sn = sn.to_owned();
         match self.write(move |txn| redrive_in(txn, &sn, now_ms).map(|m| (Reply::Moved(m), m))).await? {
             Reply::Moved(m) => Ok(m),
@@ -283,7 +272,7 @@ impl EmbeddedStore {
         }
     }
 
-    pub(super) fn usage_stats_impl(&self) -> Result<UsageStats, StoreError> {
+    async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let unpushed = txn.open_table(USAGE_UNPUSHED).map_err(err)?;
         let oldest = match unpushed.first().map_err(err)? {

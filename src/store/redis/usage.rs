@@ -13,11 +13,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use redis::{Script, Value};
 
 use super::{bytes, RedisStore};
 use crate::store::keys::{instance_shard, SHARDS};
-use crate::store::StoreError;
+use crate::store::{StoreError, UsageLedger};
 use crate::usage::{Decision, Refusal, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
 
 pub(super) struct Scripts {
@@ -88,11 +89,18 @@ impl RedisStore {
         records.iter().map(|(i, _)| out.remove(i).ok_or_else(|| protocol("a missing registry answer"))).collect()
     }
 
-    pub(super) async fn usage_accept_impl(
-        &self,
-        records: &[UsageRecord],
-        now_ms: i64,
-    ) -> Result<Vec<Decision>, StoreError> {
+    /// The shard of the record holding `metering_sn` (from the registry).
+    async fn usage_shard_of(&self, metering_sn: &str) -> Result<Option<(u8, String)>, StoreError> {
+        let (_, registry) = self.keys.usage_sn_registry(metering_sn);
+        let mut conn = self.conn.clone();
+        let content: Option<String> = redis::cmd("HGET").arg(registry).arg(metering_sn).query_async(&mut conn).await?;
+        Ok(content.and_then(|c| c.split('\t').next().map(str::to_owned)).map(|inst| (instance_shard(&inst), inst)))
+    }
+}
+
+#[async_trait]
+impl UsageLedger for RedisStore {
+    async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
         let all: Vec<(usize, &UsageRecord)> = records.iter().enumerate().collect();
         let claims = self.register("claim", &all).await?;
         let mut decisions: Vec<Option<Decision>> = vec![None; records.len()];
@@ -150,12 +158,7 @@ impl RedisStore {
         Ok(decisions)
     }
 
-    pub(super) async fn usage_claim_impl(
-        &self,
-        max: usize,
-        now_ms: i64,
-        lease: Duration,
-    ) -> Result<Vec<UsageClaim>, StoreError> {
+    async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
         // One pipelined look at every shard first: idle shards cost no script run.
         let peeks = (0..SHARDS)
             .map(|s| {
@@ -170,7 +173,7 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let per_shard = max.div_ceil(shards.len()).max(1);
-        let until = now_ms + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let until = crate::usage::lease_end(now_ms, lease);
         let runs = shards.into_iter().map(|shard| {
             let mut conn = self.conn.clone();
             let mut inv = self.usage.claim.prepare_invoke();
@@ -196,11 +199,7 @@ impl RedisStore {
         Ok(out)
     }
 
-    pub(super) async fn usage_settle_impl(
-        &self,
-        settles: &[(UsageRecord, UsageSettle)],
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    async fn usage_settle(&self, settles: &[(UsageRecord, UsageSettle)], now_ms: i64) -> Result<(), StoreError> {
         let mut by_shard: BTreeMap<u8, Vec<&(UsageRecord, UsageSettle)>> = BTreeMap::new();
         for s in settles {
             by_shard.entry(instance_shard(&s.0.instance_id)).or_default().push(s);
@@ -233,15 +232,7 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The shard of the record holding `metering_sn` (from the registry).
-    async fn usage_shard_of(&self, metering_sn: &str) -> Result<Option<(u8, String)>, StoreError> {
-        let (_, registry) = self.keys.usage_sn_registry(metering_sn);
-        let mut conn = self.conn.clone();
-        let content: Option<String> = redis::cmd("HGET").arg(registry).arg(metering_sn).query_async(&mut conn).await?;
-        Ok(content.and_then(|c| c.split('\t').next().map(str::to_owned)).map(|inst| (instance_shard(&inst), inst)))
-    }
-
-    pub(super) async fn usage_get_impl(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
+    async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
         let Some((_, instance)) = self.usage_shard_of(metering_sn).await? else { return Ok(None) };
         let mut conn = self.conn.clone();
         let map: BTreeMap<String, String> =
@@ -249,7 +240,7 @@ impl RedisStore {
         Ok(StoredUsage::from_fields(&map))
     }
 
-    pub(super) async fn usage_dead_impl(&self) -> Result<Vec<StoredUsage>, StoreError> {
+    async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
         let lists = (0..SHARDS)
             .map(|s| {
                 let mut cmd = redis::cmd("ZRANGE");
@@ -276,7 +267,7 @@ impl RedisStore {
         Ok(out)
     }
 
-    pub(super) async fn usage_redrive_impl(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
+    async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
         let Some((shard, _)) = self.usage_shard_of(metering_sn).await? else { return Ok(false) };
         let mut conn = self.conn.clone();
         let moved: i64 = self
@@ -293,7 +284,7 @@ impl RedisStore {
         Ok(moved == 1)
     }
 
-    pub(super) async fn usage_stats_impl(&self) -> Result<UsageStats, StoreError> {
+    async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
         let mut cmds = Vec::new();
         for s in 0..SHARDS {
             let mut card = redis::cmd("ZCARD");
