@@ -175,7 +175,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 schedule: config.retry,
             },
         );
-        tasks.spawn(pusher.run(shutdown.clone()));
+        tasks.spawn(pusher.run(shutdown.clone(), config.shutdown_grace));
     } else {
         tracing::info!("KOOGATE_USAGE_PUSH is false: usage records are accepted and kept, not pushed");
     }

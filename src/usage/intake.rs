@@ -83,8 +83,14 @@ pub async fn intake(store: &dyn Store, body: &[u8], now_ms: i64) -> Result<Intak
     m::usage_records("accepted", answer.accepted as u64);
     m::usage_records("duplicate", answer.duplicate as u64);
     m::usage_records("rejected", answer.rejected as u64);
-    for v in answer.records.iter().filter(|v| v.status == VerdictStatus::Rejected) {
-        tracing::warn!(metering_sn = %v.metering_sn, reason = v.reason.as_deref().unwrap_or(""), "usage record rejected");
+    // One line per request: a batch of 1000 bad records must not become 1000 log lines.
+    if let Some(first) = answer.records.iter().find(|v| v.status == VerdictStatus::Rejected) {
+        tracing::warn!(
+            rejected = answer.rejected,
+            first_metering_sn = %first.metering_sn,
+            first_reason = first.reason.as_deref().unwrap_or(""),
+            "usage records rejected"
+        );
     }
     tracing::info!(
         accepted = answer.accepted,

@@ -56,10 +56,10 @@ impl Pusher {
         Self { store, api, settings }
     }
 
-    /// Pushes until `shutdown`. A push in flight is finished first (its
-    /// records' lease would otherwise make them wait); a round left undone
-    /// stays in the store.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Pushes until `shutdown`. A round in flight gets `grace` to finish (its
+    /// records' lease would otherwise make them wait); a round cut short is
+    /// safe: its records are pushed again, same metering_sn, when the lease ends.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         tracing::info!(url = %self.api.url(), batch = self.settings.batch, "usage push started");
         let mut store_backoff = self.settings.poll;
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
@@ -67,7 +67,19 @@ impl Pusher {
             if shutdown.is_cancelled() {
                 break;
             }
-            let pause = match self.round().await {
+            let round = self.round();
+            tokio::pin!(round);
+            let outcome = tokio::select! {
+                outcome = &mut round => outcome,
+                _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut round).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        tracing::warn!("usage push: grace period over; the records in flight go out again after their lease");
+                        break;
+                    }
+                },
+            };
+            let pause = match outcome {
                 Ok(0) => {
                     store_backoff = self.settings.poll;
                     self.settings.poll
