@@ -85,7 +85,20 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
             admin.send(hyper::Method::GET, "/v1/dlq", &[("authorization", &auth)], bytes::Bytes::new()).await.unwrap();
         bodies.push(res.body);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await; // deliveries, failures, enrichment errors
+    // Usage for the trial instance: accepted, then pushed (signed with the access key) to a KooGallery that is down.
+    let trial: serde_json::Value = serde_json::from_slice(&fixture("v2/13-newInstance-trial.json")).unwrap();
+    let instance =
+        koogate::store::keys::instance_id_for(trial["orderId"].as_str().unwrap(), trial["orderLineId"].as_str());
+    let usage = serde_json::json!({"records": [{"instance_id": instance, "begin_time": "20261101T000000Z",
+        "end_time": "20261101T010000Z", "usage_value": "1.5", "metering_sn": "sec-usage-1"}]});
+    let auth = format!("Bearer {}", SECRETS[2].1);
+    let res = admin
+        .send(hyper::Method::POST, "/v1/usage", &[("authorization", &auth)], usage.to_string().into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&res.body).contains("\"accepted\":1"), "{}", String::from_utf8_lossy(&res.body));
+    bodies.push(res.body);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // deliveries, failures, enrichment errors, usage pushes
     let metrics = admin.send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new()).await.unwrap().body;
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let out = tokio::task::spawn_blocking(move || {
@@ -117,6 +130,7 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
     let lines = out.lines().count();
     println!("searched {} bytes ({lines} log lines, {} answers, metrics, a start-up error) for {} secrets and 2 decrypted fields", everything.len(), bodies.len(), SECRETS.len());
     assert!(lines > 50, "debug logs were produced");
+    assert!(everything.contains("usage push failed"), "the usage push to the down KooGallery was attempted");
     for (name, value) in SECRETS {
         assert!(!everything.contains(value), "{name} leaked");
         // The Base64 payload of the whsec_ secret too.
