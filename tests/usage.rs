@@ -166,11 +166,20 @@ async fn intake_verdicts(backend: Backend) {
         (Some(1), Some(1), Some(8))
     );
 
+    // An instance from a KooGallery debug call (testFlag=1) has nothing to bill.
+    let body = json!({"activity":"newInstance","businessId":"b-debug","orderId":"CSUSAGEDEBUG",
+        "orderLineId":"CSUSAGEDEBUG-000001","testFlag":"1"});
+    let probe = gw.v2(body.to_string().as_bytes()).await.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let (_, debug) = post_usage(&gw, vec![rec(&probe, 0, "1", "sn-debug")]).await;
+    assert_eq!(statuses(&debug), ["rejected"], "{debug}");
+    assert!(debug["records"][0]["reason"].as_str().unwrap().contains("debug call"), "{debug}");
+
     // The refused sn-overlap left nothing behind: the same sn is free for a good record.
     let (_, third) = post_usage(&gw, vec![rec(&a, 5, "1", "sn-overlap")]).await;
     assert_eq!(statuses(&third), ["accepted"], "{third}");
 
-    // Unreadable requests change nothing.
+    // Unreadable requests change nothing (once the debug call's event has left the outbox).
+    gw.drain().await;
     let before = gw.snapshot().await;
     for (body, needle) in [
         (json!({"nothing": []}), "\"records\" is missing"),

@@ -2,7 +2,7 @@
 -- KEYS[1] the shard's pending set  KEYS[2] the shard's unpushed set
 -- ARGV[1] shard key prefix '<prefix>{sN}:'  ARGV[2] now (UNIX ms)
 -- then 8 per record: sn, instance, item, begin, end, value_e4, content, record_time
--- Answers per record: accepted | duplicate | sn_reused | unknown_instance | released | overlap:<sn>
+-- Answers per record: accepted | duplicate | sn_reused | unknown_instance | released | test_instance | overlap:<sn>
 local p, now = ARGV[1], ARGV[2]
 local out = {}
 for i = 3, #ARGV, 8 do
@@ -18,6 +18,8 @@ for i = 3, #ARGV, 8 do
       out[#out + 1] = 'unknown_instance'
     elseif status == 'released' then
       out[#out + 1] = 'released'
+    elseif redis.call('HGET', p .. 'inst:' .. inst, 'test') == '1' then
+      out[#out + 1] = 'test_instance'
     else
       local pk = p .. 'usage:p:' .. string.len(inst) .. ':' .. inst .. ':' .. item
       local prev = redis.call('ZREVRANGEBYSCORE', pk, '(' .. e, '-inf', 'LIMIT', 0, 1)

@@ -53,6 +53,8 @@ pub enum Refusal {
     SnReused,
     UnknownInstance,
     Released,
+    /// The instance came from a KooGallery debug call (`testFlag=1`): nothing to bill.
+    TestInstance,
     /// The period overlaps an accepted period (of the record with this sn).
     Overlap(String),
 }
@@ -64,6 +66,7 @@ impl Refusal {
             "sn_reused" => Self::SnReused,
             "unknown_instance" => Self::UnknownInstance,
             "released" => Self::Released,
+            "test_instance" => Self::TestInstance,
             other => Self::Overlap(other.strip_prefix("overlap:")?.to_owned()),
         })
     }
@@ -76,6 +79,10 @@ impl Refusal {
             ),
             Self::UnknownInstance => format!("instance {} is not known to this gateway", record.instance_id),
             Self::Released => format!("instance {} is released: usage after release is refused", record.instance_id),
+            Self::TestInstance => format!(
+                "instance {} was created by a KooGallery debug call (testFlag=1): its usage is not billed",
+                record.instance_id
+            ),
             Self::Overlap(sn) => {
                 let item = if record.item.is_empty() { String::new() } else { format!(" (item {})", record.item) };
                 format!(
@@ -119,13 +126,14 @@ impl Decision {
 
 /// The rule both stores apply (the Redis scripts in the same order):
 /// a known `metering_sn` is a duplicate (same content) or reused (different);
-/// else the instance must exist and not be released; else the period must not
-/// overlap the latest accepted period of the instance and item that begins
-/// before this one ends (`prev_end`/`prev_sn`).
+/// else the instance must exist, not be released and not come from a debug
+/// call; else the period must not overlap the latest accepted period of the
+/// instance and item that begins before this one ends (`prev_end`/`prev_sn`).
 pub fn decide(
     record: &UsageRecord,
     known_content: Option<&str>,
     instance_status: &str,
+    test_instance: bool,
     prev: Option<(i64, &str)>,
 ) -> Decision {
     if let Some(content) = known_content {
@@ -134,6 +142,7 @@ pub fn decide(
     match instance_status {
         "" => return Decision::Refused(Refusal::UnknownInstance),
         RELEASED => return Decision::Refused(Refusal::Released),
+        _ if test_instance => return Decision::Refused(Refusal::TestInstance),
         _ => {}
     }
     match prev {
@@ -197,13 +206,18 @@ mod tests {
     #[test]
     fn decisions() {
         let r = rec(100, 200);
-        assert_eq!(decide(&r, Some(&r.content()), "released", None), Decision::Duplicate);
-        assert_eq!(decide(&r, Some("other"), "active", None), Decision::Refused(Refusal::SnReused));
-        assert_eq!(decide(&r, None, "", None), Decision::Refused(Refusal::UnknownInstance));
-        assert_eq!(decide(&r, None, "released", None), Decision::Refused(Refusal::Released));
-        assert_eq!(decide(&r, None, "frozen", Some((100, "a"))), Decision::Accepted);
-        assert_eq!(decide(&r, None, "active", Some((101, "a"))), Decision::Refused(Refusal::Overlap("a".into())));
-        for code in ["accepted", "duplicate", "sn_reused", "unknown_instance", "released", "overlap:x"] {
+        assert_eq!(decide(&r, Some(&r.content()), "released", false, None), Decision::Duplicate);
+        assert_eq!(decide(&r, Some("other"), "active", false, None), Decision::Refused(Refusal::SnReused));
+        assert_eq!(decide(&r, None, "", false, None), Decision::Refused(Refusal::UnknownInstance));
+        assert_eq!(decide(&r, None, "released", false, None), Decision::Refused(Refusal::Released));
+        assert_eq!(decide(&r, None, "active", true, None), Decision::Refused(Refusal::TestInstance));
+        assert_eq!(decide(&r, None, "frozen", false, Some((100, "a"))), Decision::Accepted);
+        assert_eq!(
+            decide(&r, None, "active", false, Some((101, "a"))),
+            Decision::Refused(Refusal::Overlap("a".into()))
+        );
+        for code in ["accepted", "duplicate", "sn_reused", "unknown_instance", "released", "test_instance", "overlap:x"]
+        {
             assert!(Decision::from_code(code).is_some(), "{code}");
         }
         assert_eq!(Decision::from_code("weird"), None);

@@ -77,7 +77,9 @@ fn accept_in(
     let mut wrote = false;
     for r in records {
         let known = get_fields(txn, &r.metering_sn)?.and_then(|f| f.get("content").cloned());
-        let status = get_record(txn, INSTANCES, &r.instance_id)?.get("status").cloned().unwrap_or_default();
+        let instance = get_record(txn, INSTANCES, &r.instance_id)?;
+        let status = instance.get("status").cloned().unwrap_or_default();
+        let test = instance.get("test").is_some_and(|t| t == "1");
         let index = period_index(&r.instance_id, &r.item);
         let prev = {
             let periods = txn.open_table(USAGE_PERIODS).map_err(err)?;
@@ -91,7 +93,7 @@ fn accept_in(
                 None => None,
             }
         };
-        let decision = decide(r, known.as_deref(), &status, prev.as_ref().map(|(e, sn)| (*e, sn.as_str())));
+        let decision = decide(r, known.as_deref(), &status, test, prev.as_ref().map(|(e, sn)| (*e, sn.as_str())));
         if decision == Decision::Accepted {
             let mut fields = StoredUsage::accepted(r.clone(), now_ms).to_fields();
             fields.insert("due_ms".into(), now_ms.to_string());
