@@ -11,6 +11,9 @@
 //!   Redis backend (one Lua script per call) and an embedded redb backend.
 //! - [`events`]: the normalized event model and the SKU map.
 //! - [`delivery`]: moving events out of the outbox.
+//! - [`usage`]: account settlement: usage records from the billing core,
+//!   checked, stored and pushed to KooGallery's usage API exactly once.
+//! - [`marketplace`]: KooGallery's open API (order query, usage push).
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
 //! - [`config`]: settings from the environment and an optional TOML file.
 //! - [`metrics`]: every Prometheus metric name.

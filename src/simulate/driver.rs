@@ -11,7 +11,7 @@
 //! checked with [`verify_body_sign`]), a non-JSON body, a `resultCode` other
 //! than expected, a successful newInstance without `instanceId` or
 //! `appInfo.frontEndUrl` or with an id other than its order line's
-//! ([`instance_id_for`]), a retried newInstance answered with another
+//! ([`crate::store::keys::instance_id_for`]), a retried newInstance answered with another
 //! `instanceId`, a retry not answered byte for byte as the first call, and no
 //! usable answer once the retries are spent.
 

@@ -4,7 +4,7 @@
 //! A call is checked in this order, and nothing of a refused call is kept:
 //!
 //! 1. `ts` (ms, within ±5 minutes) and `nonce` (1 to 64 characters) headers,
-//!    else HTTP 401 [`codes::USAGE_AUTH`](super::market::codes::USAGE_AUTH);
+//!    else HTTP 401 [`codes::USAGE_AUTH`];
 //! 2. the body is JSON, else 400;
 //! 3. `signature` over the canonical form of the JSON received
 //!    ([`usage_canonical_body`]), with the product's access key, else 401;
@@ -12,7 +12,7 @@
 //!    whitespace: what the real API verifies against), else 400;
 //! 5. every record as documented (ids, times `yyyyMMdd'T'HHmmss'Z'`, a
 //!    positive `usage_value` with at most 4 decimals, at most 1000 records),
-//!    else 400 [`codes::USAGE_INVALID`](super::market::codes::USAGE_INVALID);
+//!    else 400 [`codes::USAGE_INVALID`];
 //! 6. no instance KooGallery "does not know" (`refuse_instances`), else 400.
 //!
 //! Then the records are stored, deduplicated by `metering_sn` (a record whose
