@@ -96,30 +96,7 @@ pub fn parse_value_e4(text: &str) -> Result<i64, String> {
     Ok(e4)
 }
 
-/// A decimal string (digits, an optional point and 1 to 4 decimals, at most 8
-/// integer digits, zero allowed) in units of 0.0001.
-pub fn parse_decimal_e4(text: &str) -> Result<i64, String> {
-    let bad = |why: &str| format!("usage_value {text:?} {why}");
-    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad("is not a plain decimal"));
-    }
-    if text.contains('.') && frac.is_empty() {
-        return Err(bad("ends with a point"));
-    }
-    if frac.len() > 4 {
-        return Err(bad("has more than 4 decimals"));
-    }
-    let int = int.trim_start_matches('0');
-    if int.len() > 8 {
-        return Err(bad("has more than 8 digits before the point"));
-    }
-    let int: i64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad("is not a number"))? };
-    let frac_e4: i64 = format!("{frac:0<4}").parse().map_err(|_| bad("is not a number"))?;
-    Ok(int * 10_000 + frac_e4)
-}
-
-pub use crate::usage::record::format_e4;
+pub use crate::usage::record::{format_e4, parse_decimal_e4};
 
 /// A `yyyyMMdd'T'HHmmss'Z'` time, as UNIX seconds.
 fn compact_time(value: &str) -> Option<i64> {

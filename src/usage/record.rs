@@ -130,8 +130,19 @@ fn parse_value(value: Option<&serde_json::Value>) -> Result<i64, String> {
         Some(serde_json::Value::Number(n)) => n.to_string(),
         Some(other) => return Err(format!("usage_value must be a decimal string or number, not {other}")),
     };
+    let e4 = parse_decimal_e4(&text)?;
+    if e4 == 0 {
+        return Err(format!("usage_value {text:?} must be greater than 0"));
+    }
+    Ok(e4)
+}
+
+/// A plain decimal string (digits, an optional point and 1 to 4 decimals, at
+/// most 8 digits before the point: `Double(12,4)`), zero allowed, in units of
+/// 0.0001, exactly. The simulated usage API checks records with it too.
+pub fn parse_decimal_e4(text: &str) -> Result<i64, String> {
     let bad = |why: &str| format!("usage_value {text:?} {why}");
-    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
     if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad("is not a plain positive decimal (digits, an optional point and decimals)"));
     }
@@ -150,11 +161,13 @@ fn parse_value(value: Option<&serde_json::Value>) -> Result<i64, String> {
     for (i, b) in frac.bytes().enumerate() {
         frac_e4 += i64::from(b - b'0') * 10i64.pow((MAX_DECIMALS - 1 - i) as u32);
     }
-    let e4 = int * 10_000 + frac_e4;
-    if e4 == 0 {
-        return Err(bad("must be greater than 0"));
-    }
-    Ok(e4)
+    Ok(int * 10_000 + frac_e4)
+}
+
+/// `record_time` of a record accepted at `now_ms`: fixed then, so a retried
+/// push sends the same body.
+pub fn record_time(now_ms: i64) -> String {
+    compact(now_ms.div_euclid(1000))
 }
 
 /// Units of 0.0001 as a decimal string without trailing zeros.
@@ -232,7 +245,7 @@ impl StoredUsage {
     pub fn accepted(record: UsageRecord, now_ms: i64) -> Self {
         Self {
             record,
-            record_time: compact(now_ms.div_euclid(1000)),
+            record_time: record_time(now_ms),
             accepted_ms: now_ms,
             state: UsageState::Pending,
             attempts: 0,

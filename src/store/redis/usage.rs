@@ -112,7 +112,7 @@ impl UsageLedger for RedisStore {
                 by_shard.entry(instance_shard(&records[i].instance_id)).or_default().push(i);
             }
         }
-        let record_time = crate::usage::record::compact(now_ms.div_euclid(1000));
+        let record_time = crate::usage::record::record_time(now_ms);
         let runs = by_shard.into_iter().map(|(shard, idx)| {
             let mut conn = self.conn.clone();
             let mut inv = self.usage.accept.prepare_invoke();
