@@ -124,6 +124,19 @@ fn usage_view(u: &StoredUsage) -> Value {
     })
 }
 
+/// `{"redriven":[…],"missing":[…]}`: each id by whether its redrive moved something.
+fn redrive_answer(ids: Vec<String>, moved: &[bool]) -> Response<Body> {
+    let (mut redriven, mut missing) = (Vec::new(), Vec::new());
+    for (id, moved) in ids.into_iter().zip(moved) {
+        if *moved {
+            redriven.push(id);
+        } else {
+            missing.push(id);
+        }
+    }
+    respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing}))
+}
+
 /// Largest `POST /v1/usage` body: 1000 records of about 300 bytes, with room.
 const USAGE_BODY_LIMIT: usize = 1024 * 1024;
 
@@ -263,16 +276,12 @@ impl Admin {
         if ids.is_empty() {
             return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids or all:true"));
         }
-        let (mut redriven, mut missing) = (Vec::new(), Vec::new());
-        for id in ids {
-            if self.store.dlq_redrive(&id).await? {
-                redriven.push(id);
-            } else {
-                missing.push(id);
-            }
+        let mut moved = Vec::with_capacity(ids.len());
+        for id in &ids {
+            moved.push(self.store.dlq_redrive(id).await?);
         }
-        tracing::info!(count = redriven.len(), "dead letters redriven");
-        Ok(respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing})))
+        tracing::info!(count = moved.iter().filter(|m| **m).count(), "dead letters redriven");
+        Ok(redrive_answer(ids, &moved))
     }
 
     async fn usage_intake(&self, req: Request<Incoming>) -> Response<Body> {
@@ -306,16 +315,12 @@ impl Admin {
             return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids (metering_sn) or all:true"));
         }
         let now = chrono::Utc::now().timestamp_millis();
-        let (mut redriven, mut missing) = (Vec::new(), Vec::new());
-        for id in ids {
-            if self.store.usage_redrive(&id, now).await? {
-                redriven.push(id);
-            } else {
-                missing.push(id);
-            }
+        let mut moved = Vec::with_capacity(ids.len());
+        for id in &ids {
+            moved.push(self.store.usage_redrive(id, now).await?);
         }
-        tracing::info!(count = redriven.len(), "dead usage records redriven");
-        Ok(respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing})))
+        tracing::info!(count = moved.iter().filter(|m| **m).count(), "dead usage records redriven");
+        Ok(redrive_answer(ids, &moved))
     }
 
     /// The facts of a purchase order, joined with its instances.
