@@ -191,6 +191,12 @@ pub(super) fn sane_share(share: f64) -> f64 {
     }
 }
 
+/// True with probability `share` (sanitized).
+pub(super) fn roll(share: f64) -> bool {
+    let share = sane_share(share);
+    share > 0.0 && rand::thread_rng().gen_bool(share)
+}
+
 impl MarketServer {
     /// Binds `config.listen` (port 0 picks one) and starts serving.
     pub async fn start(config: MarketConfig) -> Result<Self, SimulateError> {
@@ -319,8 +325,7 @@ impl State {
         if self.failing.load(Ordering::Relaxed) {
             return true;
         }
-        let share = sane_share(f64::from_bits(self.fail_share.load(Ordering::Relaxed)));
-        share > 0.0 && rand::thread_rng().gen_bool(share)
+        roll(f64::from_bits(self.fail_share.load(Ordering::Relaxed)))
     }
 
     fn remember(&self, order_id: &str) {

@@ -32,11 +32,10 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::market::{codes, reply, sane_share};
+use super::market::{codes, reply, roll, sane_share};
 use crate::http::Body;
 use crate::marketplace::usage::MAX_BATCH;
 pub use crate::marketplace::usage::USAGE_PATH;
@@ -277,11 +276,6 @@ pub struct UsageState {
     delay_share: AtomicU64,
     refuse: RwLock<BTreeSet<String>>,
     stats: Mutex<UsageSimStats>,
-}
-
-fn roll(share: f64) -> bool {
-    let share = sane_share(share);
-    share > 0.0 && rand::thread_rng().gen_bool(share)
 }
 
 impl UsageState {
