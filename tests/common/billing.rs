@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,10 +11,7 @@ use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -69,37 +65,27 @@ impl Billing {
         let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let decide: Arc<Decide> = Arc::new(decide);
         let (a, c, d) = (Arc::clone(&arrivals), counts, decide);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let (a, c, d) = (Arc::clone(&a), Arc::clone(&c), Arc::clone(&d));
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (a, c, d) = (Arc::clone(&a), Arc::clone(&c), Arc::clone(&d));
-                        async move {
-                            let at = Instant::now();
-                            let headers = req.headers().clone();
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                            let attempt = {
-                                let mut counts = c.lock().unwrap();
-                                let n = counts.entry(id.clone()).or_insert(0);
-                                *n += 1;
-                                *n
-                            };
-                            let signature_ok = verify(&headers, &body);
-                            let (status, delay) =
-                                if signature_ok { d(&id, attempt, &event) } else { (401, Duration::ZERO) };
-                            a.lock().unwrap().push(Arrival { id, at, attempt, signature_ok, event, status });
-                            tokio::time::sleep(delay).await;
-                            let mut res = Response::new(Full::new(Bytes::from_static(b"{}")));
-                            *res.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, Infallible>(res)
-                        }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
+        let task = super::serve_http(listener, move |req: Request<hyper::body::Incoming>| {
+            let (a, c, d) = (Arc::clone(&a), Arc::clone(&c), Arc::clone(&d));
+            async move {
+                let at = Instant::now();
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let attempt = {
+                    let mut counts = c.lock().unwrap();
+                    let n = counts.entry(id.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let signature_ok = verify(&headers, &body);
+                let (status, delay) = if signature_ok { d(&id, attempt, &event) } else { (401, Duration::ZERO) };
+                a.lock().unwrap().push(Arrival { id, at, attempt, signature_ok, event, status });
+                tokio::time::sleep(delay).await;
+                let mut res = Response::new(Full::new(Bytes::from_static(b"{}")));
+                *res.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                res
             }
         });
         Self { addr, arrivals, task }

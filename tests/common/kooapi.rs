@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,10 +12,7 @@ use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -122,54 +118,45 @@ impl UsageApi {
         let seen: Arc<Mutex<Seen>> = Arc::default();
         let decide: Arc<Decide> = Arc::new(decide);
         let (s, d) = (Arc::clone(&seen), decide);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let (s, d) = (Arc::clone(&s), Arc::clone(&d));
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (s, d) = (Arc::clone(&s), Arc::clone(&d));
-                        async move {
-                            let at = Instant::now();
-                            let path_ok = req.uri().path() == "/api/mkp-openapi-public/global/v1/isv/usage-data";
-                            let headers = req.headers().clone();
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            let canon = canonical(&parsed);
-                            let sorted = canon.as_bytes() == &body[..];
-                            let sig = path_ok && signature_ok(&headers, &canon);
-                            let records: Vec<Value> = parsed["usage_records"].as_array().cloned().unwrap_or_default();
-                            let sns: Vec<String> =
-                                records.iter().map(|r| r["metering_sn"].as_str().unwrap_or("").to_owned()).collect();
-                            let reply = {
-                                let mut seen = s.lock().unwrap();
-                                let n = seen.calls.len() as u32 + 1;
-                                let reply = if sig && sorted {
-                                    d(n, &records)
-                                } else {
-                                    Reply {
-                                        status: 401,
-                                        body: r#"{"error_code":"MKT.0151","error_msg":"bad signature"}"#.into(),
-                                        store: false,
-                                        delay: Duration::ZERO,
-                                    }
-                                };
-                                if reply.store {
-                                    for (sn, r) in sns.iter().zip(&records) {
-                                        seen.records.entry(sn.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
-                                    }
-                                }
-                                seen.calls.push(Call { at, signature_ok: sig, sorted, sns, status: reply.status });
-                                reply
-                            };
-                            tokio::time::sleep(reply.delay).await;
-                            let mut res = Response::new(Full::new(Bytes::from(reply.body)));
-                            *res.status_mut() = hyper::StatusCode::from_u16(reply.status).unwrap();
-                            Ok::<_, Infallible>(res)
+        let task = super::serve_http(listener, move |req: Request<hyper::body::Incoming>| {
+            let (s, d) = (Arc::clone(&s), Arc::clone(&d));
+            async move {
+                let at = Instant::now();
+                let path_ok = req.uri().path() == "/api/mkp-openapi-public/global/v1/isv/usage-data";
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let canon = canonical(&parsed);
+                let sorted = canon.as_bytes() == &body[..];
+                let sig = path_ok && signature_ok(&headers, &canon);
+                let records: Vec<Value> = parsed["usage_records"].as_array().cloned().unwrap_or_default();
+                let sns: Vec<String> =
+                    records.iter().map(|r| r["metering_sn"].as_str().unwrap_or("").to_owned()).collect();
+                let reply = {
+                    let mut seen = s.lock().unwrap();
+                    let n = seen.calls.len() as u32 + 1;
+                    let reply = if sig && sorted {
+                        d(n, &records)
+                    } else {
+                        Reply {
+                            status: 401,
+                            body: r#"{"error_code":"MKT.0151","error_msg":"bad signature"}"#.into(),
+                            store: false,
+                            delay: Duration::ZERO,
                         }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
+                    };
+                    if reply.store {
+                        for (sn, r) in sns.iter().zip(&records) {
+                            seen.records.entry(sn.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
+                        }
+                    }
+                    seen.calls.push(Call { at, signature_ok: sig, sorted, sns, status: reply.status });
+                    reply
+                };
+                tokio::time::sleep(reply.delay).await;
+                let mut res = Response::new(Full::new(Bytes::from(reply.body)));
+                *res.status_mut() = hyper::StatusCode::from_u16(reply.status).unwrap();
+                res
             }
         });
         Self { addr, seen, task }
