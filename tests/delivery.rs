@@ -393,28 +393,27 @@ async fn admin_api_is_off_without_a_token() {
 async fn restart_resumes(backend: Backend) {
     // Billing slow: stop the gateway with deliveries in flight, start it again on the same store.
     let billing = Billing::start(|_, _, _| (200, Duration::from_millis(300))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = unique_prefix("restart");
-    let make_env = || {
-        let mut env = base_env(backend, &prefix, dir.path(), REDIS_URL);
-        for (k, v) in delivery_env(&billing.url()) {
-            env.insert(k.into(), v);
-        }
-        env.insert("KOOGATE_DELIVERY_CONCURRENCY".into(), "2".into());
-        env.insert("KOOGATE_SHUTDOWN_GRACE_SECS".into(), "1".into());
-        env.insert("KOOGATE_DELIVERY_VISIBILITY_SECS".into(), "1".into());
-        env
-    };
-    let running = koogate::server::start(koogate::config::Config::from_parts(make_env(), None).unwrap()).await.unwrap();
-    let client = koogate::client::KooClient::new(&format!("http://{}", running.addr));
+    let settings = [
+        ("KOOGATE_DELIVERY_CONCURRENCY", "2"),
+        ("KOOGATE_SHUTDOWN_GRACE_SECS", "1"),
+        ("KOOGATE_DELIVERY_VISIBILITY_SECS", "1"),
+    ];
+    let mut gw = start(backend, "restart", &billing.url(), &settings).await;
     for i in 0..12 {
-        let res = client.v2("/koogallery/v2", AK, &purchase(200 + i), now_ms()).await.unwrap();
+        let res = gw.v2(&purchase(200 + i)).await;
         assert_eq!(res.result_code().as_deref(), Some("000000"));
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    running.stop().await; // SIGTERM's path: stop accepting, finish in-flight deliveries within the grace
-    let before_restart = once_each(&billing.delivered()).len();
-    let running = koogate::server::start(koogate::config::Config::from_parts(make_env(), None).unwrap()).await.unwrap();
+    // SIGTERM's path: stop accepting, finish in-flight deliveries within the grace; then the next start.
+    let env = delivery_env(&billing.url());
+    let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.extend_from_slice(&settings);
+    let before_restart = {
+        let running = gw.running.take().unwrap();
+        running.stop().await;
+        once_each(&billing.delivered()).len()
+    };
+    gw.restart(&pairs).await;
     billing.wait_delivered(12, Duration::from_secs(30)).await;
     let counts = once_each(&billing.delivered());
     println!(
@@ -423,9 +422,8 @@ async fn restart_resumes(backend: Backend) {
         counts.values().max().unwrap()
     );
     assert_eq!(counts.len(), 12);
-    running.stop().await;
+    gw.stop().await;
     billing.stop();
-    delete_prefix(REDIS_URL, &prefix).await;
 }
 
 #[tokio::test]

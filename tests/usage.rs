@@ -242,7 +242,8 @@ async fn intake_verdicts_embedded() {
 async fn pushes_once_in_batches(backend: Backend) {
     let api = UsageApi::start(|_, _| kooapi::taken()).await;
     let url = api.url();
-    let gw = TestGateway::start_with(backend, "usage-batches", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let mut gw =
+        TestGateway::start_with(backend, "usage-batches", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
     let instances = [buy(&gw, "CSUSAGEBATCH1").await, buy(&gw, "CSUSAGEBATCH2").await, buy(&gw, "CSUSAGEBATCH3").await];
     let mut accepted: BTreeMap<String, i64> = BTreeMap::new();
     for (n, inst) in instances.iter().enumerate() {
@@ -256,7 +257,7 @@ async fn pushes_once_in_batches(backend: Backend) {
         assert_eq!((status, answer["accepted"].as_u64()), (200, Some(800)), "{answer}");
     }
     // Turn pushing on: a second gateway on the same store (Redis) or the same one restarted (embedded).
-    let gw = restart(gw, &env(&url, &[])).await;
+    gw.restart(&env(&url, &[])).await;
     let started = Instant::now();
     api.wait_records(2400, Duration::from_secs(60)).await;
     let took = started.elapsed();
@@ -291,23 +292,6 @@ async fn pushes_once_in_batches(backend: Backend) {
     assert!(metric(&metrics, "koogate_usage_pushed_total") >= 2400.0, "{metrics}");
     gw.stop().await;
     api.stop();
-}
-
-/// Stops a gateway and starts another on the same store with `extra` settings.
-async fn restart(mut gw: TestGateway, extra: &[(&str, &str)]) -> TestGateway {
-    if let Some(running) = gw.running.take() {
-        running.stop().await;
-    }
-    let mut env = common::base_env(gw.backend, &gw.prefix, gw.dir.path(), &gw.redis_url);
-    for (k, v) in extra {
-        env.insert((*k).into(), (*v).into());
-    }
-    let config = koogate::config::Config::from_parts(env, None).unwrap();
-    let running = koogate::server::start(config).await.unwrap();
-    gw.client = koogate::client::KooClient::new(&format!("http://{}", running.addr));
-    gw.admin = koogate::client::KooClient::new(&format!("http://{}", running.admin_addr));
-    gw.running = Some(running);
-    gw
 }
 
 #[tokio::test]
@@ -372,12 +356,13 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     })
     .await;
     let url = api.url();
-    let gw = TestGateway::start_with(backend, "usage-refused", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let mut gw =
+        TestGateway::start_with(backend, "usage-refused", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
     let inst = buy(&gw, "CSUSAGEREFUSED").await;
     let mut records: Vec<Value> = (0..9).map(|h| rec(&inst, h, "2", &format!("r-{h}"))).collect();
     records.insert(4, rec(&inst, 20, "5", "r-bad"));
     assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
-    let gw = restart(gw, &env(&url, &[])).await;
+    gw.restart(&env(&url, &[])).await;
     let dead = wait_status(&gw, "r-bad", "dead", Duration::from_secs(20)).await;
     assert_eq!((dead["code"].as_str(), dead["message"].as_str()), (Some("MKT.0100"), Some("instance does not exist")));
     api.wait_records(9, Duration::from_secs(10)).await;

@@ -99,6 +99,25 @@ pub fn base_env(backend: Backend, prefix: &str, dir: &Path, redis_url: &str) -> 
     env
 }
 
+/// Starts a gateway in this process; its KooGallery and admin clients.
+async fn boot(
+    backend: Backend,
+    prefix: &str,
+    dir: &Path,
+    redis_url: &str,
+    extra: &[(&str, &str)],
+) -> (Running, KooClient, KooClient) {
+    let mut env = base_env(backend, prefix, dir, redis_url);
+    for (k, v) in extra {
+        env.insert((*k).into(), (*v).into());
+    }
+    let config = Config::from_parts(env, None).expect("test config is valid");
+    let running = koogate::server::start(config).await.expect("gateway starts");
+    let client = KooClient::new(&format!("http://{}", running.addr));
+    let admin = KooClient::new(&format!("http://{}", running.admin_addr));
+    (running, client, admin)
+}
+
 impl TestGateway {
     pub async fn start(backend: Backend, name: &str) -> Self {
         Self::start_with(backend, name, &[]).await
@@ -111,15 +130,17 @@ impl TestGateway {
     pub async fn start_on(backend: Backend, name: &str, redis_url: &str, extra: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let prefix = unique_prefix(name);
-        let mut env = base_env(backend, &prefix, dir.path(), redis_url);
-        for (k, v) in extra {
-            env.insert((*k).into(), (*v).into());
-        }
-        let config = Config::from_parts(env, None).expect("test config is valid");
-        let running = koogate::server::start(config).await.expect("gateway starts");
-        let client = KooClient::new(&format!("http://{}", running.addr));
-        let admin = KooClient::new(&format!("http://{}", running.admin_addr));
+        let (running, client, admin) = boot(backend, &prefix, dir.path(), redis_url, extra).await;
         Self { running: Some(running), client, admin, backend, prefix, dir, redis_url: redis_url.into() }
+    }
+
+    /// Stops the gateway and starts another on the same store and directories, with `extra` settings.
+    pub async fn restart(&mut self, extra: &[(&str, &str)]) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let (running, client, admin) = boot(self.backend, &self.prefix, self.dir.path(), &self.redis_url, extra).await;
+        (self.running, self.client, self.admin) = (Some(running), client, admin);
     }
 
     pub fn running(&self) -> &Running {
