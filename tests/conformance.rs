@@ -62,3 +62,46 @@ async fn body_sign_header_has_the_documented_case_on_the_wire() {
     }
     gw.stop().await;
 }
+
+const V1_INSTANCE: &str = "21ab9e22-5c60-5afb-b878-85ea829f9cda";
+
+fn status_call(status: &str) -> BTreeMap<String, String> {
+    params(&[("activity", "instanceStatus"), ("instanceId", V1_INSTANCE), ("instanceStatus", status), ("testFlag", "0")])
+}
+
+/// 13.1: V1 `instanceStatus=NORMAL` (documented) unfreezes and makes
+/// `subscription.unfrozen`; `UNFREEZE` stays a tolerated alias; anything else is 000002.
+async fn v1_normal_unfreezes(backend: Backend) {
+    let gw = TestGateway::start(backend, "v1-normal").await;
+    assert_eq!(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(), Some("000000"));
+    for status in ["FREEZE", "NORMAL", "FREEZE", "UNFREEZE"] {
+        let res = gw.v1(&status_call(status)).await;
+        assert_eq!(res.result_code().as_deref(), Some("000000"), "{status}: {}", String::from_utf8_lossy(&res.body));
+    }
+    let res = gw.v1(&status_call("THAWED")).await;
+    assert_eq!(res.result_code().as_deref(), Some("000002"));
+    assert!(String::from_utf8_lossy(&res.body).contains("FREEZE or NORMAL"));
+    gw.drain().await;
+    let events = gw.events();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "subscription.created",
+            "subscription.frozen",
+            "subscription.unfrozen",
+            "subscription.frozen",
+            "subscription.unfrozen"
+        ],
+        "{backend:?}"
+    );
+    assert_eq!(events[2]["data"]["status"], "active");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn v1_instance_status_normal_unfreezes() {
+    for backend in BACKENDS {
+        v1_normal_unfreezes(backend).await;
+    }
+}

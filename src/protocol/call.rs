@@ -455,7 +455,7 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
             Activity::UpdateStatus {
                 instance_id: params.req("instanceId", ID_MAX)?,
                 freeze: unconfirmed::v1_instance_status_is_freeze(&status)
-                    .ok_or_else(|| bad("instanceStatus", "must be FREEZE or UNFREEZE"))?,
+                    .ok_or_else(|| bad("instanceStatus", "must be FREEZE or NORMAL"))?,
             }
         }
         other => return Err(Rejection::UnknownActivity(truncate(other))),

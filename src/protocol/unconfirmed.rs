@@ -8,17 +8,24 @@ use super::crypto::EncryptType;
 /// seconds. A 10-digit value is read as seconds.
 pub const V2_TIMESTAMP_SECONDS_DIGITS: usize = 10;
 
-/// V1 `instanceStatus` values are unconfirmed: the reference says "as V2
-/// `status`", so `FREEZE`/`UNFREEZE` (ASCII case-insensitive) are accepted.
+/// V1 `instanceStatus` (pay-per-use "Resource Status Change"): Huawei documents
+/// `FREEZE` (frozen) and `NORMAL` (unfrozen), with an example URL for each
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649069.html>).
+/// `UNFREEZE` is not documented for V1; it is what the gateway accepted
+/// before (read as "as V2 `status`") and stays a **tolerated alias** of
+/// `NORMAL`, so nothing that worked stops working. ASCII case is ignored.
 pub fn v1_instance_status_is_freeze(value: &str) -> Option<bool> {
     if value.eq_ignore_ascii_case("FREEZE") {
         Some(true)
-    } else if value.eq_ignore_ascii_case("UNFREEZE") {
+    } else if value.eq_ignore_ascii_case("NORMAL") || value.eq_ignore_ascii_case(V1_UNFREEZE_ALIAS) {
         Some(false)
     } else {
         None
     }
 }
+
+/// The undocumented V1 spelling of "unfrozen" still accepted (see [`v1_instance_status_is_freeze`]).
+pub const V1_UNFREEZE_ALIAS: &str = "UNFREEZE";
 
 /// The encryption of V1 `mobilePhone`/`email` is not stated per call: an
 /// `encryptType` parameter is honoured when present, else AES-256 (the V2

@@ -390,7 +390,7 @@ impl Scenario {
                 let renew = id("SIMV1RENEW");
                 (
                     "v1-lifecycle",
-                    "a V1 monthly subscription: newInstance, refreshInstance, instanceStatus FREEZE and UNFREEZE, expireInstance, releaseInstance",
+                    "a V1 monthly subscription: newInstance, refreshInstance, instanceStatus FREEZE and NORMAL (unfreeze), expireInstance, releaseInstance",
                     vec![
                         v1_new(
                             &order,
@@ -418,7 +418,7 @@ impl Scenario {
                             .text("orderAmount", "99.00")
                             .test_flag(false),
                         v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "FREEZE").test_flag(false),
-                        v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "UNFREEZE").test_flag(false),
+                        v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "NORMAL").test_flag(false),
                         v1("expireInstance", Some(&order)).instance("v1sub").text("orderId", &order).test_flag(false),
                         v1("releaseInstance", Some(&order))
                             .instance("v1sub")
