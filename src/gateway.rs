@@ -18,9 +18,9 @@ use crate::protocol::call::{Activity, Call, Purchase, Scene};
 use crate::protocol::crypto::{self, EncryptType};
 use crate::protocol::sign::body_sign;
 use crate::protocol::verify::{verify_v1, verify_v2, AccessKeys};
-use crate::protocol::{call, unconfirmed, Rejection, ResultCode};
+use crate::protocol::{call, unconfirmed, Generation, Rejection, ResultCode};
 use crate::secret::Secret;
-use crate::store::keys::{instance_id_for, instance_shard};
+use crate::store::keys::{instance_id_for, instance_shard, v1_call_dedup};
 use crate::store::plan::{ABSENT, ANY};
 use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store};
 
@@ -36,8 +36,10 @@ use status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 /// Settings the gateway's decisions depend on.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Allowed |now − timestamp|, seconds.
+    /// Allowed |now − timestamp| of a V2 call, seconds.
     pub window_secs: u64,
+    /// Allowed |now − timeStamp| of a V1 call, seconds (`KOOGATE_V1_TIMESTAMP_SKEW_SECS`).
+    pub v1_window_secs: u64,
     /// `appInfo.frontEndUrl`.
     pub frontend_url: String,
     /// `appInfo.adminUrl`.
@@ -116,13 +118,13 @@ impl Gateway {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, log, &rejection),
         };
-        self.run(&call, Some(&verified.nonce), verified.key, now_ms, &mut log).await.finish(log)
+        self.run(&call, Some(&verified.nonce), None, verified.key, now_ms, &mut log).await.finish(log)
     }
 
     /// A V1 call: `GET` with everything in the query string.
     pub async fn handle_v1(&self, raw_query: &str, now_ms: i64) -> Reply {
         let mut log = CallLog { generation: "v1", activity: "unknown", ..CallLog::default() };
-        let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.window_secs) {
+        let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.v1_window_secs) {
             Ok(v) => v,
             Err(rejection) => return self.reject(self.keys.current(), log, &rejection),
         };
@@ -130,8 +132,8 @@ impl Gateway {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, log, &rejection),
         };
-        let nonce = if unconfirmed::V1_HAS_NONCE { verified.params.get("timeStamp").map(String::as_str) } else { None };
-        self.run(&call, nonce, verified.key, now_ms, &mut log).await.finish(log)
+        // No store nonce on V1: a repeated URL is answered from its kept answer (v1_replay_guard).
+        self.run(&call, None, Some(&verified.auth_token), verified.key, now_ms, &mut log).await.finish(log)
     }
 
     /// A refusal before anything was written: signed with `key`, code of the rejection.
@@ -154,6 +156,7 @@ impl Gateway {
         &self,
         call: &Call,
         nonce: Option<&str>,
+        v1_auth_token: Option<&str>,
         key: &'k Secret,
         now_ms: i64,
         log: &mut CallLog,
@@ -163,7 +166,10 @@ impl Gateway {
         log.instance_id = call.activity.instance_id().map(str::to_owned);
         log.test = call.test;
         let planner = Planner { settings: &self.settings, key, now_ms };
-        let plan = planner.plan(call, nonce);
+        let mut plan = planner.plan(call, nonce);
+        if let Some(token) = v1_auth_token {
+            v1_replay_guard(&mut plan, token);
+        }
         log.instance_id = log.instance_id.take().or_else(|| Some(plan.subject.clone()));
 
         let started = Instant::now();
@@ -251,6 +257,25 @@ fn revive_released_test_instance(plan: &mut Plan) {
     }
 }
 
+/// Issue 15.5: `authToken` is the V1 nonce ([`unconfirmed::V1_NONCE_PARAM`]).
+/// A V1 call that changes state and has no kept answer of its own
+/// (instanceStatus, expireInstance, releaseInstance) keeps its successful
+/// answer under its token, so a replay of the same URL inside the window is
+/// answered byte for byte as the first call and changes nothing. Purchases,
+/// renewals and upgrades already keep theirs (by order); reads change nothing.
+/// Refusals are not kept: a repeat is decided again (it changed nothing either).
+pub fn v1_replay_guard(plan: &mut Plan, auth_token: &str) {
+    if plan.dedup.is_some() || !plan.read.is_empty() {
+        return;
+    }
+    plan.dedup = Some(v1_call_dedup(auth_token));
+    for branch in plan.branches.values_mut() {
+        if branch.code == ResultCode::Success.as_str() {
+            branch.keep = true;
+        }
+    }
+}
+
 /// Turns a call into a plan. Pure: no I/O, the clock is `now_ms`.
 pub struct Planner<'a> {
     pub settings: &'a Settings,
@@ -334,6 +359,12 @@ impl Planner<'_> {
     /// The plan of a call, for every status its instance may have.
     pub fn plan(&self, call: &Call, nonce: Option<&str>) -> Plan {
         let mut plan = self.plan_activity(call, nonce);
+        // A nonce is remembered for the whole window on both sides of the clock.
+        let window = match call.generation {
+            Generation::V1 => self.settings.v1_window_secs,
+            Generation::V2 => self.settings.window_secs,
+        };
+        plan.nonce_ttl_secs = window.saturating_mul(2).max(1);
         if call.test {
             revive_released_test_instance(&mut plan);
         }

@@ -105,3 +105,74 @@ async fn v1_instance_status_normal_unfreezes() {
         v1_normal_unfreezes(backend).await;
     }
 }
+
+/// 13.12: V1 has its own timestamp window (KOOGATE_V1_TIMESTAMP_SKEW_SECS, default
+/// 4 h: KooGallery retries a purchase for 3 h); V2 keeps KOOGATE_TIMESTAMP_SKEW_SECS.
+#[tokio::test]
+async fn v1_timestamp_window_is_its_own_setting() {
+    let gw = TestGateway::start(Backend::Redis, "v1-window").await;
+    let call = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    let path = "/koogallery/v1";
+    let at = |age_ms: i64| gw.client.v1(path, AK, &call, now_ms() - age_ms);
+    // A URL resent 3 hours later (the last of KooGallery's hourly retries) is accepted.
+    assert_eq!(at(3 * 3_600_000).await.unwrap().result_code().as_deref(), Some("000000"));
+    let stale = at(4 * 3_600_000 + 60_000).await.unwrap();
+    assert_eq!(stale.result_code().as_deref(), Some("000001"));
+    assert!(String::from_utf8_lossy(&stale.body).contains("allowed 14400 s"));
+    // V2 keeps its 60 s window.
+    let old_v2 = gw.client.v2("/koogallery/v2", AK, &fixture("v2/01-newInstance.json"), now_ms() - 120_000).await.unwrap();
+    assert_eq!(old_v2.result_code().as_deref(), Some("000001"));
+    gw.stop().await;
+
+    let gw = TestGateway::start_with(Backend::Embedded, "v1-window-set", &[("KOOGATE_V1_TIMESTAMP_SKEW_SECS", "120")])
+        .await;
+    let call = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    let old = gw.client.v1(path, AK, &call, now_ms() - 180_000).await.unwrap();
+    assert_eq!(old.result_code().as_deref(), Some("000001"));
+    let fresh = gw.client.v1(path, AK, &call, now_ms() - 90_000).await.unwrap();
+    assert_eq!(fresh.result_code().as_deref(), Some("000000"));
+    gw.stop().await;
+}
+
+/// 15.5: `authToken` is the V1 nonce. The same FREEZE URL sent again (KooGallery's
+/// retry, or a replay) is answered with the first answer, byte for byte, and
+/// changes nothing: after an unfreeze, a replayed FREEZE does not freeze again.
+async fn v1_replay_changes_nothing(backend: Backend) {
+    let gw = TestGateway::start(backend, "v1-replay").await;
+    assert_eq!(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(), Some("000000"));
+    let path = "/koogallery/v1";
+    let freeze_url = format!("{path}?{}", koogate::client::v1_query(AK, &status_call("FREEZE"), now_ms()));
+    let send = |url: String| {
+        let c = &gw.client;
+        async move { c.send(hyper::Method::GET, &url, &[], bytes::Bytes::new()).await.unwrap() }
+    };
+    let first = send(freeze_url.clone()).await;
+    assert_eq!(first.result_code().as_deref(), Some("000000"));
+    let again = send(freeze_url.clone()).await;
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.body_sign, first.body_sign);
+    assert_eq!(gw.v1(&status_call("NORMAL")).await.result_code().as_deref(), Some("000000"));
+    let replayed = send(freeze_url.clone()).await;
+    assert_eq!(replayed.body, first.body, "the replay is answered with the first answer");
+    // The same for expireInstance and releaseInstance URLs.
+    let release = params(&[("activity", "releaseInstance"), ("instanceId", V1_INSTANCE), ("orderId", "CS1906666666ABCDE")]);
+    let release_url = format!("{path}?{}", koogate::client::v1_query(AK, &release, now_ms()));
+    assert_eq!(send(release_url.clone()).await.result_code().as_deref(), Some("000000"));
+    assert_eq!(send(release_url).await.result_code().as_deref(), Some("000000"));
+    gw.drain().await;
+    let events = gw.events();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["subscription.created", "subscription.frozen", "subscription.unfrozen", "subscription.released"],
+        "{backend:?}: a replayed URL made no event"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn v1_replayed_url_is_answered_from_the_first_call_and_changes_nothing() {
+    for backend in BACKENDS {
+        v1_replay_changes_nothing(backend).await;
+    }
+}

@@ -46,6 +46,7 @@ fn settings(mode: u8) -> Settings {
     };
     Settings {
         window_secs: common::WINDOW_SECS,
+        v1_window_secs: common::WINDOW_SECS,
         frontend_url: "https://app.example.com/koogallery".into(),
         admin_url: (mode & 8 != 0).then(|| "https://admin.example.com".into()),
         encrypt_type: if mode & 4 != 0 { EncryptType::Aes128 } else { EncryptType::Aes256 },

@@ -56,10 +56,13 @@ pub fn v1_refresh_scene(trial_to_formal: bool, order_amount: Option<&str>) -> su
     }
 }
 
-/// V1 has no nonce. A V1 call is authenticated by its `authToken` and its
-/// `timeStamp` window only; KooGallery's retries of the same URL are answered
-/// from the dedup record, so no replay check is made on V1 (documented in the README).
-pub const V1_HAS_NONCE: bool = false;
+/// V1 documents no nonce. Its `authToken` is an HMAC over every parameter and
+/// the `timeStamp`, so it names one URL exactly and serves as the V1 nonce
+/// (issue 15.5): a repeat inside the window is answered with the first call's
+/// kept answer and changes nothing (no second event), so KooGallery's own
+/// retries of the same URL still succeed. Refusing a repeat (as a V2 nonce is)
+/// would fail those retries. See `gateway::v1_replay_guard`.
+pub const V1_NONCE_PARAM: &str = "authToken";
 
 /// The order query API's code for an unknown order is not documented here:
 /// `MKT.0100` (what the simulator answers) or a message saying the order does

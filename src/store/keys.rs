@@ -45,6 +45,12 @@ pub fn instance_id_for(order_id: &str, order_line_id: Option<&str>) -> String {
     Uuid::from_bytes(bytes).hyphenated().to_string()
 }
 
+/// The kept-answer (dedup) key of one V1 call, named by its `authToken` (the
+/// V1 nonce, issue 15.5). One component: nothing to encode.
+pub fn v1_call_dedup(auth_token: &str) -> String {
+    format!("v1call:{auth_token}")
+}
+
 /// Key names under a prefix.
 #[derive(Clone, Debug)]
 pub struct Keys {
