@@ -20,7 +20,9 @@ use crate::protocol::sign::body_sign;
 use crate::protocol::verify::{verify_v1, verify_v2, AccessKeys};
 use crate::protocol::{call, unconfirmed, Generation, Rejection, ResultCode};
 use crate::secret::Secret;
-use crate::store::keys::{instance_id_for, instance_shard, v1_call_dedup};
+use crate::store::keys::{
+    instance_id_for, instance_id_for_item, instance_shard, item_purchase_dedup, order_line_field, v1_call_dedup,
+};
 use crate::store::plan::{ABSENT, ANY};
 use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store};
 
@@ -554,9 +556,20 @@ impl Planner<'_> {
         business_id: &str,
         purchase: &Purchase,
     ) -> Plan {
-        let instance_id = instance_id_for(order_id, order_line_id);
+        // Pay-per-use: one instance per billing item, keyed on orderId +
+        // productId (Huawei's V1 subscription and V2 newInstance pages). A V2
+        // call names no productId: its order line keeps one instance
+        // (unconfirmed::V2_PAY_PER_USE_INSTANCE_PER_LINE).
+        let item = purchase.product_id.as_deref().filter(|_| call::is_pay_per_use(purchase.charging_mode.as_deref()));
+        let (instance_id, dedup) = match item {
+            Some(product_id) => (
+                instance_id_for_item(order_id, order_line_id, product_id),
+                item_purchase_dedup(order_id, order_line_id, product_id),
+            ),
+            None => (instance_id_for(order_id, order_line_id), format!("new:{order_id}/{}", order_line_id.unwrap_or(""))),
+        };
         let mut plan = self.plan_for(&instance_id, nonce);
-        plan.dedup = Some(format!("new:{order_id}/{}", order_line_id.unwrap_or("")));
+        plan.dedup = Some(dedup);
         plan.order = Some(order_id.to_owned());
 
         let key = crypto::derive_key(self.key.expose(), self.settings.encrypt_type);
@@ -607,7 +620,7 @@ impl Planner<'_> {
         }
 
         let mut order_set = Record::new();
-        order_set.insert(format!("line:{}", order_line_id.unwrap_or("")), instance_id.clone());
+        order_set.insert(order_line_field(order_line_id, item), instance_id.clone());
         order_set.insert("created_at".into(), now);
         put(&mut order_set, "customer_id", purchase.customer_id.as_deref());
 

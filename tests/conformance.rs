@@ -176,3 +176,63 @@ async fn v1_replayed_url_is_answered_from_the_first_call_and_changes_nothing() {
         v1_replay_changes_nothing(backend).await;
     }
 }
+
+const PPU_ORDER: &str = "CS2512010000PPU01";
+
+fn ppu_purchase(order: &str, product: &str, mode: &str) -> BTreeMap<String, String> {
+    params(&[
+        ("activity", "newInstance"),
+        ("businessId", &uuid::Uuid::new_v4().to_string()),
+        ("customerId", "68cbc86abc2018ab880d92f36422fa0e"),
+        ("customerName", "acme"),
+        ("orderId", order),
+        ("productId", product),
+        ("skuCode", "ppu-sku"),
+        ("chargingMode", mode),
+        ("testFlag", "0"),
+    ])
+}
+
+/// 13.2: V1 pay-per-use (`chargingMode` 0) and pay-per-use package (5) are
+/// accepted; one instance per billing item, keyed on orderId + productId; a
+/// retry of the same orderId + productId gets the same answer byte for byte.
+async fn v1_pay_per_use_items(backend: Backend) {
+    let gw = TestGateway::start(backend, "v1-ppu").await;
+    let first = gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--1", "0")).await;
+    let second = gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--2", "0")).await;
+    let package = gw.v1(&ppu_purchase("CS2512010000PKG01", "00301-666666-0--9", "5")).await;
+    for res in [&first, &second, &package] {
+        assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+    }
+    let id = |r: &koogate::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    assert_ne!(id(&first), id(&second), "same order, another productId: another instance");
+    assert_eq!(id(&first), koogate::store::keys::instance_id_for_item(PPU_ORDER, None, "00301-666666-0--1"));
+    // KooGallery's retry (new businessId, new timeStamp): the same answer, byte for byte.
+    let retry = gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--1", "0")).await;
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.body_sign, first.body_sign);
+    // The item-less purchase of that order is another key: not answered from an item.
+    let mut no_product = ppu_purchase(PPU_ORDER, "x", "0");
+    no_product.remove("productId");
+    let refused = gw.v1(&no_product).await;
+    assert_eq!(refused.result_code().as_deref(), Some("000002"));
+    assert!(String::from_utf8_lossy(&refused.body).contains("productId"));
+
+    gw.drain().await;
+    let events = gw.events();
+    let mut created: Vec<&Value> = events.iter().filter(|e| e["type"] == "subscription.created").collect();
+    assert_eq!(created.len(), 3, "{backend:?}: one event per billing item, none for the retry");
+    created.sort_by_key(|e| e["data"]["product_id"].as_str().unwrap().to_owned());
+    assert_eq!(created[0]["data"]["charging_mode"], "ON_DEMAND");
+    assert_eq!(created[0]["data"]["instance_id"], id(&first).as_str());
+    assert_eq!(created[1]["data"]["instance_id"], id(&second).as_str());
+    assert_eq!(created[2]["data"]["charging_mode"], "ON_DEMAND_PKG");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn v1_pay_per_use_gets_one_instance_per_billing_item() {
+    for backend in BACKENDS {
+        v1_pay_per_use_items(backend).await;
+    }
+}

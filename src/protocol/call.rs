@@ -394,7 +394,12 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                 Some("1") => true,
                 Some(_) => return Err(bad("trialFlag", "must be \"0\" or \"1\"")),
             };
-            let charging_mode = params.opt("chargingMode", 8)?;
+            let charging_mode = params.opt("chargingMode", 8)?.map(|m| v1_charging_mode(&m)).transpose()?;
+            // Pay-per-use is one instance per billing item (orderId + productId):
+            // without a productId the item cannot be told apart.
+            if is_pay_per_use(charging_mode.as_deref()) && params.opt("productId", ID_MAX)?.is_none() {
+                return Err(Rejection::MissingField("productId"));
+            }
             Activity::NewInstance {
                 order_id: params.req("orderId", ID_MAX)?,
                 order_line_id: None,
@@ -410,7 +415,7 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                     sku_code: params.opt("skuCode", ID_MAX)?,
                     trial,
                     expire_time: opt_time(params, "expireTime")?,
-                    charging_mode: charging_mode.map(|m| v1_charging_mode(&m)).transpose()?,
+                    charging_mode,
                     period_type: params.opt("periodType", 16)?,
                     period_number: opt_count(params, "periodNumber")?,
                     amount: opt_decimal(params, "orderAmount", 3)?,
@@ -463,13 +468,27 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
     Ok(Call { generation: Generation::V1, test, activity })
 }
 
-/// V1 `chargingMode`: `1` period, `3` one-time (normalized to the order API's words).
+/// V1 `chargingMode` (normalized to the order API's words): `0` pay-per-use,
+/// `1` period, `3` one-time, `5` pay-per-use package
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649013.html>).
 fn v1_charging_mode(code: &str) -> Result<String, Rejection> {
     match code {
+        "0" => Ok(PAY_PER_USE.into()),
         "1" => Ok("PERIOD".into()),
         "3" => Ok("ONE_TIME".into()),
-        _ => Err(bad("chargingMode", "must be 1 (period) or 3 (one-time)")),
+        "5" => Ok(PAY_PER_USE_PACKAGE.into()),
+        _ => Err(bad("chargingMode", "must be 0 (pay-per-use), 1 (period), 3 (one-time) or 5 (pay-per-use package)")),
     }
+}
+
+/// The order API's `chargingMode` of a pay-per-use specification.
+pub const PAY_PER_USE: &str = "ON_DEMAND";
+/// The order API's `chargingMode` of a pay-per-use package.
+pub const PAY_PER_USE_PACKAGE: &str = "ON_DEMAND_PKG";
+
+/// Is this (normalized) charging mode pay-per-use or a pay-per-use package?
+pub fn is_pay_per_use(charging_mode: Option<&str>) -> bool {
+    matches!(charging_mode, Some(PAY_PER_USE | PAY_PER_USE_PACKAGE))
 }
 
 #[cfg(test)]

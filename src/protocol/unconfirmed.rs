@@ -27,6 +27,19 @@ pub fn v1_instance_status_is_freeze(value: &str) -> Option<bool> {
 /// The undocumented V1 spelling of "unfrozen" still accepted (see [`v1_instance_status_is_freeze`]).
 pub const V1_UNFREEZE_ALIAS: &str = "UNFREEZE";
 
+/// V2 pay-per-use: Huawei's V2 newInstance page asks for idempotency "based on
+/// the order ID (orderId) and product ID (productId)" in pay-per-use
+/// transactions (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649092.html>),
+/// but the V2 call carries only `orderId` + `orderLineId`; the product ids are
+/// in the order query's `productInfo[]` of that line
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>),
+/// read after the answer. KooGallery calls newInstance once per order line, so
+/// the gateway answers one instance per order line, which covers every
+/// billing item (`productInfo`) of the line; usage of each item is pushed for
+/// that instance and queryInstance lists one `usageInfo` entry per item.
+/// Not confirmed: whether KooGallery sends one newInstance per productId.
+pub const V2_PAY_PER_USE_INSTANCE_PER_LINE: bool = true;
+
 /// The encryption of V1 `mobilePhone`/`email` is not stated per call: an
 /// `encryptType` parameter is honoured when present, else AES-256 (the V2
 /// default) is assumed.
