@@ -659,7 +659,7 @@ impl Planner<'_> {
                     front_end_url: self.settings.frontend_url.clone(),
                     ..AppInfo::default()
                 }),
-                usage_info: usage_info(r),
+                usage_info: usage_info(r, self.now_ms),
             })
             .collect();
         if info.is_empty() {
@@ -672,20 +672,42 @@ impl Planner<'_> {
     }
 }
 
-/// `usageInfo` of a pay-per-use instance (its charging mode says so, or usage
-/// was pushed for it): the total KooGallery has taken and the end of the
-/// latest pushed period.
-fn usage_info(record: &Record) -> Option<UsageInfo> {
-    let pushed = record.get(crate::usage::FIELD_USAGE_E4).and_then(|v| v.parse::<i64>().ok());
+/// `usageInfo[]` of a pay-per-use instance (its charging mode says so, or
+/// usage was pushed for it): one entry per billing item, the usage KooGallery
+/// has taken and up to when. The instance's own item (records without
+/// `relate_pkg_instance`) comes first, then one entry per package it is linked
+/// to, naming it (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`). An entry with
+/// nothing pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
+fn usage_info(record: &Record, now_ms: i64) -> Option<Vec<UsageInfo>> {
+    use crate::usage::{FIELD_USAGE_E4, FIELD_USAGE_END};
+    let num = |field: &str| record.get(field).and_then(|v| v.parse::<i64>().ok());
+    let pushed = num(FIELD_USAGE_E4);
     let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
     if pushed.is_none() && !pay_per_use {
         return None;
     }
-    Some(UsageInfo {
-        usage_value: crate::usage::record::format_e4(pushed.unwrap_or(0)),
-        statistical_time: record
-            .get(crate::usage::FIELD_USAGE_END)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(crate::protocol::unconfirmed::usage_statistical_time),
-    })
+    let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
+    let prefix = format!("{FIELD_USAGE_E4}:");
+    let items: Vec<(&str, i64)> = record
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?)))
+        .collect();
+    let own = pushed.unwrap_or(0) - items.iter().map(|(_, v)| v).sum::<i64>();
+    let mut out = Vec::new();
+    if own != 0 || items.is_empty() {
+        out.push(UsageInfo {
+            usage_value: crate::usage::record::format_e4(own),
+            statistical_time: when(num(FIELD_USAGE_END)),
+            related_instance_id: None,
+        });
+    }
+    for (item, value) in items {
+        let (_, end_field) = crate::usage::item_usage_fields(item);
+        out.push(UsageInfo {
+            usage_value: crate::usage::record::format_e4(value),
+            statistical_time: when(num(&end_field)),
+            related_instance_id: Some(item.to_owned()),
+        });
+    }
+    Some(out)
 }

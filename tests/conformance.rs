@@ -236,3 +236,102 @@ async fn v1_pay_per_use_gets_one_instance_per_billing_item() {
         v1_pay_per_use_items(backend).await;
     }
 }
+
+const ADMIN_TOKEN: &str = "conformance-admin-token-0123456789";
+
+fn v1_query_instance(ids: &[&str]) -> BTreeMap<String, String> {
+    params(&[("activity", "queryInstance"), ("instanceId", &ids.join(",")), ("testFlag", "0")])
+}
+
+/// The `info` of a V1 queryInstance answer (13.3: GET, answered like V2's).
+async fn query_v1(gw: &TestGateway, ids: &[&str]) -> Vec<Value> {
+    let res = gw.v1(&v1_query_instance(ids)).await;
+    assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+    assert!(independent_body_sign_ok(AK, &res.body, res.body_sign.as_deref()));
+    res.json().unwrap()["info"].as_array().unwrap().clone()
+}
+
+fn usage_of<'a>(info: &'a [Value], id: &str) -> &'a Vec<Value> {
+    let entry = info.iter().find(|i| i["instanceId"] == id).unwrap_or_else(|| panic!("no info for {id}"));
+    entry["usageInfo"].as_array().unwrap_or_else(|| panic!("usageInfo of {id} is not an array: {entry}"))
+}
+
+/// 13.3 + 13.4: V1 queryInstance (GET) answers like V2's, and `usageInfo` is an
+/// array: one entry per billing item, `statisticalTime` in every entry (the
+/// query time while nothing was pushed), a package-linked item naming the package.
+async fn v1_query_usage_info(backend: Backend) {
+    let api = common::kooapi::UsageApi::start(|_, _| common::kooapi::taken()).await;
+    let url = api.url();
+    let env = [
+        ("KOOGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("KOOGATE_MARKETPLACE_URL", url.as_str()),
+        ("KOOGATE_USAGE_POLL_MS", "20"),
+    ];
+    let gw = TestGateway::start_with(backend, "v1-query-usage", &env).await;
+    let id = |r: koogate::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let a = id(gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--1", "0")).await);
+    let b = id(gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--2", "0")).await);
+    let pkg = id(gw.v1(&ppu_purchase("CS2512010000PKG01", "00301-666666-0--9", "5")).await);
+    let period = id(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await);
+
+    let info = query_v1(&gw, &[&a, &b, &pkg, &period, "no-such-instance"]).await;
+    assert_eq!(info.len(), 4, "unknown ids are left out: {info:?}");
+    for inst in [&a, &b, &pkg] {
+        let usage = usage_of(&info, inst);
+        assert_eq!(usage.len(), 1, "{usage:?}");
+        assert_eq!(usage[0]["usageValue"], "0");
+        let t = usage[0]["statisticalTime"].as_str().expect("statisticalTime even before any push");
+        assert_eq!(t.len(), 16, "{t}");
+    }
+    let period_info = info.iter().find(|i| i["instanceId"] == period.as_str()).unwrap();
+    assert!(period_info.get("usageInfo").is_none(), "a period instance has no usageInfo: {period_info}");
+    assert_eq!(period_info["appInfo"]["frontEndUrl"], "https://console.example.com/koogallery");
+
+    // Usage of `a`: two own periods and one deducted from the package.
+    let hour0 = (now_ms() / 1000 / 3600 - 3) * 3600;
+    let at = |h: i64| chrono::DateTime::from_timestamp(hour0 + h * 3600, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+    let rec = |h: i64, v: &str, sn: &str, pkg: Option<&str>| {
+        let mut r = serde_json::json!({"instance_id": a, "begin_time": at(h), "end_time": at(h + 1), "usage_value": v, "metering_sn": sn});
+        if let Some(p) = pkg {
+            r["relate_pkg_instance"] = Value::from(p);
+        }
+        r
+    };
+    let records = serde_json::json!({"records": [
+        rec(0, "1.5", "conf-sn-1", None),
+        rec(1, "2", "conf-sn-2", None),
+        rec(0, "0.25", "conf-sn-3", Some(&pkg)),
+    ]});
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let res = gw.admin.send(hyper::Method::POST, "/v1/usage", &headers, records.to_string().into()).await.unwrap();
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    api.wait_records(3, std::time::Duration::from_secs(20)).await;
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let usage = loop {
+        let info = query_v1(&gw, &[&a, &b]).await;
+        let usage = usage_of(&info, &a).clone();
+        if usage.len() == 2 && usage[0]["usageValue"] == "3.5" {
+            assert_eq!(usage_of(&info, &b)[0]["usageValue"], "0");
+            break usage;
+        }
+        assert!(std::time::Instant::now() < deadline, "queryInstance does not show the pushed usage: {usage:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    println!("{backend:?} usageInfo of a: {usage:?}");
+    assert_eq!(usage[0]["statisticalTime"], at(2));
+    assert!(usage[0].get("relatedInstanceId").is_none());
+    assert_eq!(usage[1]["usageValue"], "0.25");
+    assert_eq!(usage[1]["relatedInstanceId"], pkg.as_str());
+    assert_eq!(usage[1]["statisticalTime"], at(1));
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn v1_query_instance_answers_usage_info_arrays() {
+    for backend in BACKENDS {
+        v1_query_usage_info(backend).await;
+    }
+}

@@ -27,6 +27,16 @@ pub fn v1_instance_status_is_freeze(value: &str) -> Option<bool> {
 /// The undocumented V1 spelling of "unfrozen" still accepted (see [`v1_instance_status_is_freeze`]).
 pub const V1_UNFREEZE_ALIAS: &str = "UNFREEZE";
 
+/// queryInstance `usageInfo[]` (protocol §6): one entry per billing item, and
+/// for a package "the related instance id". Its wire name is not in the
+/// reference: `relatedInstanceId` is answered. The gateway keeps the pushed
+/// usage of an instance per metering item: records without
+/// `relate_pkg_instance` (the instance's own billing item) make one entry,
+/// each distinct `relate_pkg_instance` another, naming that package instance.
+/// Not done: listing, on the package instance itself, the items of other
+/// instances linked to it (they live in those instances' shards).
+pub const USAGE_INFO_RELATED_INSTANCE: &str = "relatedInstanceId";
+
 /// V2 pay-per-use: Huawei's V2 newInstance page asks for idempotency "based on
 /// the order ID (orderId) and product ID (productId)" in pay-per-use
 /// transactions (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649092.html>),
@@ -160,9 +170,13 @@ pub enum UsageAnswerClass {
     Retry,
 }
 
-/// queryInstance `usageInfo.statisticalTime`: its format is not in the
+/// queryInstance `usageInfo[].statisticalTime`: its format is not in the
 /// reference. The end of the latest pushed period is answered in the usage
-/// API's own format, UTC `yyyyMMdd'T'HHmmss'Z'`.
+/// API's own format, UTC `yyyyMMdd'T'HHmmss'Z'`. When nothing was pushed yet
+/// for an entry, the value is `0` and `statisticalTime` is the time of the
+/// query: nothing was taken by KooGallery up to that moment (Huawei's V1
+/// Instance Query page asks for "the usage in real time",
+/// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html>).
 pub fn usage_statistical_time(end_secs: i64) -> String {
     crate::usage::record::compact(end_secs)
 }
