@@ -130,10 +130,23 @@ impl Gateway {
             Ok(v) => v,
             Err(rejection) => return self.reject(self.keys.current(), log, &rejection),
         };
-        let call = match call::parse_v1(&verified.params, verified.key.expose()) {
+        let call = match call::parse_v1(&verified.params, verified.key.expose(), self.settings.encrypt_type) {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, log, &rejection),
         };
+        if let Activity::NewInstance { purchase, order_id, .. } = &call.activity {
+            for u in &purchase.undecryptable {
+                m::undecryptable_field(u.field);
+                // The reason only: never the ciphertext, the key or a decrypted byte.
+                tracing::warn!(
+                    field = u.field,
+                    reason = %u.why,
+                    order_id = %order_id,
+                    encrypt_type = self.settings.encrypt_type.code(),
+                    "V1 contact field cannot be decrypted with the access key and KOOGATE_ENCRYPT_TYPE; the purchase goes on without it"
+                );
+            }
+        }
         // No store nonce on V1: a repeated URL is answered from its kept answer (v1_replay_guard).
         self.run(&call, None, Some(&verified.auth_token), verified.key, now_ms, &mut log).await.finish(log)
     }
@@ -627,8 +640,12 @@ impl Planner<'_> {
         let mut change = Map::new();
         change.insert("order_id".into(), json!(order_id));
         change.insert("order_line_id".into(), json!(order_line_id));
-        if purchase.mobile_phone.is_some() || purchase.email.is_some() {
-            let contact = Contact { mobile_phone: purchase.mobile_phone.clone(), email: purchase.email.clone() };
+        if purchase.mobile_phone.is_some() || purchase.email.is_some() || !purchase.undecryptable.is_empty() {
+            let contact = Contact {
+                mobile_phone: purchase.mobile_phone.clone(),
+                email: purchase.email.clone(),
+                undecryptable: purchase.undecryptable.iter().map(|u| u.field.to_owned()).collect(),
+            };
             change.insert("contact".into(), json!(contact));
         }
         if let Some(c) = &credentials {

@@ -335,3 +335,47 @@ async fn v1_query_instance_answers_usage_info_arrays() {
         v1_query_usage_info(backend).await;
     }
 }
+
+/// 13.10: V1 contact fields are decrypted with the product's key size
+/// (KOOGATE_ENCRYPT_TYPE), and one that cannot be decrypted does not fail the
+/// purchase: accepted, marked in the event, counted in a metric.
+async fn v1_contact_fields(backend: Backend) {
+    use koogate::protocol::crypto::{derive_key, encrypt, EncryptType};
+    let gw = TestGateway::start_with(backend, "v1-contact", &[("KOOGATE_ENCRYPT_TYPE", "2")]).await;
+    let mut call = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    call.insert("mobilePhone".into(), encrypt(&derive_key(AK, EncryptType::Aes128), "13800000000").unwrap());
+    // Encrypted with the 32-byte key although the product says AES-128: undecryptable.
+    let wrong = encrypt(&derive_key(AK, EncryptType::Aes256), "ops@acme.example").unwrap();
+    call.insert("email".into(), wrong.clone());
+    let res = gw.v1(&call).await;
+    assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.json().unwrap()["encryptType"], "2");
+    // The fixture with a phone that is not even Base64 is a purchase too.
+    let bad = gw.v1_fixture("v1/bad/undecryptable-phone.json").await;
+    assert_eq!(bad.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&bad.body));
+
+    gw.drain().await;
+    let events = gw.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let first = events.iter().find(|e| e["data"]["order_id"] == "CS1906666666ABCDE").unwrap();
+    assert_eq!(first["data"]["contact"]["mobile_phone"], "13800000000");
+    assert_eq!(first["data"]["contact"]["email"], Value::Null);
+    assert_eq!(first["data"]["contact"]["undecryptable"], serde_json::json!(["email"]));
+    let second = events.iter().find(|e| e["data"]["order_id"] == "CS1906666666BADPH").unwrap();
+    assert_eq!(second["data"]["contact"]["undecryptable"], serde_json::json!(["mobilePhone"]));
+    let text = std::fs::read_to_string(gw.events_path()).unwrap();
+    assert!(!text.contains(&wrong) && !text.contains("not-base64"), "no ciphertext in events");
+    let metrics = gw.metrics().await;
+    for field in ["email", "mobilePhone"] {
+        let series = format!("koogate_v1_undecryptable_fields_total{{field=\"{field}\"}}");
+        assert!(metrics.lines().any(|l| l.starts_with(&series)), "no {series} in:\n{metrics}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn v1_undecryptable_contact_field_does_not_fail_the_purchase() {
+    for backend in BACKENDS {
+        v1_contact_fields(backend).await;
+    }
+}

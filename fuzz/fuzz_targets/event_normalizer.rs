@@ -62,7 +62,7 @@ fn parse(mode: u8, input: &[u8]) -> Option<Call> {
     } else {
         let params: BTreeMap<String, String> =
             form_urlencoded::parse(input).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        parse_v1(&params, common::KEY).ok()
+        parse_v1(&params, common::KEY, koogate::protocol::crypto::EncryptType::Aes256).ok()
     }
 }
 
@@ -97,7 +97,7 @@ fn existing(planner: &Planner, generation: Generation, status: &str) -> Record {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     let call = match generation {
-        Generation::V1 => parse_v1(&params, common::KEY),
+        Generation::V1 => parse_v1(&params, common::KEY, koogate::protocol::crypto::EncryptType::Aes256),
         Generation::V2 => parse_v2(
             br#"{"activity":"newInstance","businessId":"b","orderId":"CS2211181819B4LVS","orderLineId":"CS2211181819B4LVS-000001"}"#,
         ),

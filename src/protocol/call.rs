@@ -58,6 +58,9 @@ pub struct Purchase {
     /// Decrypted V1 contact fields. Personal data: never logged.
     pub mobile_phone: Option<String>,
     pub email: Option<String>,
+    /// V1 contact fields that arrived but could not be decrypted (issue 13.10):
+    /// the purchase goes on without them; the event marks them.
+    pub undecryptable: Vec<Undecryptable>,
     pub product_id: Option<String>,
     pub sku_code: Option<String>,
     pub trial: bool,
@@ -68,6 +71,14 @@ pub struct Purchase {
     pub amount: Option<String>,
     /// Linear quantity (V1 `amount` on upgrade; from the order API later).
     pub quantity: Option<String>,
+}
+
+/// A V1 contact field that could not be decrypted, and why (no content).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undecryptable {
+    /// `mobilePhone` or `email`.
+    pub field: &'static str,
+    pub why: crypto::DecryptError,
 }
 
 /// The activities of both generations, with their fields.
@@ -372,23 +383,35 @@ fn parse_id_list(list: &str) -> Result<Vec<String>, Rejection> {
 }
 
 /// Parses a V1 call's parameters (already verified). `access_key` decrypts
-/// `mobilePhone`/`email`.
-pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<Call, Rejection> {
+/// `mobilePhone`/`email` with the product's key size `encrypt_type`
+/// (`KOOGATE_ENCRYPT_TYPE`: the size the seller chose when publishing the
+/// product; V1 carries none per call).
+pub fn parse_v1(
+    params: &BTreeMap<String, String>,
+    access_key: &str,
+    encrypt_type: EncryptType,
+) -> Result<Call, Rejection> {
     let activity_name = params.req("activity", 64)?;
     let test = params.test_flag()?;
     let activity = match activity_name.as_str() {
         "newInstance" => {
-            let encrypt_type = match params.opt("encryptType", 1)? {
-                None => unconfirmed::V1_DEFAULT_ENCRYPT_TYPE,
-                Some(code) => EncryptType::parse(&code).ok_or_else(|| bad("encryptType", "must be \"1\" or \"2\""))?,
-            };
             let key = crypto::derive_key(access_key, encrypt_type);
-            let decrypt = |field: &'static str| -> Result<Option<String>, Rejection> {
-                params
-                    .opt(field, 256)?
-                    .map(|v| crypto::decrypt(&key, &v).map_err(|e| bad(field, format!("cannot be decrypted: {e}"))))
-                    .transpose()
+            let mut undecryptable = Vec::new();
+            // A contact field that does not decrypt must not fail the
+            // purchase (a failed order is refunded, and counts against the
+            // product): it is left out and marked (issue 13.10).
+            let mut decrypt = |field: &'static str| -> Result<Option<String>, Rejection> {
+                let Some(v) = params.opt(field, 256)? else { return Ok(None) };
+                match crypto::decrypt(&key, &v) {
+                    Ok(plain) => Ok(Some(plain)),
+                    Err(why) => {
+                        undecryptable.push(Undecryptable { field, why });
+                        Ok(None)
+                    }
+                }
             };
+            let mobile_phone = decrypt("mobilePhone")?;
+            let email = decrypt("email")?;
             let trial = match params.opt("trialFlag", 1)?.as_deref() {
                 None | Some("0") => false,
                 Some("1") => true,
@@ -409,8 +432,9 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                     customer_name: params.opt("customerName", 256)?,
                     user_id: params.opt("userId", ID_MAX)?,
                     user_name: params.opt("userName", 256)?,
-                    mobile_phone: decrypt("mobilePhone")?,
-                    email: decrypt("email")?,
+                    mobile_phone,
+                    email,
+                    undecryptable,
                     product_id: params.opt("productId", ID_MAX)?,
                     sku_code: params.opt("skuCode", ID_MAX)?,
                     trial,
@@ -583,7 +607,7 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         params.insert("mobilePhone".into(), crypto::encrypt(&key, "13800000000").unwrap());
-        let call = parse_v1(&params, "test-access-key-123").unwrap();
+        let call = parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap();
         assert!(call.test);
         match call.activity {
             Activity::NewInstance { purchase, order_line_id, .. } => {
@@ -594,15 +618,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // AES-128 products: the same field, encrypted with the 16-byte key.
+        let key128 = crypto::derive_key("test-access-key-123", EncryptType::Aes128);
+        params.insert("mobilePhone".into(), crypto::encrypt(&key128, "13900000000").unwrap());
+        match parse_v1(&params, "test-access-key-123", EncryptType::Aes128).unwrap().activity {
+            Activity::NewInstance { purchase, .. } => {
+                assert_eq!(purchase.mobile_phone.as_deref(), Some("13900000000"));
+                assert!(purchase.undecryptable.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Undecryptable: the purchase parses, the field is marked (13.10).
         params.insert("mobilePhone".into(), "abcdefgh12345678%%%".into());
-        assert!(matches!(
-            parse_v1(&params, "test-access-key-123").unwrap_err(),
-            Rejection::BadField { field: "mobilePhone", .. }
-        ));
+        match parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap().activity {
+            Activity::NewInstance { purchase, .. } => {
+                assert_eq!(purchase.mobile_phone, None);
+                assert_eq!(purchase.undecryptable.len(), 1);
+                assert_eq!(purchase.undecryptable[0].field, "mobilePhone");
+            }
+            other => panic!("{other:?}"),
+        }
         params.insert("mobilePhone".into(), crypto::encrypt(&key, "1").unwrap());
         params.insert("orderAmount".into(), "1.23456".into());
         assert!(matches!(
-            parse_v1(&params, "test-access-key-123").unwrap_err(),
+            parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap_err(),
             Rejection::BadField { field: "orderAmount", .. }
         ));
     }
@@ -618,7 +657,7 @@ mod tests {
             for (k, v) in extra {
                 p.insert(k.to_string(), v.to_string());
             }
-            match parse_v1(&p, "k").unwrap().activity {
+            match parse_v1(&p, "k", EncryptType::Aes256).unwrap().activity {
                 Activity::RefreshInstance { scene, .. } => scene,
                 other => panic!("{other:?}"),
             }

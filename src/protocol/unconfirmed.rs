@@ -2,8 +2,6 @@
 //! to decide without a reference, lives here and nowhere else. When Huawei's
 //! behaviour turns out different, this is the one file to change.
 
-use super::crypto::EncryptType;
-
 /// V2 `timestamp` is documented as 13-digit milliseconds; older pages say
 /// seconds. A 10-digit value is read as seconds.
 pub const V2_TIMESTAMP_SECONDS_DIGITS: usize = 10;
@@ -50,10 +48,12 @@ pub const USAGE_INFO_RELATED_INSTANCE: &str = "relatedInstanceId";
 /// Not confirmed: whether KooGallery sends one newInstance per productId.
 pub const V2_PAY_PER_USE_INSTANCE_PER_LINE: bool = true;
 
-/// The encryption of V1 `mobilePhone`/`email` is not stated per call: an
-/// `encryptType` parameter is honoured when present, else AES-256 (the V2
-/// default) is assumed.
-pub const V1_DEFAULT_ENCRYPT_TYPE: EncryptType = EncryptType::Aes256;
+/// V1 `mobilePhone`/`email` are encrypted with the key size the seller chose
+/// when publishing the product (protocol §7, §9): the gateway uses its
+/// `KOOGATE_ENCRYPT_TYPE`, the same setting as its answers' `encryptType`.
+/// Whether V1 ever sends a per-call `encryptType` is not documented: such a
+/// parameter is ignored like any unknown one (it is still signed over).
+pub const V1_ENCRYPT_TYPE_FROM_SETTING: bool = true;
 
 /// `changeInstanceCheck.productInfo` sub-fields are unconfirmed: an object or
 /// an array of objects is accepted and kept as sent; a `skuCode` found at the
