@@ -230,6 +230,13 @@ async fn run_one(
         if let (Some(var), Some(id), Some("000000")) =
             (&step.capture, record.instance_id.clone(), record.result_code.as_deref())
         {
+            for other in &step.distinct_from {
+                if vars.get(other) == Some(&id) {
+                    record.violations.push(format!(
+                        "instanceId {id} was answered for {other:?} too: each pay-per-use billing item (orderId + productId) needs its own instance"
+                    ));
+                }
+            }
             match vars.get(var) {
                 Some(prev) if *prev != id => record
                     .violations
