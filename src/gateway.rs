@@ -579,7 +579,9 @@ impl Planner<'_> {
                 instance_id_for_item(order_id, order_line_id, product_id),
                 item_purchase_dedup(order_id, order_line_id, product_id),
             ),
-            None => (instance_id_for(order_id, order_line_id), format!("new:{order_id}/{}", order_line_id.unwrap_or(""))),
+            None => {
+                (instance_id_for(order_id, order_line_id), format!("new:{order_id}/{}", order_line_id.unwrap_or("")))
+            }
         };
         let mut plan = self.plan_for(&instance_id, nonce);
         plan.dedup = Some(dedup);
@@ -705,10 +707,8 @@ fn usage_info(record: &Record, now_ms: i64) -> Option<Vec<UsageInfo>> {
     }
     let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
     let prefix = format!("{FIELD_USAGE_E4}:");
-    let items: Vec<(&str, i64)> = record
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?)))
-        .collect();
+    let items: Vec<(&str, i64)> =
+        record.iter().filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?))).collect();
     let own = pushed.unwrap_or(0) - items.iter().map(|(_, v)| v).sum::<i64>();
     let mut out = Vec::new();
     if own != 0 || items.is_empty() {

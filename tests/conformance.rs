@@ -45,7 +45,8 @@ async fn body_sign_header_has_the_documented_case_on_the_wire() {
     req.extend_from_slice(&body);
     let v2 = head_of(&raw_exchange(addr, &req).await);
 
-    let v1_query = koogate::client::v1_query(AK, &fixture_params("v1/01-newInstance-stored-value-cards.json"), now_ms());
+    let v1_query =
+        koogate::client::v1_query(AK, &fixture_params("v1/01-newInstance-stored-value-cards.json"), now_ms());
     let req = format!("GET /koogallery/v1?{v1_query} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
     let v1 = head_of(&raw_exchange(addr, req.as_bytes()).await);
 
@@ -66,14 +67,22 @@ async fn body_sign_header_has_the_documented_case_on_the_wire() {
 const V1_INSTANCE: &str = "21ab9e22-5c60-5afb-b878-85ea829f9cda";
 
 fn status_call(status: &str) -> BTreeMap<String, String> {
-    params(&[("activity", "instanceStatus"), ("instanceId", V1_INSTANCE), ("instanceStatus", status), ("testFlag", "0")])
+    params(&[
+        ("activity", "instanceStatus"),
+        ("instanceId", V1_INSTANCE),
+        ("instanceStatus", status),
+        ("testFlag", "0"),
+    ])
 }
 
 /// 13.1: V1 `instanceStatus=NORMAL` (documented) unfreezes and makes
 /// `subscription.unfrozen`; `UNFREEZE` stays a tolerated alias; anything else is 000002.
 async fn v1_normal_unfreezes(backend: Backend) {
     let gw = TestGateway::start(backend, "v1-normal").await;
-    assert_eq!(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(), Some("000000"));
+    assert_eq!(
+        gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(),
+        Some("000000")
+    );
     for status in ["FREEZE", "NORMAL", "FREEZE", "UNFREEZE"] {
         let res = gw.v1(&status_call(status)).await;
         assert_eq!(res.result_code().as_deref(), Some("000000"), "{status}: {}", String::from_utf8_lossy(&res.body));
@@ -120,12 +129,13 @@ async fn v1_timestamp_window_is_its_own_setting() {
     assert_eq!(stale.result_code().as_deref(), Some("000001"));
     assert!(String::from_utf8_lossy(&stale.body).contains("allowed 14400 s"));
     // V2 keeps its 60 s window.
-    let old_v2 = gw.client.v2("/koogallery/v2", AK, &fixture("v2/01-newInstance.json"), now_ms() - 120_000).await.unwrap();
+    let old_v2 =
+        gw.client.v2("/koogallery/v2", AK, &fixture("v2/01-newInstance.json"), now_ms() - 120_000).await.unwrap();
     assert_eq!(old_v2.result_code().as_deref(), Some("000001"));
     gw.stop().await;
 
-    let gw = TestGateway::start_with(Backend::Embedded, "v1-window-set", &[("KOOGATE_V1_TIMESTAMP_SKEW_SECS", "120")])
-        .await;
+    let gw =
+        TestGateway::start_with(Backend::Embedded, "v1-window-set", &[("KOOGATE_V1_TIMESTAMP_SKEW_SECS", "120")]).await;
     let call = fixture_params("v1/01-newInstance-stored-value-cards.json");
     let old = gw.client.v1(path, AK, &call, now_ms() - 180_000).await.unwrap();
     assert_eq!(old.result_code().as_deref(), Some("000001"));
@@ -139,7 +149,10 @@ async fn v1_timestamp_window_is_its_own_setting() {
 /// changes nothing: after an unfreeze, a replayed FREEZE does not freeze again.
 async fn v1_replay_changes_nothing(backend: Backend) {
     let gw = TestGateway::start(backend, "v1-replay").await;
-    assert_eq!(gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(), Some("000000"));
+    assert_eq!(
+        gw.v1_fixture("v1/01-newInstance-stored-value-cards.json").await.result_code().as_deref(),
+        Some("000000")
+    );
     let path = "/koogallery/v1";
     let freeze_url = format!("{path}?{}", koogate::client::v1_query(AK, &status_call("FREEZE"), now_ms()));
     let send = |url: String| {
@@ -155,7 +168,8 @@ async fn v1_replay_changes_nothing(backend: Backend) {
     let replayed = send(freeze_url.clone()).await;
     assert_eq!(replayed.body, first.body, "the replay is answered with the first answer");
     // The same for expireInstance and releaseInstance URLs.
-    let release = params(&[("activity", "releaseInstance"), ("instanceId", V1_INSTANCE), ("orderId", "CS1906666666ABCDE")]);
+    let release =
+        params(&[("activity", "releaseInstance"), ("instanceId", V1_INSTANCE), ("orderId", "CS1906666666ABCDE")]);
     let release_url = format!("{path}?{}", koogate::client::v1_query(AK, &release, now_ms()));
     assert_eq!(send(release_url.clone()).await.result_code().as_deref(), Some("000000"));
     assert_eq!(send(release_url).await.result_code().as_deref(), Some("000000"));
@@ -289,7 +303,8 @@ async fn v1_query_usage_info(backend: Backend) {
 
     // Usage of `a`: two own periods and one deducted from the package.
     let hour0 = (now_ms() / 1000 / 3600 - 3) * 3600;
-    let at = |h: i64| chrono::DateTime::from_timestamp(hour0 + h * 3600, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+    let at =
+        |h: i64| chrono::DateTime::from_timestamp(hour0 + h * 3600, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
     let rec = |h: i64, v: &str, sn: &str, pkg: Option<&str>| {
         let mut r = serde_json::json!({"instance_id": a, "begin_time": at(h), "end_time": at(h + 1), "usage_value": v, "metering_sn": sn});
         if let Some(p) = pkg {

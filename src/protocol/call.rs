@@ -481,7 +481,9 @@ pub fn parse_v1(
         },
         // V1 Instance Query (GET; mandatory for pay-per-use products), answered as V2's:
         // https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html
-        "queryInstance" => Activity::QueryInstance { instance_ids: parse_id_list(&params.req("instanceId", 64 * 101)?)? },
+        "queryInstance" => {
+            Activity::QueryInstance { instance_ids: parse_id_list(&params.req("instanceId", 64 * 101)?)? }
+        }
         "instanceStatus" => {
             let status = params.req("instanceStatus", 16)?;
             Activity::UpdateStatus {

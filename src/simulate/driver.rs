@@ -335,7 +335,9 @@ fn usage_mismatches(step: &Step, vars: &BTreeMap<String, String>, json: &Value) 
         }
         if !bad && sum != *total {
             let got = super::usage::format_e4(sum);
-            out.push(format!("{var} ({id}): usageInfo[].usageValue sum to {got}, expected {expected} (the usage posted)"));
+            out.push(format!(
+                "{var} ({id}): usageInfo[].usageValue sum to {got}, expected {expected} (the usage posted)"
+            ));
         }
     }
     out
