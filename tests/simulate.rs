@@ -477,3 +477,20 @@ async fn the_binary_serves_the_order_api_until_sigterm() {
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(status.success());
 }
+
+/// The V1 pay-per-use scenario follows Huawei's pages, not the gateway: a
+/// gateway answering one instance for two billing items of one order, and
+/// queryInstance answers without `usageInfo[]`, are violations.
+#[tokio::test]
+async fn v1_pay_per_use_scenario_catches_one_instance_for_two_billing_items() {
+    let fake = FakeGateway::start(vec![Fake::Signed("000000", "")]).await;
+    let mut opts = fake.options();
+    opts.scenarios = vec!["v1-pay-per-use".into()];
+    let report = run_scenarios(&opts).await.unwrap();
+    let lines = report.violation_lines().join("\n");
+    assert!(lines.contains("each pay-per-use billing item (orderId + productId) needs its own instance"), "{lines}");
+    assert!(lines.contains("queryInstance answer has no info for"), "{lines}");
+    let seen = fake.seen();
+    assert!(seen.iter().any(|(q, _)| q.contains("chargingMode=0") && q.contains("activity=newInstance")), "{seen:?}");
+    assert!(seen.iter().any(|(q, _)| q.contains("instanceStatus=NORMAL")), "{seen:?}");
+}
