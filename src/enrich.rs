@@ -111,6 +111,17 @@ impl Enricher {
                 }
                 Err(e) => {
                     m::order_query(e.label());
+                    // Every class is retried with the delivery backoff (an order just placed may
+                    // not be queryable yet; a credential fault is fixed by the operator), but a
+                    // credential fault is the operator's to fix: say so loudly, and which one.
+                    match &e {
+                        OrderError::Credentials { fault, code, .. } => {
+                            tracing::error!(%order_id, %code, outcome = fault.label(), error = %e, "order query: KooGallery refused our credentials");
+                        }
+                        _ => {
+                            tracing::warn!(%order_id, outcome = e.label(), error = %e, "order query failed; will retry")
+                        }
+                    }
                     return Err(e.into());
                 }
             },

@@ -131,7 +131,8 @@ pub fn overload() {
     counter!(OVERLOAD).increment(1);
 }
 
-/// `outcome`: ok, cached, not_found, auth_refused, refused, malformed, transport.
+/// `outcome`: ok, cached, invalid, rate_limited, unavailable, refused, malformed, transport,
+/// credentials_signature, credentials_illegal_operation, credentials_no_authority, credentials_illegal_token.
 pub fn order_query(outcome: &'static str) {
     counter!(ORDER_QUERIES, "outcome" => outcome).increment(1);
 }

@@ -54,13 +54,16 @@ pub fn v1_refresh_scene(trial_to_formal: bool, order_amount: Option<&str>) -> su
 /// from the dedup record, so no replay check is made on V1 (documented in the README).
 pub const V1_HAS_NONCE: bool = false;
 
-/// The order query API's code for an unknown order is not documented here:
-/// `MKT.0100` (what the simulator answers) or a message saying the order does
-/// not exist is read as "not found"; every other non-`MKT.0000` code is a refusal.
-pub fn order_not_found(code: &str, message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    code == "MKT.0100" || m.contains("not exist") || m.contains("not found")
-}
+/// The order query API documents no "order not found" code
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>,
+/// error table): `MKT.0100` is "Failure of input parameter" (input
+/// validation), sent with HTTP 500. An order KooGallery does not know (or not
+/// yet: an order just placed) is expected to come back so, but that is not
+/// confirmed. koogate does not guess "not found": it reads `MKT.0100` as
+/// `OrderError::Invalid`, and enrichment retries it with the delivery backoff
+/// until the schedule gives up (the event then goes to the dead-letter list,
+/// where it can be redriven). The simulator answers an unknown order with this code.
+pub const ORDER_UNKNOWN_EXPECTED_CODE: &str = "MKT.0100";
 
 /// §10: the usage push signs "the body with keys sorted" (Huawei: "sorted
 /// naturally"). Read as: the JSON body with object keys in byte order at every

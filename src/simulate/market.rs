@@ -39,24 +39,28 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9300";
 pub const DEFAULT_AK: &str = "sim-ak";
 pub const DEFAULT_SK: &str = "sim-sk";
 
-/// Every code and message this server answers. Huawei documents `MKT.0000`
-/// and API Gateway's `APIGW.0301`; the others are **our guess**: change them
-/// here when the real ones are known.
+/// Every code and message this server answers. The order query's codes are
+/// Huawei's documented table ("Querying an Order"); API Gateway's `APIGW.*`
+/// are its own; the usage API's are its documented table ("Pushing the
+/// Pay-per-Use Resource Usage (New)"). Messages marked (guess) are ours.
 pub mod codes {
     use crate::marketplace::apig::VerifyError;
 
     /// Order query success.
     pub const SUCCESS: &str = "MKT.0000";
     pub const SUCCESS_MSG: &str = "Success";
-    /// Unknown order or order line (guess).
-    pub const ORDER_NOT_FOUND: &str = "MKT.0100";
-    pub const ORDER_NOT_FOUND_MSG: &str = "The order does not exist.";
-    /// `orderId` missing (guess).
-    pub const INVALID_PARAM: &str = "MKT.0001";
-    pub const INVALID_PARAM_MSG: &str = "Invalid parameter: orderId is required.";
-    /// A simulated backend failure, answered with HTTP 500 (guess).
-    pub const INTERNAL: &str = "MKT.9999";
-    pub const INTERNAL_MSG: &str = "System error. (simulated failure)";
+    /// Unknown order or order line: Huawei documents no "not found" code; an
+    /// unknown order is answered as input validation, HTTP 500
+    /// (`unconfirmed::ORDER_UNKNOWN_EXPECTED_CODE`; the table of
+    /// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>).
+    pub const ORDER_NOT_FOUND: &str = crate::protocol::unconfirmed::ORDER_UNKNOWN_EXPECTED_CODE;
+    pub const ORDER_NOT_FOUND_MSG: &str = "Failure of input parameter";
+    /// `orderId` missing: documented `400 MKT.0101` "Invalid parameter".
+    pub const INVALID_PARAM: &str = "MKT.0101";
+    pub const INVALID_PARAM_MSG: &str = "Invalid parameter";
+    /// A simulated backend failure: documented `500 MKT.0999`.
+    pub const INTERNAL: &str = "MKT.0999";
+    pub const INTERNAL_MSG: &str = "System internal error.";
     /// API Gateway: IAM (AK/SK) authentication failed, HTTP 401.
     pub const APIGW_AUTH: &str = "APIGW.0301";
     /// API Gateway: no such API (wrong path or method), HTTP 404.
@@ -407,7 +411,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     let Some(order_id) = param("orderId") else {
         bump(&c.bad_requests);
         return reply(
-            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
             &json!({"resultCode": codes::INVALID_PARAM, "resultMsg": codes::INVALID_PARAM_MSG}),
         );
     };
@@ -423,7 +427,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             bump(&c.not_found);
             tracing::debug!(order_id, "order query: unknown order");
             reply(
-                StatusCode::OK,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 &json!({"resultCode": codes::ORDER_NOT_FOUND, "resultMsg": codes::ORDER_NOT_FOUND_MSG}),
             )
         }
