@@ -33,6 +33,7 @@ pub const USAGE_UNPUSHED: &str = "koogate_usage_unpushed";
 pub const USAGE_HELD: &str = "koogate_usage_held";
 pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
+pub const USAGE_CONFIG_FAULTS: &str = "koogate_usage_push_config_faults_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -152,7 +153,25 @@ pub fn usage_refused(reason: &'static str, n: u64) {
     counter!(USAGE_REFUSED, "reason" => reason).increment(n);
 }
 
-/// Push calls by outcome: taken, refused, retry.
+/// Push calls KooGallery answered with a configuration fault (`400 MKT.0102`
+/// invalid body sign, `401 MKT.0151/0154`, API Gateway's 401/403): the records
+/// are held, not pushed. `code`: MKT.0102, MKT.0151, MKT.0154, other.
+pub fn usage_config_fault(code: &str) {
+    let code = match code {
+        "MKT.0102" => "MKT.0102",
+        "MKT.0151" => "MKT.0151",
+        "MKT.0154" => "MKT.0154",
+        _ => "other",
+    };
+    counter!(USAGE_CONFIG_FAULTS, "code" => code).increment(1);
+}
+
+/// Makes the usage push's counters visible (at 0) before their first event.
+pub fn usage_push_series() {
+    counter!(USAGE_CONFIG_FAULTS, "code" => "MKT.0102").increment(0);
+}
+
+/// Push calls by outcome: taken, refused, retry, config_fault.
 pub fn usage_push_call(outcome: &'static str, elapsed: Duration) {
     counter!(USAGE_PUSH_CALLS, "outcome" => outcome).increment(1);
     histogram!(USAGE_PUSH_DURATION).record(elapsed.as_secs_f64());

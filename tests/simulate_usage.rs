@@ -104,7 +104,7 @@ async fn the_usage_api_verifies_checks_and_deduplicates() {
     // A batch naming an instance KooGallery does not know: refused as a whole, nothing of it stored.
     let with_ghost = [rec("sn-6", "inst-a", "2"), rec("sn-7", "ghost-instance", "3")];
     match api.push(&with_ghost).await {
-        PushOutcome::Refused { code, msg } => {
+        PushOutcome::RecordFault { code, msg } => {
             assert_eq!(code, "MKT.0100");
             assert!(msg.contains("instance ghost-instance does not exist"), "{msg}");
         }
@@ -125,7 +125,7 @@ async fn the_usage_api_verifies_checks_and_deduplicates() {
     // Fail share 1.0: HTTP 500 MKT.9999, nothing stored.
     market.set_usage_fail_share(1.0);
     let (status, body) = raw_push(addr, &good, &good, AK, now_ms()).await;
-    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.9999")), "{body}");
+    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.0999")), "{body}");
     assert!(matches!(api.push(&[rec("sn-8", "inst-a", "1")]).await, PushOutcome::Retry(_)));
     market.set_usage_fail_share(0.0);
     let stats = market.usage_stats();

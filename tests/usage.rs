@@ -364,7 +364,9 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
     gw.restart(&env(&url, &[])).await;
     let dead = wait_status(&gw, "r-bad", "dead", Duration::from_secs(20)).await;
-    assert_eq!((dead["code"].as_str(), dead["message"].as_str()), (Some("MKT.0100"), Some("instance does not exist")));
+    assert_eq!(dead["code"].as_str(), Some("MKT.0100"), "{dead}");
+    let message = dead["message"].as_str().unwrap_or_default();
+    assert!(message.contains("input validation failed") && message.contains("instance does not exist"), "{dead}");
     api.wait_records(9, Duration::from_secs(10)).await;
     assert!(!api.records().contains_key("r-bad"));
     let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
@@ -569,4 +571,108 @@ async fn killed_mid_push_redis() {
 #[tokio::test]
 async fn killed_mid_push_embedded() {
     killed_mid_push(Backend::Embedded).await;
+}
+
+/// Issue 13.5: KooGallery's documented answers. Record faults (even under
+/// HTTP 500) are isolated by splitting and dead-lettered with their code and
+/// a readable reason, and a failed multi-record batch is never sent again as
+/// such; `500 MKT.9003` splits; `500 MKT.0999` is retried with the same
+/// metering_sn; `400 MKT.0102` holds every record (never dead-lettered) and
+/// is counted, until the key is fixed.
+async fn answers_as_documented(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let bad_sign = Arc::new(AtomicBool::new(false));
+    let internal_errors = Arc::new(AtomicU32::new(0));
+    let (flag, errors) = (Arc::clone(&bad_sign), Arc::clone(&internal_errors));
+    let api = UsageApi::start(move |_, records| {
+        if flag.load(Ordering::SeqCst) {
+            return kooapi::fault(400, "MKT.0102", "Invalid body sign");
+        }
+        let has = |sn: &str| records.iter().any(|r| r["metering_sn"] == sn);
+        if records.len() > 4 {
+            kooapi::fault(500, "MKT.9003", "Usage records extends size limit.")
+        } else if has("d-9001") {
+            kooapi::fault(500, "MKT.9001", "Instance ID not found.")
+        } else if has("d-9002") {
+            kooapi::fault(500, "MKT.9002", "Invalid usage enties.")
+        } else if has("d-0150") {
+            kooapi::fault(401, "MKT.0150", "Illegal operation")
+        } else if has("d-0999") && errors.fetch_add(1, Ordering::SeqCst) == 0 {
+            kooapi::failing()
+        } else {
+            kooapi::taken()
+        }
+    })
+    .await;
+    let url = api.url();
+    let push_env = env(&url, &[("KOOGATE_USAGE_HOLD_SECS", "1")]);
+    let mut gw =
+        TestGateway::start_with(backend, "usage-answers", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let inst = buy(&gw, "CSUSAGEANSWERS").await;
+    let sns = ["d-0", "d-9001", "d-1", "d-2", "d-9002", "d-3", "d-0150", "d-4", "d-0999", "d-5"];
+    let records: Vec<Value> = sns.iter().enumerate().map(|(h, sn)| rec(&inst, h as u32, "1", sn)).collect();
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
+    gw.restart(&push_env).await;
+    for (sn, code, reason) in [
+        ("d-9001", "MKT.9001", "does not know the instance"),
+        ("d-9002", "MKT.9002", "invalid usage entities"),
+        ("d-0150", "MKT.0150", "not of a product of this seller"),
+    ] {
+        let dead = wait_status(&gw, sn, "dead", Duration::from_secs(20)).await;
+        assert_eq!(dead["code"].as_str(), Some(code), "{dead}");
+        assert!(dead["message"].as_str().unwrap_or_default().contains(reason), "{dead}");
+    }
+    for sn in ["d-0", "d-1", "d-2", "d-3", "d-4", "d-5", "d-0999"] {
+        wait_status(&gw, sn, "pushed", Duration::from_secs(20)).await;
+    }
+    assert!(record_status(&gw, "d-0999").await["attempts"].as_u64().unwrap_or(0) >= 1, "MKT.0999 was retried");
+    assert!(api.records().values().all(|(_, n)| *n == 1), "each record stored once");
+    let calls = api.calls();
+    for failed in calls.iter().filter(|c| c.status != 200 && c.sns.len() > 1) {
+        let again = calls.iter().filter(|c| c.sns == failed.sns).count();
+        assert_eq!(again, 1, "a refused batch of {} records was sent again: {:?}", failed.sns.len(), failed.sns);
+    }
+    println!(
+        "{backend:?}: 10 records, 3 record faults under HTTP 500/401 isolated in {} calls ({} answered MKT.9003)",
+        calls.len(),
+        calls.iter().filter(|c| c.status == 500 && c.sns.len() > 4).count()
+    );
+
+    // 400 MKT.0102: a configuration fault. Records are held and counted, never dead-lettered.
+    bad_sign.store(true, Ordering::SeqCst);
+    let before = api.calls().len();
+    let held: Vec<Value> = (0..3).map(|i| rec(&inst, 20 + i, "2", &format!("c-{i}"))).collect();
+    assert_eq!(post_usage(&gw, held).await.1["accepted"], 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.calls()[before..].iter().filter(|c| c.status == 400).count() < 2 {
+        assert!(Instant::now() < deadline, "the records were not pushed again after the hold interval");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for i in 0..3 {
+        let r = record_status(&gw, &format!("c-{i}")).await;
+        assert_eq!(r["status"], "pending", "{r}");
+        assert!(r["last_error"].as_str().unwrap_or_default().contains("MKT.0102"), "{r}");
+        assert_eq!(r["attempts"], 0, "a configuration fault is not an attempt: {r}");
+    }
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "koogate_usage_push_config_faults_total{code=\"MKT.0102\"}") >= 2.0, "{metrics}");
+    let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
+    assert_eq!(dlq["dead_letters"].as_array().map(Vec::len), Some(3), "only the 3 record faults: {dlq}");
+    bad_sign.store(false, Ordering::SeqCst); // the operator fixed the key
+    for i in 0..3 {
+        wait_status(&gw, &format!("c-{i}"), "pushed", Duration::from_secs(10)).await;
+    }
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_as_documented_redis() {
+    answers_as_documented(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_as_documented_embedded() {
+    answers_as_documented(Backend::Embedded).await;
 }

@@ -81,20 +81,36 @@ pub struct UsageAnswer {
 pub enum PushOutcome {
     /// KooGallery has every record of the batch.
     Taken,
-    /// KooGallery refused the batch: final for its records.
-    Refused { code: String, msg: String },
+    /// A record of the batch is refused (split to find it; final for it alone).
+    RecordFault { code: String, msg: String },
+    /// Too many records in one call: split and push the halves.
+    Split { code: String, msg: String },
+    /// Our key or signing is wrong: hold the records, alert, never dead-letter.
+    ConfigFault { code: String, msg: String },
     /// No usable answer: push the same records again later.
     Retry(String),
 }
 
-/// Reads an answer into a [`PushOutcome`].
+/// Reads an answer into a [`PushOutcome`] (see `unconfirmed::usage_answer_class`).
 pub fn read_answer(http_status: u16, body: &[u8]) -> PushOutcome {
     let answer: Option<UsageAnswer> = serde_json::from_slice(body).ok();
     let code = answer.as_ref().and_then(|a| a.error_code.clone());
     let msg = answer.as_ref().map(|a| a.error_msg.clone()).unwrap_or_default();
+    let coded = || (code.clone().unwrap_or_else(|| format!("HTTP {http_status}")), msg.clone());
     match usage_answer_class(http_status, code.as_deref(), &msg) {
         UsageAnswerClass::Taken | UsageAnswerClass::AlreadyTaken => PushOutcome::Taken,
-        UsageAnswerClass::Refused => PushOutcome::Refused { code: code.unwrap_or_default(), msg },
+        UsageAnswerClass::RecordFault => {
+            let (code, msg) = coded();
+            PushOutcome::RecordFault { code, msg }
+        }
+        UsageAnswerClass::Split => {
+            let (code, msg) = coded();
+            PushOutcome::Split { code, msg }
+        }
+        UsageAnswerClass::ConfigFault => {
+            let (code, msg) = coded();
+            PushOutcome::ConfigFault { code, msg }
+        }
         UsageAnswerClass::Retry => {
             let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
             PushOutcome::Retry(match code {
@@ -191,20 +207,30 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_classified() {
-        assert_eq!(read_answer(200, br#"{"error_code":"MKT.0000","error_msg":"Success"}"#), PushOutcome::Taken);
+    fn answers_are_classified_by_the_documented_table() {
+        let a = |status, code: &str| {
+            read_answer(status, format!(r#"{{"error_code":"{code}","error_msg":"m"}}"#).as_bytes())
+        };
+        assert_eq!(a(200, "MKT.0000"), PushOutcome::Taken);
         assert_eq!(read_answer(200, br#"{"resultCode":"MKT.0000","resultMsg":"ok"}"#), PushOutcome::Taken);
-        assert_eq!(
-            read_answer(400, br#"{"error_code":"MKT.0100","error_msg":"instance does not exist"}"#),
-            PushOutcome::Refused { code: "MKT.0100".into(), msg: "instance does not exist".into() }
-        );
+        assert!(matches!(a(400, "MKT.0102"), PushOutcome::ConfigFault { .. }));
+        assert!(matches!(a(401, "MKT.0151"), PushOutcome::ConfigFault { .. }));
+        assert!(matches!(a(401, "MKT.0154"), PushOutcome::ConfigFault { .. }));
+        assert!(matches!(a(401, "APIGW.0301"), PushOutcome::ConfigFault { .. }));
+        for code in ["MKT.0150", "MKT.0100", "MKT.9001", "MKT.9002", "MKT.9004"] {
+            let status = if code == "MKT.0150" { 401 } else { 500 };
+            assert_eq!(a(status, code), PushOutcome::RecordFault { code: code.into(), msg: "m".into() }, "{code}");
+        }
+        assert!(matches!(a(500, "MKT.9003"), PushOutcome::Split { .. }));
+        assert!(matches!(a(400, "MKT.0101"), PushOutcome::RecordFault { .. }));
         assert_eq!(
             read_answer(400, br#"{"error_code":"MKT.0105","error_msg":"metering_sn already exists"}"#),
             PushOutcome::Taken
         );
         for (status, body) in [
-            (500, &br#"{"error_code":"MKT.9999","error_msg":"System error"}"#[..]),
-            (401, br#"{"error_code":"MKT.0151","error_msg":"signature wrong"}"#),
+            (500, &br#"{"error_code":"MKT.0999","error_msg":"System internal error"}"#[..]),
+            (500, br#"{"error_code":"MKT.9999","error_msg":"System error"}"#),
+            (406, br#"{"error_code":"MKT.0250","error_msg":"overlimit"}"#),
             (429, b"slow down"),
             (200, b"<html>"),
             (502, b""),

@@ -4,8 +4,12 @@
 //! instances, pushes the rest in batches of at most 1000 and settles every
 //! record. A batch KooGallery refuses is split in halves until the refused
 //! records stand alone, so one bad record does not take 999 good ones into
-//! the dead-letter list. Failures without a usable answer are retried with
-//! the delivery backoff, with the same `metering_sn`s.
+//! the dead-letter list (with the code and a readable reason). Answers are read
+//! from Huawei's error table (`unconfirmed::usage_answer_class`): a record
+//! fault (`MKT.0150/0100/9001/9002/9004`, even under HTTP 500) splits; a
+//! configuration fault (`400 MKT.0102` invalid body sign, a refused key) holds
+//! every record and counts `koogate_usage_push_config_faults_total`; failures without
+//! a usable answer are retried with the delivery backoff, same `metering_sn`s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +22,7 @@ use crate::backoff::Schedule;
 use crate::gateway::status::{EXPIRED, FROZEN};
 use crate::marketplace::usage::{PushOutcome, PushRecord, UsageApi, MAX_BATCH};
 use crate::metrics as m;
+use crate::protocol::unconfirmed::usage_code_reason;
 use crate::store::{Store, StoreError};
 
 /// How the push worker behaves.
@@ -61,6 +66,7 @@ impl Pusher {
     /// safe: its records are pushed again, same metering_sn, when the lease ends.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         tracing::info!(url = %self.api.url(), batch = self.settings.batch, "usage push started");
+        m::usage_push_series();
         let mut store_backoff = self.settings.poll;
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
         loop {
@@ -144,23 +150,45 @@ impl Pusher {
                     tracing::info!(records = batch.len(), took_ms = took.as_millis() as u64, "usage pushed");
                     batch.into_iter().map(|s| (s.record, UsageSettle::Pushed)).collect()
                 }
-                PushOutcome::Refused { code, msg } if batch.len() > 1 => {
+                PushOutcome::RecordFault { code, msg } | PushOutcome::Split { code, msg } if batch.len() > 1 => {
                     m::usage_push_call("refused", took);
-                    tracing::warn!(records = batch.len(), %code, %msg, "usage batch refused; splitting it to find the refused records");
-                    let mut second = batch;
-                    let first: Vec<StoredUsage> = second.drain(..second.len() / 2).collect();
-                    let mut out = self.push(first).await;
-                    out.extend(self.push(second).await);
-                    out
+                    tracing::warn!(records = batch.len(), %code, %msg, reason = usage_code_reason(&code), "usage batch refused; splitting it to find the refused records");
+                    self.split(batch).await
                 }
-                PushOutcome::Refused { code, msg } => {
+                PushOutcome::RecordFault { code, msg } => {
                     m::usage_push_call("refused", took);
                     m::usage_refused("refused", 1);
                     let sn = batch.first().map(|s| s.record.metering_sn.clone()).unwrap_or_default();
-                    tracing::error!(metering_sn = %sn, %code, %msg, "KooGallery refused a usage record; it is in the usage dead-letter list");
+                    let reason = usage_code_reason(&code);
+                    tracing::error!(metering_sn = %sn, %code, %msg, reason, "KooGallery refused a usage record; it is in the usage dead-letter list");
+                    let msg = format!("{reason} (KooGallery: {msg})");
                     batch
                         .into_iter()
                         .map(|s| (s.record, UsageSettle::Dead { code: code.clone(), msg: msg.clone() }))
+                        .collect()
+                }
+                PushOutcome::Split { code, msg } => {
+                    // One record answered "more than 1000 records": not the record's fault.
+                    m::usage_push_call("retry", took);
+                    let error = format!("{code} on a single record: {msg}");
+                    batch.into_iter().map(|s| self.retry(s, &error)).collect()
+                }
+                PushOutcome::ConfigFault { code, msg } => {
+                    // Wrong key or a body not signed as sent: every record would fail the same way.
+                    // Hold them all (no attempt counted, never dead-lettered, the error kept on the
+                    // record) and look again after the hold interval, until the operator fixes it.
+                    m::usage_push_call("config_fault", took);
+                    m::usage_config_fault(&code);
+                    let reason = usage_code_reason(&code);
+                    tracing::error!(records = batch.len(), %code, %msg, reason, "usage push: KooGallery refused our signature or credentials; the records are held (not dead-lettered) until the configuration is fixed");
+                    let at_ms = now_ms() + i64::try_from(self.settings.hold.as_millis()).unwrap_or(i64::MAX / 2);
+                    let error = format!("configuration fault, held: {code}: {reason} (KooGallery: {msg})");
+                    batch
+                        .into_iter()
+                        .map(|s| {
+                            let attempts = s.attempts;
+                            (s.record, UsageSettle::Retry { attempts, at_ms, error: error.clone() })
+                        })
                         .collect()
                 }
                 PushOutcome::Retry(error) => {
@@ -170,6 +198,14 @@ impl Pusher {
                 }
             }
         })
+    }
+
+    async fn split(&self, batch: Vec<StoredUsage>) -> Vec<(UsageRecord, UsageSettle)> {
+        let mut second = batch;
+        let first: Vec<StoredUsage> = second.drain(..second.len() / 2).collect();
+        let mut out = self.push(first).await;
+        out.extend(self.push(second).await);
+        out
     }
 
     fn retry(&self, stored: StoredUsage, error: &str) -> (UsageRecord, UsageSettle) {

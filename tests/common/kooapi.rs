@@ -38,18 +38,20 @@ pub fn taken() -> Reply {
     }
 }
 
+/// `500 MKT.0999` "System internal error" (documented): retried.
 pub fn failing() -> Reply {
-    Reply {
-        status: 500,
-        body: r#"{"error_code":"MKT.9999","error_msg":"System error"}"#.into(),
-        store: false,
-        delay: Duration::ZERO,
-    }
+    fault(500, "MKT.0999", "System internal error.")
 }
 
+/// `500 MKT.0100` input validation (documented: a record fault sent with HTTP 500).
 pub fn refused(msg: &str) -> Reply {
-    let body = serde_json::json!({"error_code": "MKT.0100", "error_msg": msg}).to_string();
-    Reply { status: 400, body, store: false, delay: Duration::ZERO }
+    fault(500, "MKT.0100", msg)
+}
+
+/// Any documented error answer; nothing of the call is kept.
+pub fn fault(status: u16, code: &str, msg: &str) -> Reply {
+    let body = serde_json::json!({"error_code": code, "error_msg": msg}).to_string();
+    Reply { status, body, store: false, delay: Duration::ZERO }
 }
 
 /// Decides a call: (call number from 1, its records).
@@ -135,16 +137,8 @@ impl UsageApi {
                 let reply = {
                     let mut seen = s.lock().unwrap();
                     let n = seen.calls.len() as u32 + 1;
-                    let reply = if sig && sorted {
-                        d(n, &records)
-                    } else {
-                        Reply {
-                            status: 401,
-                            body: r#"{"error_code":"MKT.0151","error_msg":"bad signature"}"#.into(),
-                            store: false,
-                            delay: Duration::ZERO,
-                        }
-                    };
+                    let reply =
+                        if sig && sorted { d(n, &records) } else { fault(400, "MKT.0102", "Invalid body sign") };
                     if reply.store {
                         for (sn, r) in sns.iter().zip(&records) {
                             seen.records.entry(sn.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
