@@ -134,8 +134,9 @@ pub fn overload() {
 
 /// `outcome`: ok, cached, invalid, rate_limited, unavailable, refused, malformed, transport,
 /// credentials_signature, credentials_illegal_operation, credentials_no_authority, credentials_illegal_token.
-pub fn order_query(outcome: &'static str) {
-    counter!(ORDER_QUERIES, "outcome" => outcome).increment(1);
+/// `host`: the configured host that answered (or was tried last); `cache` for a cached answer.
+pub fn order_query(outcome: &'static str, host: &str) {
+    counter!(ORDER_QUERIES, "outcome" => outcome, "host" => host.to_owned()).increment(1);
 }
 
 /// Records posted by the billing core, by verdict: accepted, duplicate, rejected.
@@ -171,9 +172,10 @@ pub fn usage_push_series() {
     counter!(USAGE_CONFIG_FAULTS, "code" => "MKT.0102").increment(0);
 }
 
-/// Push calls by outcome: taken, refused, retry, config_fault.
-pub fn usage_push_call(outcome: &'static str, elapsed: Duration) {
-    counter!(USAGE_PUSH_CALLS, "outcome" => outcome).increment(1);
+/// Push calls by outcome (taken, refused, retry, config_fault) and the `host`
+/// that answered (a configured base URL's host: the primary or a fallback).
+pub fn usage_push_call(outcome: &'static str, host: &str, elapsed: Duration) {
+    counter!(USAGE_PUSH_CALLS, "outcome" => outcome, "host" => host.to_owned()).increment(1);
     histogram!(USAGE_PUSH_DURATION).record(elapsed.as_secs_f64());
 }
 

@@ -676,3 +676,55 @@ async fn answers_as_documented_redis() {
 async fn answers_as_documented_embedded() {
     answers_as_documented(Backend::Embedded).await;
 }
+
+/// Issue 13.7: with KOOGATE_MARKETPLACE_AK/SK set, every push carries API
+/// Gateway's signature (`Authorization` + `X-Sdk-Date`) over the bytes sent,
+/// beside `ts`/`nonce`/`signature`; the stand-in verifies both on its own.
+/// A wrong SK is refused by API Gateway (401): a configuration fault, held.
+/// KOOGATE_USAGE_APIG_SIGN=false turns it off.
+#[tokio::test]
+async fn pushes_carry_the_api_gateway_signature() {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let signed = [
+        ("KOOGATE_MARKETPLACE_AK", kooapi::APIG_AK),
+        ("KOOGATE_MARKETPLACE_SK", kooapi::APIG_SK),
+        ("KOOGATE_USAGE_HOLD_SECS", "1"),
+    ];
+    let mut gw = TestGateway::start_with(Backend::Redis, "usage-apig", &env(&url, &signed)).await;
+    let inst = buy(&gw, "CSUSAGEAPIG").await;
+    assert_eq!(post_usage(&gw, vec![rec(&inst, 0, "1", "g-0"), rec(&inst, 1, "2", "g-1")]).await.1["accepted"], 2);
+    wait_status(&gw, "g-1", "pushed", Duration::from_secs(10)).await;
+    let calls = api.calls();
+    assert!(!calls.is_empty() && calls.iter().all(|c| c.apig == Some(true) && c.signature_ok && c.sorted), "{calls:?}");
+
+    // A wrong SK: API Gateway refuses (401 APIGW.0301), the record is held, not dead-lettered.
+    let wrong = [
+        ("KOOGATE_MARKETPLACE_AK", kooapi::APIG_AK),
+        ("KOOGATE_MARKETPLACE_SK", "not-the-sk"),
+        ("KOOGATE_USAGE_HOLD_SECS", "1"),
+    ];
+    gw.restart(&env(&url, &wrong)).await;
+    assert_eq!(post_usage(&gw, vec![rec(&inst, 2, "1", "g-2")]).await.1["accepted"], 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.calls().iter().any(|c| c.apig == Some(false)) {
+        assert!(Instant::now() < deadline, "no push with the wrong SK");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = record_status(&gw, "g-2").await;
+    assert_eq!(r["status"], "pending", "{r}");
+    assert!(r["last_error"].as_str().unwrap_or_default().contains("APIGW.0301"), "{r}");
+    assert!(!format!("{r}").contains("not-the-sk"), "no secret in the ledger");
+
+    // Turned off: only ts/nonce/signature.
+    let mut off = signed.to_vec();
+    off.push(("KOOGATE_USAGE_APIG_SIGN", "false"));
+    let before = api.calls().len();
+    gw.restart(&env(&url, &off)).await;
+    wait_status(&gw, "g-2", "pushed", Duration::from_secs(10)).await;
+    let later = api.calls()[before..].to_vec();
+    assert!(!later.is_empty() && later.iter().all(|c| c.apig.is_none() && c.signature_ok), "{later:?}");
+    gw.stop().await;
+    api.stop();
+}

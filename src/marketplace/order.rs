@@ -7,7 +7,6 @@ use chrono::SecondsFormat;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::apig;
 use crate::protocol::call::parse_compact_time;
 use crate::secret::Secret;
 
@@ -287,25 +286,70 @@ pub fn parse_answer(_order_id: &str, status: u16, body: &[u8]) -> Result<OrderIn
     Err(OrderError::Refused { status, code, message })
 }
 
-/// A pooled, verifying HTTPS client of the order query API.
+/// A pooled, verifying HTTPS client of the order query API. When a host
+/// cannot be reached (a transport error or a timeout, never a refusal) the
+/// next one of its list is tried: the documented fallback
+/// (`KOOGATE_MARKETPLACE_FALLBACK_URLS`, [`super::FALLBACK_CN`] by default).
 #[derive(Clone)]
 pub struct OrderApi {
     http: reqwest::Client,
-    base: reqwest::Url,
+    bases: Vec<reqwest::Url>,
     ak: Secret,
     sk: Secret,
 }
 
 impl OrderApi {
     pub fn new(base: &str, ak: Secret, sk: Secret, timeout: Duration) -> Result<Self, OrderError> {
-        let base = reqwest::Url::parse(base).map_err(|e| OrderError::Transport(format!("bad URL {base}: {e}")))?;
+        Self::with_fallbacks(base, &[], ak, sk, timeout)
+    }
+
+    /// `base` first, then each of `fallbacks` when the previous one cannot be reached.
+    pub fn with_fallbacks(
+        base: &str,
+        fallbacks: &[String],
+        ak: Secret,
+        sk: Secret,
+        timeout: Duration,
+    ) -> Result<Self, OrderError> {
+        let bases = super::bases(base, fallbacks).map_err(OrderError::Transport)?;
         let http = super::http_client(timeout).map_err(|e| OrderError::Transport(e.to_string()))?;
-        Ok(Self { http, base, ak, sk })
+        Ok(Self { http, bases, ak, sk })
     }
 
     /// Queries one order (line); returns the raw answer body with the parsed order.
     pub async fn query(&self, order_id: &str, order_line_id: Option<&str>) -> Result<(String, OrderInfo), OrderError> {
-        let mut url = self.base.join(ORDER_QUERY_PATH).map_err(|e| OrderError::Transport(e.to_string()))?;
+        self.query_on(order_id, order_line_id).await.1
+    }
+
+    /// [`Self::query`], with the `host` label of the host that answered (or was tried last).
+    pub async fn query_on(
+        &self,
+        order_id: &str,
+        order_line_id: Option<&str>,
+    ) -> (String, Result<(String, OrderInfo), OrderError>) {
+        let mut unreachable = Vec::new();
+        let mut host = String::new();
+        for base in &self.bases {
+            host = super::host_label(base);
+            let result = self.query_one(base, order_id, order_line_id).await;
+            match result {
+                Err(e) if e.is_unreachable() => {
+                    tracing::warn!(%host, error = %e, "order query: host cannot be reached; trying the next one");
+                    unreachable.push(format!("{host}: {e}"));
+                }
+                other => return (host, other),
+            }
+        }
+        (host, Err(OrderError::Transport(unreachable.join("; "))))
+    }
+
+    async fn query_one(
+        &self,
+        base: &reqwest::Url,
+        order_id: &str,
+        order_line_id: Option<&str>,
+    ) -> Result<(String, OrderInfo), OrderError> {
+        let mut url = base.join(ORDER_QUERY_PATH).map_err(|e| OrderError::Transport(e.to_string()))?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("orderId", order_id);
@@ -313,29 +357,13 @@ impl OrderApi {
                 q.append_pair("orderLineId", line);
             }
         }
-        let query: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        let host = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_owned(),
-        };
-        let date = chrono::Utc::now().format(apig::DATE_FORMAT).to_string();
-        let headers = vec![
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("host".to_owned(), host),
-            ("x-sdk-date".to_owned(), date.clone()),
-        ];
-        let authorization =
-            apig::Request { method: "GET", path: url.path(), query: &query, headers: &headers, body: b"" }
-                .authorization(self.ak.expose(), self.sk.expose());
-        let res = self
-            .http
-            .get(url.clone())
-            .header("content-type", "application/json")
-            .header("x-sdk-date", date)
-            .header("authorization", authorization)
-            .send()
-            .await
-            .map_err(|e| OrderError::Transport(if e.is_timeout() { "timed out".into() } else { e.to_string() }))?;
+        let mut req = self.http.get(url.clone()).header("content-type", "application/json");
+        for (name, value) in super::apig_headers("GET", &url, b"", self.ak.expose(), self.sk.expose()) {
+            req = req.header(name, value);
+        }
+        let res = req.send().await.map_err(|e| {
+            OrderError::Transport(if e.is_timeout() { "timed out".into() } else { crate::error_chain(&e) })
+        })?;
         let status = res.status().as_u16();
         let body = res.bytes().await.map_err(|e| OrderError::Transport(e.to_string()))?;
         let info = parse_answer(order_id, status, &body)?;

@@ -121,45 +121,104 @@ pub fn read_answer(http_status: u16, body: &[u8]) -> PushOutcome {
     }
 }
 
-/// A pooled client of the usage API, signing with the seller's access key.
+/// A pooled client of the usage API, signing with the seller's access key
+/// (`ts`/`nonce`/`signature`) and, when the seller's AK/SK are given, with API
+/// Gateway's `SDK-HMAC-SHA256` (`X-Sdk-Date`/`Authorization`) as well: the
+/// usage page points to the API Gateway SDK and AK/SK ("Calling APIs Through
+/// App Authentication", <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649083.html>)
+/// and its `MKT.0150` speaks of "the AK/SK's ISV" (protocol §10). Both
+/// signatures cover the exact bytes sent. When a host cannot be reached the
+/// next base URL is tried (the documented fallback host).
 #[derive(Clone)]
 pub struct UsageApi {
     http: reqwest::Client,
-    url: reqwest::Url,
+    urls: Vec<reqwest::Url>,
     key: Secret,
+    apig: Option<(Secret, Secret)>,
+}
+
+/// The outcome of a push and the `host` label of the host that answered (or was tried last).
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub outcome: PushOutcome,
+    pub host: String,
 }
 
 impl UsageApi {
     pub fn new(base: &str, key: Secret, timeout: Duration) -> Result<Self, String> {
-        let base = reqwest::Url::parse(base).map_err(|e| format!("bad marketplace URL {base}: {e}"))?;
-        let url = base.join(USAGE_PATH).map_err(|e| e.to_string())?;
+        Self::with_fallbacks(base, &[], key, timeout)
+    }
+
+    /// `base` first, then each of `fallbacks` when the previous one cannot be reached.
+    pub fn with_fallbacks(base: &str, fallbacks: &[String], key: Secret, timeout: Duration) -> Result<Self, String> {
+        let urls = super::bases(base, fallbacks)?
+            .into_iter()
+            .map(|b| b.join(USAGE_PATH).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         let http = super::http_client(timeout).map_err(|e| e.to_string())?;
-        Ok(Self { http, url, key })
+        Ok(Self { http, urls, key, apig: None })
+    }
+
+    /// Also sign every push with API Gateway AK/SK signing.
+    pub fn with_apig(mut self, ak: Secret, sk: Secret) -> Self {
+        self.apig = Some((ak, sk));
+        self
     }
 
     pub fn url(&self) -> &str {
-        self.url.as_str()
+        self.urls.first().map_or("", reqwest::Url::as_str)
+    }
+
+    pub fn signs_apig(&self) -> bool {
+        self.apig.is_some()
     }
 
     /// Pushes one batch (at most [`MAX_BATCH`] records).
     pub async fn push(&self, records: &[PushRecord]) -> PushOutcome {
+        self.push_on(records).await.outcome
+    }
+
+    /// [`Self::push`], with the host that answered.
+    pub async fn push_on(&self, records: &[PushRecord]) -> Pushed {
         let body = canonical_body(records);
         let nonce = crate::client::nonce();
-        let mut req = self.http.post(self.url.clone()).header("content-type", "application/json");
-        for (name, value) in signature_headers(self.key.expose(), &body, chrono::Utc::now().timestamp_millis(), &nonce)
-        {
-            req = req.header(name, value);
+        let ts_ms = chrono::Utc::now().timestamp_millis();
+        let mut unreachable = Vec::new();
+        let mut host = String::new();
+        for url in &self.urls {
+            host = super::host_label(url);
+            let mut req = self.http.post(url.clone()).header("content-type", "application/json");
+            for (name, value) in signature_headers(self.key.expose(), &body, ts_ms, &nonce) {
+                req = req.header(name, value);
+            }
+            if let Some((ak, sk)) = &self.apig {
+                for (name, value) in super::apig_headers("POST", url, body.as_bytes(), ak.expose(), sk.expose()) {
+                    req = req.header(name, value);
+                }
+            }
+            let res = match req.body(body.clone()).send().await {
+                Ok(res) => res,
+                Err(e) => {
+                    // Cannot be reached (or no answer in time): the next host, same records, same metering_sn.
+                    let error = if e.is_timeout() { "timed out".to_owned() } else { crate::error_chain(&e) };
+                    tracing::warn!(%host, %error, "usage push: host cannot be reached; trying the next one");
+                    unreachable.push(format!("{host}: {error}"));
+                    continue;
+                }
+            };
+            let status = res.status().as_u16();
+            let outcome = match res.bytes().await {
+                Ok(body) => read_answer(status, &body),
+                Err(e) => PushOutcome::Retry(format!("HTTP {status}, body unreadable: {e}")),
+            };
+            return Pushed { outcome, host };
         }
-        let res = match req.body(body).send().await {
-            Ok(res) => res,
-            Err(e) if e.is_timeout() => return PushOutcome::Retry("timed out".into()),
-            Err(e) => return PushOutcome::Retry(crate::error_chain(&e)),
+        let error = if unreachable.len() == 1 && self.urls.len() == 1 {
+            unreachable.remove(0).split_once(": ").map(|(_, e)| e.to_owned()).unwrap_or_default()
+        } else {
+            unreachable.join("; ")
         };
-        let status = res.status().as_u16();
-        match res.bytes().await {
-            Ok(body) => read_answer(status, &body),
-            Err(e) => PushOutcome::Retry(format!("HTTP {status}, body unreadable: {e}")),
-        }
+        Pushed { outcome: PushOutcome::Retry(error), host }
     }
 }
 

@@ -179,6 +179,9 @@ pub fn usage_code_reason(code: &str) -> &'static str {
         "MKT.9003" => "more than 1000 records in one call",
         "MKT.9004" => "begin_time is more than 21 days before now: KooGallery no longer takes it",
         "MKT.0999" => "KooGallery internal error",
+        c if c.starts_with("APIGW.") => {
+            "API Gateway refused the call (AK/SK signature): check KOOGATE_MARKETPLACE_AK/SK"
+        }
         _ => "undocumented code",
     }
 }

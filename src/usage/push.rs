@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{StoredUsage, UsageRecord, UsageSettle};
 use crate::backoff::Schedule;
 use crate::gateway::status::{EXPIRED, FROZEN};
-use crate::marketplace::usage::{PushOutcome, PushRecord, UsageApi, MAX_BATCH};
+use crate::marketplace::usage::{PushOutcome, PushRecord, Pushed, UsageApi, MAX_BATCH};
 use crate::metrics as m;
 use crate::protocol::unconfirmed::usage_code_reason;
 use crate::store::{Store, StoreError};
@@ -65,7 +65,7 @@ impl Pusher {
     /// records' lease would otherwise make them wait); a round cut short is
     /// safe: its records are pushed again, same metering_sn, when the lease ends.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
-        tracing::info!(url = %self.api.url(), batch = self.settings.batch, "usage push started");
+        tracing::info!(url = %self.api.url(), batch = self.settings.batch, apig = self.api.signs_apig(), "usage push started");
         m::usage_push_series();
         let mut store_backoff = self.settings.poll;
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
@@ -141,22 +141,23 @@ impl Pusher {
         Box::pin(async move {
             let records: Vec<PushRecord> = batch.iter().map(PushRecord::from_stored).collect();
             let started = Instant::now();
-            let outcome = self.api.push(&records).await;
+            let Pushed { outcome, host } = self.api.push_on(&records).await;
             let took = started.elapsed();
+            let call = |outcome: &'static str| m::usage_push_call(outcome, &host, took);
             match outcome {
                 PushOutcome::Taken => {
-                    m::usage_push_call("taken", took);
+                    call("taken");
                     m::usage_pushed(batch.len() as u64);
                     tracing::info!(records = batch.len(), took_ms = took.as_millis() as u64, "usage pushed");
                     batch.into_iter().map(|s| (s.record, UsageSettle::Pushed)).collect()
                 }
                 PushOutcome::RecordFault { code, msg } | PushOutcome::Split { code, msg } if batch.len() > 1 => {
-                    m::usage_push_call("refused", took);
+                    call("refused");
                     tracing::warn!(records = batch.len(), %code, %msg, reason = usage_code_reason(&code), "usage batch refused; splitting it to find the refused records");
                     self.split(batch).await
                 }
                 PushOutcome::RecordFault { code, msg } => {
-                    m::usage_push_call("refused", took);
+                    call("refused");
                     m::usage_refused("refused", 1);
                     let sn = batch.first().map(|s| s.record.metering_sn.clone()).unwrap_or_default();
                     let reason = usage_code_reason(&code);
@@ -169,7 +170,7 @@ impl Pusher {
                 }
                 PushOutcome::Split { code, msg } => {
                     // One record answered "more than 1000 records": not the record's fault.
-                    m::usage_push_call("retry", took);
+                    call("retry");
                     let error = format!("{code} on a single record: {msg}");
                     batch.into_iter().map(|s| self.retry(s, &error)).collect()
                 }
@@ -177,7 +178,7 @@ impl Pusher {
                     // Wrong key or a body not signed as sent: every record would fail the same way.
                     // Hold them all (no attempt counted, never dead-lettered, the error kept on the
                     // record) and look again after the hold interval, until the operator fixes it.
-                    m::usage_push_call("config_fault", took);
+                    call("config_fault");
                     m::usage_config_fault(&code);
                     let reason = usage_code_reason(&code);
                     tracing::error!(records = batch.len(), %code, %msg, reason, "usage push: KooGallery refused our signature or credentials; the records are held (not dead-lettered) until the configuration is fixed");
@@ -192,7 +193,7 @@ impl Pusher {
                         .collect()
                 }
                 PushOutcome::Retry(error) => {
-                    m::usage_push_call("retry", took);
+                    call("retry");
                     tracing::warn!(records = batch.len(), %error, "usage push failed; will retry with the same metering_sn");
                     batch.into_iter().map(|s| self.retry(s, &error)).collect()
                 }
