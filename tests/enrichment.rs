@@ -259,3 +259,55 @@ async fn order_query_errors_follow_the_documented_table() {
         task.abort();
     }
 }
+
+/// Issue 13.8: when the order query's host cannot be reached (a closed
+/// loopback port: connection refused) the fallback host answers; a refusal
+/// (HTTP 500) is never taken to the fallback. The answering host is reported.
+#[tokio::test]
+async fn the_order_query_falls_back_when_the_host_cannot_be_reached() {
+    let fallback = market().await;
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let api = OrderApi::with_fallbacks(
+        &closed,
+        &[fallback.url()],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let (host, answer) = api.query_on("MOCKPERIODYEARNEW", Some("MOCKPERIODYEARNEW-000001")).await;
+    let (_, info) = answer.unwrap();
+    assert_eq!(info.facts(None).customer_id.as_deref(), Some(BUYER));
+    assert_eq!(host, fallback.url().trim_start_matches("http://"), "the fallback answered");
+    assert_eq!(fallback.stats().found, 1);
+
+    // Both unreachable: a transport error naming both hosts.
+    let none = OrderApi::with_fallbacks(
+        &closed,
+        &[format!("http://127.0.0.1:{}", free_port())],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let e = none.query("MOCKPERIODYEARNEW", None).await.unwrap_err();
+    assert!(matches!(&e, OrderError::Transport(m) if m.matches("Connection refused").count() == 2), "{e:?}");
+
+    // A primary that answers, even with a failure, is not skipped.
+    let primary = market().await;
+    primary.set_failing(true);
+    let api = OrderApi::with_fallbacks(
+        &primary.url(),
+        &[fallback.url()],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let (host, answer) = api.query_on("MOCKONETIMENEW", None).await;
+    assert!(matches!(answer, Err(OrderError::Unavailable { status: 500, .. })), "{answer:?}");
+    assert_eq!(host, primary.url().trim_start_matches("http://"));
+    assert_eq!(fallback.stats().requests, 1, "the fallback was not asked again");
+    primary.stop().await;
+    fallback.stop().await;
+}

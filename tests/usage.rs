@@ -728,3 +728,47 @@ async fn pushes_carry_the_api_gateway_signature() {
     gw.stop().await;
     api.stop();
 }
+
+/// Issue 13.8: the usage push retries on the fallback host when the primary
+/// cannot be reached (a closed loopback port), with the same records and
+/// metering_sn; the push metrics say which host answered.
+async fn falls_back_when_the_host_cannot_be_reached(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let fallback = api.url();
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let gw = TestGateway::start_with(
+        backend,
+        "usage-fallback",
+        &env(&closed, &[("KOOGATE_MARKETPLACE_FALLBACK_URLS", fallback.as_str())]),
+    )
+    .await;
+    let inst = buy(&gw, "CSUSAGEFALLBACK").await;
+    let records: Vec<Value> = (0..5).map(|h| rec(&inst, h, "1.5", &format!("fb-{h}"))).collect();
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 5);
+    wait_status(&gw, "fb-4", "pushed", Duration::from_secs(10)).await;
+    assert_eq!(api.records().len(), 5);
+    assert!(api.records().values().all(|(_, n)| *n == 1));
+    let metrics = gw.metrics().await;
+    let host = fallback.trim_start_matches("http://");
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("koogate_usage_push_calls_total{")
+                && l.contains(&format!("host=\"{host}\""))
+                && l.contains("outcome=\"taken\"")
+        })
+        .unwrap_or_else(|| panic!("no taken push labelled host={host}:\n{metrics}"));
+    println!("{backend:?}: primary {closed} refused the connection; {line}");
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn falls_back_when_the_host_cannot_be_reached_redis() {
+    falls_back_when_the_host_cannot_be_reached(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn falls_back_when_the_host_cannot_be_reached_embedded() {
+    falls_back_when_the_host_cannot_be_reached(Backend::Embedded).await;
+}

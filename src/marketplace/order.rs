@@ -333,7 +333,7 @@ impl OrderApi {
             host = super::host_label(base);
             let result = self.query_one(base, order_id, order_line_id).await;
             match result {
-                Err(e) if e.is_unreachable() => {
+                Err(OrderError::Transport(e)) => {
                     tracing::warn!(%host, error = %e, "order query: host cannot be reached; trying the next one");
                     unreachable.push(format!("{host}: {e}"));
                 }
