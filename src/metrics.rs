@@ -33,6 +33,7 @@ pub const USAGE_UNPUSHED: &str = "koogate_usage_unpushed";
 pub const USAGE_HELD: &str = "koogate_usage_held";
 pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
+pub const USAGE_HELD_NEAR_EXPIRY: &str = "koogate_usage_held_near_expiry";
 pub const USAGE_CONFIG_FAULTS: &str = "koogate_usage_push_config_faults_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -183,6 +184,12 @@ pub fn usage_gauges(unpushed: u64, dead: u64, oldest_unpushed_age: Duration) {
     gauge!(USAGE_UNPUSHED).set(unpushed as f64);
     gauge!(USAGE_DLQ_SIZE).set(dead as f64);
     gauge!(USAGE_OLDEST_UNPUSHED_AGE).set(oldest_unpushed_age.as_secs_f64());
+}
+
+/// Records held for a frozen instance whose begin_time is more than 18 days
+/// old: KooGallery refuses them from 21 days on (MKT.9004).
+pub fn usage_held_near_expiry(n: usize) {
+    gauge!(USAGE_HELD_NEAR_EXPIRY).set(n as f64);
 }
 
 /// Records held back because their instance is frozen (last claim round).

@@ -52,10 +52,21 @@ async fn call(gw: &TestGateway, body: Value) {
     assert_eq!(res.result_code().as_deref(), Some("000000"), "{body}: {}", String::from_utf8_lossy(&res.body));
 }
 
-/// Hour `h` of 2026-11-01 as KooGallery's time format.
+/// The start of hour 0: midnight UTC of 18 days ago (KooGallery takes usage
+/// whose begin_time is within 21 days; koogate within 20), fixed for the run.
+fn base() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (chrono::Utc::now().timestamp() - 18 * 86_400).div_euclid(86_400) * 86_400)
+}
+
+/// `secs` after hour 0 in `format`.
+fn at(secs: i64, format: &str) -> String {
+    chrono::DateTime::from_timestamp(base() + secs, 0).unwrap().format(format).to_string()
+}
+
+/// Hour `h` (from 18 days ago) as KooGallery's time format.
 fn hour(h: u32) -> String {
-    let t = chrono::DateTime::from_timestamp(1_793_491_200 + i64::from(h) * 3600, 0).unwrap();
-    t.format("%Y%m%dT%H%M%SZ").to_string()
+    at(i64::from(h) * 3600, "%Y%m%dT%H%M%SZ")
 }
 
 fn rec(instance: &str, h: u32, value: &str, sn: &str) -> Value {
@@ -102,7 +113,7 @@ async fn intake_verdicts(backend: Backend) {
             rec(&a, 0, "1.5", "sn-a0"),
             rec(&a, 1, "2", "sn-a1"),
             rec(&b, 0, "0.0001", "sn-b0"),
-            json!({"instance_id": a, "begin_time": "2026-11-01T02:00:00Z", "end_time": "2026-11-01T03:00:00+00:00",
+            json!({"instance_id": a, "begin_time": at(7200, "%Y-%m-%dT%H:%M:%SZ"), "end_time": at(10_800, "%Y-%m-%dT%H:%M:%S+00:00"),
                    "usage_value": 3.25, "metering_sn": "sn-a2"}),
             json!({"instance_id": a, "begin_time": hour(0), "end_time": hour(1), "usage_value": "7",
                    "metering_sn": "sn-a0-pkg", "relate_pkg_instance": "pkg-1"}),
@@ -119,7 +130,7 @@ async fn intake_verdicts(backend: Backend) {
             rec(&a, 0, "1.5", "sn-a0"),                      // the same record again
             rec(&a, 0, "1.6", "sn-a0"),                      // same sn, other value
             rec(&b, 0, "1.5", "sn-a1"),                      // sn of another instance's record
-            json!({"instance_id": a, "begin_time": "20261101T003000Z", "end_time": "20261101T013000Z",
+            json!({"instance_id": a, "begin_time": at(1800, "%Y%m%dT%H%M%SZ"), "end_time": at(5400, "%Y%m%dT%H%M%SZ"),
                    "usage_value": "1", "metering_sn": "sn-overlap"}),
             rec(&a, 3, "1", "sn-a3"),                        // adjacent: fine
             rec("no-such-instance", 0, "1", "sn-ghost"),
@@ -771,4 +782,99 @@ async fn falls_back_when_the_host_cannot_be_reached_redis() {
 #[tokio::test]
 async fn falls_back_when_the_host_cannot_be_reached_embedded() {
     falls_back_when_the_host_cannot_be_reached(Backend::Embedded).await;
+}
+
+/// A record whose period began `days_ago` days ago (one hour long).
+fn aged(instance: &str, days_ago: i64, sn: &str) -> Value {
+    let begin = chrono::Utc::now().timestamp() - days_ago * 86_400;
+    let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+    json!({"instance_id": instance, "begin_time": t(begin), "end_time": t(begin + 3600), "usage_value": "1", "metering_sn": sn})
+}
+
+/// Issue 13.6: intake refuses a begin_time KooGallery would refuse (more than
+/// 21 days old; koogate refuses from 20 days on). With the default cadence
+/// (KOOGATE_USAGE_POLL_MS=1000) a record is pushed within seconds of being
+/// accepted, well inside Huawei's "first 15 minutes after the period": the
+/// accept → pushed latency is measured and printed.
+#[tokio::test]
+async fn the_21_day_rule_and_the_push_latency() {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw = TestGateway::start_with(
+        Backend::Redis,
+        "usage-cadence",
+        &[("KOOGATE_ADMIN_TOKEN", TOKEN), ("KOOGATE_MARKETPLACE_URL", url.as_str())],
+    )
+    .await;
+    let inst = buy(&gw, "CSUSAGECADENCE").await;
+    let (_, answer) = post_usage(&gw, vec![aged(&inst, 22, "old-22"), aged(&inst, 21, "old-21")]).await;
+    assert_eq!(statuses(&answer), ["rejected", "rejected"], "{answer}");
+    let reason = answer["records"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("more than 21 days") && reason.contains("MKT.9004"), "{answer}");
+
+    // The period that just ended, posted at once, 10 times: accept -> pushed.
+    let mut latencies = Vec::new();
+    for i in 0..10u32 {
+        let end = chrono::Utc::now().timestamp() / 60 * 60 - i64::from(9 - i) * 60;
+        let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+        let sn = format!("cad-{i}");
+        let r = json!({"instance_id": inst, "begin_time": t(end - 60), "end_time": t(end), "usage_value": "1", "metering_sn": sn});
+        let posted = Instant::now();
+        assert_eq!(statuses(&post_usage(&gw, vec![r]).await.1), ["accepted"]);
+        let pushed = wait_status(&gw, &sn, "pushed", Duration::from_secs(20)).await;
+        let observed = posted.elapsed();
+        let ms =
+            |f: &str| chrono::DateTime::parse_from_rfc3339(pushed[f].as_str().unwrap()).unwrap().timestamp_millis();
+        latencies.push((ms("pushed_at") - ms("accepted_at"), observed.as_millis()));
+    }
+    let mut ledger: Vec<i64> = latencies.iter().map(|(l, _)| *l).collect();
+    ledger.sort_unstable();
+    println!(
+        "accept -> pushed latency (default KOOGATE_USAGE_POLL_MS=1000, 10 records): ledger min {} ms, median {} ms, max {} ms; observed by the caller up to {} ms",
+        ledger[0],
+        ledger[5],
+        ledger[9],
+        latencies.iter().map(|(_, o)| *o).max().unwrap_or(0)
+    );
+    gw.stop().await;
+    api.stop();
+}
+
+/// Issue 13.6: usage held for a frozen instance that nears KooGallery's
+/// 21-day limit is counted in koogate_usage_held_near_expiry.
+async fn held_usage_near_expiry_is_counted(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw =
+        TestGateway::start_with(backend, "usage-near-expiry", &env(&url, &[("KOOGATE_USAGE_HOLD_SECS", "1")])).await;
+    let inst = buy(&gw, "CSUSAGENEAREXPIRY").await;
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"FREEZE"})).await;
+    let (_, answer) = post_usage(&gw, vec![aged(&inst, 19, "ne-19"), aged(&inst, 1, "ne-1")]).await;
+    assert_eq!(statuses(&answer), ["accepted", "accepted"], "{answer}");
+    wait_status(&gw, "ne-19", "held", Duration::from_secs(5)).await;
+    // Metrics are process-wide: other gateways of this binary set the gauge too; look until ours shows.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = gw.metrics().await;
+        if metric(&metrics, "koogate_usage_held_near_expiry") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "koogate_usage_held_near_expiry never counted the 19-day-old held record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(api.calls().is_empty(), "held usage was pushed");
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"UNFREEZE"})).await;
+    wait_status(&gw, "ne-19", "pushed", Duration::from_secs(10)).await;
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn held_usage_near_expiry_is_counted_redis() {
+    held_usage_near_expiry_is_counted(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn held_usage_near_expiry_is_counted_embedded() {
+    held_usage_near_expiry_is_counted(Backend::Embedded).await;
 }

@@ -49,6 +49,8 @@ pub struct Pusher {
     store: Arc<dyn Store>,
     api: UsageApi,
     settings: Settings,
+    /// Held records near KooGallery's 21-day limit: metering_sn → when last seen held (ms).
+    near_expiry: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 fn now_ms() -> i64 {
@@ -58,7 +60,7 @@ fn now_ms() -> i64 {
 impl Pusher {
     pub fn new(store: Arc<dyn Store>, api: UsageApi, mut settings: Settings) -> Self {
         settings.batch = settings.batch.clamp(1, MAX_BATCH);
-        Self { store, api, settings }
+        Self { store, api, settings, near_expiry: Default::default() }
     }
 
     /// Pushes until `shutdown`. A round in flight gets `grace` to finish (its
@@ -67,6 +69,7 @@ impl Pusher {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         tracing::info!(url = %self.api.url(), batch = self.settings.batch, apig = self.api.signs_apig(), "usage push started");
         m::usage_push_series();
+        m::usage_held_near_expiry(0);
         let mut store_backoff = self.settings.poll;
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
         loop {
@@ -115,13 +118,18 @@ impl Pusher {
         let claims = self.store.usage_claim(self.settings.batch, now, self.settings.lease).await?;
         if claims.is_empty() {
             m::usage_held(0);
+            self.track_near_expiry(&[], &[], now);
             return Ok(0);
         }
         let claimed = claims.len();
         let mut settles = Vec::with_capacity(claimed);
         let mut send = Vec::with_capacity(claimed);
+        let mut near = Vec::new();
         for claim in claims {
             if holds(&claim.instance_status) {
+                if super::record::near_expiry(claim.stored.record.begin, now.div_euclid(1000)) {
+                    near.push(claim.stored.record.metering_sn.clone());
+                }
                 let at_ms = now + i64::try_from(self.settings.hold.as_millis()).unwrap_or(i64::MAX / 2);
                 settles.push((claim.stored.record, UsageSettle::Hold { at_ms }));
             } else {
@@ -129,6 +137,7 @@ impl Pusher {
             }
         }
         m::usage_held(settles.len());
+        self.track_near_expiry(&near, &send, now);
         for chunk in send.chunks(self.settings.batch) {
             settles.extend(self.push(chunk.to_vec()).await);
         }
@@ -199,6 +208,25 @@ impl Pusher {
                 }
             }
         })
+    }
+
+    /// Keeps `koogate_usage_held_near_expiry`: held records whose begin_time is
+    /// close to KooGallery's 21-day limit, as seen by this replica in its last
+    /// few hold intervals (a held record is claimed again every hold interval).
+    fn track_near_expiry(&self, near: &[String], sent: &[StoredUsage], now: i64) {
+        let mut map = self.near_expiry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for sn in near {
+            if !map.contains_key(sn) {
+                tracing::warn!(metering_sn = %sn, "usage of a frozen instance is near KooGallery's 21-day limit: it becomes unbillable unless the instance is unfrozen soon");
+            }
+            map.insert(sn.clone(), now);
+        }
+        for s in sent {
+            map.remove(&s.record.metering_sn);
+        }
+        let window = i64::try_from((self.settings.hold * 3 + self.settings.lease).as_millis()).unwrap_or(i64::MAX / 2);
+        map.retain(|_, seen| now - *seen <= window);
+        m::usage_held_near_expiry(map.len());
     }
 
     async fn split(&self, batch: Vec<StoredUsage>) -> Vec<(UsageRecord, UsageSettle)> {
