@@ -66,11 +66,17 @@ pub mod codes {
     /// API Gateway: no such API (wrong path or method), HTTP 404.
     pub const APIGW_NO_API: &str = "APIGW.0101";
     pub const APIGW_NO_API_MSG: &str = "The API does not exist or has not been published in the environment.";
-    /// Usage API: missing or wrong `ts`, `nonce` or `signature`, HTTP 401 (guess).
-    pub const USAGE_AUTH: &str = "MKT.0151";
-    /// Usage API: an invalid record, more than 1000, an unsorted body or an
-    /// unknown instance, HTTP 400, the whole call refused (guess).
+    /// Usage API: `400 MKT.0102` "Invalid body sign" (wrong `ts`, `nonce`,
+    /// `signature`, or a body not sent as signed).
+    pub const USAGE_BODY_SIGN: &str = "MKT.0102";
+    /// Usage API: `500 MKT.0100` input validation (a record not as documented).
     pub const USAGE_INVALID: &str = "MKT.0100";
+    /// Usage API: `500 MKT.9001` instance id not found.
+    pub const USAGE_UNKNOWN_INSTANCE: &str = "MKT.9001";
+    /// Usage API: `500 MKT.9003` more than 1000 records.
+    pub const USAGE_TOO_MANY: &str = "MKT.9003";
+    /// Usage API: `500 MKT.9004` a `begin_time` more than 21 days before now.
+    pub const USAGE_TOO_OLD: &str = "MKT.9004";
 
     /// API Gateway's `error_msg` for an authentication failure. The first
     /// two are Huawei's documented wording; the others are guesses.
@@ -108,7 +114,10 @@ pub struct MarketConfig {
     pub usage_key: Option<Secret>,
     /// Share of usage calls answered HTTP 500 before storing anything (0.0–1.0).
     pub usage_fail_share: f64,
-    /// Instance ids KooGallery "does not know": a usage call naming one is refused as a whole (400).
+    /// Usage calls must carry API Gateway's AK/SK signature (`ak`/`sk`); a call
+    /// that carries one is verified either way.
+    pub usage_require_apig: bool,
+    /// Instance ids KooGallery "does not know": a usage call naming one is refused as a whole (500 MKT.9001).
     pub refuse_instances: BTreeSet<String>,
     /// Usage calls answered this long after their records were stored (the
     /// answer is "lost" to a caller with a shorter timeout) …
@@ -128,6 +137,7 @@ impl MarketConfig {
             fail_share: 0.0,
             usage_key: None,
             usage_fail_share: 0.0,
+            usage_require_apig: false,
             refuse_instances: BTreeSet::new(),
             usage_delay_after_store: Duration::ZERO,
             usage_delay_share: 0.0,
@@ -214,7 +224,11 @@ impl MarketServer {
                 return Err(SimulateError::Share { flag, value });
             }
         }
-        let usage = UsageState::new(config.usage_key, config.usage_fail_share, config.refuse_instances);
+        let usage = UsageState::new(config.usage_key, config.usage_fail_share, config.refuse_instances).with_apig(
+            &config.ak,
+            config.sk.clone(),
+            config.usage_require_apig,
+        );
         usage.set_delay_after_store(config.usage_delay_after_store, config.usage_delay_share);
         let listener = http::bind(config.listen, "simulate --listen").await?;
         let addr = listener.local_addr()?;
