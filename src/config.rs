@@ -498,6 +498,37 @@ mod tests {
     }
 
     #[test]
+    fn fallback_hosts_and_the_usage_apig_signature() {
+        let c = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("KOOGATE_ACCESS_KEY", "a")];
+            all.extend_from_slice(pairs);
+            Config::from_parts(env(&all), None).unwrap()
+        };
+        let d = c(&[]);
+        assert_eq!(d.usage.url, "https://mkt.myhuaweicloud.com");
+        assert_eq!(d.usage.fallback_urls, ["https://mkt.myhuaweicloud.cn"]);
+        assert!(d.usage.apig.is_none() && d.marketplace.is_none());
+        assert!(c(&[("KOOGATE_MARKETPLACE_URL", "http://127.0.0.1:9300")]).usage.fallback_urls.is_empty());
+        assert!(c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "none")]).usage.fallback_urls.is_empty());
+        let two = c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "http://a:1, https://b")]);
+        assert_eq!(two.usage.fallback_urls, ["http://a:1", "https://b"]);
+        assert_eq!(
+            two.usage.fallback_urls,
+            two.marketplace.map(|m| m.fallback_urls).unwrap_or(two.usage.fallback_urls.clone())
+        );
+        let keys = [("KOOGATE_MARKETPLACE_AK", "ak"), ("KOOGATE_MARKETPLACE_SK", "sk")];
+        assert!(c(&keys).usage.apig.is_some());
+        let mut off = keys.to_vec();
+        off.push(("KOOGATE_USAGE_APIG_SIGN", "false"));
+        assert!(c(&off).usage.apig.is_none());
+        let bad = Config::from_parts(
+            env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_MARKETPLACE_FALLBACK_URLS", "ftp://x")]),
+            None,
+        );
+        assert!(bad.unwrap_err().to_string().starts_with("KOOGATE_MARKETPLACE_FALLBACK_URLS:"));
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         let err = |pairs: &[(&str, &str)]| Config::from_parts(env(pairs), None).unwrap_err().to_string();
         assert!(err(&[]).starts_with("KOOGATE_ACCESS_KEY: is required"));
