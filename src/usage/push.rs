@@ -215,10 +215,12 @@ impl Pusher {
     /// few hold intervals (a held record is claimed again every hold interval).
     fn track_near_expiry(&self, near: &[String], sent: &[StoredUsage], now: i64) {
         let mut map = self.near_expiry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One line per round, naming the first: a thousand held records must not be a thousand lines.
+        let new: Vec<&String> = near.iter().filter(|sn| !map.contains_key(*sn)).collect();
+        if let Some(first) = new.first() {
+            tracing::warn!(records = new.len(), first_metering_sn = %first, "usage of a frozen instance is near KooGallery's 21-day limit: it becomes unbillable unless the instance is unfrozen soon");
+        }
         for sn in near {
-            if !map.contains_key(sn) {
-                tracing::warn!(metering_sn = %sn, "usage of a frozen instance is near KooGallery's 21-day limit: it becomes unbillable unless the instance is unfrozen soon");
-            }
             map.insert(sn.clone(), now);
         }
         for s in sent {
