@@ -35,8 +35,11 @@ pub struct Usage {
     pub totals_equal: bool,
 }
 
+/// Hour `h` from midnight UTC 18 days ago: KooGallery takes usage whose begin_time is within 21 days
+/// (koogate within 20).
 fn hour(h: usize) -> String {
-    let secs = 1_793_491_200 + i64::try_from(h).unwrap_or(0) * 3600;
+    let day = (chrono::Utc::now().timestamp() - 18 * 86_400).div_euclid(86_400) * 86_400;
+    let secs = day + i64::try_from(h).unwrap_or(0) * 3600;
     chrono::DateTime::from_timestamp(secs, 0).map(|t| t.format("%Y%m%dT%H%M%SZ").to_string()).unwrap_or_default()
 }
 

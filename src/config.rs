@@ -60,6 +60,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("KOOGATE_MARKETPLACE_SK", "(none)", "Huawei Cloud secret access key (or _FILE)"),
     ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "5", "per-call timeout of the order query API"),
+    (
+        "KOOGATE_MARKETPLACE_FALLBACK_URLS",
+        "(https://mkt.myhuaweicloud.cn behind the China and International sites, else none)",
+        "comma-separated base URLs tried in order when the marketplace host cannot be reached (none: no fallback)",
+    ),
     ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
     ("KOOGATE_USAGE_PUSH", "true", "push accepted usage records to KooGallery (false: keep them until turned on)"),
     ("KOOGATE_USAGE_BATCH", "1000", "usage records per push call (at most 1000)"),
@@ -67,6 +72,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_USAGE_LEASE_SECS", "60", "a claimed usage record not settled by then is pushed again (same metering_sn)"),
     ("KOOGATE_USAGE_HOLD_SECS", "60", "how often usage of a frozen instance is looked at again"),
     ("KOOGATE_USAGE_POLL_MS", "1000", "pause of the usage push when nothing is due"),
+    (
+        "KOOGATE_USAGE_APIG_SIGN",
+        "true",
+        "also sign usage pushes with API Gateway AK/SK signing when KOOGATE_MARKETPLACE_AK/SK are set",
+    ),
     ("KOOGATE_FORWARD_TEST_EVENTS", "false", "forward events of testFlag=1 calls too"),
     ("KOOGATE_V2_PATH", "/koogallery/v2", "path of V2 calls (POST)"),
     ("KOOGATE_V1_PATH", "/koogallery/v1", "path of V1 calls (GET)"),
@@ -158,12 +168,18 @@ pub struct Usage {
     pub lease: Duration,
     pub hold: Duration,
     pub poll: Duration,
+    /// Tried in order when the host cannot be reached (`KOOGATE_MARKETPLACE_FALLBACK_URLS`).
+    pub fallback_urls: Vec<String>,
+    /// API Gateway AK/SK signing of every push (`KOOGATE_MARKETPLACE_AK/SK`, unless
+    /// `KOOGATE_USAGE_APIG_SIGN=false`).
+    pub apig: Option<(Secret, Secret)>,
 }
 
 /// The order query API's address and credentials.
 #[derive(Debug, Clone)]
 pub struct Marketplace {
     pub url: String,
+    pub fallback_urls: Vec<String>,
     pub ak: Secret,
     pub sk: Secret,
     pub timeout: Duration,
@@ -368,6 +384,17 @@ impl Config {
         if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
             return Err(problem("KOOGATE_MARKETPLACE_URL", format!("{marketplace_url:?} is not an https:// URL")));
         }
+        let fallback_urls: Vec<String> = match src.get("KOOGATE_MARKETPLACE_FALLBACK_URLS") {
+            None => crate::marketplace::default_fallbacks(&marketplace_url),
+            Some(v) if v.trim().eq_ignore_ascii_case("none") => Vec::new(),
+            Some(v) => v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
+        };
+        if let Some(bad) = fallback_urls
+            .iter()
+            .find(|u| !(u.starts_with("https://") || u.starts_with("http://")) || reqwest::Url::parse(u).is_err())
+        {
+            return Err(problem("KOOGATE_MARKETPLACE_FALLBACK_URLS", format!("{bad:?} is not an https:// URL")));
+        }
         let usage_batch = positive("KOOGATE_USAGE_BATCH", 1000)? as usize;
         if usage_batch > crate::marketplace::usage::MAX_BATCH {
             return Err(problem("KOOGATE_USAGE_BATCH", "must be at most 1000 (KooGallery's limit)"));
@@ -380,10 +407,15 @@ impl Config {
             lease: Duration::from_secs(positive("KOOGATE_USAGE_LEASE_SECS", 60)?),
             hold: Duration::from_secs(positive("KOOGATE_USAGE_HOLD_SECS", 60)?),
             poll: Duration::from_millis(positive("KOOGATE_USAGE_POLL_MS", 1000)?),
+            fallback_urls: fallback_urls.clone(),
+            apig: None,
         };
+        let apig_sign = src.get("KOOGATE_USAGE_APIG_SIGN").is_none() || src.flag("KOOGATE_USAGE_APIG_SIGN")?;
+        let mut usage = usage;
         let marketplace = match (src.secret("KOOGATE_MARKETPLACE_AK")?, src.secret("KOOGATE_MARKETPLACE_SK")?) {
             (Some(ak), Some(sk)) => Some(Marketplace {
                 url: marketplace_url,
+                fallback_urls,
                 ak,
                 sk,
                 timeout: Duration::from_secs(positive("KOOGATE_MARKETPLACE_TIMEOUT_SECS", 5)?),
@@ -397,6 +429,9 @@ impl Config {
                 return Err(problem("KOOGATE_MARKETPLACE_AK", "is required when KOOGATE_MARKETPLACE_SK is set"))
             }
         };
+        if apig_sign {
+            usage.apig = marketplace.as_ref().map(|m| (m.ak.clone(), m.sk.clone()));
+        }
         let tls = match (src.get("KOOGATE_TLS_CERT"), src.get("KOOGATE_TLS_KEY")) {
             (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
             (None, None) => None,
@@ -476,6 +511,37 @@ mod tests {
         assert_eq!(c.max_body_bytes, 65_536);
         assert!(c.frontend_url_is_default);
         assert!(!format!("{c:?}").contains("\"ak\""), "secrets never print");
+    }
+
+    #[test]
+    fn fallback_hosts_and_the_usage_apig_signature() {
+        let c = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("KOOGATE_ACCESS_KEY", "a")];
+            all.extend_from_slice(pairs);
+            Config::from_parts(env(&all), None).unwrap()
+        };
+        let d = c(&[]);
+        assert_eq!(d.usage.url, "https://mkt.myhuaweicloud.com");
+        assert_eq!(d.usage.fallback_urls, ["https://mkt.myhuaweicloud.cn"]);
+        assert!(d.usage.apig.is_none() && d.marketplace.is_none());
+        assert!(c(&[("KOOGATE_MARKETPLACE_URL", "http://127.0.0.1:9300")]).usage.fallback_urls.is_empty());
+        assert!(c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "none")]).usage.fallback_urls.is_empty());
+        let two = c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "http://a:1, https://b")]);
+        assert_eq!(two.usage.fallback_urls, ["http://a:1", "https://b"]);
+        assert_eq!(
+            two.usage.fallback_urls,
+            two.marketplace.map(|m| m.fallback_urls).unwrap_or(two.usage.fallback_urls.clone())
+        );
+        let keys = [("KOOGATE_MARKETPLACE_AK", "ak"), ("KOOGATE_MARKETPLACE_SK", "sk")];
+        assert!(c(&keys).usage.apig.is_some());
+        let mut off = keys.to_vec();
+        off.push(("KOOGATE_USAGE_APIG_SIGN", "false"));
+        assert!(c(&off).usage.apig.is_none());
+        let bad = Config::from_parts(
+            env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_MARKETPLACE_FALLBACK_URLS", "ftp://x")]),
+            None,
+        );
+        assert!(bad.unwrap_err().to_string().starts_with("KOOGATE_MARKETPLACE_FALLBACK_URLS:"));
     }
 
     #[test]

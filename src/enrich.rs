@@ -100,17 +100,28 @@ impl Enricher {
         let line_key = line.clone().unwrap_or_default();
         let info = match self.store.cached_order(&order_id, &line_key).await? {
             Some(body) => {
-                m::order_query("cached");
+                m::order_query("cached", "cache");
                 parse_answer(&order_id, 200, body.as_bytes())?
             }
-            None => match self.api.query(&order_id, line.as_deref()).await {
-                Ok((body, info)) => {
-                    m::order_query("ok");
+            None => match self.api.query_on(&order_id, line.as_deref()).await {
+                (host, Ok((body, info))) => {
+                    m::order_query("ok", &host);
                     self.store.cache_order(&order_id, &line_key, &body, self.cache_ttl).await?;
                     info
                 }
-                Err(e) => {
-                    m::order_query(e.label());
+                (host, Err(e)) => {
+                    m::order_query(e.label(), &host);
+                    // Every class is retried with the delivery backoff (an order just placed may
+                    // not be queryable yet; a credential fault is fixed by the operator), but a
+                    // credential fault is the operator's to fix: say so loudly, and which one.
+                    match &e {
+                        OrderError::Credentials { fault, code, .. } => {
+                            tracing::error!(%order_id, %host, %code, outcome = fault.label(), error = %e, "order query: KooGallery refused our credentials");
+                        }
+                        _ => {
+                            tracing::warn!(%order_id, outcome = e.label(), error = %e, "order query failed; will retry")
+                        }
+                    }
                     return Err(e.into());
                 }
             },

@@ -35,6 +35,8 @@ pub const USAGE_UNPUSHED: &str = "koogate_usage_unpushed";
 pub const USAGE_HELD: &str = "koogate_usage_held";
 pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
+pub const USAGE_HELD_NEAR_EXPIRY: &str = "koogate_usage_held_near_expiry";
+pub const USAGE_CONFIG_FAULTS: &str = "koogate_usage_push_config_faults_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -137,9 +139,11 @@ pub fn undecryptable_field(field: &'static str) {
     counter!(UNDECRYPTABLE_FIELDS, "field" => field).increment(1);
 }
 
-/// `outcome`: ok, cached, not_found, auth_refused, refused, malformed, transport.
-pub fn order_query(outcome: &'static str) {
-    counter!(ORDER_QUERIES, "outcome" => outcome).increment(1);
+/// `outcome`: ok, cached, invalid, rate_limited, unavailable, refused, malformed, transport,
+/// credentials_signature, credentials_illegal_operation, credentials_no_authority, credentials_illegal_token.
+/// `host`: the configured host that answered (or was tried last); `cache` for a cached answer.
+pub fn order_query(outcome: &'static str, host: &str) {
+    counter!(ORDER_QUERIES, "outcome" => outcome, "host" => host.to_owned()).increment(1);
 }
 
 /// Records posted by the billing core, by verdict: accepted, duplicate, rejected.
@@ -157,9 +161,28 @@ pub fn usage_refused(reason: &'static str, n: u64) {
     counter!(USAGE_REFUSED, "reason" => reason).increment(n);
 }
 
-/// Push calls by outcome: taken, refused, retry.
-pub fn usage_push_call(outcome: &'static str, elapsed: Duration) {
-    counter!(USAGE_PUSH_CALLS, "outcome" => outcome).increment(1);
+/// Push calls KooGallery answered with a configuration fault (`400 MKT.0102`
+/// invalid body sign, `401 MKT.0151/0154`, API Gateway's 401/403): the records
+/// are held, not pushed. `code`: MKT.0102, MKT.0151, MKT.0154, other.
+pub fn usage_config_fault(code: &str) {
+    let code = match code {
+        "MKT.0102" => "MKT.0102",
+        "MKT.0151" => "MKT.0151",
+        "MKT.0154" => "MKT.0154",
+        _ => "other",
+    };
+    counter!(USAGE_CONFIG_FAULTS, "code" => code).increment(1);
+}
+
+/// Makes the usage push's counters visible (at 0) before their first event.
+pub fn usage_push_series() {
+    counter!(USAGE_CONFIG_FAULTS, "code" => "MKT.0102").increment(0);
+}
+
+/// Push calls by outcome (taken, refused, retry, config_fault) and the `host`
+/// that answered (a configured base URL's host: the primary or a fallback).
+pub fn usage_push_call(outcome: &'static str, host: &str, elapsed: Duration) {
+    counter!(USAGE_PUSH_CALLS, "outcome" => outcome, "host" => host.to_owned()).increment(1);
     histogram!(USAGE_PUSH_DURATION).record(elapsed.as_secs_f64());
 }
 
@@ -167,6 +190,12 @@ pub fn usage_gauges(unpushed: u64, dead: u64, oldest_unpushed_age: Duration) {
     gauge!(USAGE_UNPUSHED).set(unpushed as f64);
     gauge!(USAGE_DLQ_SIZE).set(dead as f64);
     gauge!(USAGE_OLDEST_UNPUSHED_AGE).set(oldest_unpushed_age.as_secs_f64());
+}
+
+/// Records held for a frozen instance whose begin_time is more than 18 days
+/// old: KooGallery refuses them from 21 days on (MKT.9004).
+pub fn usage_held_near_expiry(n: usize) {
+    gauge!(USAGE_HELD_NEAR_EXPIRY).set(n as f64);
 }
 
 /// Records held back because their instance is frozen (last claim round).

@@ -134,8 +134,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let enricher = match &config.marketplace {
         Some(m) => {
-            let api = crate::marketplace::order::OrderApi::new(&m.url, m.ak.clone(), m.sk.clone(), m.timeout)
-                .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+            let api = crate::marketplace::order::OrderApi::with_fallbacks(
+                &m.url,
+                &m.fallback_urls,
+                m.ak.clone(),
+                m.sk.clone(),
+                m.timeout,
+            )
+            .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
             tracing::info!(url = %m.url, "V2 purchase, upgrade and order-notify events are completed from KooGallery's order query API before delivery");
             Some(Enricher { api, store: Arc::clone(&store), sku_map: config.sku_map.clone(), cache_ttl: m.cache_ttl })
         }
@@ -159,12 +165,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
     if config.usage.push {
-        let api = crate::marketplace::usage::UsageApi::new(
+        let mut api = crate::marketplace::usage::UsageApi::with_fallbacks(
             &config.usage.url,
+            &config.usage.fallback_urls,
             config.access_keys.current().clone(),
             config.usage.timeout,
         )
         .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+        if let Some((ak, sk)) = &config.usage.apig {
+            api = api.with_apig(ak.clone(), sk.clone());
+        }
         let pusher = crate::usage::push::Pusher::new(
             Arc::clone(&store),
             api,

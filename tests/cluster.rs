@@ -168,14 +168,17 @@ async fn the_gateway_runs_on_a_redis_cluster() {
         usage_instances.iter().map(|i| koogate::store::keys::instance_shard(i)).collect();
     assert!(usage_shards.len() > 1, "usage spans shards: {usage_instances:?}");
     let mut records: Vec<serde_json::Value> = Vec::new();
+    // Two days ago (KooGallery takes usage within 21 days).
+    let day = chrono::Utc::now() - chrono::Duration::days(2);
+    let (d1, d2) = (day.format("%Y%m%d").to_string(), (day + chrono::Duration::days(1)).format("%Y%m%d").to_string());
     for (n, inst) in usage_instances.iter().enumerate() {
         for h in 0..24 {
-            records.push(serde_json::json!({"instance_id": inst, "begin_time": format!("20261101T{h:02}0000Z"),
-                "end_time": format!("20261101T{h:02}5959Z"), "usage_value": "1.5", "metering_sn": format!("c{n}-{h}")}));
+            records.push(serde_json::json!({"instance_id": inst, "begin_time": format!("{d1}T{h:02}0000Z"),
+                "end_time": format!("{d1}T{h:02}5959Z"), "usage_value": "1.5", "metering_sn": format!("c{n}-{h}")}));
         }
     }
-    records.push(serde_json::json!({"instance_id": usage_instances[1], "begin_time": "20261102T000000Z",
-        "end_time": "20261102T010000Z", "usage_value": "1", "metering_sn": "c0-0"}));
+    records.push(serde_json::json!({"instance_id": usage_instances[1], "begin_time": format!("{d2}T000000Z"),
+        "end_time": format!("{d2}T010000Z"), "usage_value": "1", "metering_sn": "c0-0"}));
     let res = gw
         .admin
         .send(

@@ -232,7 +232,8 @@ async fn produce_usage_push() {
     let instance =
         bought.json().expect("newInstance answers JSON")["instanceId"].as_str().expect("an instanceId").to_owned();
     let hour = |h: i64| {
-        let t = chrono::DateTime::from_timestamp(1_793_491_200 + h * 3600, 0).unwrap();
+        let day = (chrono::Utc::now().timestamp() - 2 * 86_400).div_euclid(86_400) * 86_400; // within 20 days
+        let t = chrono::DateTime::from_timestamp(day + h * 3600, 0).unwrap();
         t.format("%Y%m%dT%H%M%SZ").to_string()
     };
     let usage = |from: i64, to: i64, sn: &str| {

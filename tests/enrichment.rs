@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::billing::{ok, Billing, SECRET};
 use common::*;
 use hyper::Method;
-use koogate::marketplace::order::{OrderApi, OrderError};
+use koogate::marketplace::order::{CredentialFault, OrderApi, OrderError};
 use koogate::secret::Secret;
 use koogate::simulate::{MarketConfig, MarketServer};
 
@@ -30,10 +30,17 @@ async fn the_order_query_client_against_the_simulator() {
 
     let wrong =
         OrderApi::new(&m.url(), Secret::new("sim-ak"), Secret::new("not-the-sk"), Duration::from_secs(2)).unwrap();
-    assert!(matches!(wrong.query("MOCKPERIODYEARNEW", None).await, Err(OrderError::AuthRefused { status: 401, .. })));
-    assert!(matches!(api.query("CSNOSUCHORDER", None).await, Err(OrderError::NotFound(_))));
+    let refused = wrong.query("MOCKPERIODYEARNEW", None).await.unwrap_err();
+    assert!(
+        matches!(refused, OrderError::Credentials { status: 401, fault: CredentialFault::Signature, .. }),
+        "{refused:?}"
+    );
+    // No "not found" code is documented: an unknown order is input validation, HTTP 500 MKT.0100.
+    let unknown = api.query("CSNOSUCHORDER", None).await.unwrap_err();
+    assert!(matches!(&unknown, OrderError::Invalid { status: 500, code, .. } if code == "MKT.0100"), "{unknown:?}");
     m.set_failing(true);
-    assert!(matches!(api.query("MOCKONETIMENEW", None).await, Err(OrderError::Transport(_))));
+    let down = api.query("MOCKONETIMENEW", None).await.unwrap_err();
+    assert!(matches!(down, OrderError::Unavailable { status: 500, .. }), "{down:?}");
     m.set_failing(false);
     assert!(api.query("MOCKONETIMENEW", Some("MOCKONETIMENEW-000001")).await.is_ok());
     m.stop().await;
@@ -214,4 +221,93 @@ async fn debug_probes_enrich_from_mock_orders_and_revive_a_released_mock_instanc
     }
     gw.stop().await;
     m.stop().await;
+}
+
+/// A KooGallery stand-in answering every order query with one documented error.
+async fn answering(status: u16, body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = serve_http(listener, move |_req| async move {
+        let mut res = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *res.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        res
+    });
+    (url, task)
+}
+
+/// 13.9: each documented order query error is read from Huawei's table, on real sockets.
+#[tokio::test]
+async fn order_query_errors_follow_the_documented_table() {
+    let cases: [(u16, &'static str, &str); 6] = [
+        (401, r#"{"resultCode":"MKT.0150","resultMsg":"Illegal operation"}"#, "credentials_illegal_operation"),
+        (401, r#"{"resultCode":"MKT.0151","resultMsg":"No authority"}"#, "credentials_no_authority"),
+        (401, r#"{"resultCode":"MKT.0154","resultMsg":"Illegal token"}"#, "credentials_illegal_token"),
+        (500, r#"{"resultCode":"MKT.0100","resultMsg":"Failure of input parameter"}"#, "invalid"),
+        (406, r#"{"resultCode":"MKT.0250","resultMsg":"Access frequency overlimit"}"#, "rate_limited"),
+        (500, r#"{"resultCode":"MKT.0999","resultMsg":"System internal error."}"#, "unavailable"),
+    ];
+    for (status, body, label) in cases {
+        let (url, task) = answering(status, body).await;
+        let api = OrderApi::new(&url, Secret::new("sim-ak"), Secret::new("sim-sk"), Duration::from_secs(2)).unwrap();
+        let e = api.query("MOCKPERIODYEARNEW", None).await.unwrap_err();
+        println!("HTTP {status} {body} -> {label}: {e}");
+        assert_eq!(e.label(), label, "{e}");
+        if label.starts_with("credentials_") {
+            assert!(e.to_string().contains("refused our credentials"), "{e}");
+            assert!(!e.to_string().contains("sim-sk"), "no secret in messages");
+        }
+        task.abort();
+    }
+}
+
+/// Issue 13.8: when the order query's host cannot be reached (a closed
+/// loopback port: connection refused) the fallback host answers; a refusal
+/// (HTTP 500) is never taken to the fallback. The answering host is reported.
+#[tokio::test]
+async fn the_order_query_falls_back_when_the_host_cannot_be_reached() {
+    let fallback = market().await;
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let api = OrderApi::with_fallbacks(
+        &closed,
+        &[fallback.url()],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let (host, answer) = api.query_on("MOCKPERIODYEARNEW", Some("MOCKPERIODYEARNEW-000001")).await;
+    let (_, info) = answer.unwrap();
+    assert_eq!(info.facts(None).customer_id.as_deref(), Some(BUYER));
+    assert_eq!(host, fallback.url().trim_start_matches("http://"), "the fallback answered");
+    assert_eq!(fallback.stats().found, 1);
+
+    // Both unreachable: a transport error naming both hosts.
+    let none = OrderApi::with_fallbacks(
+        &closed,
+        &[format!("http://127.0.0.1:{}", free_port())],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let e = none.query("MOCKPERIODYEARNEW", None).await.unwrap_err();
+    assert!(matches!(&e, OrderError::Transport(m) if m.matches("Connection refused").count() == 2), "{e:?}");
+
+    // A primary that answers, even with a failure, is not skipped.
+    let primary = market().await;
+    primary.set_failing(true);
+    let api = OrderApi::with_fallbacks(
+        &primary.url(),
+        &[fallback.url()],
+        Secret::new("sim-ak"),
+        Secret::new("sim-sk"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let (host, answer) = api.query_on("MOCKONETIMENEW", None).await;
+    assert!(matches!(answer, Err(OrderError::Unavailable { status: 500, .. })), "{answer:?}");
+    assert_eq!(host, primary.url().trim_start_matches("http://"));
+    assert_eq!(fallback.stats().requests, 1, "the fallback was not asked again");
+    primary.stop().await;
+    fallback.stop().await;
 }

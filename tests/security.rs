@@ -89,8 +89,9 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
     let trial: serde_json::Value = serde_json::from_slice(&fixture("v2/13-newInstance-trial.json")).unwrap();
     let instance =
         koogate::store::keys::instance_id_for(trial["orderId"].as_str().unwrap(), trial["orderLineId"].as_str());
-    let usage = serde_json::json!({"records": [{"instance_id": instance, "begin_time": "20261101T000000Z",
-        "end_time": "20261101T010000Z", "usage_value": "1.5", "metering_sn": "sec-usage-1"}]});
+    let day = (chrono::Utc::now() - chrono::Duration::days(2)).format("%Y%m%d").to_string(); // within 21 days
+    let usage = serde_json::json!({"records": [{"instance_id": instance, "begin_time": format!("{day}T000000Z"),
+        "end_time": format!("{day}T010000Z"), "usage_value": "1.5", "metering_sn": "sec-usage-1"}]});
     let auth = format!("Bearer {}", SECRETS[2].1);
     let res = admin
         .send(hyper::Method::POST, "/v1/usage", &[("authorization", &auth)], usage.to_string().into())

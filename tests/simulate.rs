@@ -118,9 +118,10 @@ async fn order_query_api_checks_signatures_like_api_gateway() {
     assert_eq!(unsigned.as_u16(), 401);
 
     let (status, body) = order_query(addr, "CS0000000000NOSUCH", None, "sim-ak", "sim-sk", now).await;
-    assert_eq!(status, 200);
+    // Huawei documents no "not found" code: input validation, HTTP 500 MKT.0100.
+    assert_eq!(status, 500);
     assert_eq!(body["resultCode"], "MKT.0100");
-    assert_eq!(body["resultMsg"], "The order does not exist.");
+    assert_eq!(body["resultMsg"], "Failure of input parameter");
     let (_, body) = order_query(addr, "MOCKONETIMENEW", Some("MOCKONETIMENEW-000002"), "sim-ak", "sim-sk", now).await;
     assert_eq!(body["resultCode"], "MKT.0100");
 

@@ -22,12 +22,18 @@ use serde_json::{json, Value};
 
 const ADMIN_TOKEN: &str = "usage-admin-token-1";
 
+/// Midnight UTC two days ago (KooGallery takes a begin_time within 21 days), as `yyyyMMdd`.
+fn day() -> String {
+    (chrono::Utc::now() - chrono::Duration::days(2)).format("%Y%m%d").to_string()
+}
+
 fn rec(sn: &str, instance: &str, value: &str) -> PushRecord {
+    let d = day();
     PushRecord {
         instance_id: instance.into(),
-        record_time: "20260101T011000Z".into(),
-        begin_time: "20260101T000000Z".into(),
-        end_time: "20260101T010000Z".into(),
+        record_time: format!("{d}T011000Z"),
+        begin_time: format!("{d}T000000Z"),
+        end_time: format!("{d}T010000Z"),
         usage_value: value.into(),
         metering_sn: sn.into(),
         relate_pkg_instance: None,
@@ -78,34 +84,46 @@ async fn the_usage_api_verifies_checks_and_deduplicates() {
     let now = now_ms();
     let good = canonical_body(&[rec("sn-4", "inst-a", "1")]);
 
-    // Wrong key: 401 MKT.0151, nothing stored.
+    // Wrong key: 400 MKT.0102 "Invalid body sign" (documented), nothing stored.
     let (status, body) = raw_push(addr, &good, &good, "wrong-key", now).await;
-    assert_eq!((status, body["error_code"].as_str()), (401, Some("MKT.0151")), "{body}");
+    assert_eq!((status, body["error_code"].as_str()), (400, Some("MKT.0102")), "{body}");
     assert!(body["error_msg"].as_str().unwrap().contains("signature"), "{body}");
-    // Stale ts: 401.
+    // Stale ts: 400 MKT.0102.
     let (status, body) = raw_push(addr, &good, &good, AK, now - 6 * 60 * 1000).await;
-    assert_eq!(status, 401, "{body}");
+    assert_eq!((status, body["error_code"].as_str()), (400, Some("MKT.0102")), "{body}");
     assert!(body["error_msg"].as_str().unwrap().contains("5 minutes"), "{body}");
     // Keys not sorted (but signed over the sorted form): 400, nothing stored.
-    let unsorted = r#"{"usage_records":[{"usage_value":"1","metering_sn":"sn-4","instance_id":"inst-a","begin_time":"20260101T000000Z","end_time":"20260101T010000Z","record_time":"20260101T011000Z"}]}"#;
-    let (status, body) = raw_push(addr, unsorted, &good, AK, now).await;
-    assert_eq!((status, body["error_code"].as_str()), (400, Some("MKT.0100")), "{body}");
+    let d = day();
+    let unsorted = format!(
+        r#"{{"usage_records":[{{"usage_value":"1","metering_sn":"sn-4","instance_id":"inst-a","begin_time":"{d}T000000Z","end_time":"{d}T010000Z","record_time":"{d}T011000Z"}}]}}"#
+    );
+    let (status, body) = raw_push(addr, &unsorted, &good, AK, now).await;
+    assert_eq!((status, body["error_code"].as_str()), (400, Some("MKT.0102")), "{body}");
     assert!(body["error_msg"].as_str().unwrap().contains("keys sorted"), "{body}");
-    // An invalid record (5 decimals) refuses the whole call.
+    // An invalid record (5 decimals) refuses the whole call: 500 MKT.0100 (input validation).
     let invalid = canonical_body(&[rec("sn-4", "inst-a", "1"), rec("sn-5", "inst-a", "0.00001")]);
     let (status, body) = raw_push(addr, &invalid, &invalid, AK, now).await;
-    assert_eq!((status, body["error_code"].as_str()), (400, Some("MKT.0100")), "{body}");
+    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.0100")), "{body}");
     assert!(body["error_msg"].as_str().unwrap().contains("usage_records[1].usage_value"), "{body}");
-    // More than 1000 records.
+    // More than 1000 records: 500 MKT.9003.
     let many: Vec<PushRecord> = (0..1001).map(|i| rec(&format!("many-{i}"), "inst-a", "1")).collect();
     let many = canonical_body(&many);
-    assert_eq!(raw_push(addr, &many, &many, AK, now).await.0, 400);
+    let (status, body) = raw_push(addr, &many, &many, AK, now).await;
+    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.9003")), "{body}");
+    // A begin_time more than 21 days ago: 500 MKT.9004.
+    let old_day = (chrono::Utc::now() - chrono::Duration::days(22)).format("%Y%m%d").to_string();
+    let old = PushRecord {
+        begin_time: format!("{old_day}T000000Z"),
+        end_time: format!("{old_day}T010000Z"),
+        ..rec("sn-old", "inst-a", "1")
+    };
+    assert!(matches!(api.push(&[old]).await, PushOutcome::RecordFault { code, .. } if code == "MKT.9004"));
 
-    // A batch naming an instance KooGallery does not know: refused as a whole, nothing of it stored.
+    // A batch naming an instance KooGallery does not know: 500 MKT.9001, nothing of it stored.
     let with_ghost = [rec("sn-6", "inst-a", "2"), rec("sn-7", "ghost-instance", "3")];
     match api.push(&with_ghost).await {
-        PushOutcome::Refused { code, msg } => {
-            assert_eq!(code, "MKT.0100");
+        PushOutcome::RecordFault { code, msg } => {
+            assert_eq!(code, "MKT.9001");
             assert!(msg.contains("instance ghost-instance does not exist"), "{msg}");
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -113,7 +131,7 @@ async fn the_usage_api_verifies_checks_and_deduplicates() {
     let stats = market.usage_stats();
     assert_eq!(stats.records, 3, "nothing of the refused calls was stored: {stats:?}");
     assert!(!stats.metering_sns.contains_key("sn-4") && !stats.metering_sns.contains_key("sn-6"));
-    assert_eq!((stats.unauthorized_calls, stats.refused_calls), (2, 4), "{stats:?}");
+    assert_eq!((stats.unauthorized_calls, stats.refused_calls), (3, 4), "{stats:?}");
 
     // The same metering_sn again: success, counted once, one duplicate receipt.
     assert_eq!(api.push(&first[..1]).await, PushOutcome::Taken);
@@ -122,10 +140,10 @@ async fn the_usage_api_verifies_checks_and_deduplicates() {
     assert_eq!(stats.metering_sns["sn-1"].receipts, 2);
     assert_eq!(stats.instances["inst-a"].total_e4, 12_350, "a duplicate is not counted again");
 
-    // Fail share 1.0: HTTP 500 MKT.9999, nothing stored.
+    // Fail share 1.0: HTTP 500 MKT.0999, nothing stored.
     market.set_usage_fail_share(1.0);
     let (status, body) = raw_push(addr, &good, &good, AK, now_ms()).await;
-    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.9999")), "{body}");
+    assert_eq!((status, body["error_code"].as_str()), (500, Some("MKT.0999")), "{body}");
     assert!(matches!(api.push(&[rec("sn-8", "inst-a", "1")]).await, PushOutcome::Retry(_)));
     market.set_usage_fail_share(0.0);
     let stats = market.usage_stats();
@@ -158,7 +176,7 @@ async fn without_a_key_every_usage_call_is_refused() {
     let market = usage_market(None).await;
     let body = canonical_body(&[rec("sn-1", "inst-a", "1")]);
     let (status, answer) = raw_push(market.addr, &body, &body, AK, now_ms()).await;
-    assert_eq!((status, answer["error_code"].as_str()), (401, Some("MKT.0151")), "{answer}");
+    assert_eq!((status, answer["error_code"].as_str()), (400, Some("MKT.0102")), "{answer}");
     assert!(answer["error_msg"].as_str().unwrap().contains("--key"), "{answer}");
     assert_eq!(market.usage_stats().records, 0);
     market.stop().await;
@@ -364,4 +382,36 @@ async fn the_binary_runs_the_usage_scenario_with_admin_flags() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("account-settlement-usage: skipped"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--admin without --admin-token"));
     gw.stop().await;
+}
+
+/// Issue 13.7/13.8/13.13: the simulator as API Gateway verifies the AK/SK
+/// signature of a push (on the bytes as sent) beside ts/nonce/signature, and
+/// plays the fallback host behind a primary that refuses connections.
+#[tokio::test]
+async fn the_simulator_verifies_the_api_gateway_signature_and_plays_the_fallback_host() {
+    let mut config = MarketConfig::new("127.0.0.1:0".parse().unwrap());
+    config.usage_key = Some(Secret::new(AK));
+    config.usage_require_apig = true;
+    let market = MarketServer::start(config).await.unwrap();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let both = UsageApi::with_fallbacks(&closed, &[market.url()], Secret::new(AK), Duration::from_secs(5))
+        .unwrap()
+        .with_apig(Secret::new("sim-ak"), Secret::new("sim-sk"));
+    let pushed = both.push_on(&[rec("apig-1", "inst-a", "1")]).await;
+    assert_eq!(pushed.outcome, PushOutcome::Taken);
+    assert_eq!(pushed.host, market.url().trim_start_matches("http://"), "the fallback answered");
+
+    // A wrong SK: API Gateway's 401 APIGW.0301, a configuration fault; nothing stored.
+    let wrong = UsageApi::new(&market.url(), Secret::new(AK), Duration::from_secs(5))
+        .unwrap()
+        .with_apig(Secret::new("sim-ak"), Secret::new("not-the-sk"));
+    let refused = wrong.push(&[rec("apig-2", "inst-a", "1")]).await;
+    assert!(matches!(&refused, PushOutcome::ConfigFault { code, .. } if code == "APIGW.0301"), "{refused:?}");
+    // Required but not sent: refused too.
+    let unsigned = UsageApi::new(&market.url(), Secret::new(AK), Duration::from_secs(5)).unwrap();
+    assert!(matches!(unsigned.push(&[rec("apig-3", "inst-a", "1")]).await, PushOutcome::ConfigFault { .. }));
+    let stats = market.usage_stats();
+    assert_eq!((stats.records, stats.unauthorized_calls), (1, 2), "{stats:?}");
+    assert!(stats.metering_sns.contains_key("apig-1"));
+    market.stop().await;
 }

@@ -52,10 +52,21 @@ async fn call(gw: &TestGateway, body: Value) {
     assert_eq!(res.result_code().as_deref(), Some("000000"), "{body}: {}", String::from_utf8_lossy(&res.body));
 }
 
-/// Hour `h` of 2026-11-01 as KooGallery's time format.
+/// The start of hour 0: midnight UTC of 18 days ago (KooGallery takes usage
+/// whose begin_time is within 21 days; koogate within 20), fixed for the run.
+fn base() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (chrono::Utc::now().timestamp() - 18 * 86_400).div_euclid(86_400) * 86_400)
+}
+
+/// `secs` after hour 0 in `format`.
+fn at(secs: i64, format: &str) -> String {
+    chrono::DateTime::from_timestamp(base() + secs, 0).unwrap().format(format).to_string()
+}
+
+/// Hour `h` (from 18 days ago) as KooGallery's time format.
 fn hour(h: u32) -> String {
-    let t = chrono::DateTime::from_timestamp(1_793_491_200 + i64::from(h) * 3600, 0).unwrap();
-    t.format("%Y%m%dT%H%M%SZ").to_string()
+    at(i64::from(h) * 3600, "%Y%m%dT%H%M%SZ")
 }
 
 fn rec(instance: &str, h: u32, value: &str, sn: &str) -> Value {
@@ -102,7 +113,7 @@ async fn intake_verdicts(backend: Backend) {
             rec(&a, 0, "1.5", "sn-a0"),
             rec(&a, 1, "2", "sn-a1"),
             rec(&b, 0, "0.0001", "sn-b0"),
-            json!({"instance_id": a, "begin_time": "2026-11-01T02:00:00Z", "end_time": "2026-11-01T03:00:00+00:00",
+            json!({"instance_id": a, "begin_time": at(7200, "%Y-%m-%dT%H:%M:%SZ"), "end_time": at(10_800, "%Y-%m-%dT%H:%M:%S+00:00"),
                    "usage_value": 3.25, "metering_sn": "sn-a2"}),
             json!({"instance_id": a, "begin_time": hour(0), "end_time": hour(1), "usage_value": "7",
                    "metering_sn": "sn-a0-pkg", "relate_pkg_instance": "pkg-1"}),
@@ -119,7 +130,7 @@ async fn intake_verdicts(backend: Backend) {
             rec(&a, 0, "1.5", "sn-a0"),                      // the same record again
             rec(&a, 0, "1.6", "sn-a0"),                      // same sn, other value
             rec(&b, 0, "1.5", "sn-a1"),                      // sn of another instance's record
-            json!({"instance_id": a, "begin_time": "20261101T003000Z", "end_time": "20261101T013000Z",
+            json!({"instance_id": a, "begin_time": at(1800, "%Y%m%dT%H%M%SZ"), "end_time": at(5400, "%Y%m%dT%H%M%SZ"),
                    "usage_value": "1", "metering_sn": "sn-overlap"}),
             rec(&a, 3, "1", "sn-a3"),                        // adjacent: fine
             rec("no-such-instance", 0, "1", "sn-ghost"),
@@ -365,7 +376,9 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
     gw.restart(&env(&url, &[])).await;
     let dead = wait_status(&gw, "r-bad", "dead", Duration::from_secs(20)).await;
-    assert_eq!((dead["code"].as_str(), dead["message"].as_str()), (Some("MKT.0100"), Some("instance does not exist")));
+    assert_eq!(dead["code"].as_str(), Some("MKT.0100"), "{dead}");
+    let message = dead["message"].as_str().unwrap_or_default();
+    assert!(message.contains("input validation failed") && message.contains("instance does not exist"), "{dead}");
     api.wait_records(9, Duration::from_secs(10)).await;
     assert!(!api.records().contains_key("r-bad"));
     let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
@@ -570,4 +583,299 @@ async fn killed_mid_push_redis() {
 #[tokio::test]
 async fn killed_mid_push_embedded() {
     killed_mid_push(Backend::Embedded).await;
+}
+
+/// Issue 13.5: KooGallery's documented answers. Record faults (even under
+/// HTTP 500) are isolated by splitting and dead-lettered with their code and
+/// a readable reason, and a failed multi-record batch is never sent again as
+/// such; `500 MKT.9003` splits; `500 MKT.0999` is retried with the same
+/// metering_sn; `400 MKT.0102` holds every record (never dead-lettered) and
+/// is counted, until the key is fixed.
+async fn answers_as_documented(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let bad_sign = Arc::new(AtomicBool::new(false));
+    let internal_errors = Arc::new(AtomicU32::new(0));
+    let (flag, errors) = (Arc::clone(&bad_sign), Arc::clone(&internal_errors));
+    let api = UsageApi::start(move |_, records| {
+        if flag.load(Ordering::SeqCst) {
+            return kooapi::fault(400, "MKT.0102", "Invalid body sign");
+        }
+        let has = |sn: &str| records.iter().any(|r| r["metering_sn"] == sn);
+        if records.len() > 4 {
+            kooapi::fault(500, "MKT.9003", "Usage records extends size limit.")
+        } else if has("d-9001") {
+            kooapi::fault(500, "MKT.9001", "Instance ID not found.")
+        } else if has("d-9002") {
+            kooapi::fault(500, "MKT.9002", "Invalid usage enties.")
+        } else if has("d-0150") {
+            kooapi::fault(401, "MKT.0150", "Illegal operation")
+        } else if has("d-0999") && errors.fetch_add(1, Ordering::SeqCst) == 0 {
+            kooapi::failing()
+        } else {
+            kooapi::taken()
+        }
+    })
+    .await;
+    let url = api.url();
+    let push_env = env(&url, &[("KOOGATE_USAGE_HOLD_SECS", "1")]);
+    let mut gw =
+        TestGateway::start_with(backend, "usage-answers", &env(&url, &[("KOOGATE_USAGE_PUSH", "false")])).await;
+    let inst = buy(&gw, "CSUSAGEANSWERS").await;
+    let sns = ["d-0", "d-9001", "d-1", "d-2", "d-9002", "d-3", "d-0150", "d-4", "d-0999", "d-5"];
+    let records: Vec<Value> = sns.iter().enumerate().map(|(h, sn)| rec(&inst, h as u32, "1", sn)).collect();
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 10);
+    gw.restart(&push_env).await;
+    for (sn, code, reason) in [
+        ("d-9001", "MKT.9001", "does not know the instance"),
+        ("d-9002", "MKT.9002", "invalid usage entities"),
+        ("d-0150", "MKT.0150", "not of a product of this seller"),
+    ] {
+        let dead = wait_status(&gw, sn, "dead", Duration::from_secs(20)).await;
+        assert_eq!(dead["code"].as_str(), Some(code), "{dead}");
+        assert!(dead["message"].as_str().unwrap_or_default().contains(reason), "{dead}");
+    }
+    for sn in ["d-0", "d-1", "d-2", "d-3", "d-4", "d-5", "d-0999"] {
+        wait_status(&gw, sn, "pushed", Duration::from_secs(20)).await;
+    }
+    assert!(record_status(&gw, "d-0999").await["attempts"].as_u64().unwrap_or(0) >= 1, "MKT.0999 was retried");
+    assert!(api.records().values().all(|(_, n)| *n == 1), "each record stored once");
+    let calls = api.calls();
+    for failed in calls.iter().filter(|c| c.status != 200 && c.sns.len() > 1) {
+        let again = calls.iter().filter(|c| c.sns == failed.sns).count();
+        assert_eq!(again, 1, "a refused batch of {} records was sent again: {:?}", failed.sns.len(), failed.sns);
+    }
+    println!(
+        "{backend:?}: 10 records, 3 record faults under HTTP 500/401 isolated in {} calls ({} answered MKT.9003)",
+        calls.len(),
+        calls.iter().filter(|c| c.status == 500 && c.sns.len() > 4).count()
+    );
+
+    // 400 MKT.0102: a configuration fault. Records are held and counted, never dead-lettered.
+    bad_sign.store(true, Ordering::SeqCst);
+    let before = api.calls().len();
+    let held: Vec<Value> = (0..3).map(|i| rec(&inst, 20 + i, "2", &format!("c-{i}"))).collect();
+    assert_eq!(post_usage(&gw, held).await.1["accepted"], 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.calls()[before..].iter().filter(|c| c.status == 400).count() < 2 {
+        assert!(Instant::now() < deadline, "the records were not pushed again after the hold interval");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for i in 0..3 {
+        let r = record_status(&gw, &format!("c-{i}")).await;
+        assert_eq!(r["status"], "pending", "{r}");
+        assert!(r["last_error"].as_str().unwrap_or_default().contains("MKT.0102"), "{r}");
+        assert_eq!(r["attempts"], 0, "a configuration fault is not an attempt: {r}");
+    }
+    let metrics = gw.metrics().await;
+    assert!(metric(&metrics, "koogate_usage_push_config_faults_total{code=\"MKT.0102\"}") >= 2.0, "{metrics}");
+    let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
+    assert_eq!(dlq["dead_letters"].as_array().map(Vec::len), Some(3), "only the 3 record faults: {dlq}");
+    bad_sign.store(false, Ordering::SeqCst); // the operator fixed the key
+    for i in 0..3 {
+        wait_status(&gw, &format!("c-{i}"), "pushed", Duration::from_secs(10)).await;
+    }
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_as_documented_redis() {
+    answers_as_documented(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_as_documented_embedded() {
+    answers_as_documented(Backend::Embedded).await;
+}
+
+/// Issue 13.7: with KOOGATE_MARKETPLACE_AK/SK set, every push carries API
+/// Gateway's signature (`Authorization` + `X-Sdk-Date`) over the bytes sent,
+/// beside `ts`/`nonce`/`signature`; the stand-in verifies both on its own.
+/// A wrong SK is refused by API Gateway (401): a configuration fault, held.
+/// KOOGATE_USAGE_APIG_SIGN=false turns it off.
+#[tokio::test]
+async fn pushes_carry_the_api_gateway_signature() {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let signed = [
+        ("KOOGATE_MARKETPLACE_AK", kooapi::APIG_AK),
+        ("KOOGATE_MARKETPLACE_SK", kooapi::APIG_SK),
+        ("KOOGATE_USAGE_HOLD_SECS", "1"),
+    ];
+    let mut gw = TestGateway::start_with(Backend::Redis, "usage-apig", &env(&url, &signed)).await;
+    let inst = buy(&gw, "CSUSAGEAPIG").await;
+    assert_eq!(post_usage(&gw, vec![rec(&inst, 0, "1", "g-0"), rec(&inst, 1, "2", "g-1")]).await.1["accepted"], 2);
+    wait_status(&gw, "g-1", "pushed", Duration::from_secs(10)).await;
+    let calls = api.calls();
+    assert!(!calls.is_empty() && calls.iter().all(|c| c.apig == Some(true) && c.signature_ok && c.sorted), "{calls:?}");
+
+    // A wrong SK: API Gateway refuses (401 APIGW.0301), the record is held, not dead-lettered.
+    let wrong = [
+        ("KOOGATE_MARKETPLACE_AK", kooapi::APIG_AK),
+        ("KOOGATE_MARKETPLACE_SK", "not-the-sk"),
+        ("KOOGATE_USAGE_HOLD_SECS", "1"),
+    ];
+    gw.restart(&env(&url, &wrong)).await;
+    assert_eq!(post_usage(&gw, vec![rec(&inst, 2, "1", "g-2")]).await.1["accepted"], 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.calls().iter().any(|c| c.apig == Some(false)) {
+        assert!(Instant::now() < deadline, "no push with the wrong SK");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = record_status(&gw, "g-2").await;
+    assert_eq!(r["status"], "pending", "{r}");
+    assert!(r["last_error"].as_str().unwrap_or_default().contains("APIGW.0301"), "{r}");
+    assert!(!format!("{r}").contains("not-the-sk"), "no secret in the ledger");
+
+    // Turned off: only ts/nonce/signature.
+    let mut off = signed.to_vec();
+    off.push(("KOOGATE_USAGE_APIG_SIGN", "false"));
+    let before = api.calls().len();
+    gw.restart(&env(&url, &off)).await;
+    wait_status(&gw, "g-2", "pushed", Duration::from_secs(10)).await;
+    let later = api.calls()[before..].to_vec();
+    assert!(!later.is_empty() && later.iter().all(|c| c.apig.is_none() && c.signature_ok), "{later:?}");
+    gw.stop().await;
+    api.stop();
+}
+
+/// Issue 13.8: the usage push retries on the fallback host when the primary
+/// cannot be reached (a closed loopback port), with the same records and
+/// metering_sn; the push metrics say which host answered.
+async fn falls_back_when_the_host_cannot_be_reached(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let fallback = api.url();
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let gw = TestGateway::start_with(
+        backend,
+        "usage-fallback",
+        &env(&closed, &[("KOOGATE_MARKETPLACE_FALLBACK_URLS", fallback.as_str())]),
+    )
+    .await;
+    let inst = buy(&gw, "CSUSAGEFALLBACK").await;
+    let records: Vec<Value> = (0..5).map(|h| rec(&inst, h, "1.5", &format!("fb-{h}"))).collect();
+    assert_eq!(post_usage(&gw, records).await.1["accepted"], 5);
+    wait_status(&gw, "fb-4", "pushed", Duration::from_secs(10)).await;
+    assert_eq!(api.records().len(), 5);
+    assert!(api.records().values().all(|(_, n)| *n == 1));
+    let metrics = gw.metrics().await;
+    let host = fallback.trim_start_matches("http://");
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("koogate_usage_push_calls_total{")
+                && l.contains(&format!("host=\"{host}\""))
+                && l.contains("outcome=\"taken\"")
+        })
+        .unwrap_or_else(|| panic!("no taken push labelled host={host}:\n{metrics}"));
+    println!("{backend:?}: primary {closed} refused the connection; {line}");
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn falls_back_when_the_host_cannot_be_reached_redis() {
+    falls_back_when_the_host_cannot_be_reached(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn falls_back_when_the_host_cannot_be_reached_embedded() {
+    falls_back_when_the_host_cannot_be_reached(Backend::Embedded).await;
+}
+
+/// A record whose period began `days_ago` days ago (one hour long).
+fn aged(instance: &str, days_ago: i64, sn: &str) -> Value {
+    let begin = chrono::Utc::now().timestamp() - days_ago * 86_400;
+    let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+    json!({"instance_id": instance, "begin_time": t(begin), "end_time": t(begin + 3600), "usage_value": "1", "metering_sn": sn})
+}
+
+/// Issue 13.6: intake refuses a begin_time KooGallery would refuse (more than
+/// 21 days old; koogate refuses from 20 days on). With the default cadence
+/// (KOOGATE_USAGE_POLL_MS=1000) a record is pushed within seconds of being
+/// accepted, well inside Huawei's "first 15 minutes after the period": the
+/// accept → pushed latency is measured and printed.
+#[tokio::test]
+async fn the_21_day_rule_and_the_push_latency() {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw = TestGateway::start_with(
+        Backend::Redis,
+        "usage-cadence",
+        &[("KOOGATE_ADMIN_TOKEN", TOKEN), ("KOOGATE_MARKETPLACE_URL", url.as_str())],
+    )
+    .await;
+    let inst = buy(&gw, "CSUSAGECADENCE").await;
+    let (_, answer) = post_usage(&gw, vec![aged(&inst, 22, "old-22"), aged(&inst, 21, "old-21")]).await;
+    assert_eq!(statuses(&answer), ["rejected", "rejected"], "{answer}");
+    let reason = answer["records"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("more than 21 days") && reason.contains("MKT.9004"), "{answer}");
+
+    // The period that just ended, posted at once, 10 times: accept -> pushed.
+    let mut latencies = Vec::new();
+    for i in 0..10u32 {
+        let end = chrono::Utc::now().timestamp() / 60 * 60 - i64::from(9 - i) * 60;
+        let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+        let sn = format!("cad-{i}");
+        let r = json!({"instance_id": inst, "begin_time": t(end - 60), "end_time": t(end), "usage_value": "1", "metering_sn": sn});
+        let posted = Instant::now();
+        assert_eq!(statuses(&post_usage(&gw, vec![r]).await.1), ["accepted"]);
+        let pushed = wait_status(&gw, &sn, "pushed", Duration::from_secs(20)).await;
+        let observed = posted.elapsed();
+        let ms =
+            |f: &str| chrono::DateTime::parse_from_rfc3339(pushed[f].as_str().unwrap()).unwrap().timestamp_millis();
+        latencies.push((ms("pushed_at") - ms("accepted_at"), observed.as_millis()));
+    }
+    let mut ledger: Vec<i64> = latencies.iter().map(|(l, _)| *l).collect();
+    ledger.sort_unstable();
+    println!(
+        "accept -> pushed latency (default KOOGATE_USAGE_POLL_MS=1000, 10 records): ledger min {} ms, median {} ms, max {} ms; observed by the caller up to {} ms",
+        ledger[0],
+        ledger[5],
+        ledger[9],
+        latencies.iter().map(|(_, o)| *o).max().unwrap_or(0)
+    );
+    gw.stop().await;
+    api.stop();
+}
+
+/// Issue 13.6: usage held for a frozen instance that nears KooGallery's
+/// 21-day limit is counted in koogate_usage_held_near_expiry.
+async fn held_usage_near_expiry_is_counted(backend: Backend) {
+    let api = UsageApi::start(|_, _| kooapi::taken()).await;
+    let url = api.url();
+    let gw =
+        TestGateway::start_with(backend, "usage-near-expiry", &env(&url, &[("KOOGATE_USAGE_HOLD_SECS", "1")])).await;
+    let inst = buy(&gw, "CSUSAGENEAREXPIRY").await;
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"FREEZE"})).await;
+    let (_, answer) = post_usage(&gw, vec![aged(&inst, 19, "ne-19"), aged(&inst, 1, "ne-1")]).await;
+    assert_eq!(statuses(&answer), ["accepted", "accepted"], "{answer}");
+    wait_status(&gw, "ne-19", "held", Duration::from_secs(5)).await;
+    // Metrics are process-wide: other gateways of this binary set the gauge too; look until ours shows.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = gw.metrics().await;
+        if metric(&metrics, "koogate_usage_held_near_expiry") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "koogate_usage_held_near_expiry never counted the 19-day-old held record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(api.calls().is_empty(), "held usage was pushed");
+    call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"UNFREEZE"})).await;
+    wait_status(&gw, "ne-19", "pushed", Duration::from_secs(10)).await;
+    gw.stop().await;
+    api.stop();
+}
+
+#[tokio::test]
+async fn held_usage_near_expiry_is_counted_redis() {
+    held_usage_near_expiry_is_counted(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn held_usage_near_expiry_is_counted_embedded() {
+    held_usage_near_expiry_is_counted(Backend::Embedded).await;
 }

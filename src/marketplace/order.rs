@@ -7,7 +7,6 @@ use chrono::SecondsFormat;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::apig;
 use crate::protocol::call::parse_compact_time;
 use crate::secret::Secret;
 
@@ -140,15 +139,80 @@ impl OrderInfo {
     }
 }
 
-/// Why an order could not be had.
+/// Which credential fault KooGallery (or API Gateway in front of it) reported.
+///
+/// Huawei's error table of "Querying an Order"
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>,
+/// table mirrored at <https://huaweicloud.com/guide/productsdesc-bms_0dff4d8a9ede975f6674698a8064dbbesupport0>):
+/// `401 MKT.0150` illegal operation (the order is not of a product of the
+/// AK/SK's seller), `401 MKT.0151` no authority (the AK/SK's account has no
+/// seller role), `401 MKT.0154` illegal token. API Gateway's own refusal of
+/// the AK/SK signature is `401 APIGW.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialFault {
+    /// API Gateway refused the AK/SK signature (`APIGW.*`, or 401/403 without a KooGallery code).
+    Signature,
+    /// `MKT.0150`: the order belongs to a product of another seller than the AK/SK's.
+    IllegalOperation,
+    /// `MKT.0151`: the AK/SK's account has no seller role (no API access).
+    NoAuthority,
+    /// `MKT.0154`: the token derived from the AK/SK is invalid.
+    IllegalToken,
+}
+
+impl CredentialFault {
+    /// The fault of a documented code, if it is one.
+    pub fn of_code(code: &str) -> Option<Self> {
+        match code {
+            "MKT.0150" => Some(Self::IllegalOperation),
+            "MKT.0151" => Some(Self::NoAuthority),
+            "MKT.0154" => Some(Self::IllegalToken),
+            _ => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Signature => "credentials_signature",
+            Self::IllegalOperation => "credentials_illegal_operation",
+            Self::NoAuthority => "credentials_no_authority",
+            Self::IllegalToken => "credentials_illegal_token",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            Self::Signature => "API Gateway refused the AK/SK signature: check KOOGATE_MARKETPLACE_AK/SK",
+            Self::IllegalOperation => {
+                "illegal operation: the order is not of a product published by the AK/SK's seller account"
+            }
+            Self::NoAuthority => "no API access: the AK/SK's account does not have the seller role",
+            Self::IllegalToken => "illegal token: KooGallery could not authenticate the AK/SK",
+        }
+    }
+}
+
+impl std::fmt::Display for CredentialFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.explain())
+    }
+}
+
+/// Why an order could not be had. There is no "order not found": the
+/// documented table has no such code (see
+/// [`crate::protocol::unconfirmed::ORDER_UNKNOWN_EXPECTED_CODE`]).
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
-    #[error("KooGallery refused our AK/SK signature (HTTP {status}): {message}")]
-    AuthRefused { status: u16, message: String },
-    #[error("KooGallery does not know order {0}")]
-    NotFound(String),
-    #[error("KooGallery answered {code}: {message}")]
-    Refused { code: String, message: String },
+    #[error("KooGallery refused our credentials (HTTP {status}, {code}): {fault}: {message}")]
+    Credentials { status: u16, code: String, fault: CredentialFault, message: String },
+    #[error("KooGallery found the query invalid (HTTP {status}, {code}: input validation; an order it does not know, or not yet, is answered so): {message}")]
+    Invalid { status: u16, code: String, message: String },
+    #[error("KooGallery limits our call rate (HTTP {status}, {code}): {message}")]
+    RateLimited { status: u16, code: String, message: String },
+    #[error("KooGallery failed internally (HTTP {status}, {code}): {message}")]
+    Unavailable { status: u16, code: String, message: String },
+    #[error("KooGallery answered HTTP {status}, {code}: {message}")]
+    Refused { status: u16, code: String, message: String },
     #[error("KooGallery's answer is malformed: {0}")]
     Malformed(String),
     #[error("order query failed: {0}")]
@@ -156,59 +220,136 @@ pub enum OrderError {
 }
 
 impl OrderError {
+    /// The `outcome` label of `koogate_order_queries_total`.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::AuthRefused { .. } => "auth_refused",
-            Self::NotFound(_) => "not_found",
+            Self::Credentials { fault, .. } => fault.label(),
+            Self::Invalid { .. } => "invalid",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable { .. } => "unavailable",
             Self::Refused { .. } => "refused",
             Self::Malformed(_) => "malformed",
             Self::Transport(_) => "transport",
         }
     }
+
+    /// Could the host not be reached at all (the only case the fallback host is tried)?
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Transport(_))
+    }
+}
+
+/// `resultCode`/`resultMsg` of any answer (API Gateway's own errors say `error_code`/`error_msg`).
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Codes {
+    #[serde(rename = "resultCode", alias = "error_code")]
+    code: Option<String>,
+    #[serde(rename = "resultMsg", alias = "error_msg")]
+    msg: Option<String>,
 }
 
 /// Parses an answer body; `Ok` only for a success with an `orderInfo`.
-pub fn parse_answer(order_id: &str, status: u16, body: &[u8]) -> Result<OrderInfo, OrderError> {
+/// Every error is read from Huawei's documented table (see [`CredentialFault`]):
+/// `500 MKT.0100`, `400 MKT.0101/0199` input faults; `401 MKT.0150/0151/0154`
+/// credential faults; `406 MKT.0250` rate limit; `500 MKT.0999` internal error.
+pub fn parse_answer(_order_id: &str, status: u16, body: &[u8]) -> Result<OrderInfo, OrderError> {
+    let codes: Codes = serde_json::from_slice(body).unwrap_or_default();
+    let code = codes.code.clone().filter(|c| !c.is_empty()).unwrap_or_default();
+    let message =
+        codes.msg.clone().unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect::<String>());
+    if (200..300).contains(&status) && code == SUCCESS {
+        let answer: OrderAnswer = serde_json::from_slice(body).map_err(|e| OrderError::Malformed(e.to_string()))?;
+        return answer.order_info.ok_or_else(|| OrderError::Malformed("MKT.0000 without orderInfo".into()));
+    }
+    if let Some(fault) = CredentialFault::of_code(&code) {
+        return Err(OrderError::Credentials { status, code, fault, message });
+    }
     if status == 401 || status == 403 {
-        let message = String::from_utf8_lossy(body).chars().take(200).collect();
-        return Err(OrderError::AuthRefused { status, message });
+        return Err(OrderError::Credentials { status, code, fault: CredentialFault::Signature, message });
     }
-    if status == 404 {
-        return Err(OrderError::NotFound(order_id.to_owned()));
+    match code.as_str() {
+        "MKT.0100" | "MKT.0101" | "MKT.0199" => return Err(OrderError::Invalid { status, code, message }),
+        "MKT.0250" => return Err(OrderError::RateLimited { status, code, message }),
+        "MKT.0999" => return Err(OrderError::Unavailable { status, code, message }),
+        _ => {}
     }
-    if !(200..300).contains(&status) {
-        return Err(OrderError::Transport(format!("HTTP {status}")));
+    if status == 406 || status == 429 {
+        return Err(OrderError::RateLimited { status, code, message });
     }
-    let answer: OrderAnswer = serde_json::from_slice(body).map_err(|e| OrderError::Malformed(e.to_string()))?;
-    let message = answer.result_msg.clone().unwrap_or_default();
-    if answer.result_code != SUCCESS {
-        if crate::protocol::unconfirmed::order_not_found(&answer.result_code, &message) {
-            return Err(OrderError::NotFound(order_id.to_owned()));
-        }
-        return Err(OrderError::Refused { code: answer.result_code, message });
+    if status >= 500 {
+        return Err(OrderError::Unavailable { status, code, message });
     }
-    answer.order_info.ok_or_else(|| OrderError::NotFound(order_id.to_owned()))
+    if code.is_empty() && (200..300).contains(&status) {
+        return Err(OrderError::Malformed(format!("no resultCode in: {message}")));
+    }
+    Err(OrderError::Refused { status, code, message })
 }
 
-/// A pooled, verifying HTTPS client of the order query API.
+/// A pooled, verifying HTTPS client of the order query API. When a host
+/// cannot be reached (a transport error or a timeout, never a refusal) the
+/// next one of its list is tried: the documented fallback
+/// (`KOOGATE_MARKETPLACE_FALLBACK_URLS`, [`super::FALLBACK_CN`] by default).
 #[derive(Clone)]
 pub struct OrderApi {
     http: reqwest::Client,
-    base: reqwest::Url,
+    bases: Vec<reqwest::Url>,
     ak: Secret,
     sk: Secret,
 }
 
 impl OrderApi {
     pub fn new(base: &str, ak: Secret, sk: Secret, timeout: Duration) -> Result<Self, OrderError> {
-        let base = reqwest::Url::parse(base).map_err(|e| OrderError::Transport(format!("bad URL {base}: {e}")))?;
+        Self::with_fallbacks(base, &[], ak, sk, timeout)
+    }
+
+    /// `base` first, then each of `fallbacks` when the previous one cannot be reached.
+    pub fn with_fallbacks(
+        base: &str,
+        fallbacks: &[String],
+        ak: Secret,
+        sk: Secret,
+        timeout: Duration,
+    ) -> Result<Self, OrderError> {
+        let bases = super::bases(base, fallbacks).map_err(OrderError::Transport)?;
         let http = super::http_client(timeout).map_err(|e| OrderError::Transport(e.to_string()))?;
-        Ok(Self { http, base, ak, sk })
+        Ok(Self { http, bases, ak, sk })
     }
 
     /// Queries one order (line); returns the raw answer body with the parsed order.
     pub async fn query(&self, order_id: &str, order_line_id: Option<&str>) -> Result<(String, OrderInfo), OrderError> {
-        let mut url = self.base.join(ORDER_QUERY_PATH).map_err(|e| OrderError::Transport(e.to_string()))?;
+        self.query_on(order_id, order_line_id).await.1
+    }
+
+    /// [`Self::query`], with the `host` label of the host that answered (or was tried last).
+    pub async fn query_on(
+        &self,
+        order_id: &str,
+        order_line_id: Option<&str>,
+    ) -> (String, Result<(String, OrderInfo), OrderError>) {
+        let mut unreachable = Vec::new();
+        let mut host = String::new();
+        for base in &self.bases {
+            host = super::host_label(base);
+            let result = self.query_one(base, order_id, order_line_id).await;
+            match result {
+                Err(OrderError::Transport(e)) => {
+                    tracing::warn!(%host, error = %e, "order query: host cannot be reached; trying the next one");
+                    unreachable.push(format!("{host}: {e}"));
+                }
+                other => return (host, other),
+            }
+        }
+        (host, Err(OrderError::Transport(unreachable.join("; "))))
+    }
+
+    async fn query_one(
+        &self,
+        base: &reqwest::Url,
+        order_id: &str,
+        order_line_id: Option<&str>,
+    ) -> Result<(String, OrderInfo), OrderError> {
+        let mut url = base.join(ORDER_QUERY_PATH).map_err(|e| OrderError::Transport(e.to_string()))?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("orderId", order_id);
@@ -216,29 +357,13 @@ impl OrderApi {
                 q.append_pair("orderLineId", line);
             }
         }
-        let query: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        let host = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_owned(),
-        };
-        let date = chrono::Utc::now().format(apig::DATE_FORMAT).to_string();
-        let headers = vec![
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("host".to_owned(), host),
-            ("x-sdk-date".to_owned(), date.clone()),
-        ];
-        let authorization =
-            apig::Request { method: "GET", path: url.path(), query: &query, headers: &headers, body: b"" }
-                .authorization(self.ak.expose(), self.sk.expose());
-        let res = self
-            .http
-            .get(url.clone())
-            .header("content-type", "application/json")
-            .header("x-sdk-date", date)
-            .header("authorization", authorization)
-            .send()
-            .await
-            .map_err(|e| OrderError::Transport(if e.is_timeout() { "timed out".into() } else { e.to_string() }))?;
+        let mut req = self.http.get(url.clone()).header("content-type", "application/json");
+        for (name, value) in super::apig_headers("GET", &url, b"", self.ak.expose(), self.sk.expose()) {
+            req = req.header(name, value);
+        }
+        let res = req.send().await.map_err(|e| {
+            OrderError::Transport(if e.is_timeout() { "timed out".into() } else { crate::error_chain(&e) })
+        })?;
         let status = res.status().as_u16();
         let body = res.bytes().await.map_err(|e| OrderError::Transport(e.to_string()))?;
         let info = parse_answer(order_id, status, &body)?;
@@ -270,18 +395,42 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_typed() {
-        assert!(matches!(parse_answer("X", 401, b"{}"), Err(OrderError::AuthRefused { status: 401, .. })));
-        assert!(matches!(parse_answer("X", 500, b""), Err(OrderError::Transport(_))));
-        assert!(matches!(parse_answer("X", 200, b"not json"), Err(OrderError::Malformed(_))));
+    fn errors_follow_the_documented_table() {
+        let e = |status, body: &[u8]| parse_answer("X", status, body).unwrap_err();
+        for (code, fault) in [
+            ("MKT.0150", CredentialFault::IllegalOperation),
+            ("MKT.0151", CredentialFault::NoAuthority),
+            ("MKT.0154", CredentialFault::IllegalToken),
+        ] {
+            let body = format!(r#"{{"resultCode":"{code}","resultMsg":"x"}}"#);
+            match e(401, body.as_bytes()) {
+                OrderError::Credentials { fault: f, code: c, .. } => assert_eq!((f, c.as_str()), (fault, code)),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        let apigw = e(401, br#"{"error_code":"APIGW.0301","error_msg":"Incorrect IAM authentication information"}"#);
+        assert!(matches!(apigw, OrderError::Credentials { fault: CredentialFault::Signature, .. }), "{apigw:?}");
+        assert_eq!(apigw.label(), "credentials_signature");
+        // MKT.0100 is input validation, sent with HTTP 500: not "not found", not a retryable 500.
+        let invalid = e(500, br#"{"resultCode":"MKT.0100","resultMsg":"Failure of input parameter"}"#);
+        assert!(matches!(invalid, OrderError::Invalid { status: 500, .. }), "{invalid:?}");
+        assert!(invalid.to_string().contains("input validation"));
         assert!(matches!(
-            parse_answer("X", 200, br#"{"resultCode":"MKT.0100","resultMsg":"The order does not exist."}"#),
-            Err(OrderError::NotFound(_))
+            e(400, br#"{"resultCode":"MKT.0101","resultMsg":"Invalid parameter"}"#),
+            OrderError::Invalid { .. }
         ));
         assert!(matches!(
-            parse_answer("X", 200, br#"{"resultCode":"MKT.9999","resultMsg":"system busy"}"#),
-            Err(OrderError::Refused { .. })
+            e(406, br#"{"resultCode":"MKT.0250","resultMsg":"overlimit"}"#),
+            OrderError::RateLimited { .. }
         ));
-        assert!(matches!(parse_answer("X", 200, br#"{"resultCode":"MKT.0000"}"#), Err(OrderError::NotFound(_))));
+        assert!(matches!(
+            e(500, br#"{"resultCode":"MKT.0999","resultMsg":"System internal error."}"#),
+            OrderError::Unavailable { .. }
+        ));
+        assert!(matches!(e(502, b""), OrderError::Unavailable { status: 502, .. }));
+        assert!(matches!(e(200, b"not json"), OrderError::Malformed(_)));
+        assert!(matches!(e(200, br#"{"resultCode":"MKT.0000"}"#), OrderError::Malformed(_)));
+        assert!(matches!(e(200, br#"{"resultCode":"MKT.1234","resultMsg":"?"}"#), OrderError::Refused { .. }));
+        assert!(!e(500, b"").is_unreachable());
     }
 }

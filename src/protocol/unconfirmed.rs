@@ -87,13 +87,16 @@ pub fn v1_refresh_scene(trial_to_formal: bool, order_amount: Option<&str>) -> su
 /// would fail those retries. See `gateway::v1_replay_guard`.
 pub const V1_NONCE_PARAM: &str = "authToken";
 
-/// The order query API's code for an unknown order is not documented here:
-/// `MKT.0100` (what the simulator answers) or a message saying the order does
-/// not exist is read as "not found"; every other non-`MKT.0000` code is a refusal.
-pub fn order_not_found(code: &str, message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    code == "MKT.0100" || m.contains("not exist") || m.contains("not found")
-}
+/// The order query API documents no "order not found" code
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>,
+/// error table): `MKT.0100` is "Failure of input parameter" (input
+/// validation), sent with HTTP 500. An order KooGallery does not know (or not
+/// yet: an order just placed) is expected to come back so, but that is not
+/// confirmed. koogate does not guess "not found": it reads `MKT.0100` as
+/// `OrderError::Invalid`, and enrichment retries it with the delivery backoff
+/// until the schedule gives up (the event then goes to the dead-letter list,
+/// where it can be redriven). The simulator answers an unknown order with this code.
+pub const ORDER_UNKNOWN_EXPECTED_CODE: &str = "MKT.0100";
 
 /// §10: the usage push signs "the body with keys sorted" (Huawei: "sorted
 /// naturally"). Read as: the JSON body with object keys in byte order at every
@@ -139,25 +142,43 @@ pub fn usage_string_to_sign(ts: &str, nonce: &str, canonical_body: &str) -> Stri
     format!("ts={ts}&nonce={nonce}&body={canonical_body}")
 }
 
-/// How the usage API's answer is read. Its shape is not in the reference:
-/// `{"error_code","error_msg"}` like the other `mkp-openapi-public` APIs is
-/// assumed, with `resultCode`/`resultMsg` also understood. Success is
-/// `MKT.0000`. A refusal whose message says the `metering_sn` was already
-/// received counts as taken (a retry of a record KooGallery has). HTTP 401/403
-/// and 5xx, 408 and 429 are retried (a wrong key must not dead-letter every
-/// record: the operator fixes the key and the records go out); any other
-/// refusal is final for the records of that call.
+/// How the usage API's answer is read: Huawei's error table of "Pushing the
+/// Pay-per-Use Resource Usage (New)"
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649117.html>,
+/// protocol §10). The answer's shape `{"error_code","error_msg"}` is assumed
+/// (`resultCode`/`resultMsg` also understood: unconfirmed). Read as:
+///
+/// - `200 MKT.0000`: taken.
+/// - `400 MKT.0102` "Invalid body sign", `401 MKT.0151/0154` (token, role) and
+///   API Gateway's own 401/403 (`APIGW.*`): a **configuration fault** (wrong key,
+///   or a body not signed as sent), never a record fault: the records are held.
+/// - `401 MKT.0150` (the instance is not of the AK/SK's seller's product) and
+///   `500 MKT.0100/9001/9002/9004`, and any other 4xx answer with a code: a
+///   **record fault**: the batch is split until the record stands alone, which
+///   is dead-lettered. Several record faults come back as HTTP 500: a 500 is
+///   not automatically "retry the same batch".
+/// - `500 MKT.9003` (more than 1000 records): split.
+/// - `MKT.0999`, any other 5xx, 406/408/429, an answer without a code: retry
+///   with the same `metering_sn`.
+///
+/// No duplicate code is documented (unconfirmed): a refusal whose message
+/// says the `metering_sn` was already received counts as taken.
 pub fn usage_answer_class(http_status: u16, code: Option<&str>, msg: &str) -> UsageAnswerClass {
     let m = msg.to_ascii_lowercase();
-    let transient_http = matches!(http_status, 401 | 403 | 408 | 429) || http_status >= 500;
     match code {
         Some("MKT.0000") if (200..300).contains(&http_status) => UsageAnswerClass::Taken,
         _ if m.contains("metering_sn") && (m.contains("already") || m.contains("duplicate") || m.contains("exist")) => {
             UsageAnswerClass::AlreadyTaken
         }
-        _ if transient_http => UsageAnswerClass::Retry,
+        Some("MKT.0102" | "MKT.0151" | "MKT.0154") => UsageAnswerClass::ConfigFault,
+        Some("MKT.0150" | "MKT.0100" | "MKT.9001" | "MKT.9002" | "MKT.9004") => UsageAnswerClass::RecordFault,
+        Some("MKT.9003") => UsageAnswerClass::Split,
+        Some("MKT.0999") => UsageAnswerClass::Retry,
+        _ if matches!(http_status, 401 | 403) => UsageAnswerClass::ConfigFault,
+        _ if matches!(http_status, 406 | 408 | 429) || http_status >= 500 => UsageAnswerClass::Retry,
         None => UsageAnswerClass::Retry,
-        Some(_) => UsageAnswerClass::Refused,
+        Some(_) if (400..500).contains(&http_status) => UsageAnswerClass::RecordFault,
+        Some(_) => UsageAnswerClass::Retry,
     }
 }
 
@@ -166,8 +187,36 @@ pub fn usage_answer_class(http_status: u16, code: Option<&str>, msg: &str) -> Us
 pub enum UsageAnswerClass {
     Taken,
     AlreadyTaken,
-    Refused,
+    /// Our key or signing is wrong: hold every record, alert; never dead-letter.
+    ConfigFault,
+    /// A record of the batch is refused: split; a single record is dead-lettered.
+    RecordFault,
+    /// Too many records in one call: split.
+    Split,
+    /// No usable answer: the same records again later, same `metering_sn`.
     Retry,
+}
+
+/// A readable reason for a documented usage push code (for the dead-letter list).
+pub fn usage_code_reason(code: &str) -> &'static str {
+    match code {
+        "MKT.0102" => {
+            "invalid body sign: the signature key (KOOGATE_ACCESS_KEY) is wrong, or the body was not signed as sent"
+        }
+        "MKT.0150" => "illegal operation: the instance is not of a product of this seller (the AK/SK's account)",
+        "MKT.0151" => "no authority: the AK/SK's account does not have the seller role",
+        "MKT.0154" => "illegal token: KooGallery could not authenticate the AK/SK",
+        "MKT.0100" => "input validation failed: a field out of range, an illegal value or format",
+        "MKT.9001" => "KooGallery does not know the instance id",
+        "MKT.9002" => "invalid usage entities: the record does not match the product's metering items",
+        "MKT.9003" => "more than 1000 records in one call",
+        "MKT.9004" => "begin_time is more than 21 days before now: KooGallery no longer takes it",
+        "MKT.0999" => "KooGallery internal error",
+        c if c.starts_with("APIGW.") => {
+            "API Gateway refused the call (AK/SK signature): check KOOGATE_MARKETPLACE_AK/SK"
+        }
+        _ => "undocumented code",
+    }
 }
 
 /// queryInstance `usageInfo[].statisticalTime`: its format is not in the

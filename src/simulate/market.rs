@@ -39,34 +39,44 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9300";
 pub const DEFAULT_AK: &str = "sim-ak";
 pub const DEFAULT_SK: &str = "sim-sk";
 
-/// Every code and message this server answers. Huawei documents `MKT.0000`
-/// and API Gateway's `APIGW.0301`; the others are **our guess**: change them
-/// here when the real ones are known.
+/// Every code and message this server answers. The order query's codes are
+/// Huawei's documented table ("Querying an Order"); API Gateway's `APIGW.*`
+/// are its own; the usage API's are its documented table ("Pushing the
+/// Pay-per-Use Resource Usage (New)"). Messages marked (guess) are ours.
 pub mod codes {
     use crate::marketplace::apig::VerifyError;
 
     /// Order query success.
     pub const SUCCESS: &str = "MKT.0000";
     pub const SUCCESS_MSG: &str = "Success";
-    /// Unknown order or order line (guess).
-    pub const ORDER_NOT_FOUND: &str = "MKT.0100";
-    pub const ORDER_NOT_FOUND_MSG: &str = "The order does not exist.";
-    /// `orderId` missing (guess).
-    pub const INVALID_PARAM: &str = "MKT.0001";
-    pub const INVALID_PARAM_MSG: &str = "Invalid parameter: orderId is required.";
-    /// A simulated backend failure, answered with HTTP 500 (guess).
-    pub const INTERNAL: &str = "MKT.9999";
-    pub const INTERNAL_MSG: &str = "System error. (simulated failure)";
+    /// Unknown order or order line: Huawei documents no "not found" code; an
+    /// unknown order is answered as input validation, HTTP 500
+    /// (`unconfirmed::ORDER_UNKNOWN_EXPECTED_CODE`; the table of
+    /// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>).
+    pub const ORDER_NOT_FOUND: &str = crate::protocol::unconfirmed::ORDER_UNKNOWN_EXPECTED_CODE;
+    pub const ORDER_NOT_FOUND_MSG: &str = "Failure of input parameter";
+    /// `orderId` missing: documented `400 MKT.0101` "Invalid parameter".
+    pub const INVALID_PARAM: &str = "MKT.0101";
+    pub const INVALID_PARAM_MSG: &str = "Invalid parameter";
+    /// A simulated backend failure: documented `500 MKT.0999`.
+    pub const INTERNAL: &str = "MKT.0999";
+    pub const INTERNAL_MSG: &str = "System internal error.";
     /// API Gateway: IAM (AK/SK) authentication failed, HTTP 401.
     pub const APIGW_AUTH: &str = "APIGW.0301";
     /// API Gateway: no such API (wrong path or method), HTTP 404.
     pub const APIGW_NO_API: &str = "APIGW.0101";
     pub const APIGW_NO_API_MSG: &str = "The API does not exist or has not been published in the environment.";
-    /// Usage API: missing or wrong `ts`, `nonce` or `signature`, HTTP 401 (guess).
-    pub const USAGE_AUTH: &str = "MKT.0151";
-    /// Usage API: an invalid record, more than 1000, an unsorted body or an
-    /// unknown instance, HTTP 400, the whole call refused (guess).
+    /// Usage API: `400 MKT.0102` "Invalid body sign" (wrong `ts`, `nonce`,
+    /// `signature`, or a body not sent as signed).
+    pub const USAGE_BODY_SIGN: &str = "MKT.0102";
+    /// Usage API: `500 MKT.0100` input validation (a record not as documented).
     pub const USAGE_INVALID: &str = "MKT.0100";
+    /// Usage API: `500 MKT.9001` instance id not found.
+    pub const USAGE_UNKNOWN_INSTANCE: &str = "MKT.9001";
+    /// Usage API: `500 MKT.9003` more than 1000 records.
+    pub const USAGE_TOO_MANY: &str = "MKT.9003";
+    /// Usage API: `500 MKT.9004` a `begin_time` more than 21 days before now.
+    pub const USAGE_TOO_OLD: &str = "MKT.9004";
 
     /// API Gateway's `error_msg` for an authentication failure. The first
     /// two are Huawei's documented wording; the others are guesses.
@@ -104,7 +114,10 @@ pub struct MarketConfig {
     pub usage_key: Option<Secret>,
     /// Share of usage calls answered HTTP 500 before storing anything (0.0–1.0).
     pub usage_fail_share: f64,
-    /// Instance ids KooGallery "does not know": a usage call naming one is refused as a whole (400).
+    /// Usage calls must carry API Gateway's AK/SK signature (`ak`/`sk`); a call
+    /// that carries one is verified either way.
+    pub usage_require_apig: bool,
+    /// Instance ids KooGallery "does not know": a usage call naming one is refused as a whole (500 MKT.9001).
     pub refuse_instances: BTreeSet<String>,
     /// Usage calls answered this long after their records were stored (the
     /// answer is "lost" to a caller with a shorter timeout) …
@@ -124,6 +137,7 @@ impl MarketConfig {
             fail_share: 0.0,
             usage_key: None,
             usage_fail_share: 0.0,
+            usage_require_apig: false,
             refuse_instances: BTreeSet::new(),
             usage_delay_after_store: Duration::ZERO,
             usage_delay_share: 0.0,
@@ -210,7 +224,11 @@ impl MarketServer {
                 return Err(SimulateError::Share { flag, value });
             }
         }
-        let usage = UsageState::new(config.usage_key, config.usage_fail_share, config.refuse_instances);
+        let usage = UsageState::new(config.usage_key, config.usage_fail_share, config.refuse_instances).with_apig(
+            &config.ak,
+            config.sk.clone(),
+            config.usage_require_apig,
+        );
         usage.set_delay_after_store(config.usage_delay_after_store, config.usage_delay_share);
         let listener = http::bind(config.listen, "simulate --listen").await?;
         let addr = listener.local_addr()?;
@@ -407,7 +425,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     let Some(order_id) = param("orderId") else {
         bump(&c.bad_requests);
         return reply(
-            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
             &json!({"resultCode": codes::INVALID_PARAM, "resultMsg": codes::INVALID_PARAM_MSG}),
         );
     };
@@ -423,7 +441,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             bump(&c.not_found);
             tracing::debug!(order_id, "order query: unknown order");
             reply(
-                StatusCode::OK,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 &json!({"resultCode": codes::ORDER_NOT_FOUND, "resultMsg": codes::ORDER_NOT_FOUND_MSG}),
             )
         }

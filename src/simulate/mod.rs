@@ -197,6 +197,7 @@ pub async fn command(opts: CliOptions, shutdown: impl Future<Output = ()>) -> Re
         fail_share: opts.fail_share,
         usage_key: opts.key.clone(),
         usage_fail_share: opts.usage_fail_share,
+        usage_require_apig: false,
         refuse_instances: opts.refuse_instances.iter().cloned().collect(),
         usage_delay_after_store: opts.usage_delay,
         usage_delay_share: opts.usage_delay_share,

@@ -1,26 +1,34 @@
 //! The simulated usage API: `POST /api/mkp-openapi-public/global/v1/isv/usage-data`
 //! ([`USAGE_PATH`], protocol §10), as KooGallery documents it.
 //!
-//! A call is checked in this order, and nothing of a refused call is kept:
+//! It answers Huawei's documented error table of "Pushing the Pay-per-Use
+//! Resource Usage (New)"
+//! (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649117.html>),
+//! written from the document, not from what the gateway does. A call is
+//! checked in this order, and nothing of a refused call is kept:
 //!
-//! 1. `ts` (ms, within ±5 minutes) and `nonce` (1 to 64 characters) headers,
-//!    else HTTP 401 [`codes::USAGE_AUTH`];
-//! 2. the body is JSON, else 400;
-//! 3. `signature` over the canonical form of the JSON received
-//!    ([`usage_canonical_body`]), with the product's access key, else 401;
-//! 4. the bytes received are that canonical form (keys sorted, no
-//!    whitespace: what the real API verifies against), else 400;
+//! 1. a share of calls fails on purpose: `500 MKT.0999` (internal error);
+//! 2. API Gateway: an `Authorization` header (or every call, with
+//!    `require_apig`) must carry a valid `SDK-HMAC-SHA256` signature of the
+//!    market's AK/SK over the request as received, else `401 APIGW.0301`;
+//! 3. `ts` (ms, within ±5 minutes), `nonce` (1 to 64 characters) and
+//!    `signature` over the body with keys sorted, under the product's access
+//!    key, and the body sent exactly as signed: else `400 MKT.0102` "Invalid
+//!    body sign" (a configuration fault of the caller);
+//! 4. at most 1000 records, else `500 MKT.9003`;
 //! 5. every record as documented (ids, times `yyyyMMdd'T'HHmmss'Z'`, a
-//!    positive `usage_value` with at most 4 decimals, at most 1000 records),
-//!    else 400 [`codes::USAGE_INVALID`];
-//! 6. no instance KooGallery "does not know" (`refuse_instances`), else 400.
+//!    positive `usage_value` with at most 4 decimals), else `500 MKT.0100`;
+//! 6. every `begin_time` within 21 days of now, else `500 MKT.9004`;
+//! 7. no instance KooGallery "does not know" (`refuse_instances`), else
+//!    `500 MKT.9001`.
 //!
 //! Then the records are stored, deduplicated by `metering_sn` (a record whose
 //! sn was received before counts as a duplicate receipt, not again), and the
-//! call is answered `MKT.0000`. On purpose, a share of calls can fail with
-//! HTTP 500 before anything is stored, and a share can have their answer
+//! call is answered `MKT.0000`. A share of calls can have their answer
 //! delayed *after* the records were stored (a gateway with a shorter timeout
-//! loses the answer and must retry with the same `metering_sn`s).
+//! loses the answer and must retry with the same `metering_sn`s). Any
+//! simulator can play the fallback host (`mkt.myhuaweicloud.cn`): give its
+//! URL in `KOOGATE_MARKETPLACE_FALLBACK_URLS`.
 //!
 //! What was received: [`UsageSimStats`], also `GET /sim/usage`.
 
@@ -51,26 +59,54 @@ pub const MAX_TS_SKEW_MS: i64 = 5 * 60 * 1000;
 pub const MAX_ID_LEN: usize = 64;
 /// Largest body read: 1000 records of a few hundred bytes, with room.
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// KooGallery refuses a `begin_time` more than 21 days before now (`MKT.9004`).
+pub const MAX_AGE_SECS: i64 = 21 * 86_400;
 /// KooGallery's time format: UTC `yyyyMMdd'T'HHmmss'Z'`.
 const COMPACT: &str = "%Y%m%dT%H%M%SZ";
 
-/// Why a usage call is refused.
+/// Why a usage call is refused: Huawei's documented codes.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// HTTP 401, [`codes::USAGE_AUTH`].
+    /// `401 APIGW.0301`: API Gateway refused the AK/SK signature.
     #[error("{0}")]
-    Unauthorized(String),
-    /// HTTP 400, [`codes::USAGE_INVALID`]: the whole call, nothing stored.
+    ApiGateway(String),
+    /// `400 MKT.0102` "Invalid body sign": `ts`/`nonce`/`signature`, or a body not sent as signed.
     #[error("{0}")]
-    Invalid(String),
+    BodySign(String),
+    /// `500 MKT.9003`: more than 1000 records.
+    #[error("{0}")]
+    TooMany(String),
+    /// `500 MKT.0100`: input validation (a record not as documented).
+    #[error("{0}")]
+    Input(String),
+    /// `500 MKT.9004`: a `begin_time` more than 21 days before now.
+    #[error("{0}")]
+    TooOld(String),
+    /// `500 MKT.9001`: an instance id KooGallery does not know.
+    #[error("{0}")]
+    UnknownInstance(String),
 }
 
 impl Refusal {
+    /// HTTP status and documented code.
+    pub fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::ApiGateway(_) => (StatusCode::UNAUTHORIZED, codes::APIGW_AUTH),
+            Self::BodySign(_) => (StatusCode::BAD_REQUEST, codes::USAGE_BODY_SIGN),
+            Self::TooMany(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::USAGE_TOO_MANY),
+            Self::Input(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::USAGE_INVALID),
+            Self::TooOld(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::USAGE_TOO_OLD),
+            Self::UnknownInstance(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::USAGE_UNKNOWN_INSTANCE),
+        }
+    }
+
+    /// A signature fault (counted as unauthorized), not a record fault.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, Self::ApiGateway(_) | Self::BodySign(_))
+    }
+
     fn response(&self) -> Response<Body> {
-        let (status, code) = match self {
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, codes::USAGE_AUTH),
-            Self::Invalid(_) => (StatusCode::BAD_REQUEST, codes::USAGE_INVALID),
-        };
+        let (status, code) = self.code();
         reply(status, &json!({"error_code": code, "error_msg": self.to_string()}))
     }
 }
@@ -107,17 +143,20 @@ fn compact_time(value: &str) -> Option<i64> {
 
 /// Checks the `ts` and `nonce` headers.
 pub fn check_headers(ts: Option<&str>, nonce: Option<&str>, now_ms: i64) -> Result<(), Refusal> {
-    let ts = ts.ok_or_else(|| Refusal::Unauthorized("the ts header is missing".into()))?;
-    let ms: i64 =
-        ts.parse().map_err(|_| Refusal::Unauthorized(format!("the ts header {ts:?} is not a time in milliseconds")))?;
+    let ts = ts.ok_or_else(|| Refusal::BodySign("Invalid body sign: the ts header is missing".into()))?;
+    let ms: i64 = ts.parse().map_err(|_| {
+        Refusal::BodySign(format!("Invalid body sign: the ts header {ts:?} is not a time in milliseconds"))
+    })?;
     if (now_ms - ms).abs() > MAX_TS_SKEW_MS {
-        return Err(Refusal::Unauthorized(format!("the ts header {ts} is more than 5 minutes from the server time")));
+        return Err(Refusal::BodySign(format!(
+            "Invalid body sign: the ts header {ts} is more than 5 minutes from the server time"
+        )));
     }
     match nonce {
-        None | Some("") => Err(Refusal::Unauthorized("the nonce header is missing".into())),
-        Some(n) if n.chars().count() > MAX_ID_LEN => {
-            Err(Refusal::Unauthorized(format!("the nonce header is longer than {MAX_ID_LEN} characters")))
-        }
+        None | Some("") => Err(Refusal::BodySign("Invalid body sign: the nonce header is missing".into())),
+        Some(n) if n.chars().count() > MAX_ID_LEN => Err(Refusal::BodySign(format!(
+            "Invalid body sign: the nonce header is longer than {MAX_ID_LEN} characters"
+        ))),
         Some(_) => Ok(()),
     }
 }
@@ -222,9 +261,9 @@ pub struct UsageSimStats {
     pub duplicates: u64,
     /// Of those, receipts whose instance or value differ from the first.
     pub conflicts: u64,
-    /// Refused with HTTP 401 (key, ts, nonce, signature).
+    /// Refused for their signatures: `401 APIGW.0301` (AK/SK) or `400 MKT.0102` (ts, nonce, signature, a body not sent as signed).
     pub unauthorized_calls: u64,
-    /// Refused with HTTP 400 (an invalid or unsorted body, an unknown instance).
+    /// Refused for their records: `500 MKT.0100/9001/9003/9004`.
     pub refused_calls: u64,
     /// Answered HTTP 500 on purpose.
     pub failed_calls: u64,
@@ -269,6 +308,9 @@ impl UsageSimStats {
 /// How the usage API behaves; the knobs can be turned while serving.
 pub struct UsageState {
     key: Option<Secret>,
+    /// The seller's AK/SK API Gateway verifies, and whether every call must carry it.
+    apig: Option<(String, Secret)>,
+    require_apig: bool,
     /// `f64` bits of the share of calls failed with HTTP 500.
     fail_share: AtomicU64,
     /// Answer delay after storing, ms, and the `f64` bits of the share of calls delayed.
@@ -283,12 +325,48 @@ impl UsageState {
     pub fn new(key: Option<Secret>, fail_share: f64, refuse: BTreeSet<String>) -> Self {
         Self {
             key: key.filter(|k| !k.expose().is_empty()),
+            apig: None,
+            require_apig: false,
             fail_share: AtomicU64::new(sane_share(fail_share).to_bits()),
             delay_ms: AtomicU64::new(0),
             delay_share: AtomicU64::new(0.0f64.to_bits()),
             refuse: RwLock::new(refuse),
             stats: Mutex::new(UsageSimStats::default()),
         }
+    }
+
+    /// API Gateway in front: a call with an `Authorization` header (every call
+    /// when `require`) must be signed with this AK/SK.
+    pub fn with_apig(mut self, ak: &str, sk: Secret, require: bool) -> Self {
+        self.apig = Some((ak.to_owned(), sk));
+        self.require_apig = require;
+        self
+    }
+
+    /// API Gateway's check of a call, on the request as received.
+    fn check_apig(&self, parts: &hyper::http::request::Parts, body: &[u8]) -> Result<(), Refusal> {
+        let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok());
+        let Some((ak, sk)) = &self.apig else { return Ok(()) };
+        if authorization.is_none() && !self.require_apig {
+            return Ok(());
+        }
+        let query: Vec<(String, String)> =
+            form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+        let headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let request = crate::marketplace::apig::Request {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: &query,
+            headers: &headers,
+            body,
+        };
+        let lookup = |a: &str| (a == ak).then(|| sk.expose().to_owned());
+        crate::marketplace::apig::verify(authorization, lookup, &request, chrono::Utc::now())
+            .map_err(|e| Refusal::ApiGateway(codes::auth_message(&e).to_owned()))
     }
 
     pub fn has_key(&self) -> bool {
@@ -329,36 +407,55 @@ impl UsageState {
         (ms > 0 && roll(f64::from_bits(self.delay_share.load(Ordering::Relaxed)))).then(|| Duration::from_millis(ms))
     }
 
-    /// Checks a call; the records to store.
+    /// Checks a call (after API Gateway); the records to store.
     fn check(&self, headers: &hyper::HeaderMap, body: &[u8], now_ms: i64) -> Result<Vec<Received>, Refusal> {
         let Some(key) = &self.key else {
-            return Err(Refusal::Unauthorized(
-                "the simulator has no access key to verify usage signatures with: start it with --key (KOOGATE_ACCESS_KEY)"
+            return Err(Refusal::BodySign(
+                "Invalid body sign: the simulator has no access key to verify usage signatures with: start it with --key (KOOGATE_ACCESS_KEY)"
                     .into(),
             ));
         };
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         check_headers(header("ts"), header("nonce"), now_ms)?;
         let value: Value =
-            serde_json::from_slice(body).map_err(|e| Refusal::Invalid(format!("the body is not JSON: {e}")))?;
+            serde_json::from_slice(body).map_err(|e| Refusal::Input(format!("the body is not JSON: {e}")))?;
         let canonical = usage_canonical_body(&value);
-        let signature =
-            header("signature").ok_or_else(|| Refusal::Unauthorized("the signature header is missing".into()))?;
+        let signature = header("signature")
+            .ok_or_else(|| Refusal::BodySign("Invalid body sign: the signature header is missing".into()))?;
         let (ts, nonce) = (header("ts").unwrap_or_default(), header("nonce").unwrap_or_default());
         if !verify_usage_signature(key.expose(), ts, nonce, &canonical, signature) {
-            return Err(Refusal::Unauthorized(
-                "the signature does not match the body with keys sorted, ts and nonce under the access key".into(),
+            return Err(Refusal::BodySign(
+                "Invalid body sign: the signature does not match the body with keys sorted, ts and nonce under the access key".into(),
             ));
         }
         if canonical.as_bytes() != body {
-            return Err(Refusal::Invalid(
-                "the body must be sent as signed: JSON with keys sorted at every level and no whitespace".into(),
+            return Err(Refusal::BodySign(
+                "Invalid body sign: the body must be sent as signed: JSON with keys sorted at every level and no whitespace".into(),
             ));
         }
-        let records = check_records(&value).map_err(Refusal::Invalid)?;
+        let listed = value.get("usage_records").and_then(Value::as_array).map_or(0, Vec::len);
+        if listed > MAX_BATCH {
+            return Err(Refusal::TooMany(format!(
+                "Usage records extends size limit: {listed} usage records in one call; at most {MAX_BATCH}"
+            )));
+        }
+        let records = check_records(&value).map_err(|e| Refusal::Input(format!("Failure of input parameter: {e}")))?;
+        let now_secs = now_ms.div_euclid(1000);
+        let begins = value.get("usage_records").and_then(Value::as_array).into_iter().flatten();
+        for (i, r) in begins.enumerate() {
+            let begin = r.get("begin_time").and_then(Value::as_str).and_then(compact_time).unwrap_or(now_secs);
+            if now_secs - begin > MAX_AGE_SECS {
+                return Err(Refusal::TooOld(format!(
+                    "Record beginTime extends Limit: usage_records[{i}].begin_time is more than 21 days before now"
+                )));
+            }
+        }
         let refuse = self.refuse.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = records.iter().find(|r| refuse.contains(&r.instance_id)) {
-            return Err(Refusal::Invalid(format!("instance {} does not exist", r.instance_id)));
+            return Err(Refusal::UnknownInstance(format!(
+                "Instance ID not found: instance {} does not exist",
+                r.instance_id
+            )));
         }
         Ok(records)
     }
@@ -372,7 +469,8 @@ pub(super) async fn handle(state: &UsageState, req: Request<Incoming>) -> Respon
         Ok(b) => b.to_bytes(),
         Err(_) => {
             state.lock().refused_calls += 1;
-            return Refusal::Invalid("the body is unreadable or over 2 MiB".into()).response();
+            return Refusal::Input("Failure of input parameter: the body is unreadable or over 2 MiB".into())
+                .response();
         }
     };
     if roll(f64::from_bits(state.fail_share.load(Ordering::Relaxed))) {
@@ -382,13 +480,17 @@ pub(super) async fn handle(state: &UsageState, req: Request<Incoming>) -> Respon
             &json!({"error_code": codes::INTERNAL, "error_msg": codes::INTERNAL_MSG}),
         );
     }
-    let records = match state.check(&parts.headers, &body, chrono::Utc::now().timestamp_millis()) {
+    let checked = state
+        .check_apig(&parts, &body)
+        .and_then(|()| state.check(&parts.headers, &body, chrono::Utc::now().timestamp_millis()));
+    let records = match checked {
         Ok(records) => records,
         Err(refusal) => {
             let mut stats = state.lock();
-            match refusal {
-                Refusal::Unauthorized(_) => stats.unauthorized_calls += 1,
-                Refusal::Invalid(_) => stats.refused_calls += 1,
+            if refusal.is_auth() {
+                stats.unauthorized_calls += 1;
+            } else {
+                stats.refused_calls += 1;
             }
             drop(stats);
             tracing::warn!(reason = %refusal, "usage push refused");
@@ -506,6 +608,7 @@ mod tests {
         let state = UsageState::new(Some(Secret::new("")), 0.0, BTreeSet::new());
         assert!(!state.has_key());
         let refused = state.check(&hyper::HeaderMap::new(), b"{}", 0).unwrap_err();
-        assert!(matches!(&refused, Refusal::Unauthorized(m) if m.contains("--key")), "{refused:?}");
+        assert!(matches!(&refused, Refusal::BodySign(m) if m.contains("--key")), "{refused:?}");
+        assert_eq!(refused.code(), (StatusCode::BAD_REQUEST, "MKT.0102"));
     }
 }

@@ -54,7 +54,11 @@ pub async fn intake(store: &dyn Store, body: &[u8], now_ms: i64) -> Result<Intak
         let sn = value.get("metering_sn").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         let parsed = serde_json::from_value::<UsageInput>(value)
             .map_err(|e| format!("record is not an object of the expected fields: {e}"))
-            .and_then(|input| UsageRecord::parse(&input));
+            .and_then(|input| UsageRecord::parse(&input))
+            .and_then(|record| {
+                super::record::check_age(record.begin, now_ms.div_euclid(1000))?;
+                Ok(record)
+            });
         match parsed {
             Ok(record) => {
                 checked.push((i, record));

@@ -15,6 +15,35 @@ pub const MAX_ID_LEN: usize = 64;
 const MAX_INT_DIGITS: usize = 8;
 const MAX_DECIMALS: usize = 4;
 
+/// KooGallery refuses a record whose `begin_time` is more than 21 days before
+/// now (`500 MKT.9004`, "Pushing the Pay-per-Use Resource Usage (New)":
+/// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649117.html>).
+pub const KOOGALLERY_MAX_AGE_SECS: i64 = 21 * 86_400;
+/// Intake refuses from 20 days on: one day of margin for the push itself
+/// (retries with backoff, a KooGallery outage, clock differences).
+pub const INTAKE_MAX_AGE_SECS: i64 = 20 * 86_400;
+/// A record held for a frozen instance is "near expiry" from 18 days on:
+/// three days before KooGallery stops taking it (`koogate_usage_held_near_expiry`).
+pub const NEAR_EXPIRY_AGE_SECS: i64 = 18 * 86_400;
+
+/// The 21-day rule at intake: a `begin_time` older than [`INTAKE_MAX_AGE_SECS`] is refused.
+pub fn check_age(begin: i64, now_secs: i64) -> Result<(), String> {
+    let age = now_secs - begin;
+    if age > INTAKE_MAX_AGE_SECS {
+        return Err(format!(
+            "begin_time {} is {} days old: KooGallery refuses usage whose begin_time is more than 21 days before the push (MKT.9004); koogate takes records up to 20 days old (one day of margin for retries)",
+            compact(begin),
+            age / 86_400
+        ));
+    }
+    Ok(())
+}
+
+/// Is a record with this `begin` close to becoming unbillable?
+pub fn near_expiry(begin: i64, now_secs: i64) -> bool {
+    now_secs - begin > NEAR_EXPIRY_AGE_SECS
+}
+
 /// One record as the billing core posts it to `POST /v1/usage`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct UsageInput {
@@ -318,6 +347,17 @@ impl StoredUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_21_day_rule_with_a_margin() {
+        let now = 1_800_000_000;
+        assert!(check_age(now - INTAKE_MAX_AGE_SECS, now).is_ok());
+        assert!(check_age(now + 3600, now).is_ok());
+        let e = check_age(now - INTAKE_MAX_AGE_SECS - 1, now).unwrap_err();
+        assert!(e.contains("20 days old") && e.contains("MKT.9004"), "{e}");
+        assert!(!near_expiry(now - NEAR_EXPIRY_AGE_SECS, now));
+        assert!(near_expiry(now - NEAR_EXPIRY_AGE_SECS - 1, now));
+    }
     use serde_json::json;
 
     fn input(v: serde_json::Value) -> UsageInput {
@@ -396,5 +436,21 @@ mod tests {
         s.held = true;
         s.attempts = 3;
         assert_eq!(StoredUsage::from_fields(&s.to_fields()), Some(s));
+    }
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+
+    #[test]
+    fn the_21_day_rule_with_a_margin() {
+        let now = 1_800_000_000;
+        assert!(check_age(now - INTAKE_MAX_AGE_SECS, now).is_ok());
+        assert!(check_age(now + 3600, now).is_ok());
+        let e = check_age(now - INTAKE_MAX_AGE_SECS - 1, now).unwrap_err();
+        assert!(e.contains("20 days old") && e.contains("MKT.9004"), "{e}");
+        assert!(!near_expiry(now - NEAR_EXPIRY_AGE_SECS, now));
+        assert!(near_expiry(now - NEAR_EXPIRY_AGE_SECS - 1, now));
     }
 }

@@ -38,18 +38,20 @@ pub fn taken() -> Reply {
     }
 }
 
+/// `500 MKT.0999` "System internal error" (documented): retried.
 pub fn failing() -> Reply {
-    Reply {
-        status: 500,
-        body: r#"{"error_code":"MKT.9999","error_msg":"System error"}"#.into(),
-        store: false,
-        delay: Duration::ZERO,
-    }
+    fault(500, "MKT.0999", "System internal error.")
 }
 
+/// `500 MKT.0100` input validation (documented: a record fault sent with HTTP 500).
 pub fn refused(msg: &str) -> Reply {
-    let body = serde_json::json!({"error_code": "MKT.0100", "error_msg": msg}).to_string();
-    Reply { status: 400, body, store: false, delay: Duration::ZERO }
+    fault(500, "MKT.0100", msg)
+}
+
+/// Any documented error answer; nothing of the call is kept.
+pub fn fault(status: u16, code: &str, msg: &str) -> Reply {
+    let body = serde_json::json!({"error_code": code, "error_msg": msg}).to_string();
+    Reply { status, body, store: false, delay: Duration::ZERO }
 }
 
 /// Decides a call: (call number from 1, its records).
@@ -60,6 +62,8 @@ pub type Decide = dyn Fn(u32, &[Value]) -> Reply + Send + Sync;
 pub struct Call {
     pub at: Instant,
     pub signature_ok: bool,
+    /// The API Gateway signature: None when not sent, else whether it verified.
+    pub apig: Option<bool>,
     pub sorted: bool,
     pub sns: Vec<String>,
     pub status: u16,
@@ -104,6 +108,64 @@ pub fn signature_ok(headers: &hyper::HeaderMap, canonical_body: &str) -> bool {
     fresh && !nonce.is_empty() && sig == expected
 }
 
+/// The seller's Huawei Cloud AK/SK the stand-in's API Gateway knows.
+pub const APIG_AK: &str = "usage-test-ak";
+pub const APIG_SK: &str = "usage-test-sk";
+
+/// Independent check of an API Gateway `SDK-HMAC-SHA256` signature over a
+/// POST to `path` with `body` (the bytes as received): None when no
+/// `Authorization` header was sent.
+pub fn apig_ok(headers: &hyper::HeaderMap, path: &str, body: &[u8]) -> Option<bool> {
+    use sha2::Digest;
+    let auth = headers.get("authorization")?.to_str().ok()?.to_owned();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let part = |name: &str| {
+        auth.split([' ', ','])
+            .find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (access, signed, signature) = (part("Access"), part("SignedHeaders"), part("Signature"));
+    let value = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
+    let names: Vec<&str> = signed.split(';').collect();
+    let canonical_headers: String = names
+        .iter()
+        .map(|n| {
+            format!(
+                "{n}:{}
+",
+                value(n)
+            )
+        })
+        .collect();
+    let canonical = format!(
+        "POST
+{path}/
+
+{canonical_headers}
+{signed}
+{}",
+        hex(&sha2::Sha256::digest(body))
+    );
+    let date = value("x-sdk-date");
+    let to_sign = format!(
+        "SDK-HMAC-SHA256
+{date}
+{}",
+        hex(&sha2::Sha256::digest(canonical.as_bytes()))
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(APIG_SK.as_bytes()).unwrap();
+    mac.update(to_sign.as_bytes());
+    let expected = hex(&mac.finalize().into_bytes());
+    Some(
+        auth.starts_with("SDK-HMAC-SHA256 ")
+            && access == APIG_AK
+            && names.contains(&"host")
+            && names.contains(&"x-sdk-date")
+            && signature == expected,
+    )
+}
+
 /// A number in units of 0.0001 (test-side parse).
 pub fn e4(value: &str) -> i64 {
     let (int, frac) = value.split_once('.').unwrap_or((value, ""));
@@ -123,8 +185,15 @@ impl UsageApi {
             async move {
                 let at = Instant::now();
                 let path_ok = req.uri().path() == "/api/mkp-openapi-public/global/v1/isv/usage-data";
+                if !path_ok {
+                    let mut res = Response::new(Full::new(Bytes::from(r#"{"error_code":"APIGW.0101"}"#)));
+                    *res.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    return res;
+                }
+                let path = req.uri().path().to_owned();
                 let headers = req.headers().clone();
                 let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let apig = apig_ok(&headers, &path, &body);
                 let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let canon = canonical(&parsed);
                 let sorted = canon.as_bytes() == &body[..];
@@ -135,22 +204,20 @@ impl UsageApi {
                 let reply = {
                     let mut seen = s.lock().unwrap();
                     let n = seen.calls.len() as u32 + 1;
-                    let reply = if sig && sorted {
+                    // API Gateway checks its signature (when sent) before KooGallery sees the call.
+                    let reply = if apig == Some(false) {
+                        fault(401, "APIGW.0301", "Incorrect IAM authentication information: verify aksk signature fail")
+                    } else if sig && sorted {
                         d(n, &records)
                     } else {
-                        Reply {
-                            status: 401,
-                            body: r#"{"error_code":"MKT.0151","error_msg":"bad signature"}"#.into(),
-                            store: false,
-                            delay: Duration::ZERO,
-                        }
+                        fault(400, "MKT.0102", "Invalid body sign")
                     };
                     if reply.store {
                         for (sn, r) in sns.iter().zip(&records) {
                             seen.records.entry(sn.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
                         }
                     }
-                    seen.calls.push(Call { at, signature_ok: sig, sorted, sns, status: reply.status });
+                    seen.calls.push(Call { at, signature_ok: sig, apig, sorted, sns, status: reply.status });
                     reply
                 };
                 tokio::time::sleep(reply.delay).await;
