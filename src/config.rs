@@ -56,7 +56,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_MARKETPLACE_SK", "(none)", "Huawei Cloud secret access key (or _FILE)"),
     ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "5", "per-call timeout of the order query API"),
     ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
-    ("KOOGATE_USAGE_PUSH", "true", "push accepted usage records to KooGallery (false: keep them until turned on)"),
+    (
+        "KOOGATE_USAGE_PUSH",
+        "(on when KOOGATE_MARKETPLACE_URL or _AK/_SK are set)",
+        "push accepted usage records to KooGallery (false: keep them until turned on)",
+    ),
     ("KOOGATE_USAGE_BATCH", "1000", "usage records per push call (at most 1000)"),
     ("KOOGATE_USAGE_TIMEOUT_MS", "10000", "per-call timeout of the usage push"),
     ("KOOGATE_USAGE_LEASE_SECS", "60", "a claimed usage record not settled by then is pushed again (same metering_sn)"),
@@ -137,6 +141,8 @@ pub struct Config {
 pub struct Usage {
     /// Push at all (records are accepted either way).
     pub push: bool,
+    /// Why `push` is what it is, for the start-up log line.
+    pub push_reason: &'static str,
     /// Base URL of KooGallery's open API (`KOOGATE_MARKETPLACE_URL`).
     pub url: String,
     pub batch: usize,
@@ -349,6 +355,7 @@ impl Config {
             Ok(v)
         };
 
+        let marketplace_url_is_explicit = src.get("KOOGATE_MARKETPLACE_URL").is_some();
         let marketplace_url =
             src.get("KOOGATE_MARKETPLACE_URL").unwrap_or_else(|| "https://mkt.myhuaweicloud.com".into());
         if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
@@ -358,8 +365,21 @@ impl Config {
         if usage_batch > crate::marketplace::usage::MAX_BATCH {
             return Err(problem("KOOGATE_USAGE_BATCH", "must be at most 1000 (KooGallery's limit)"));
         }
+        let credentials_given = src.get("KOOGATE_MARKETPLACE_AK").is_some()
+            || src.get("KOOGATE_MARKETPLACE_AK_FILE").is_some()
+            || src.get("KOOGATE_MARKETPLACE_SK").is_some()
+            || src.get("KOOGATE_MARKETPLACE_SK_FILE").is_some();
+        // A first run (nothing but an access key) must not push to the production usage API.
+        let (push, push_reason) = match src.get("KOOGATE_USAGE_PUSH") {
+            Some(_) if src.flag("KOOGATE_USAGE_PUSH")? => (true, "KOOGATE_USAGE_PUSH is true"),
+            Some(_) => (false, "KOOGATE_USAGE_PUSH is false"),
+            None if marketplace_url_is_explicit => (true, "KOOGATE_MARKETPLACE_URL is set"),
+            None if credentials_given => (true, "KOOGATE_MARKETPLACE_AK/SK are set"),
+            None => (false, "neither KOOGATE_MARKETPLACE_URL nor KOOGATE_MARKETPLACE_AK/SK is set"),
+        };
         let usage = Usage {
-            push: src.get("KOOGATE_USAGE_PUSH").is_none() || src.flag("KOOGATE_USAGE_PUSH")?,
+            push,
+            push_reason,
             url: marketplace_url.clone(),
             batch: usage_batch,
             timeout: Duration::from_millis(positive("KOOGATE_USAGE_TIMEOUT_MS", 10_000)?),

@@ -158,6 +158,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
     if config.usage.push {
+        tracing::info!(url = %config.usage.url, "usage push is on ({}): accepted usage records are pushed to KooGallery", config.usage.push_reason);
         let api = crate::marketplace::usage::UsageApi::new(
             &config.usage.url,
             config.access_keys.current().clone(),
@@ -177,7 +178,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
         tasks.spawn(pusher.run(shutdown.clone(), config.shutdown_grace));
     } else {
-        tracing::info!("KOOGATE_USAGE_PUSH is false: usage records are accepted and kept, not pushed");
+        tracing::info!(
+            "usage push is off ({}): usage records are accepted and kept, not pushed (set KOOGATE_USAGE_PUSH=true to push)",
+            config.usage.push_reason
+        );
     }
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
     tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
