@@ -109,3 +109,128 @@ fn readme_documents_every_setting() {
         koogate::config::SETTINGS.iter().map(|(n, _, _)| n.to_string()).collect();
     assert_eq!(table, code, "README configuration table and config::SETTINGS differ");
 }
+
+/// stderr of a finished command, with the exit code.
+fn failure(cmd: &mut Command) -> (Option<i32>, String) {
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The one `koogate: …` line of a start-up failure (log lines before it are allowed, nothing after).
+fn one_error_line(stderr: &str) -> String {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("koogate: ") && !l.contains("warning:")).collect();
+    assert_eq!(errors.len(), 1, "exactly one error line:\n{stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "the error line is the last:\n{stderr}");
+    assert!(!stderr.contains("stack backtrace") && !stderr.contains("Caused by"), "no backtrace or chain:\n{stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn start_up_failures_are_one_line_naming_the_setting_exit_2_without_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = |cmd: &mut Command| {
+        cmd.env("KOOGATE_ACCESS_KEY", "k")
+            .env("RUST_BACKTRACE", "1")
+            .env("KOOGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("KOOGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("KOOGATE_DATA_DIR", dir.path());
+    };
+    // (what, variable, value): the variable is also the setting the line must name.
+    let cases = [
+        ("unparsable store URL", "KOOGATE_STORE", "redis://bad url".to_owned()),
+        ("Redis unreachable", "KOOGATE_STORE", format!("redis://127.0.0.1:{}", free_port())),
+        ("bad log filter", "KOOGATE_LOG", "verbose".to_owned()),
+    ];
+    for verb in ["serve", "check-config"] {
+        for (what, setting, value) in &cases {
+            let mut cmd = koogate();
+            cmd.arg(verb);
+            base(&mut cmd);
+            cmd.env(setting, value);
+            let (code, stderr) = failure(&mut cmd);
+            let line = one_error_line(&stderr);
+            println!("{verb} / {what}: exit {code:?}: {line}");
+            assert_eq!(code, Some(2), "{verb} / {what}: {stderr}");
+            assert!(line.starts_with(&format!("koogate: {setting}: ")), "{verb} / {what}: {line}");
+            let first_cause = line.split(": ").nth(3).unwrap_or("").to_owned();
+            assert!(first_cause.is_empty() || line.matches(&first_cause).count() == 1, "a cause repeated: {line}");
+        }
+    }
+
+    // Port in use (and an unknown variable is reported with a did-you-mean before it).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = koogate();
+    cmd.arg("serve");
+    base(&mut cmd);
+    cmd.env("KOOGATE_STORE", dir.path().join("store"))
+        .env("KOOGATE_LISTEN", taken.local_addr().unwrap().to_string())
+        .env("KOOGATE_BILING_URL", "http://127.0.0.1:1/");
+    let (code, stderr) = failure(&mut cmd);
+    let line = one_error_line(&stderr);
+    println!("port in use: exit {code:?}: {line}");
+    assert_eq!(code, Some(2));
+    assert!(line.starts_with("koogate: KOOGATE_LISTEN: cannot listen on") && line.contains("in use"), "{line}");
+    assert!(
+        stderr
+            .contains("KOOGATE_BILING_URL is not a koogate setting and is ignored: did you mean KOOGATE_BILLING_URL?"),
+        "{stderr}"
+    );
+
+    // TOML errors keep their line and column.
+    let toml = dir.path().join("koogate.toml");
+    std::fs::write(&toml, "listen = \"127.0.0.1:1\"\nstore = = 3\n").unwrap();
+    let (code, stderr) =
+        failure(koogate().arg("--config").arg(&toml).arg("check-config").env("KOOGATE_ACCESS_KEY", "k"));
+    let line = one_error_line(&stderr);
+    assert_eq!(code, Some(2));
+    assert!(line.contains("at line 2, column 9"), "{line}");
+}
+
+#[test]
+fn serve_help_lists_every_setting_with_default_and_meaning() {
+    let out = koogate().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (name, default, meaning) in koogate::config::SETTINGS {
+        let at = help.find(&format!("  {name}\n")).unwrap_or_else(|| panic!("{name} missing from serve --help"));
+        let entry = &help[at..];
+        assert!(entry.contains(meaning) && entry.contains(&format!("[default: {default}]")), "{name}");
+    }
+}
+
+#[test]
+fn check_config_reaches_the_billing_url_and_every_verb_reads_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = free_port();
+    let toml = dir.path().join("koogate.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "access_key = \"k\"\nstore = {:?}\nbilling_url = \"http://127.0.0.1:{dead}/events\"\n\
+             billing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nadmin_listen = \"127.0.0.1:{dead}\"\n\
+             admin_token = \"t\"\n",
+            dir.path().join("store")
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = failure(koogate().arg("--config").arg(&toml).arg("check-config"));
+    let line = one_error_line(&stderr);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(line.starts_with("koogate: KOOGATE_BILLING_URL: cannot reach"), "{line}");
+
+    // dlq takes the admin address and token from the file: it gets as far as calling the dead port.
+    let (code, stderr) = failure(koogate().arg("--config").arg(&toml).args(["dlq", "list"]));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach http://127.0.0.1:{dead}")), "{stderr}");
+    // replay takes the access key from it: without --key or the file it refuses.
+    let (_, stderr) = failure(koogate().args(["replay", "--url", &format!("http://127.0.0.1:{dead}"), "fixtures/v2"]));
+    assert!(stderr.contains("KOOGATE_ACCESS_KEY: give --key"), "{stderr}");
+    let (_, stderr) = failure(
+        koogate()
+            .arg("--config")
+            .arg(&toml)
+            .args(["replay", "--url", &format!("http://127.0.0.1:{dead}"), "-"])
+            .stdin(Stdio::null()),
+    );
+    assert!(!stderr.contains("KOOGATE_ACCESS_KEY"), "{stderr}");
+}
