@@ -112,6 +112,12 @@ struct ReplayArgs {
     /// Per-call timeout, seconds (KooGallery waits 5).
     #[arg(long, default_value_t = 5)]
     timeout_secs: u64,
+    /// Print only the summary line (and the verdict), not the table.
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print the answers and the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -203,8 +209,15 @@ struct AdminArgs {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// List dead letters.
-    List,
+    /// List dead letters, oldest first, a page at a time.
+    List {
+        /// Dead letters per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Page to show (1 = the oldest).
+        #[arg(long, default_value_t = 1)]
+        page: usize,
+    },
     /// Show one dead letter with its event (with --usage: any usage record by metering_sn).
     Show { id: String },
     /// Put dead letters back into the outbox (with --usage: push them to KooGallery again).
@@ -318,7 +331,9 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
         Some(t) => t.expose().trim().to_owned(),
         None => bail!("KOOGATE_ADMIN_TOKEN: must be set (or KOOGATE_ADMIN_TOKEN_FILE, in the environment or --config) to use the admin API"),
     };
-    let client = KooClient::new(&base).with_timeout(Duration::from_secs(30));
+    // A redrive of many ids is one request that may take a while: the store moves them one by one.
+    let timeout = if matches!(action, DlqAction::Redrive { .. }) { 600 } else { 30 };
+    let client = KooClient::new(&base).with_timeout(Duration::from_secs(timeout));
     let auth = format!("Bearer {token}");
     let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let (list, show, redrive) = if usage {
@@ -327,12 +342,14 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
         ("/v1/dlq", "/v1/dlq", "/v1/dlq/redrive")
     };
     let (method, path, body) = match &action {
-        DlqAction::List => (hyper::Method::GET, list.to_owned(), String::new()),
+        DlqAction::List { .. } => (hyper::Method::GET, list.to_owned(), String::new()),
         DlqAction::Show { id } => (hyper::Method::GET, format!("{show}/{id}"), String::new()),
         DlqAction::Redrive { all, ids } => {
             if !all && ids.is_empty() {
                 bail!("give ids or --all");
             }
+            let what = if *all { "every dead letter".to_owned() } else { format!("{} id(s)", ids.len()) };
+            eprintln!("redriving {what} in one request…");
             (hyper::Method::POST, redrive.to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
         }
     };
@@ -344,8 +361,9 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
         bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
     }
     match action {
-        DlqAction::List if usage => {
-            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+        DlqAction::List { limit, page } if usage => {
+            let all = sorted_letters(&json, "metering_sn");
+            let letters = page_of(&all, limit, page);
             println!(
                 "{:<40} {:<38} {:>14} {:<12} {:<24}  MESSAGE",
                 "METERING SN", "INSTANCE", "VALUE", "CODE", "DEAD AT"
@@ -362,10 +380,11 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
                     text("message")
                 );
             }
-            println!("{} dead usage record(s)", letters.len());
+            println!("{}", page_footer("dead usage record(s)", all.len(), limit, page));
         }
-        DlqAction::List => {
-            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+        DlqAction::List { limit, page } => {
+            let all = sorted_letters(&json, "id");
+            let letters = page_of(&all, limit, page);
             println!("{:<56} {:<32} {:>8}  {:<24}  LAST ERROR", "EVENT ID", "TYPE", "ATTEMPTS", "DEAD AT");
             for d in &letters {
                 println!(
@@ -377,11 +396,16 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
                     d["last_error"].as_str().unwrap_or("")
                 );
             }
-            println!("{} dead letter(s)", letters.len());
+            println!("{}", page_footer("dead letter(s)", all.len(), limit, page));
         }
         DlqAction::Show { .. } => println!("{}", serde_json::to_string_pretty(&json)?),
         DlqAction::Redrive { .. } => {
             let n = json["redriven"].as_array().map_or(0, Vec::len);
+            let missing = json["missing"].as_array().map_or(0, Vec::len);
+            if n == 0 && missing == 0 {
+                println!("nothing to redrive");
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("redriven: {n}");
             if let Some(missing) = json["missing"].as_array().filter(|m| !m.is_empty()) {
                 println!("not in the dead-letter queue: {}", serde_json::to_string(missing)?);
@@ -390,6 +414,34 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Dead letters by when they died (oldest first), then id.
+fn sorted_letters(json: &serde_json::Value, id: &str) -> Vec<serde_json::Value> {
+    let mut letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+    letters.sort_by(|a, b| {
+        let key = |d: &serde_json::Value| (d["dead_at"].to_string(), d[id].to_string());
+        key(a).cmp(&key(b))
+    });
+    letters
+}
+
+fn page_of(all: &[serde_json::Value], limit: usize, page: usize) -> Vec<serde_json::Value> {
+    all.iter().skip(limit.saturating_mul(page.saturating_sub(1))).take(limit).cloned().collect()
+}
+
+fn page_footer(what: &str, total: usize, limit: usize, page: usize) -> String {
+    let first = limit.saturating_mul(page.saturating_sub(1));
+    let shown = total.saturating_sub(first).min(limit);
+    let mut text = if shown == 0 {
+        format!("{total} {what}")
+    } else {
+        format!("{total} {what}; showing {}-{}", first + 1, first + shown)
+    };
+    if first + shown < total {
+        text.push_str(&format!(" (--page {} for more)", page + 1));
+    }
+    text
 }
 
 async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
@@ -423,11 +475,34 @@ async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
     .with_timeout(Duration::from_secs(args.timeout_secs));
     let target =
         replay::Target { url: args.url.clone(), v2_path: args.v2_path, v1_path: args.v1_path, access_key: key };
-    let rows = replay::run(&client, &target, &fixtures, args.repeat, args.concurrency).await;
-    print!("{}", replay::table(&rows));
+    // A live progress line only on a terminal, and only when the table is wanted after it.
+    let live = std::io::stderr().is_terminal() && !args.quiet && !args.json;
+    let rows = replay::run_with_progress(&client, &target, &fixtures, args.repeat, args.concurrency, |done, total| {
+        if live && total > 20 {
+            eprint!("\r{done}/{total} answers");
+            if done == total {
+                eprint!("\r\x1b[K");
+            }
+        }
+    })
+    .await;
     let ok = rows.iter().filter(|r| r.ok()).count();
     let signed = rows.iter().filter(|r| r.signature_ok).count();
-    println!("{ok} of {} answers as expected; {signed} with a valid Body-Sign", rows.len());
+    if args.json {
+        let out = serde_json::json!({
+            "answers": rows.iter().map(replay::row_json).collect::<Vec<_>>(),
+            "as_expected": ok,
+            "signed": signed,
+            "total": rows.len(),
+            "verdict": replay::verdict(&rows),
+        });
+        println!("{out}");
+    } else {
+        if !args.quiet {
+            print!("{}", replay::table(&rows));
+        }
+        println!("{ok} of {} answers as expected; {signed} with a valid Body-Sign", rows.len());
+    }
     if let Some(verdict) = replay::verdict(&rows) {
         eprintln!("koogate replay: {verdict}");
         return Ok(ExitCode::from(1));

@@ -234,3 +234,87 @@ fn check_config_reaches_the_billing_url_and_every_verb_reads_the_config_file() {
     );
     assert!(!stderr.contains("KOOGATE_ACCESS_KEY"), "{stderr}");
 }
+
+/// A gateway binary on the embedded store with the admin API on; killed on drop.
+struct Gateway {
+    child: std::process::Child,
+    port: u16,
+    admin_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn gateway(key: &str, token: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let child = koogate()
+        .env("KOOGATE_ACCESS_KEY", key)
+        .env("KOOGATE_ADMIN_TOKEN", token)
+        .env("KOOGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KOOGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("KOOGATE_STORE", dir.path().join("store"))
+        .env("KOOGATE_DATA_DIR", dir.path().join("data"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await.is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline, "gateway did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Gateway { child, port, admin_port, _dir: dir }
+}
+
+#[tokio::test]
+async fn dlq_and_replay_as_an_operator_uses_them() {
+    let gw = gateway("cli-key", "cli-token").await;
+    let admin = format!("http://127.0.0.1:{}", gw.admin_port);
+    let run = |args: &[&str]| {
+        let out = koogate().env("KOOGATE_ADMIN_TOKEN", "cli-token").args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for usage in [false, true] {
+        let mut args = vec!["dlq", "--admin", &admin, "redrive", "--all"];
+        if usage {
+            args.insert(1, "--usage");
+        }
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert_eq!(stdout.trim(), "nothing to redrive", "{stderr}");
+        assert!(stderr.contains("in one request"), "{stderr}");
+    }
+    let (code, stdout, _) = run(&["dlq", "--admin", &admin, "list", "--limit", "10"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.ends_with("0 dead letter(s)\n"), "{stdout}");
+
+    // replay: the table names fixtures with their folder; --quiet only the summary; --json one object.
+    let url = format!("http://127.0.0.1:{}", gw.port);
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/v2/01-newInstance.json");
+    let (code, stdout, stderr) = run(&["replay", "--url", &url, "--key", "cli-key", fixtures]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.lines().nth(1).is_some_and(|l| l.starts_with("v2/01-newInstance.json ")), "{stdout}");
+    let widths: Vec<usize> = stdout.lines().take(2).map(|l| l.find("ACTIVITY").unwrap_or(0)).collect();
+    println!("{stdout}");
+    assert!(widths[0] <= "v2/01-newInstance.json ".len(), "columns fit their content:\n{stdout}");
+    let (code, stdout, _) = run(&["replay", "--quiet", "--url", &url, "--key", "cli-key", fixtures]);
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("1 of 1 answers as expected"), "{stdout}");
+    let (code, stdout, _) = run(&["replay", "--json", "--url", &url, "--key", "cli-key", fixtures]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints one JSON object");
+    assert_eq!(json["total"], 1);
+    assert_eq!(json["answers"][0]["fixture"], "v2/01-newInstance.json");
+    assert_eq!(json["answers"][0]["ok"], true);
+}
