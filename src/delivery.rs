@@ -285,7 +285,8 @@ impl Worker {
     /// Runs until `shutdown`; then lets in-flight deliveries finish within `grace`.
     /// Events not delivered stay in the outbox for the next start or another replica.
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
-        tracing::info!(consumer = %self.consumer, target = ?target_label(&self.settings.target), "delivery started");
+        // Not `target`: the JSON log line has a `target` key of its own (the module).
+        tracing::info!(consumer = %self.consumer, destination = ?target_label(&self.settings.target), "delivery started");
         let mut inflight: JoinSet<(OutboxEntry, Attempt, Duration)> = JoinSet::new();
         let mut last_touch = Instant::now();
         let mut last_gauges = Instant::now() - GAUGES_EVERY;

@@ -92,6 +92,19 @@ async fn serves_on_the_embedded_store_logs_json_and_stops_on_sigterm() {
     assert!(answered["latency_ms"].is_number());
     let refused = lines.iter().find(|l| l["message"] == "call refused").expect("a refusal log line");
     assert_eq!(refused["code"], "000001");
+    // The refusal says what the call claimed to be, read from the unverified body.
+    assert_eq!(refused["activity"], "newInstance");
+    assert_eq!(refused["order_id"], "CS2211181819B4LVS");
+    // Latencies rounded to the microsecond; no key twice on a line (strict JSON parsers refuse that).
+    for line in stderr.lines().filter(|l| l.contains("\"latency_ms\"")) {
+        let value = line.split("\"latency_ms\":").nth(1).unwrap().split([',', '}']).next().unwrap();
+        assert!(value.split('.').nth(1).is_none_or(|decimals| decimals.len() <= 3), "latency_ms={value}");
+    }
+    for line in stderr.lines() {
+        assert!(line.matches("\"target\":").count() <= 1, "a key twice: {line}");
+    }
+    let started = lines.iter().find(|l| l["message"] == "delivery started").expect("a delivery started line");
+    assert!(started["destination"].is_string(), "{started}");
     assert!(refused["reason"].as_str().unwrap().contains("signature does not match"));
 }
 
@@ -170,6 +183,10 @@ fn start_up_failures_are_one_line_naming_the_setting_exit_2_without_backtrace() 
     println!("port in use: exit {code:?}: {line}");
     assert_eq!(code, Some(2));
     assert!(line.starts_with("koogate: KOOGATE_LISTEN: cannot listen on") && line.contains("in use"), "{line}");
+    assert!(
+        stderr.contains(" WARN ") && !stderr.contains('\x1b'),
+        "text logs without colour off a terminal:\n{stderr}"
+    );
     assert!(
         stderr
             .contains("KOOGATE_BILING_URL is not a koogate setting and is ignored: did you mean KOOGATE_BILLING_URL?"),
