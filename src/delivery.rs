@@ -539,7 +539,7 @@ impl Worker {
             m::outbox_depth(depth);
         }
         if let Ok(dlq) = self.store.dlq_list().await {
-            m::dlq_size(dlq.len() as u64);
+            m::dlq_events(dlq.len() as u64);
         }
         match self.store.oldest_pending_ms().await {
             Ok(Some(ms)) => m::oldest_pending_age(Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0))),

@@ -89,6 +89,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let store = store::open(&config.store, &config.key_prefix).await?;
     tracing::info!(backend = store.backend(), "store opened");
+    crate::metrics::store_opened(store.backend());
     if config.frontend_url_is_default {
         tracing::warn!(
             "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/"
