@@ -3,7 +3,7 @@
 //! Every setting has one name: `KOOGATE_<NAME>` in the environment, `<name>`
 //! (lowercase) in the `--config` file; the environment wins. A bad or missing
 //! value stops start-up with one sentence naming the variable. [`SETTINGS`]
-//! is the documented list (the README's table is checked against it).
+//! is the documented list (docs/settings.md's table and `koogate serve --help` are checked against it).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

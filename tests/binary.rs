@@ -108,10 +108,10 @@ async fn serves_on_the_embedded_store_logs_json_and_stops_on_sigterm() {
     assert!(refused["reason"].as_str().unwrap().contains("signature does not match"));
 }
 
-/// The README's configuration table lists exactly the settings the code reads.
+/// The settings table (docs/settings.md) lists exactly the settings the code reads.
 #[test]
-fn readme_documents_every_setting() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+fn docs_document_every_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/settings.md")).unwrap();
     let table: std::collections::BTreeSet<String> = readme
         .lines()
         .filter_map(|l| l.strip_prefix("| `KOOGATE_"))
@@ -120,7 +120,7 @@ fn readme_documents_every_setting() {
         .collect();
     let code: std::collections::BTreeSet<String> =
         koogate::config::SETTINGS.iter().map(|(n, _, _)| n.to_string()).collect();
-    assert_eq!(table, code, "README configuration table and config::SETTINGS differ");
+    assert_eq!(table, code, "docs/settings.md table and config::SETTINGS differ");
 }
 
 /// stderr of a finished command, with the exit code.
