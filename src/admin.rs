@@ -273,7 +273,7 @@ impl Admin {
     async fn redrive(&self, body: RedriveBody) -> Result<Response<Body>, StoreError> {
         let ids: Vec<String> =
             if body.all { self.store.dlq_list().await?.into_iter().map(|d| d.entry.id).collect() } else { body.ids };
-        if ids.is_empty() {
+        if ids.is_empty() && !body.all {
             return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids or all:true"));
         }
         let mut moved = Vec::with_capacity(ids.len());
@@ -311,7 +311,7 @@ impl Admin {
         } else {
             body.ids
         };
-        if ids.is_empty() {
+        if ids.is_empty() && !body.all {
             return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids (metering_sn) or all:true"));
         }
         let now = chrono::Utc::now().timestamp_millis();

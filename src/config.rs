@@ -3,7 +3,7 @@
 //! Every setting has one name: `KOOGATE_<NAME>` in the environment, `<name>`
 //! (lowercase) in the `--config` file; the environment wins. A bad or missing
 //! value stops start-up with one sentence naming the variable. [`SETTINGS`]
-//! is the documented list (the README's table is checked against it).
+//! is the documented list (docs/settings.md's table and `koogate serve --help` are checked against it).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,7 +66,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "comma-separated base URLs tried in order when the marketplace host cannot be reached (none: no fallback)",
     ),
     ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
-    ("KOOGATE_USAGE_PUSH", "true", "push accepted usage records to KooGallery (false: keep them until turned on)"),
+    (
+        "KOOGATE_USAGE_PUSH",
+        "(on when KOOGATE_MARKETPLACE_URL or _AK/_SK are set)",
+        "push accepted usage records to KooGallery (false: keep them until turned on)",
+    ),
     ("KOOGATE_USAGE_BATCH", "1000", "usage records per push call (at most 1000)"),
     ("KOOGATE_USAGE_TIMEOUT_MS", "10000", "per-call timeout of the usage push"),
     ("KOOGATE_USAGE_LEASE_SECS", "60", "a claimed usage record not settled by then is pushed again (same metering_sn)"),
@@ -89,6 +93,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_STORE_TIMEOUT_SECS", "3", "longest wait for the store before answering 000005"),
     ("KOOGATE_SHUTDOWN_GRACE_SECS", "10", "time in-flight calls get to finish on SIGTERM"),
     ("KOOGATE_LOG_FORMAT", "text", "text or json"),
+    ("KOOGATE_LOG", "info", "log filter: a level, or comma-separated target=level directives (info,koogate=debug)"),
+    ("KOOGATE_CONFIG", "(none)", "TOML file of settings, the same as --config (the environment wins)"),
+    (
+        "KOOGATE_MARKETPLACE_ALLOW_HTTP",
+        "false",
+        "allow an http:// KOOGATE_MARKETPLACE_URL off loopback (signed traffic in clear)",
+    ),
 ];
 
 /// Default V1 `timeStamp` window: 4 hours. Huawei documents no V1 window, and
@@ -97,6 +108,69 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
 /// covers the longest retry period plus an hour of margin. Replays inside it
 /// are harmless: `authToken` is the V1 nonce and a repeat gets the first answer.
 pub const DEFAULT_V1_TIMESTAMP_SKEW_SECS: u64 = 4 * 3600;
+
+/// Settings whose secret may be given as a file named by `<NAME>_FILE`.
+const FILE_SETTINGS: &[&str] = &[
+    "KOOGATE_ACCESS_KEY",
+    "KOOGATE_PREVIOUS_ACCESS_KEY",
+    "KOOGATE_BILLING_SECRET",
+    "KOOGATE_ADMIN_TOKEN",
+    "KOOGATE_MARKETPLACE_AK",
+    "KOOGATE_MARKETPLACE_SK",
+];
+
+fn is_known(name: &str) -> bool {
+    SETTINGS.iter().any(|(n, _, _)| *n == name)
+        || name.strip_suffix("_FILE").is_some_and(|base| FILE_SETTINGS.contains(&base))
+}
+
+/// The known setting closest to a misspelt one, if any is close.
+fn did_you_mean(name: &str) -> Option<String> {
+    let known = SETTINGS.iter().map(|(n, _, _)| n.to_string()).chain(FILE_SETTINGS.iter().map(|n| format!("{n}_FILE")));
+    known
+        .map(|k| (strsim::levenshtein(name, &k), k))
+        .filter(|(d, k)| *d <= 3 && *d * 4 < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// One warning per `KOOGATE_*` environment variable that is no setting, with the closest setting.
+pub fn unknown_variables<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("KOOGATE_") && !is_known(n))
+        .map(|n| match did_you_mean(n) {
+            Some(known) => format!("{n} is not a koogate setting and is ignored: did you mean {known}?"),
+            None => format!("{n} is not a koogate setting and is ignored (`koogate serve --help` lists them)"),
+        })
+        .collect()
+}
+
+/// The settings table as `koogate serve --help` prints it.
+pub fn settings_help() -> String {
+    let mut out = String::from("Settings (environment, or lowercase without KOOGATE_ in the --config file):\n");
+    for (name, default, meaning) in SETTINGS {
+        out.push_str(&format!("  {name}\n      {meaning} [default: {default}]\n"));
+    }
+    out.push_str("Secrets (access keys, tokens, SK) may instead be given as a file path in <NAME>_FILE.");
+    out
+}
+
+/// Checks a `KOOGATE_LOG` filter: every directive is a level or `target=level`.
+pub fn check_log_filter(filter: &str) -> Result<(), ConfigError> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(problem(
+                "KOOGATE_LOG",
+                format!("{directive:?} is not a level (off, error, warn, info, debug, trace) or target=level"),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| problem("KOOGATE_LOG", format!("{filter:?}: {e}")))?;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{setting}: {problem}")]
@@ -147,6 +221,10 @@ pub struct Config {
     pub store_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// `KOOGATE_LOG`, checked.
+    pub log_filter: String,
+    /// Said once at start-up (unknown `KOOGATE_*` variables).
+    pub warnings: Vec<String>,
     pub delivery_timeout: Duration,
     pub retry: crate::backoff::Schedule,
     pub delivery_visibility: Duration,
@@ -161,6 +239,8 @@ pub struct Config {
 pub struct Usage {
     /// Push at all (records are accepted either way).
     pub push: bool,
+    /// Why `push` is what it is, for the start-up log line.
+    pub push_reason: &'static str,
     /// Base URL of KooGallery's open API (`KOOGATE_MARKETPLACE_URL`).
     pub url: String,
     pub batch: usize,
@@ -186,20 +266,31 @@ pub struct Marketplace {
     pub cache_ttl: Duration,
 }
 
-/// Where values come from: the environment over the file.
-struct Source {
+/// Where values come from: the environment over the file. The verbs other than `serve`
+/// (`dlq`, `replay`, `sink`, `simulate`) read their few settings through it, so `--config` counts for them too.
+pub struct Source {
     env: BTreeMap<String, String>,
     file: BTreeMap<String, String>,
 }
 
 impl Source {
-    fn get(&self, setting: &str) -> Option<String> {
+    /// The process environment over an optional `--config` file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("KOOGATE_")).collect();
+        let file = match file {
+            Some(path) => file_values(path)?,
+            None => BTreeMap::new(),
+        };
+        Ok(Self { env, file })
+    }
+
+    pub fn get(&self, setting: &str) -> Option<String> {
         let file_key = setting.trim_start_matches("KOOGATE_").to_ascii_lowercase();
         self.env.get(setting).or_else(|| self.file.get(&file_key)).filter(|v| !v.is_empty()).cloned()
     }
 
     /// A secret given directly or as `<NAME>_FILE` (a path whose content is the value).
-    fn secret(&self, setting: &str) -> Result<Option<Secret>, ConfigError> {
+    pub fn secret(&self, setting: &str) -> Result<Option<Secret>, ConfigError> {
         let file_setting = format!("{setting}_FILE");
         match (self.get(setting), self.get(&file_setting)) {
             (Some(_), Some(_)) => Err(problem(setting, format!("set either {setting} or {file_setting}, not both"))),
@@ -237,15 +328,33 @@ fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
     let setting = "--config";
     let text =
         std::fs::read_to_string(path).map_err(|e| problem(setting, format!("cannot read {}: {e}", path.display())))?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| problem(setting, format!("{} is not valid TOML: {}", path.display(), e.message())))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let at = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!(" at line {line}, column {column}")
+        });
+        problem(
+            setting,
+            format!(
+                "{} is not valid TOML{}: {}",
+                path.display(),
+                at.unwrap_or_default(),
+                e.message().trim_end().replace('\n', "; ")
+            ),
+        )
+    })?;
     let known: Vec<String> =
         SETTINGS.iter().map(|(name, _, _)| name.trim_start_matches("KOOGATE_").to_ascii_lowercase()).collect();
     let mut out = BTreeMap::new();
     for (key, value) in table {
         let base = key.trim_end_matches("_file");
-        if !known.iter().any(|k| k == &key || k == base) {
-            return Err(problem(setting, format!("{} has an unknown key {key:?}", path.display())));
+        if key == "config" || !known.iter().any(|k| k == &key || k == base) {
+            let hint = did_you_mean(&format!("KOOGATE_{}", key.to_ascii_uppercase()))
+                .map(|k| format!(": did you mean {:?}?", k.trim_start_matches("KOOGATE_").to_ascii_lowercase()))
+                .unwrap_or_default();
+            return Err(problem(setting, format!("{} has an unknown key {key:?}{hint}", path.display())));
         }
         let value = match value {
             toml::Value::String(s) => s,
@@ -266,8 +375,11 @@ fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
 impl Config {
     /// Loads from the process environment and an optional file.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env = std::env::vars().filter(|(k, _)| k.starts_with("KOOGATE_")).collect();
-        Self::from_parts(env, file)
+        let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("KOOGATE_")).collect();
+        let warnings = unknown_variables(env.keys());
+        let mut config = Self::from_parts(env, file)?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     /// Loads from explicit environment values (tests).
@@ -371,6 +483,8 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(v) => return Err(problem("KOOGATE_LOG_FORMAT", format!("{v:?} is not text or json"))),
         };
+        let log_filter = src.get("KOOGATE_LOG").unwrap_or_else(|| "info".into());
+        check_log_filter(&log_filter)?;
         let positive = |setting: &str, default: u64| -> Result<u64, ConfigError> {
             let v: u64 = src.parsed(setting, default, "a whole number")?;
             if v == 0 {
@@ -379,6 +493,7 @@ impl Config {
             Ok(v)
         };
 
+        let marketplace_url_is_explicit = src.get("KOOGATE_MARKETPLACE_URL").is_some();
         let marketplace_url =
             src.get("KOOGATE_MARKETPLACE_URL").unwrap_or_else(|| "https://mkt.myhuaweicloud.com".into());
         if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
@@ -395,12 +510,37 @@ impl Config {
         {
             return Err(problem("KOOGATE_MARKETPLACE_FALLBACK_URLS", format!("{bad:?} is not an https:// URL")));
         }
+        if marketplace_url.starts_with("http://")
+            && !is_loopback_url(&marketplace_url)
+            && !src.flag("KOOGATE_MARKETPLACE_ALLOW_HTTP")?
+        {
+            return Err(problem(
+                "KOOGATE_MARKETPLACE_URL",
+                format!(
+                    "{marketplace_url:?} is plain http:// (signed order queries and usage in clear): use https://, \
+                     or set KOOGATE_MARKETPLACE_ALLOW_HTTP=true"
+                ),
+            ));
+        }
         let usage_batch = positive("KOOGATE_USAGE_BATCH", 1000)? as usize;
         if usage_batch > crate::marketplace::usage::MAX_BATCH {
             return Err(problem("KOOGATE_USAGE_BATCH", "must be at most 1000 (KooGallery's limit)"));
         }
+        let credentials_given = src.get("KOOGATE_MARKETPLACE_AK").is_some()
+            || src.get("KOOGATE_MARKETPLACE_AK_FILE").is_some()
+            || src.get("KOOGATE_MARKETPLACE_SK").is_some()
+            || src.get("KOOGATE_MARKETPLACE_SK_FILE").is_some();
+        // A first run (nothing but an access key) must not push to the production usage API.
+        let (push, push_reason) = match src.get("KOOGATE_USAGE_PUSH") {
+            Some(_) if src.flag("KOOGATE_USAGE_PUSH")? => (true, "KOOGATE_USAGE_PUSH is true"),
+            Some(_) => (false, "KOOGATE_USAGE_PUSH is false"),
+            None if marketplace_url_is_explicit => (true, "KOOGATE_MARKETPLACE_URL is set"),
+            None if credentials_given => (true, "KOOGATE_MARKETPLACE_AK/SK are set"),
+            None => (false, "neither KOOGATE_MARKETPLACE_URL nor KOOGATE_MARKETPLACE_AK/SK is set"),
+        };
         let usage = Usage {
-            push: src.get("KOOGATE_USAGE_PUSH").is_none() || src.flag("KOOGATE_USAGE_PUSH")?,
+            push,
+            push_reason,
             url: marketplace_url.clone(),
             batch: usage_batch,
             timeout: Duration::from_millis(positive("KOOGATE_USAGE_TIMEOUT_MS", 10_000)?),
@@ -476,6 +616,8 @@ impl Config {
             store_timeout: Duration::from_secs(positive("KOOGATE_STORE_TIMEOUT_SECS", 3)?),
             shutdown_grace: Duration::from_secs(positive("KOOGATE_SHUTDOWN_GRACE_SECS", 10)?),
             log_format,
+            log_filter,
+            warnings: Vec::new(),
             delivery_timeout: Duration::from_secs(positive("KOOGATE_DELIVERY_TIMEOUT_SECS", 10)?),
             retry: crate::backoff::Schedule {
                 initial: Duration::from_millis(positive("KOOGATE_RETRY_INITIAL_MS", 5000)?),
@@ -491,6 +633,19 @@ impl Config {
             marketplace,
         })
     }
+}
+
+/// `http://127.0.0.1:…`, `http://localhost…`, `http://[::1]…`: traffic that never leaves the machine.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().map_or("", |h| h.trim_start_matches('['))
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -584,5 +739,64 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown key"));
+    }
+
+    #[test]
+    fn unknown_variables_get_a_did_you_mean() {
+        let names = ["KOOGATE_BILING_URL", "KOOGATE_ACCESS_KEY", "KOOGATE_ADMIN_TOKEN_FILE", "KOOGATE_ZZZ", "PATH"];
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let w = unknown_variables(&names);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("KOOGATE_BILING_URL") && w[0].contains("did you mean KOOGATE_BILLING_URL?"), "{w:?}");
+        assert!(w[1].starts_with("KOOGATE_ZZZ") && !w[1].contains("did you mean"), "{w:?}");
+        assert_eq!(did_you_mean("KOOGATE_ACESS_KEY_FILE").as_deref(), Some("KOOGATE_ACCESS_KEY_FILE"));
+    }
+
+    #[test]
+    fn log_filters_are_checked() {
+        assert!(check_log_filter("info").is_ok());
+        assert!(check_log_filter("warn,koogate=debug").is_ok());
+        assert!(check_log_filter("verbose").unwrap_err().to_string().starts_with("KOOGATE_LOG:"));
+        assert!(check_log_filter("koogate=loud").is_err());
+    }
+
+    #[test]
+    fn plain_http_marketplace_urls_need_an_opt_in_off_loopback() {
+        let load = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("KOOGATE_ACCESS_KEY", "a")];
+            all.extend_from_slice(pairs);
+            Config::from_parts(env(&all), None)
+        };
+        assert!(load(&[("KOOGATE_MARKETPLACE_URL", "http://127.0.0.1:9300")]).is_ok());
+        assert!(load(&[("KOOGATE_MARKETPLACE_URL", "http://[::1]:9300/x")]).is_ok());
+        let err = load(&[("KOOGATE_MARKETPLACE_URL", "http://mkt.example.com")]).unwrap_err().to_string();
+        assert!(err.starts_with("KOOGATE_MARKETPLACE_URL:") && err.contains("KOOGATE_MARKETPLACE_ALLOW_HTTP"), "{err}");
+        let ok =
+            load(&[("KOOGATE_MARKETPLACE_URL", "http://mkt.example.com"), ("KOOGATE_MARKETPLACE_ALLOW_HTTP", "true")]);
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn the_first_run_does_not_push_usage() {
+        let c = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), None).unwrap();
+        assert!(!c.usage.push, "{}", c.usage.push_reason);
+        let c = Config::from_parts(
+            env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_MARKETPLACE_URL", "https://mkt.example.com")]),
+            None,
+        )
+        .unwrap();
+        assert!(c.usage.push);
+        let c = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_USAGE_PUSH", "true")]), None).unwrap();
+        assert!(c.usage.push);
+    }
+
+    #[test]
+    fn toml_errors_keep_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("koogate.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nstore = = 3\n").unwrap();
+        let err = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("at line 2, column"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
     }
 }

@@ -285,7 +285,8 @@ impl Worker {
     /// Runs until `shutdown`; then lets in-flight deliveries finish within `grace`.
     /// Events not delivered stay in the outbox for the next start or another replica.
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
-        tracing::info!(consumer = %self.consumer, target = ?target_label(&self.settings.target), "delivery started");
+        // Not `target`: the JSON log line has a `target` key of its own (the module).
+        tracing::info!(consumer = %self.consumer, destination = ?target_label(&self.settings.target), "delivery started");
         let mut inflight: JoinSet<(OutboxEntry, Attempt, Duration)> = JoinSet::new();
         let mut last_touch = Instant::now();
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
@@ -538,7 +539,7 @@ impl Worker {
             m::outbox_depth(depth);
         }
         if let Ok(dlq) = self.store.dlq_list().await {
-            m::dlq_size(dlq.len() as u64);
+            m::dlq_events(dlq.len() as u64);
         }
         match self.store.oldest_pending_ms().await {
             Ok(Some(ms)) => m::oldest_pending_age(Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0))),

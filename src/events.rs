@@ -4,7 +4,7 @@
 //! `{"id","type","occurred_at","data"}`; `id` is `evt_<instance id>_<n>` for
 //! the instance's n-th transition, minted atomically by the store, so two
 //! replicas can never mint two ids for one transition and the billing core
-//! can deduplicate by id. The schema is documented in the README.
+//! can deduplicate by id. The schema is documented in docs/events.md.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -114,11 +114,11 @@ impl Gateway {
         let mut log = CallLog { generation: "v2", activity: "unknown", ..CallLog::default() };
         let verified = match verify_v2(&self.keys, raw_query, body, now_ms, self.settings.window_secs) {
             Ok(v) => v,
-            Err(rejection) => return self.reject(self.keys.current(), log, &rejection),
+            Err(rejection) => return self.reject(self.keys.current(), peek_v2(log, body), &rejection),
         };
         let call = match call::parse_v2(body) {
             Ok(call) => call,
-            Err(rejection) => return self.reject(verified.key, log, &rejection),
+            Err(rejection) => return self.reject(verified.key, peek_v2(log, body), &rejection),
         };
         self.run(&call, Some(&verified.nonce), None, verified.key, now_ms, &mut log).await.finish(log)
     }
@@ -128,11 +128,14 @@ impl Gateway {
         let mut log = CallLog { generation: "v1", activity: "unknown", ..CallLog::default() };
         let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.v1_window_secs) {
             Ok(v) => v,
-            Err(rejection) => return self.reject(self.keys.current(), log, &rejection),
+            Err(rejection) => {
+                let params = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
+                return self.reject(self.keys.current(), peek(log, &params), &rejection);
+            }
         };
         let call = match call::parse_v1(&verified.params, verified.key.expose(), self.settings.encrypt_type) {
             Ok(call) => call,
-            Err(rejection) => return self.reject(verified.key, log, &rejection),
+            Err(rejection) => return self.reject(verified.key, peek(log, &verified.params), &rejection),
         };
         if let Activity::NewInstance { purchase, order_id, .. } = &call.activity {
             for u in &purchase.undecryptable {
@@ -225,6 +228,40 @@ impl Gateway {
             Outcome::Read { records } => Pending::answer(key, planner.query_answer(&plan.read, &records)),
         }
     }
+}
+
+/// Activity names a refusal's log line may carry (anything else stays "unknown").
+const ACTIVITY_NAMES: &[&str] = &[
+    "newInstance",
+    "refreshInstance",
+    "updateInstanceStatus",
+    "instanceStatus",
+    "expireInstance",
+    "releaseInstance",
+    "queryInstance",
+    "orderNotify",
+    "upgradeInstance",
+    "upgrade",
+    "changeInstanceCheck",
+];
+
+/// What a refused call said it was (activity, order id), when that much could be read: for the log line only.
+fn peek(mut log: CallLog, fields: &std::collections::BTreeMap<String, String>) -> CallLog {
+    if let Some(name) = fields.get("activity").and_then(|a| ACTIVITY_NAMES.iter().find(|n| **n == a.as_str())) {
+        log.activity = name;
+    }
+    log.order_id = fields
+        .get("orderId")
+        .filter(|o| o.len() <= 64 && o.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .cloned();
+    log
+}
+
+fn peek_v2(log: CallLog, body: &[u8]) -> CallLog {
+    let fields: std::collections::BTreeMap<String, String> = serde_json::from_slice::<Map<String, Value>>(body)
+        .map(|m| m.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_owned()))).collect())
+        .unwrap_or_default();
+    peek(log, &fields)
 }
 
 /// An answer body waiting to be signed and logged.

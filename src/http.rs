@@ -78,7 +78,8 @@ fn signed_response(reply: &Reply) -> Response<Body> {
 /// One log line per call: what it was, what we answered, how long it took.
 fn log_call(reply: &Reply, elapsed: Duration) {
     let CallLog { generation, activity, order_id, instance_id, test, reason, dedup, event_id } = &reply.log;
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    // Microsecond precision: latency_ms=0.021, not 0.020661000000000002.
+    let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     let code = reply.code.as_str();
     match reason {
         None => tracing::info!(

@@ -4,10 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use koogate::client::KooClient;
-use koogate::config::{Config, LogFormat};
+use koogate::config::{Config, ConfigError, LogFormat, Source};
+use koogate::server::StartError;
 
 #[derive(Parser)]
 #[command(name = "koogate", version, about = "KooGallery SaaS callback gateway")]
@@ -22,8 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
+    #[command(after_help = koogate::config::settings_help())]
     Serve,
-    /// Check the configuration and exit.
+    /// Check the configuration as `serve` would (store reachable, billing URL reachable, TLS files) and exit.
     CheckConfig,
     /// Print the instance id an order line gets (the same on every replica, forever).
     InstanceId {
@@ -57,9 +62,9 @@ struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9999")]
     listen: SocketAddr,
-    /// The `whsec_…` secret the gateway signs with.
-    #[arg(long, env = "KOOGATE_BILLING_SECRET", hide_env_values = true)]
-    secret: String,
+    /// The `whsec_…` secret the gateway signs with (default: KOOGATE_BILLING_SECRET, also from --config).
+    #[arg(long)]
+    secret: Option<String>,
     /// Append accepted events to this JSONL file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -85,9 +90,9 @@ struct ReplayArgs {
     /// Base URL of the gateway, e.g. https://gw.example.com or http://127.0.0.1:8080.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// The product's access key.
-    #[arg(long, env = "KOOGATE_ACCESS_KEY", hide_env_values = true)]
-    key: String,
+    /// The product's access key (default: KOOGATE_ACCESS_KEY, also from --config).
+    #[arg(long)]
+    key: Option<String>,
     /// Send as V1 (query parameters) even outside a `v1` folder.
     #[arg(long)]
     v1: bool,
@@ -110,6 +115,12 @@ struct ReplayArgs {
     /// Per-call timeout, seconds (KooGallery waits 5).
     #[arg(long, default_value_t = 5)]
     timeout_secs: u64,
+    /// Print only the summary line (and the verdict), not the table.
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print the answers and the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -120,21 +131,22 @@ struct SimulateArgs {
     /// JSON file of orders (a list or map of orderInfo objects); default: the mock and scenario orders.
     #[arg(long)]
     orders: Option<PathBuf>,
-    /// Access key id callers of the order query API must sign with.
-    #[arg(long, env = "KOOGATE_MARKETPLACE_AK", default_value = koogate::simulate::market::DEFAULT_AK)]
-    ak: String,
-    /// Secret key of --ak.
-    #[arg(long, env = "KOOGATE_MARKETPLACE_SK", hide_env_values = true)]
-    #[arg(default_value = koogate::simulate::market::DEFAULT_SK)]
-    sk: String,
+    /// Access key id callers of the order query API must sign with
+    /// (default: KOOGATE_MARKETPLACE_AK, also from --config, else sim-ak).
+    #[arg(long)]
+    ak: Option<String>,
+    /// Secret key of --ak (default: KOOGATE_MARKETPLACE_SK, also from --config, else sim-sk).
+    #[arg(long)]
+    sk: Option<String>,
     /// Share of order queries answered HTTP 500 (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
     /// Base URL of a gateway to run the scenarios against, e.g. http://127.0.0.1:8080.
     #[arg(long, conflicts_with = "serve_only")]
     gateway: Option<String>,
-    /// The product's access key (signs calls, checks Body-Sign, verifies usage pushes).
-    #[arg(long, env = "KOOGATE_ACCESS_KEY", hide_env_values = true)]
+    /// The product's access key (signs calls, checks Body-Sign, verifies usage pushes;
+    /// default: KOOGATE_ACCESS_KEY, also from --config).
+    #[arg(long)]
     key: Option<String>,
     #[arg(long, default_value = "/koogallery/v2")]
     v2_path: String,
@@ -179,8 +191,8 @@ struct SimulateArgs {
     /// Base URL of the gateway's admin listener, e.g. http://127.0.0.1:9090 (the usage scenario posts usage there).
     #[arg(long)]
     admin: Option<String>,
-    /// Bearer token of the gateway's admin API.
-    #[arg(long, env = "KOOGATE_ADMIN_TOKEN", hide_env_values = true)]
+    /// Bearer token of the gateway's admin API (default: KOOGATE_ADMIN_TOKEN, also from --config).
+    #[arg(long)]
     admin_token: Option<String>,
     /// Longest wait for the usage API to receive every record of the usage scenario, seconds.
     #[arg(long, default_value_t = 30)]
@@ -200,8 +212,15 @@ struct AdminArgs {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// List dead letters.
-    List,
+    /// List dead letters, oldest first, a page at a time.
+    List {
+        /// Dead letters per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Page to show (1 = the oldest).
+        #[arg(long, default_value_t = 1)]
+        page: usize,
+    },
     /// Show one dead letter with its event (with --usage: any usage record by metering_sn).
     Show { id: String },
     /// Put dead letters back into the outbox (with --usage: push them to KooGallery again).
@@ -214,9 +233,13 @@ enum DlqAction {
     },
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KOOGATE_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// Logs to stderr; colour only when stderr is a terminal.
+fn init_logs(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -240,29 +263,80 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-fn load_config(path: Option<&std::path::Path>) -> Config {
-    match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("koogate: configuration error: {e}");
-            std::process::exit(2);
-        }
-    }
+/// A `KOOGATE_LOG` for the tools (sink, simulate): checked like the gateway's.
+fn log_filter(src: &Source) -> Result<String, ConfigError> {
+    let filter = src.get("KOOGATE_LOG").unwrap_or_else(|| "info".into());
+    koogate::config::check_log_filter(&filter)?;
+    Ok(filter)
 }
 
-async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result<()> {
+/// `check-config`: everything `serve` would fail on, without serving.
+async fn check_config(config: &Config) -> anyhow::Result<()> {
+    for warning in &config.warnings {
+        eprintln!("koogate: warning: {warning}");
+    }
+    let store = koogate::store::open(&config.store, &config.key_prefix).await.map_err(StartError::Store)?;
+    tokio::time::timeout(Duration::from_secs(5), store.ping())
+        .await
+        .map_err(|_| StartError::Setting {
+            setting: "KOOGATE_STORE",
+            problem: "the store did not answer a ping within 5 s".into(),
+        })?
+        .map_err(StartError::Store)?;
+    println!("store: {} answers", store.backend());
+    drop(store);
+    if let Some((cert, key)) = &config.tls {
+        koogate::tls::acceptor(cert, key).map_err(StartError::Tls)?;
+        println!("tls: certificate and key load");
+    }
+    if let Some(url) = &config.billing_url {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        // Any HTTP answer will do: the event POSTs are signed, a bare HEAD is only to see that it answers.
+        let res = client.head(url).send().await.map_err(|e| StartError::Setting {
+            setting: "KOOGATE_BILLING_URL",
+            problem: format!("cannot reach {url}: {} (start the billing core, or fix the URL)", error_text(&e)),
+        })?;
+        println!("billing core: {url} answers (HTTP {})", res.status().as_u16());
+    }
+    for (setting, addr) in [("KOOGATE_LISTEN", config.listen), ("KOOGATE_ADMIN_LISTEN", config.admin_listen)] {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            // A running gateway holds it: not an error of the configuration, but `serve` would stop on it now.
+            eprintln!(
+                "koogate: warning: {setting}: {addr} cannot be listened on now: {}",
+                std::io::Error::from(e.kind())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The chain of an error on one line, each cause once (a cause already in its parent's text is not repeated).
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text.replace('\n', " ")
+}
+
+async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> anyhow::Result<ExitCode> {
     let base = match admin.admin {
         Some(url) => url,
-        None => format!("http://{}", std::env::var("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into())),
+        None => format!("http://{}", src.get("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|| "127.0.0.1:9090".into())),
     };
-    let token = match (std::env::var("KOOGATE_ADMIN_TOKEN"), std::env::var("KOOGATE_ADMIN_TOKEN_FILE")) {
-        (Ok(t), _) => t,
-        (Err(_), Ok(path)) => {
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?.trim().to_owned()
-        }
-        _ => bail!("KOOGATE_ADMIN_TOKEN (or KOOGATE_ADMIN_TOKEN_FILE) must be set to use the admin API"),
+    let token = match src.secret("KOOGATE_ADMIN_TOKEN")? {
+        Some(t) => t.expose().trim().to_owned(),
+        None => bail!("KOOGATE_ADMIN_TOKEN: must be set (or KOOGATE_ADMIN_TOKEN_FILE, in the environment or --config) to use the admin API"),
     };
-    let client = KooClient::new(&base).with_timeout(Duration::from_secs(30));
+    // A redrive of many ids is one request that may take a while: the store moves them one by one.
+    let timeout = if matches!(action, DlqAction::Redrive { .. }) { 600 } else { 30 };
+    let client = KooClient::new(&base).with_timeout(Duration::from_secs(timeout));
     let auth = format!("Bearer {token}");
     let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let (list, show, redrive) = if usage {
@@ -271,12 +345,14 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result
         ("/v1/dlq", "/v1/dlq", "/v1/dlq/redrive")
     };
     let (method, path, body) = match &action {
-        DlqAction::List => (hyper::Method::GET, list.to_owned(), String::new()),
+        DlqAction::List { .. } => (hyper::Method::GET, list.to_owned(), String::new()),
         DlqAction::Show { id } => (hyper::Method::GET, format!("{show}/{id}"), String::new()),
         DlqAction::Redrive { all, ids } => {
             if !all && ids.is_empty() {
                 bail!("give ids or --all");
             }
+            let what = if *all { "every dead letter".to_owned() } else { format!("{} id(s)", ids.len()) };
+            eprintln!("redriving {what} in one request…");
             (hyper::Method::POST, redrive.to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
         }
     };
@@ -288,8 +364,9 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result
         bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
     }
     match action {
-        DlqAction::List if usage => {
-            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+        DlqAction::List { limit, page } if usage => {
+            let all = sorted_letters(&json, "metering_sn");
+            let letters = page_of(&all, limit, page);
             println!(
                 "{:<40} {:<38} {:>14} {:<12} {:<24}  MESSAGE",
                 "METERING SN", "INSTANCE", "VALUE", "CODE", "DEAD AT"
@@ -306,10 +383,11 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result
                     text("message")
                 );
             }
-            println!("{} dead usage record(s)", letters.len());
+            println!("{}", page_footer("dead usage record(s)", all.len(), limit, page));
         }
-        DlqAction::List => {
-            let letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+        DlqAction::List { limit, page } => {
+            let all = sorted_letters(&json, "id");
+            let letters = page_of(&all, limit, page);
             println!("{:<56} {:<32} {:>8}  {:<24}  LAST ERROR", "EVENT ID", "TYPE", "ATTEMPTS", "DEAD AT");
             for d in &letters {
                 println!(
@@ -321,23 +399,63 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction) -> anyhow::Result
                     d["last_error"].as_str().unwrap_or("")
                 );
             }
-            println!("{} dead letter(s)", letters.len());
+            println!("{}", page_footer("dead letter(s)", all.len(), limit, page));
         }
         DlqAction::Show { .. } => println!("{}", serde_json::to_string_pretty(&json)?),
         DlqAction::Redrive { .. } => {
             let n = json["redriven"].as_array().map_or(0, Vec::len);
+            let missing = json["missing"].as_array().map_or(0, Vec::len);
+            if n == 0 && missing == 0 {
+                println!("nothing to redrive");
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("redriven: {n}");
             if let Some(missing) = json["missing"].as_array().filter(|m| !m.is_empty()) {
                 println!("not in the dead-letter queue: {}", serde_json::to_string(missing)?);
-                std::process::exit(1);
+                return Ok(ExitCode::from(1));
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+/// Dead letters by when they died (oldest first), then id.
+fn sorted_letters(json: &serde_json::Value, id: &str) -> Vec<serde_json::Value> {
+    let mut letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
+    letters.sort_by(|a, b| {
+        let key = |d: &serde_json::Value| (d["dead_at"].to_string(), d[id].to_string());
+        key(a).cmp(&key(b))
+    });
+    letters
+}
+
+fn page_of(all: &[serde_json::Value], limit: usize, page: usize) -> Vec<serde_json::Value> {
+    all.iter().skip(limit.saturating_mul(page.saturating_sub(1))).take(limit).cloned().collect()
+}
+
+fn page_footer(what: &str, total: usize, limit: usize, page: usize) -> String {
+    let first = limit.saturating_mul(page.saturating_sub(1));
+    let shown = total.saturating_sub(first).min(limit);
+    let mut text = if shown == 0 {
+        format!("{total} {what}")
+    } else {
+        format!("{total} {what}; showing {}-{}", first + 1, first + shown)
+    };
+    if first + shown < total {
+        text.push_str(&format!(" (--page {} for more)", page + 1));
+    }
+    text
+}
+
+async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
     use koogate::replay;
+    let key = match args.key.clone() {
+        Some(k) => k,
+        None => match src.secret("KOOGATE_ACCESS_KEY")? {
+            Some(k) => k.expose().to_owned(),
+            None => bail!("KOOGATE_ACCESS_KEY: give --key, or set it in the environment or --config"),
+        },
+    };
     let mut fixtures = Vec::new();
     let files: Vec<PathBuf> = args.paths.iter().filter(|p| p.as_os_str() != "-").cloned().collect();
     if args.paths.iter().any(|p| p.as_os_str() == "-") {
@@ -359,22 +477,58 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     }
     .with_timeout(Duration::from_secs(args.timeout_secs));
     let target =
-        replay::Target { url: args.url.clone(), v2_path: args.v2_path, v1_path: args.v1_path, access_key: args.key };
-    let rows = replay::run(&client, &target, &fixtures, args.repeat, args.concurrency).await;
-    print!("{}", replay::table(&rows));
+        replay::Target { url: args.url.clone(), v2_path: args.v2_path, v1_path: args.v1_path, access_key: key };
+    // A live progress line only on a terminal, and only when the table is wanted after it.
+    let live = std::io::stderr().is_terminal() && !args.quiet && !args.json;
+    let rows = replay::run_with_progress(&client, &target, &fixtures, args.repeat, args.concurrency, |done, total| {
+        if live && total > 20 {
+            eprint!("\r{done}/{total} answers");
+            if done == total {
+                eprint!("\r\x1b[K");
+            }
+        }
+    })
+    .await;
     let ok = rows.iter().filter(|r| r.ok()).count();
     let signed = rows.iter().filter(|r| r.signature_ok).count();
-    println!("{ok} of {} answers as expected; {signed} with a valid Body-Sign", rows.len());
+    if args.json {
+        let out = serde_json::json!({
+            "answers": rows.iter().map(replay::row_json).collect::<Vec<_>>(),
+            "as_expected": ok,
+            "signed": signed,
+            "total": rows.len(),
+            "verdict": replay::verdict(&rows),
+        });
+        println!("{out}");
+    } else {
+        if !args.quiet {
+            print!("{}", replay::table(&rows));
+        }
+        println!("{ok} of {} answers as expected; {signed} with a valid Body-Sign", rows.len());
+    }
     if let Some(verdict) = replay::verdict(&rows) {
         eprintln!("koogate replay: {verdict}");
-        std::process::exit(1);
+        return Ok(ExitCode::from(1));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, no backtrace (even with RUST_BACKTRACE=1): these are the operator's errors.
+            eprintln!("koogate: {}", error_text(e.as_ref()));
+            let user_error = e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<StartError>().is_some();
+            ExitCode::from(if user_error { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_file = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
         Command::InstanceId { order_id, order_line_id, product_id } => {
             let id = match product_id {
@@ -382,25 +536,31 @@ async fn main() -> anyhow::Result<()> {
                 None => koogate::store::keys::instance_id_for(&order_id, order_line_id.as_deref()),
             };
             println!("{id}");
-            Ok(())
         }
         Command::CheckConfig => {
-            load_config(cli.config.as_deref());
+            let config = Config::load(config_file)?;
+            check_config(&config).await?;
             println!("configuration is valid");
-            Ok(())
         }
         Command::Serve => {
-            let config = load_config(cli.config.as_deref());
-            init_logs(config.log_format);
-            let running = koogate::server::start(config).await.context("koogate could not start")?;
+            let config = Config::load(config_file)?;
+            init_logs(config.log_format, &config.log_filter);
+            let running = koogate::server::start(config).await?;
             running.wait(shutdown_signal()).await;
-            Ok(())
         }
         Command::Sink(args) => {
-            init_logs(LogFormat::Text);
+            let src = Source::load(config_file)?;
+            init_logs(LogFormat::Text, &log_filter(&src)?);
+            let secret = match args.secret {
+                Some(s) => s,
+                None => match src.secret("KOOGATE_BILLING_SECRET")? {
+                    Some(s) => s.expose().to_owned(),
+                    None => bail!("KOOGATE_BILLING_SECRET: give --secret, or set it in the environment or --config"),
+                },
+            };
             let sink = koogate::sink::start(koogate::sink::SinkConfig {
                 listen: args.listen,
-                secret: args.secret,
+                secret,
                 out: args.out,
                 fail_share: args.fail_share,
                 fail_status: args.fail_status,
@@ -412,20 +572,36 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(addr = %sink.addr, "sink listening");
             shutdown_signal().await;
             sink.stop().await;
-            Ok(())
         }
-        Command::Dlq { admin, usage, action } => dlq(admin, usage, action).await,
-        Command::Replay(args) => replay(args).await,
+        Command::Dlq { admin, usage, action } => {
+            let src = Source::load(config_file)?;
+            return dlq(admin, usage, action, &src).await;
+        }
+        Command::Replay(args) => {
+            let src = Source::load(config_file)?;
+            return replay(args, &src).await;
+        }
         Command::Simulate(a) => {
-            init_logs(LogFormat::Text);
+            let src = Source::load(config_file)?;
+            init_logs(LogFormat::Text, &log_filter(&src)?);
+            let from = |given: Option<String>, setting: &str| -> Result<Option<String>, ConfigError> {
+                Ok(match given {
+                    Some(v) => Some(v),
+                    None => src.secret(setting)?.map(|s| s.expose().to_owned()),
+                })
+            };
+            let ak = from(a.ak, "KOOGATE_MARKETPLACE_AK")?
+                .unwrap_or_else(|| koogate::simulate::market::DEFAULT_AK.to_owned());
+            let sk = from(a.sk, "KOOGATE_MARKETPLACE_SK")?
+                .unwrap_or_else(|| koogate::simulate::market::DEFAULT_SK.to_owned());
             let opts = koogate::simulate::CliOptions {
                 listen: a.listen,
                 orders: a.orders,
-                ak: a.ak,
-                sk: koogate::secret::Secret::new(a.sk),
+                ak,
+                sk: koogate::secret::Secret::new(sk),
                 fail_share: a.fail_share,
                 gateway: a.gateway,
-                key: a.key.map(koogate::secret::Secret::new),
+                key: from(a.key, "KOOGATE_ACCESS_KEY")?.map(koogate::secret::Secret::new),
                 v2_path: a.v2_path,
                 v1_path: a.v1_path,
                 scenarios: a.scenarios,
@@ -441,14 +617,14 @@ async fn main() -> anyhow::Result<()> {
                 usage_delay_share: a.usage_delay_share,
                 refuse_instances: a.refuse_instances,
                 admin: a.admin,
-                admin_token: a.admin_token.map(koogate::secret::Secret::new),
+                admin_token: from(a.admin_token, "KOOGATE_ADMIN_TOKEN")?.map(koogate::secret::Secret::new),
                 usage_wait_secs: a.usage_wait_secs,
                 usage_api: a.usage_api,
             };
             if !koogate::simulate::command(opts, shutdown_signal()).await.context("koogate simulate")? {
-                std::process::exit(1);
+                return Ok(ExitCode::from(1));
             }
-            Ok(())
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,7 @@ pub const OUTBOX_DEPTH: &str = "koogate_outbox_depth";
 pub const DELIVERY_ATTEMPTS: &str = "koogate_delivery_attempts_total";
 pub const DELIVERY_DURATION: &str = "koogate_delivery_duration_seconds";
 pub const DELIVERY_LAG: &str = "koogate_delivery_lag_seconds";
-pub const DLQ_SIZE: &str = "koogate_dlq_size";
+pub const DLQ_EVENTS: &str = "koogate_dlq_events";
 pub const OLDEST_PENDING_AGE: &str = "koogate_oldest_pending_age_seconds";
 pub const READY: &str = "koogate_ready";
 pub const ORDER_QUERIES: &str = "koogate_order_queries_total";
@@ -37,10 +37,65 @@ pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
 pub const USAGE_HELD_NEAR_EXPIRY: &str = "koogate_usage_held_near_expiry";
 pub const USAGE_CONFIG_FAULTS: &str = "koogate_usage_push_config_faults_total";
+pub const BUILD_INFO: &str = "koogate_build_info";
+
+/// (name, help) of every koogate metric: each gets a `# HELP` line.
+pub const HELP: &[(&str, &str)] = &[
+    (CALLS, "KooGallery calls answered, by generation, activity and result code"),
+    (REJECTIONS, "calls refused before anything was written, by generation and reason"),
+    (DEDUP_HITS, "retries answered from the kept answer, by generation and activity"),
+    (REQUEST_DURATION, "time from a call's arrival to its answer, seconds"),
+    (STORE_DURATION, "time of one store round trip of a call, seconds"),
+    (STORE_ERRORS, "store failures (answered 000005), by backend and kind"),
+    (EVENTS_CREATED, "settlement events written to the outbox"),
+    (OUTBOX_DEPTH, "events waiting for delivery (shared by all replicas)"),
+    (DELIVERY_ATTEMPTS, "deliveries to the billing core, by outcome"),
+    (DELIVERY_DURATION, "time of one delivery attempt to the billing core, seconds"),
+    (DELIVERY_LAG, "time from a call's acceptance to its event's delivery, seconds"),
+    (DLQ_EVENTS, "events in the dead-letter queue (shared by all replicas)"),
+    (OLDEST_PENDING_AGE, "age of the oldest undelivered event, seconds"),
+    (READY, "1 when the store answers, else 0"),
+    (ORDER_QUERIES, "KooGallery order query API calls, by outcome"),
+    (OVERLOAD, "calls answered 503/000005 because KOOGATE_MAX_INFLIGHT calls were in flight"),
+    (USAGE_RECORDS, "usage records posted by the billing core, by verdict"),
+    (USAGE_PUSHED, "usage records KooGallery took"),
+    (USAGE_REFUSED, "usage records dead-lettered, by reason"),
+    (USAGE_PUSH_CALLS, "usage push calls to KooGallery, by outcome"),
+    (USAGE_PUSH_DURATION, "time of one usage push call, seconds"),
+    (USAGE_UNPUSHED, "usage records not yet taken by KooGallery"),
+    (USAGE_HELD, "usage records held back because their instance is frozen"),
+    (USAGE_DLQ_SIZE, "usage records in the usage dead-letter list"),
+    (USAGE_OLDEST_UNPUSHED_AGE, "age of the oldest unpushed usage record, seconds"),
+    (UNDECRYPTABLE_FIELDS, "V1 contact fields that could not be decrypted (purchase accepted), by field"),
+    (USAGE_HELD_NEAR_EXPIRY, "held usage records of frozen instances close to KooGallery's 21-day limit"),
+    (USAGE_CONFIG_FAULTS, "usage pushes refused for a configuration fault (records held), by code"),
+    (BUILD_INFO, "always 1; the version label says which koogate runs"),
+];
+
+/// Reasons of `koogate_verification_failures_total` (`Rejection::reason`), shown at zero from start-up.
+const REJECTION_REASONS: &[&str] = &[
+    "missing_auth_param",
+    "duplicate_auth_param",
+    "bad_timestamp",
+    "stale_timestamp",
+    "malformed_signature",
+    "bad_signature",
+    "malformed_nonce",
+    "replayed_nonce",
+    "body_too_large",
+    "malformed_json",
+    "malformed_query",
+    "missing_field",
+    "bad_field",
+    "unknown_activity",
+    "duplicate_param",
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Up to a minute: past the order query (5 s), usage push (10 s) and request (10 s) timeouts by default.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0];
 /// Deliveries take up to the attempt timeout, and an event may wait hours for a billing core that is down.
 const DELIVERY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
@@ -60,6 +115,7 @@ pub fn install() -> PrometheusHandle {
                     let handle = recorder.handle();
                     // Fails only when another recorder is installed (tests): metrics then go there.
                     let _ = metrics::set_global_recorder(recorder);
+                    describe();
                     handle
                 }
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
@@ -68,9 +124,77 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for (name, help) in HELP {
+        if name.ends_with("_total") {
+            describe_counter!(*name, *help);
+        } else if name.ends_with("_seconds") && !name.contains("_age_") {
+            describe_histogram!(*name, *help);
+        } else {
+            describe_gauge!(*name, *help);
+        }
+    }
+    process().describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters of failures exist at zero from the start, so `rate()` and alerts see them before the first one.
+    counter!(OVERLOAD).increment(0);
+    for generation in ["v1", "v2"] {
+        for reason in REJECTION_REASONS {
+            counter!(REJECTIONS, "generation" => generation, "reason" => *reason).increment(0);
+        }
+    }
+    for outcome in ["failed_retryable", "failed_permanent", "dead_lettered"] {
+        counter!(DELIVERY_ATTEMPTS, "outcome" => outcome).increment(0);
+    }
+    for reason in ["refused", "gave_up"] {
+        counter!(USAGE_REFUSED, "reason" => reason).increment(0);
+    }
+}
+
+/// The KooGallery API failure counters at zero for each configured host (their
+/// `host` label), so `rate()` and alerts see them before the first failure.
+pub fn marketplace_hosts(hosts: &[String]) {
+    const ORDER_FAILURES: &[&str] = &[
+        "invalid",
+        "rate_limited",
+        "unavailable",
+        "refused",
+        "malformed",
+        "transport",
+        "credentials_signature",
+        "credentials_illegal_operation",
+        "credentials_no_authority",
+        "credentials_illegal_token",
+    ];
+    for host in hosts {
+        for outcome in ORDER_FAILURES {
+            counter!(ORDER_QUERIES, "outcome" => *outcome, "host" => host.clone()).increment(0);
+        }
+        for outcome in ["refused", "retry"] {
+            counter!(USAGE_PUSH_CALLS, "outcome" => outcome, "host" => host.clone()).increment(0);
+        }
+    }
+}
+
+/// The store's error counter at zero, once its backend is known.
+pub fn store_opened(backend: &'static str) {
+    for kind in ["redis", "embedded", "timeout", "protocol"] {
+        counter!(STORE_ERRORS, "backend" => backend, "kind" => kind).increment(0);
+    }
+}
+
+/// Process metrics (memory, CPU, open files: `process_*`), read at each scrape.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
 /// Text exposition of every metric.
 pub fn render() -> String {
-    install().render()
+    let handle = install();
+    process().collect();
+    handle.render()
 }
 
 pub fn call(generation: &'static str, activity: &'static str, code: &'static str) {
@@ -119,8 +243,9 @@ pub fn delivery_lag(elapsed: Duration) {
     histogram!(DELIVERY_LAG).record(elapsed.as_secs_f64());
 }
 
-pub fn dlq_size(n: u64) {
-    gauge!(DLQ_SIZE).set(n as f64);
+/// Events in the dead-letter queue (a count: `koogate_dlq_events`).
+pub fn dlq_events(n: u64) {
+    gauge!(DLQ_EVENTS).set(n as f64);
 }
 
 pub fn oldest_pending_age(age: Duration) {

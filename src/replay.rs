@@ -198,6 +198,19 @@ pub async fn run(
     repeat: usize,
     concurrency: usize,
 ) -> Vec<Row> {
+    run_with_progress(client, target, fixtures, repeat, concurrency, |_, _| {}).await
+}
+
+/// [`run`], calling `progress(done, total)` after every answer (a live progress line).
+pub async fn run_with_progress(
+    client: &KooClient,
+    target: &Target,
+    fixtures: &[Fixture],
+    repeat: usize,
+    concurrency: usize,
+    progress: impl Fn(usize, usize),
+) -> Vec<Row> {
+    let total = fixtures.len() * repeat.max(1);
     let target = Arc::new(target.clone());
     let mut rows = Vec::new();
     for f in fixtures {
@@ -214,6 +227,7 @@ pub async fn run(
                 if let Ok(row) = done {
                     rows.push(row);
                 }
+                progress(rows.len(), total);
             }
             remaining -= wave;
         }
@@ -221,31 +235,79 @@ pub async fn run(
     rows
 }
 
-/// The table, one line per answer.
+/// The fixture as shown: its folder and file name (`v2/01-newInstance.json`).
+pub fn fixture_label(name: &str) -> String {
+    let parts: Vec<&str> = name.rsplit('/').take(2).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
+/// The table, one line per answer; each column as wide as its widest cell.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = format!(
-        "{:<48} {:<22} {:<26} {:>4} {:<7} {:<7} {:<36} {:<4} {:>9}\n",
-        "FIXTURE", "ACTIVITY", "ORDER", "HTTP", "CODE", "EXPECT", "INSTANCE", "SIG", "LATENCY"
-    );
-    for r in rows {
-        // The last two path components say enough: `v2/01-newInstance.json`.
-        let parts: Vec<&str> = r.fixture.rsplit('/').take(2).collect();
-        let fixture: String = parts.into_iter().rev().collect::<Vec<_>>().join("/");
-        out.push_str(&format!(
-            "{:<48} {:<22} {:<26} {:>4} {:<7} {:<7} {:<36} {:<4} {:>7.1}ms{}\n",
-            fixture,
-            r.activity,
-            r.order,
-            r.http_status.map_or("-".into(), |s| s.to_string()),
-            if r.code.is_empty() { "-" } else { &r.code },
-            r.expect,
-            r.instance_id,
-            if r.signature_ok { "ok" } else { "BAD" },
-            r.latency.as_secs_f64() * 1000.0,
-            r.error.as_ref().map(|e| format!("  ! {e}")).unwrap_or_default(),
-        ));
+    const HEADERS: [&str; 9] = ["FIXTURE", "ACTIVITY", "ORDER", "HTTP", "CODE", "EXPECT", "INSTANCE", "SIG", "LATENCY"];
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                fixture_label(&r.fixture),
+                r.activity.clone(),
+                r.order.clone(),
+                r.http_status.map_or("-".into(), |s| s.to_string()),
+                if r.code.is_empty() { "-".into() } else { r.code.clone() },
+                r.expect.clone(),
+                r.instance_id.clone(),
+                if r.signature_ok { "ok".into() } else { "BAD".into() },
+                format!("{:.1}ms", r.latency.as_secs_f64() * 1000.0),
+            ]
+        })
+        .collect();
+    let mut widths = HEADERS.map(str::len);
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |row: &[String; 9]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            // HTTP and LATENCY are numbers: right-aligned.
+            if i == 3 || i == 8 {
+                out.push_str(&format!("{cell:>w$}"));
+            } else {
+                out.push_str(&format!("{cell:<w$}"));
+            }
+            if i < 8 {
+                out.push(' ');
+            }
+        }
+        out
+    };
+    let mut out = line(&HEADERS.map(String::from)).trim_end().to_owned();
+    out.push('\n');
+    for (row, r) in cells.iter().zip(rows) {
+        out.push_str(line(row).trim_end());
+        if let Some(e) = &r.error {
+            out.push_str(&format!("  ! {e}"));
+        }
+        out.push('\n');
     }
     out
+}
+
+/// One answer as a JSON object (`--json`).
+pub fn row_json(r: &Row) -> serde_json::Value {
+    serde_json::json!({
+        "fixture": fixture_label(&r.fixture),
+        "activity": r.activity,
+        "order": r.order,
+        "http_status": r.http_status,
+        "code": r.code,
+        "expect": r.expect,
+        "instance_id": r.instance_id,
+        "signature_ok": r.signature_ok,
+        "latency_ms": (r.latency.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        "error": r.error,
+        "ok": r.ok(),
+    })
 }
 
 /// A one-paragraph verdict; `None` when every answer was as expected.

@@ -17,16 +17,39 @@ use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
 use crate::store::{self, StoreError};
 
+/// Why the gateway did not start: one line naming the setting and the fix. Each message carries its
+/// cause as text (`{0}`), so none is also a `source` (a cause printed once, not once per layer).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the store: {0}")]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Listen(#[from] std::io::Error),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("cannot build the delivery HTTP client: {0}")]
-    Delivery(#[from] reqwest::Error),
+    #[error("KOOGATE_STORE: cannot open the store: {0} (fix the URL, or start the store it names)")]
+    Store(StoreError),
+    #[error("{setting}: cannot listen on {addr}: {problem} (stop what listens there, or choose another address)")]
+    Listen { setting: &'static str, addr: SocketAddr, problem: String },
+    #[error("{0} (fix the file, or unset KOOGATE_TLS_CERT and KOOGATE_TLS_KEY)")]
+    Tls(crate::tls::TlsError),
+    #[error("{setting}: {problem}")]
+    Setting { setting: &'static str, problem: String },
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<crate::tls::TlsError> for StartError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        Self::Tls(e)
+    }
+}
+
+/// Binds a listener, naming its setting when that fails (the port is in use, the address is not this host's).
+async fn bind(addr: SocketAddr, setting: &'static str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let fail =
+        |e: std::io::Error| StartError::Listen { setting, addr, problem: std::io::Error::from(e.kind()).to_string() };
+    let listener = http::bind(addr, setting).await.map_err(fail)?;
+    let local = listener.local_addr().map_err(fail)?;
+    Ok((listener, local))
 }
 
 /// A running gateway.
@@ -61,8 +84,12 @@ impl Running {
 /// Opens the store, binds the listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     crate::metrics::install();
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let store = store::open(&config.store, &config.key_prefix).await?;
     tracing::info!(backend = store.backend(), "store opened");
+    crate::metrics::store_opened(store.backend());
     if config.frontend_url_is_default {
         tracing::warn!(
             "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/"
@@ -89,10 +116,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         draining: AtomicBool::new(false),
     });
 
-    let listener = http::bind(config.listen, "KOOGATE_LISTEN").await?;
-    let admin = http::bind(config.admin_listen, "KOOGATE_ADMIN_LISTEN").await?;
-    let addr = listener.local_addr()?;
-    let admin_addr = admin.local_addr()?;
+    let (listener, addr) = bind(config.listen, "KOOGATE_LISTEN").await?;
+    let (admin, admin_addr) = bind(config.admin_listen, "KOOGATE_ADMIN_LISTEN").await?;
     let limits = ListenerLimits {
         max_connections: config.max_connections,
         header_timeout: config.request_timeout,
@@ -122,7 +147,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let target = match (&config.billing_url, &config.billing_secret) {
         (Some(url), Some(secret)) => {
-            let key = crate::webhook::key_of(secret.expose()).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let key = crate::webhook::key_of(secret.expose())
+                .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
             tracing::info!(url = %url, "events are delivered to the billing core");
             Target::Http { url: url.clone(), key }
         }
@@ -141,7 +167,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 m.sk.clone(),
                 m.timeout,
             )
-            .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+            .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
             tracing::info!(url = %m.url, "V2 purchase, upgrade and order-notify events are completed from KooGallery's order query API before delivery");
             Some(Enricher { api, store: Arc::clone(&store), sku_map: config.sku_map.clone(), cache_ttl: m.cache_ttl })
         }
@@ -162,16 +188,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             order_wait: config.delivery_order_wait,
         },
         enricher,
-    )?;
+    )
+    .map_err(|e| StartError::Setting {
+        setting: "KOOGATE_BILLING_URL",
+        problem: format!("cannot build the HTTP client: {e}"),
+    })?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
+    let hosts: Vec<String> = std::iter::once(&config.usage.url)
+        .chain(&config.usage.fallback_urls)
+        .filter_map(|u| reqwest::Url::parse(u).ok())
+        .map(|u| crate::marketplace::host_label(&u))
+        .collect();
+    crate::metrics::marketplace_hosts(&hosts);
     if config.usage.push {
+        tracing::info!(url = %config.usage.url, "usage push is on ({}): accepted usage records are pushed to KooGallery", config.usage.push_reason);
         let mut api = crate::marketplace::usage::UsageApi::with_fallbacks(
             &config.usage.url,
             &config.usage.fallback_urls,
             config.access_keys.current().clone(),
             config.usage.timeout,
         )
-        .map_err(|e| std::io::Error::other(format!("KOOGATE_MARKETPLACE_URL: {e}")))?;
+        .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
         if let Some((ak, sk)) = &config.usage.apig {
             api = api.with_apig(ak.clone(), sk.clone());
         }
@@ -188,7 +225,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
         tasks.spawn(pusher.run(shutdown.clone(), config.shutdown_grace));
     } else {
-        tracing::info!("KOOGATE_USAGE_PUSH is false: usage records are accepted and kept, not pushed");
+        tracing::info!(
+            "usage push is off ({}): usage records are accepted and kept, not pushed (set KOOGATE_USAGE_PUSH=true to push)",
+            config.usage.push_reason
+        );
     }
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
     tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");

@@ -208,10 +208,12 @@ class Checker:
             if r.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
                 self.fail(f"{rel}: {a} needs a severity label (critical, warning or info)")
             ann = r.get("annotations", {})
-            for key in ("summary", "description", "runbook"):
+            for key in ("summary", "description", "runbook_url"):
                 if not ann.get(key):
                     self.fail(f"{rel}: {a} has no {key} annotation")
-            anchor = ann.get("runbook", "").partition("#")[2]
+            if not ann.get("runbook_url", "").startswith(RUNBOOK_BASE + "#"):
+                self.fail(f"{rel}: {a}: runbook_url must be absolute: {RUNBOOK_BASE}#<alert, lowercase>")
+            anchor = ann.get("runbook_url", "").partition("#")[2]
             readme = (self.deploy / "README.md").read_text() if (self.deploy / "README.md").exists() else ""
             if anchor and f"### {a}" not in readme:
                 self.fail(f"{rel}: {a}: deploy/README.md has no '### {a}' runbook section")
@@ -267,6 +269,10 @@ class Checker:
             for var in environment:
                 if var.startswith("KOOGATE_") and not self.is_setting(var, settings):
                     self.fail(f"{rel}: service {name}: {var} is not a koogate setting (src/config.rs)")
+        for name, svc in services.items():
+            image = str(svc.get("image", ""))
+            if image and not image.startswith("${KOOGATE_IMAGE") and not DIGEST.match(image):
+                self.fail(f"{rel}: service {name}: image {image} is not pinned by digest (@sha256:…)")
         kg = services.get("koogate", {}).get("environment", {})
         admin_port = str(kg.get("KOOGATE_ADMIN_LISTEN", "")).rpartition(":")[2]
         prom = self.load_yaml("deploy/prometheus/prometheus.yml")
@@ -351,6 +357,19 @@ class Checker:
         res = c.get("resources", {})
         if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
             self.fail(f"{rel}: set memory requests and limits")
+        elif res["requests"]["memory"] != res["limits"]["memory"]:
+            self.fail(f"{rel}: memory request must equal the limit (the scheduler reserves what the pod may use)")
+        np = objs.get("NetworkPolicy")
+        if not np:
+            self.fail("deploy/kubernetes: needs a NetworkPolicy keeping port admin inside the namespace")
+        else:
+            selects(np["spec"]["podSelector"]["matchLabels"], "NetworkPolicy")
+            for rule in np["spec"].get("ingress", []):
+                admin = any(p.get("port") in ("admin", 9090) for p in rule.get("ports", []))
+                if admin and any("namespaceSelector" in f or "ipBlock" in f for f in rule.get("from", [{}])):
+                    self.fail("deploy/kubernetes/networkpolicy.yaml: port admin must be reachable only from this namespace")
+                if admin and not rule.get("from"):
+                    self.fail("deploy/kubernetes/networkpolicy.yaml: port admin is open to everyone")
 
         data = cm.get("data", {})
         grace = int(data.get("KOOGATE_SHUTDOWN_GRACE_SECS", 10))
@@ -407,10 +426,21 @@ class Checker:
                           ("KOOGATE_STORE", "/data")):
             if not re.search(rf"\b{var}={re.escape(want)}\b", text):
                 self.fail(f"{rel}: ENV {var}={want} missing")
+        for name, image in re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M):
+            if not DIGEST.match(image):
+                self.fail(f"{rel}: ARG {name}={image} is not pinned by digest (@sha256:…)")
         if not re.search(r"^USER (65532|nonroot)", text, re.M):
             self.fail(f"{rel}: the runtime must run as a non-root USER")
         self.ok("Dockerfile: --locked koogate build, every Cargo target directory copied, runtime ENV and USER")
 
+
+# Where deploy/README.md is published: alert annotations link to its runbook sections. Replace it
+# (alerts.yml, alerts_test.yml, here) with the address of your copy; `scripts/check-deploy --fix` then
+# regenerates prometheusrule.yaml.
+RUNBOOK_BASE = "https://koogate.example.com/deploy/README.md"
+
+# Images must be pinned by digest: name[:tag]@sha256:<64 hex>.
+DIGEST = re.compile(r"^[\w./:-]+@sha256:[0-9a-f]{64}$")
 
 _STR = {"type": "string", "minLength": 1}
 _META = {"type": "object", "required": ["name"], "properties": {"name": _STR}}
