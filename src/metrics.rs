@@ -33,6 +33,8 @@ pub const USAGE_UNPUSHED: &str = "koogate_usage_unpushed";
 pub const USAGE_HELD: &str = "koogate_usage_held";
 pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
+pub const ACCOUNT_LOOKUPS: &str = "koogate_account_lookups_total";
+pub const ACCOUNTS_PENDING: &str = "koogate_accounts_pending";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -166,4 +168,16 @@ pub fn usage_gauges(unpushed: u64, dead: u64, oldest_unpushed_age: Duration) {
 /// Records held back because their instance is frozen (last claim round).
 pub fn usage_held(n: usize) {
     gauge!(USAGE_HELD).set(n as f64);
+}
+
+/// Account settlement look-ups by the billing center: `kind` account, instance
+/// or verify; `outcome` found, not_found, active, no_subscription, frozen,
+/// expired, released, error.
+pub fn account_lookup(kind: &'static str, outcome: &'static str) {
+    counter!(ACCOUNT_LOOKUPS, "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// Instances whose Huawei Cloud account is not known yet (order query pending), as last seen.
+pub fn accounts_pending(n: u64) {
+    gauge!(ACCOUNTS_PENDING).set(n as f64);
 }
