@@ -178,17 +178,15 @@ struct Page {
 }
 
 impl Page {
-    fn of(req: &Request<Incoming>) -> Result<Self, Response<Body>> {
+    /// The page a request asks for, or why it cannot be read.
+    fn of(req: &Request<Incoming>) -> Result<Self, String> {
         let number = |name: &str, default: u64| match query_param(req, name) {
             None => Ok(default),
-            Some(v) => v.parse::<u64>().map_err(|_| {
-                error(StatusCode::BAD_REQUEST, "bad_query", format!("{name} must be a whole number, not {v:?}"))
-            }),
+            Some(v) => v.parse::<u64>().map_err(|_| format!("{name} must be a whole number, not {v:?}")),
         };
         let (offset, limit) = (number("offset", 0)?, number("limit", accounts::DEFAULT_PAGE)?);
         if limit == 0 || limit > accounts::MAX_PAGE {
-            let msg = format!("limit must be between 1 and {}", accounts::MAX_PAGE);
-            return Err(error(StatusCode::BAD_REQUEST, "bad_query", msg));
+            return Err(format!("limit must be between 1 and {}", accounts::MAX_PAGE));
         }
         Ok(Self { offset, limit })
     }
@@ -279,7 +277,7 @@ impl Admin {
             (Method::GET, ["accounts", customer]) => {
                 let page = match Page::of(&req) {
                     Ok(page) => page,
-                    Err(res) => return res,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_query", msg),
                 };
                 self.account(customer, page).await
             }
@@ -522,7 +520,7 @@ impl Admin {
             Some(c) => json!({"customer_id": c, "customer_name": record.get("customer_name")}),
             None => Value::Null,
         };
-        view["account_pending"] = json!(record.get("customer_id").is_none() && view["enriched"] == false);
+        view["account_pending"] = json!(!record.contains_key("customer_id") && view["enriched"] == false);
         let mut lines = Vec::new();
         if let Some(order_id) = record.get("order_id") {
             let order = self.store.order(order_id).await?;

@@ -548,6 +548,9 @@ impl Worker {
         if let Ok(dlq) = self.store.dlq_list().await {
             m::dlq_size(dlq.len() as u64);
         }
+        if let Ok(n) = self.store.accounts_pending().await {
+            m::accounts_pending(n);
+        }
         match self.store.oldest_pending_ms().await {
             Ok(Some(ms)) => m::oldest_pending_age(Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0))),
             Ok(None) => m::oldest_pending_age(Duration::ZERO),
