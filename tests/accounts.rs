@@ -230,3 +230,60 @@ async fn binding_on_redis() {
 async fn binding_on_embedded() {
     binding(Backend::Embedded).await;
 }
+
+/// Redis commands of a KooGallery call and of an account look-up, from
+/// `INFO commandstats` of a private Redis: the call stays one EVALSHA and
+/// never touches the account index; the look-up reads the index once.
+#[tokio::test]
+async fn redis_work_of_a_call_and_of_a_lookup() {
+    let redis = common::OwnRedis::start();
+    // Delivery fails once and waits 10 minutes: the account link is written at that first attempt.
+    let dead_billing = format!("http://127.0.0.1:{}/events", common::free_port());
+    let gw = TestGateway::start_on(
+        Backend::Redis,
+        "accounts-commandstats",
+        &redis.url(),
+        &[
+            ("KOOGATE_ADMIN_TOKEN", TOKEN),
+            ("KOOGATE_BILLING_URL", &dead_billing),
+            ("KOOGATE_BILLING_SECRET", common::billing::SECRET),
+            ("KOOGATE_RETRY_INITIAL_MS", "600000"),
+        ],
+    )
+    .await;
+    let customer = "acct-commandstats";
+    let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    params.insert("customerId".into(), customer.into());
+    assert_eq!(gw.v1(&params).await.result_code().as_deref(), Some("000000"));
+    account_until(&gw, customer, "its instance", |s, v| s == 200 && v["total"] == 1).await;
+
+    let url = redis.url();
+    let stats = || common::commandstats(&url);
+    let before = stats().await;
+    let calls = ["v2/01-newInstance.json", "v2/02-newInstance-stored-value-cards.json", "v2/01-newInstance.json"];
+    for rel in calls {
+        assert_eq!(gw.v2_fixture(rel).await.result_code().as_deref(), Some("000000"), "{rel}");
+    }
+    let after_calls = stats().await;
+    let (s, view) = account(&gw, customer).await;
+    assert_eq!((s, view["total"].as_u64()), (200, Some(1)));
+    let after_lookup = stats().await;
+    let delta = |a: &std::collections::BTreeMap<String, u64>, b: &std::collections::BTreeMap<String, u64>, c: &str| {
+        b.get(c).copied().unwrap_or(0) - a.get(c).copied().unwrap_or(0)
+    };
+    println!(
+        "{} KooGallery calls: evalsha={} zadd={} zrevrange={}; one account look-up: zrevrange={} zcard={} hgetall={}",
+        calls.len(),
+        delta(&before, &after_calls, "evalsha"),
+        delta(&before, &after_calls, "zadd"),
+        delta(&before, &after_calls, "zrevrange"),
+        delta(&after_calls, &after_lookup, "zrevrange"),
+        delta(&after_calls, &after_lookup, "zcard"),
+        delta(&after_calls, &after_lookup, "hgetall"),
+    );
+    assert_eq!(delta(&before, &after_calls, "evalsha"), calls.len() as u64, "one EVALSHA per call");
+    assert_eq!(delta(&before, &after_calls, "zrevrange"), 0, "calls never read the account index");
+    assert_eq!(delta(&after_calls, &after_lookup, "zrevrange"), 1, "the look-up reads the index once");
+    assert_eq!(delta(&after_calls, &after_lookup, "hgetall"), 1, "and its one instance record");
+    gw.stop().await;
+}
