@@ -386,7 +386,7 @@ impl Admin {
     async fn order_facts(&self, order_id: &str, order: &Record) -> Result<Value, StoreError> {
         let mut instances = Vec::new();
         for (field, instance_id) in order {
-            let Some(line) = field.strip_prefix("line:") else { continue };
+            let Some((line, _billing_item)) = crate::store::keys::parse_order_line_field(field) else { continue };
             let r = self.store.instance(instance_id).await?;
             let settlement: Value =
                 r.get("settlement").and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);

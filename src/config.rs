@@ -39,7 +39,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_DELIVERY_ORDER_WAIT_SECS", "300", "longest wait for an instance's earlier event before sending anyway"),
     ("KOOGATE_ADMIN_LISTEN", "127.0.0.1:9090", "address of the admin listener (/metrics, admin API)"),
     ("KOOGATE_ADMIN_TOKEN", "(none: admin API off)", "bearer token of the admin API (or _FILE)"),
-    ("KOOGATE_TIMESTAMP_SKEW_SECS", "60", "allowed clock difference of a call's timestamp"),
+    ("KOOGATE_TIMESTAMP_SKEW_SECS", "60", "allowed clock difference of a V2 call's timestamp"),
+    (
+        "KOOGATE_V1_TIMESTAMP_SKEW_SECS",
+        "14400",
+        "allowed age of a V1 call's timeStamp (V1 documents no window; KooGallery retries a purchase for 3 h with the same URL: docs/conformance.md)",
+    ),
     ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
     ("KOOGATE_ADMIN_URL", "(none)", "appInfo.adminUrl answered to newInstance"),
     ("KOOGATE_SKU_MAP", "(none)", "TOML file mapping SKUs to settlement kinds"),
@@ -76,6 +81,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_LOG_FORMAT", "text", "text or json"),
 ];
 
+/// Default V1 `timeStamp` window: 4 hours. Huawei documents no V1 window, and
+/// KooGallery retries a failed V1 subscription call for 3 hours (renewal and
+/// expiry calls for 1 hour); a retry may carry the first URL, so the window
+/// covers the longest retry period plus an hour of margin. Replays inside it
+/// are harmless: `authToken` is the V1 nonce and a repeat gets the first answer.
+pub const DEFAULT_V1_TIMESTAMP_SKEW_SECS: u64 = 4 * 3600;
+
 #[derive(Debug, thiserror::Error)]
 #[error("{setting}: {problem}")]
 pub struct ConfigError {
@@ -107,6 +119,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub admin_token: Option<Secret>,
     pub timestamp_skew_secs: u64,
+    /// V1 `timeStamp` window (docs/conformance.md, "V1 timestamp window").
+    pub v1_timestamp_skew_secs: u64,
     pub frontend_url: String,
     pub frontend_url_is_default: bool,
     pub admin_url: Option<String>,
@@ -410,6 +424,7 @@ impl Config {
             )?,
             admin_token: src.secret("KOOGATE_ADMIN_TOKEN")?,
             timestamp_skew_secs: positive("KOOGATE_TIMESTAMP_SKEW_SECS", 60)?,
+            v1_timestamp_skew_secs: positive("KOOGATE_V1_TIMESTAMP_SKEW_SECS", DEFAULT_V1_TIMESTAMP_SKEW_SECS)?,
             frontend_url,
             frontend_url_is_default,
             admin_url,
@@ -457,6 +472,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.store, StoreSpec::Embedded("./data".into()));
         assert_eq!(c.timestamp_skew_secs, 60);
+        assert_eq!(c.v1_timestamp_skew_secs, 14_400);
         assert_eq!(c.max_body_bytes, 65_536);
         assert!(c.frontend_url_is_default);
         assert!(!format!("{c:?}").contains("\"ak\""), "secrets never print");

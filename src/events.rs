@@ -163,6 +163,10 @@ impl std::fmt::Debug for Credentials {
 pub struct Contact {
     pub mobile_phone: Option<String>,
     pub email: Option<String>,
+    /// V1 contact fields (`mobilePhone`, `email`) that arrived but could not be
+    /// decrypted with the access key and `KOOGATE_ENCRYPT_TYPE`: left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undecryptable: Vec<String>,
 }
 
 impl std::fmt::Debug for Contact {

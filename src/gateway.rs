@@ -18,9 +18,11 @@ use crate::protocol::call::{Activity, Call, Purchase, Scene};
 use crate::protocol::crypto::{self, EncryptType};
 use crate::protocol::sign::body_sign;
 use crate::protocol::verify::{verify_v1, verify_v2, AccessKeys};
-use crate::protocol::{call, unconfirmed, Rejection, ResultCode};
+use crate::protocol::{call, unconfirmed, Generation, Rejection, ResultCode};
 use crate::secret::Secret;
-use crate::store::keys::{instance_id_for, instance_shard};
+use crate::store::keys::{
+    instance_id_for, instance_id_for_item, instance_shard, item_purchase_dedup, order_line_field, v1_call_dedup,
+};
 use crate::store::plan::{ABSENT, ANY};
 use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store};
 
@@ -36,8 +38,10 @@ use status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 /// Settings the gateway's decisions depend on.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Allowed |now − timestamp|, seconds.
+    /// Allowed |now − timestamp| of a V2 call, seconds.
     pub window_secs: u64,
+    /// Allowed |now − timeStamp| of a V1 call, seconds (`KOOGATE_V1_TIMESTAMP_SKEW_SECS`).
+    pub v1_window_secs: u64,
     /// `appInfo.frontEndUrl`.
     pub frontend_url: String,
     /// `appInfo.adminUrl`.
@@ -116,22 +120,35 @@ impl Gateway {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, log, &rejection),
         };
-        self.run(&call, Some(&verified.nonce), verified.key, now_ms, &mut log).await.finish(log)
+        self.run(&call, Some(&verified.nonce), None, verified.key, now_ms, &mut log).await.finish(log)
     }
 
     /// A V1 call: `GET` with everything in the query string.
     pub async fn handle_v1(&self, raw_query: &str, now_ms: i64) -> Reply {
         let mut log = CallLog { generation: "v1", activity: "unknown", ..CallLog::default() };
-        let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.window_secs) {
+        let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.v1_window_secs) {
             Ok(v) => v,
             Err(rejection) => return self.reject(self.keys.current(), log, &rejection),
         };
-        let call = match call::parse_v1(&verified.params, verified.key.expose()) {
+        let call = match call::parse_v1(&verified.params, verified.key.expose(), self.settings.encrypt_type) {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, log, &rejection),
         };
-        let nonce = if unconfirmed::V1_HAS_NONCE { verified.params.get("timeStamp").map(String::as_str) } else { None };
-        self.run(&call, nonce, verified.key, now_ms, &mut log).await.finish(log)
+        if let Activity::NewInstance { purchase, order_id, .. } = &call.activity {
+            for u in &purchase.undecryptable {
+                m::undecryptable_field(u.field);
+                // The reason only: never the ciphertext, the key or a decrypted byte.
+                tracing::warn!(
+                    field = u.field,
+                    reason = %u.why,
+                    order_id = %order_id,
+                    encrypt_type = self.settings.encrypt_type.code(),
+                    "V1 contact field cannot be decrypted with the access key and KOOGATE_ENCRYPT_TYPE; the purchase goes on without it"
+                );
+            }
+        }
+        // No store nonce on V1: a repeated URL is answered from its kept answer (v1_replay_guard).
+        self.run(&call, None, Some(&verified.auth_token), verified.key, now_ms, &mut log).await.finish(log)
     }
 
     /// A refusal before anything was written: signed with `key`, code of the rejection.
@@ -154,6 +171,7 @@ impl Gateway {
         &self,
         call: &Call,
         nonce: Option<&str>,
+        v1_auth_token: Option<&str>,
         key: &'k Secret,
         now_ms: i64,
         log: &mut CallLog,
@@ -163,7 +181,10 @@ impl Gateway {
         log.instance_id = call.activity.instance_id().map(str::to_owned);
         log.test = call.test;
         let planner = Planner { settings: &self.settings, key, now_ms };
-        let plan = planner.plan(call, nonce);
+        let mut plan = planner.plan(call, nonce);
+        if let Some(token) = v1_auth_token {
+            v1_replay_guard(&mut plan, token);
+        }
         log.instance_id = log.instance_id.take().or_else(|| Some(plan.subject.clone()));
 
         let started = Instant::now();
@@ -251,6 +272,25 @@ fn revive_released_test_instance(plan: &mut Plan) {
     }
 }
 
+/// Issue 15.5: `authToken` is the V1 nonce ([`unconfirmed::V1_NONCE_PARAM`]).
+/// A V1 call that changes state and has no kept answer of its own
+/// (instanceStatus, expireInstance, releaseInstance) keeps its successful
+/// answer under its token, so a replay of the same URL inside the window is
+/// answered byte for byte as the first call and changes nothing. Purchases,
+/// renewals and upgrades already keep theirs (by order); reads change nothing.
+/// Refusals are not kept: a repeat is decided again (it changed nothing either).
+pub fn v1_replay_guard(plan: &mut Plan, auth_token: &str) {
+    if plan.dedup.is_some() || !plan.read.is_empty() {
+        return;
+    }
+    plan.dedup = Some(v1_call_dedup(auth_token));
+    for branch in plan.branches.values_mut() {
+        if branch.code == ResultCode::Success.as_str() {
+            branch.keep = true;
+        }
+    }
+}
+
 /// Turns a call into a plan. Pure: no I/O, the clock is `now_ms`.
 pub struct Planner<'a> {
     pub settings: &'a Settings,
@@ -334,6 +374,12 @@ impl Planner<'_> {
     /// The plan of a call, for every status its instance may have.
     pub fn plan(&self, call: &Call, nonce: Option<&str>) -> Plan {
         let mut plan = self.plan_activity(call, nonce);
+        // A nonce is remembered for the whole window on both sides of the clock.
+        let window = match call.generation {
+            Generation::V1 => self.settings.v1_window_secs,
+            Generation::V2 => self.settings.window_secs,
+        };
+        plan.nonce_ttl_secs = window.saturating_mul(2).max(1);
         if call.test {
             revive_released_test_instance(&mut plan);
         }
@@ -523,9 +569,22 @@ impl Planner<'_> {
         business_id: &str,
         purchase: &Purchase,
     ) -> Plan {
-        let instance_id = instance_id_for(order_id, order_line_id);
+        // Pay-per-use: one instance per billing item, keyed on orderId +
+        // productId (Huawei's V1 subscription and V2 newInstance pages). A V2
+        // call names no productId: its order line keeps one instance
+        // (unconfirmed::V2_PAY_PER_USE_INSTANCE_PER_LINE).
+        let item = purchase.product_id.as_deref().filter(|_| call::is_pay_per_use(purchase.charging_mode.as_deref()));
+        let (instance_id, dedup) = match item {
+            Some(product_id) => (
+                instance_id_for_item(order_id, order_line_id, product_id),
+                item_purchase_dedup(order_id, order_line_id, product_id),
+            ),
+            None => {
+                (instance_id_for(order_id, order_line_id), format!("new:{order_id}/{}", order_line_id.unwrap_or("")))
+            }
+        };
         let mut plan = self.plan_for(&instance_id, nonce);
-        plan.dedup = Some(format!("new:{order_id}/{}", order_line_id.unwrap_or("")));
+        plan.dedup = Some(dedup);
         plan.order = Some(order_id.to_owned());
 
         let key = crypto::derive_key(self.key.expose(), self.settings.encrypt_type);
@@ -576,15 +635,19 @@ impl Planner<'_> {
         }
 
         let mut order_set = Record::new();
-        order_set.insert(format!("line:{}", order_line_id.unwrap_or("")), instance_id.clone());
+        order_set.insert(order_line_field(order_line_id, item), instance_id.clone());
         order_set.insert("created_at".into(), now);
         put(&mut order_set, "customer_id", purchase.customer_id.as_deref());
 
         let mut change = Map::new();
         change.insert("order_id".into(), json!(order_id));
         change.insert("order_line_id".into(), json!(order_line_id));
-        if purchase.mobile_phone.is_some() || purchase.email.is_some() {
-            let contact = Contact { mobile_phone: purchase.mobile_phone.clone(), email: purchase.email.clone() };
+        if purchase.mobile_phone.is_some() || purchase.email.is_some() || !purchase.undecryptable.is_empty() {
+            let contact = Contact {
+                mobile_phone: purchase.mobile_phone.clone(),
+                email: purchase.email.clone(),
+                undecryptable: purchase.undecryptable.iter().map(|u| u.field.to_owned()).collect(),
+            };
             change.insert("contact".into(), json!(contact));
         }
         if let Some(c) = &credentials {
@@ -615,7 +678,7 @@ impl Planner<'_> {
                     front_end_url: self.settings.frontend_url.clone(),
                     ..AppInfo::default()
                 }),
-                usage_info: usage_info(r),
+                usage_info: usage_info(r, self.now_ms),
             })
             .collect();
         if info.is_empty() {
@@ -628,20 +691,40 @@ impl Planner<'_> {
     }
 }
 
-/// `usageInfo` of a pay-per-use instance (its charging mode says so, or usage
-/// was pushed for it): the total KooGallery has taken and the end of the
-/// latest pushed period.
-fn usage_info(record: &Record) -> Option<UsageInfo> {
-    let pushed = record.get(crate::usage::FIELD_USAGE_E4).and_then(|v| v.parse::<i64>().ok());
+/// `usageInfo[]` of a pay-per-use instance (its charging mode says so, or
+/// usage was pushed for it): one entry per billing item, the usage KooGallery
+/// has taken and up to when. The instance's own item (records without
+/// `relate_pkg_instance`) comes first, then one entry per package it is linked
+/// to, naming it (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`). An entry with
+/// nothing pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
+fn usage_info(record: &Record, now_ms: i64) -> Option<Vec<UsageInfo>> {
+    use crate::usage::{FIELD_USAGE_E4, FIELD_USAGE_END};
+    let num = |field: &str| record.get(field).and_then(|v| v.parse::<i64>().ok());
+    let pushed = num(FIELD_USAGE_E4);
     let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
     if pushed.is_none() && !pay_per_use {
         return None;
     }
-    Some(UsageInfo {
-        usage_value: crate::usage::record::format_e4(pushed.unwrap_or(0)),
-        statistical_time: record
-            .get(crate::usage::FIELD_USAGE_END)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(crate::protocol::unconfirmed::usage_statistical_time),
-    })
+    let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
+    let prefix = format!("{FIELD_USAGE_E4}:");
+    let items: Vec<(&str, i64)> =
+        record.iter().filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?))).collect();
+    let own = pushed.unwrap_or(0) - items.iter().map(|(_, v)| v).sum::<i64>();
+    let mut out = Vec::new();
+    if own != 0 || items.is_empty() {
+        out.push(UsageInfo {
+            usage_value: crate::usage::record::format_e4(own),
+            statistical_time: when(num(FIELD_USAGE_END)),
+            related_instance_id: None,
+        });
+    }
+    for (item, value) in items {
+        let (_, end_field) = crate::usage::item_usage_fields(item);
+        out.push(UsageInfo {
+            usage_value: crate::usage::record::format_e4(value),
+            statistical_time: when(num(&end_field)),
+            related_instance_id: Some(item.to_owned()),
+        });
+    }
+    Some(out)
 }

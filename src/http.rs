@@ -241,7 +241,13 @@ pub async fn serve_tls<F, Fut>(
         });
         let builder = {
             let mut b = http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+            // Huawei: "format the header strictly as in the example": `Body-Sign`,
+            // not hyper's default lower case (protocol §4). Title case writes
+            // every name as `Body-Sign`, `Content-Type`, ... on the wire.
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(true)
+                .title_case_headers(true);
             b
         };
         match &tls {

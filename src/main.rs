@@ -30,6 +30,9 @@ enum Command {
         order_id: String,
         /// V2 order line id; omit for a V1 order.
         order_line_id: Option<String>,
+        /// Product id of a pay-per-use billing item (chargingMode 0 or 5): one instance per item.
+        #[arg(long)]
+        product_id: Option<String>,
     },
     /// Run the reference billing-core sink (verifies Standard Webhooks signatures, dedups, appends JSONL).
     Sink(SinkArgs),
@@ -373,8 +376,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::InstanceId { order_id, order_line_id } => {
-            println!("{}", koogate::store::keys::instance_id_for(&order_id, order_line_id.as_deref()));
+        Command::InstanceId { order_id, order_line_id, product_id } => {
+            let id = match product_id {
+                Some(p) => koogate::store::keys::instance_id_for_item(&order_id, order_line_id.as_deref(), &p),
+                None => koogate::store::keys::instance_id_for(&order_id, order_line_id.as_deref()),
+            };
+            println!("{id}");
             Ok(())
         }
         Command::CheckConfig => {

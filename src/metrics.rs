@@ -24,6 +24,8 @@ pub const OLDEST_PENDING_AGE: &str = "koogate_oldest_pending_age_seconds";
 pub const READY: &str = "koogate_ready";
 pub const ORDER_QUERIES: &str = "koogate_order_queries_total";
 pub const OVERLOAD: &str = "koogate_overload_rejections_total";
+/// V1 contact fields that could not be decrypted (the purchase went on without them), by field.
+pub const UNDECRYPTABLE_FIELDS: &str = "koogate_v1_undecryptable_fields_total";
 pub const USAGE_RECORDS: &str = "koogate_usage_records_total";
 pub const USAGE_PUSHED: &str = "koogate_usage_pushed_total";
 pub const USAGE_REFUSED: &str = "koogate_usage_refused_total";
@@ -131,6 +133,10 @@ pub fn ready(ready: bool) {
 
 pub fn overload() {
     counter!(OVERLOAD).increment(1);
+}
+
+pub fn undecryptable_field(field: &'static str) {
+    counter!(UNDECRYPTABLE_FIELDS, "field" => field).increment(1);
 }
 
 /// `outcome`: ok, cached, not_found, auth_refused, refused, malformed, transport.

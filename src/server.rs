@@ -71,6 +71,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let settings = Settings {
         window_secs: config.timestamp_skew_secs,
+        v1_window_secs: config.v1_timestamp_skew_secs,
         frontend_url: config.frontend_url.clone(),
         admin_url: config.admin_url.clone(),
         encrypt_type: config.encrypt_type,

@@ -196,7 +196,7 @@ async fn the_gateway_runs_on_a_redis_cluster() {
         let query = format!(r#"{{"activity":"queryInstance","instanceId":"{}"}}"#, usage_instances.join(","));
         let res = gw.v2(query.as_bytes()).await;
         let info = res.json().unwrap()["info"].clone();
-        if info.as_array().unwrap().iter().all(|i| i["usageInfo"]["usageValue"] == "36") {
+        if info.as_array().unwrap().iter().all(|i| i["usageInfo"][0]["usageValue"] == "36") {
             break;
         }
         assert!(Instant::now() < deadline, "queryInstance does not show the pushed usage: {info}");

@@ -139,6 +139,9 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
         }
     }
     assert!(!everything.contains(PHONE) && !everything.contains(EMAIL), "decrypted contact data leaked");
+    // Issue 13.10: the undecryptable V1 phone of v1/bad is warned about, without its ciphertext.
+    assert!(out.contains("V1 contact field cannot be decrypted"), "no warning for the undecryptable phone");
+    assert!(!out.contains("not-base64"), "the undecryptable ciphertext was logged");
     assert!(bad_text.contains("KOOGATE_BILLING_SECRET"));
 }
 

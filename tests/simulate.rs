@@ -24,7 +24,7 @@ use koogate::store::keys::instance_id_for;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-const SCENARIO_CALLS: usize = 24;
+const SCENARIO_CALLS: usize = 35;
 
 async fn market() -> MarketServer {
     MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
@@ -169,7 +169,7 @@ fn the_orders_fixture_is_the_generated_book() {
 fn assert_clean(report: &Report) {
     assert!(report.ok(), "{}", report.table());
     assert_eq!(report.calls(), SCENARIO_CALLS, "{}", report.table());
-    assert_eq!(report.summary(), format!("6 scenarios, {SCENARIO_CALLS} calls, 0 violations"));
+    assert_eq!(report.summary(), format!("7 scenarios, {SCENARIO_CALLS} calls, 0 violations"));
     for s in &report.scenarios {
         for c in &s.calls {
             assert!(c.signature_ok && c.http_status == Some(200), "{}", report.table());
@@ -422,7 +422,7 @@ async fn the_binary_runs_every_scenario_and_exits_with_the_verdict() {
     let out = run_bin(&["simulate", "--listen", "127.0.0.1:0", "--gateway", &url, "--key", AK]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains(&format!("6 scenarios, {SCENARIO_CALLS} calls, 0 violations")), "{stdout}");
+    assert!(stdout.contains(&format!("7 scenarios, {SCENARIO_CALLS} calls, 0 violations")), "{stdout}");
     assert!(stdout.contains("KOOGATE_MARKETPLACE_URL=http://127.0.0.1:"), "{stdout}");
 
     let out = run_bin(&[
@@ -476,4 +476,21 @@ async fn the_binary_serves_the_order_api_until_sigterm() {
     std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(status.success());
+}
+
+/// The V1 pay-per-use scenario follows Huawei's pages, not the gateway: a
+/// gateway answering one instance for two billing items of one order, and
+/// queryInstance answers without `usageInfo[]`, are violations.
+#[tokio::test]
+async fn v1_pay_per_use_scenario_catches_one_instance_for_two_billing_items() {
+    let fake = FakeGateway::start(vec![Fake::Signed("000000", "")]).await;
+    let mut opts = fake.options();
+    opts.scenarios = vec!["v1-pay-per-use".into()];
+    let report = run_scenarios(&opts).await.unwrap();
+    let lines = report.violation_lines().join("\n");
+    assert!(lines.contains("each pay-per-use billing item (orderId + productId) needs its own instance"), "{lines}");
+    assert!(lines.contains("queryInstance answer has no info for"), "{lines}");
+    let seen = fake.seen();
+    assert!(seen.iter().any(|(q, _)| q.contains("chargingMode=0") && q.contains("activity=newInstance")), "{seen:?}");
+    assert!(seen.iter().any(|(q, _)| q.contains("instanceStatus=NORMAL")), "{seen:?}");
 }

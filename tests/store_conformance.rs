@@ -18,6 +18,7 @@ use koogate::store::{self, Outcome, Store, StoreSpec};
 fn settings() -> Settings {
     Settings {
         window_secs: 60,
+        v1_window_secs: 14_400,
         frontend_url: "https://console.example.com".into(),
         admin_url: None,
         encrypt_type: EncryptType::Aes256,

@@ -284,7 +284,8 @@ async fn pushes_once_in_batches(backend: Backend) {
     let answer = res.json().unwrap();
     for info in answer["info"].as_array().unwrap() {
         let id = info["instanceId"].as_str().unwrap();
-        let usage = &info["usageInfo"];
+        let usage = &info["usageInfo"][0];
+        assert_eq!(info["usageInfo"].as_array().map(Vec::len), Some(1), "{answer}");
         assert_eq!(e4(usage["usageValue"].as_str().unwrap()), accepted[id], "{answer}");
         assert_eq!(usage["statisticalTime"], hour(800), "{answer}");
     }

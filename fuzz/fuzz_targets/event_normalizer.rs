@@ -46,6 +46,7 @@ fn settings(mode: u8) -> Settings {
     };
     Settings {
         window_secs: common::WINDOW_SECS,
+        v1_window_secs: common::WINDOW_SECS,
         frontend_url: "https://app.example.com/koogallery".into(),
         admin_url: (mode & 8 != 0).then(|| "https://admin.example.com".into()),
         encrypt_type: if mode & 4 != 0 { EncryptType::Aes128 } else { EncryptType::Aes256 },
@@ -61,7 +62,7 @@ fn parse(mode: u8, input: &[u8]) -> Option<Call> {
     } else {
         let params: BTreeMap<String, String> =
             form_urlencoded::parse(input).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        parse_v1(&params, common::KEY).ok()
+        parse_v1(&params, common::KEY, koogate::protocol::crypto::EncryptType::Aes256).ok()
     }
 }
 
@@ -96,7 +97,7 @@ fn existing(planner: &Planner, generation: Generation, status: &str) -> Record {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     let call = match generation {
-        Generation::V1 => parse_v1(&params, common::KEY),
+        Generation::V1 => parse_v1(&params, common::KEY, koogate::protocol::crypto::EncryptType::Aes256),
         Generation::V2 => parse_v2(
             br#"{"activity":"newInstance","businessId":"b","orderId":"CS2211181819B4LVS","orderLineId":"CS2211181819B4LVS-000001"}"#,
         ),

@@ -22,7 +22,7 @@ use koogate::protocol::{Generation, ResultCode};
 use libfuzzer_sys::fuzz_target;
 
 fn check_parse(params: &BTreeMap<String, String>, key: &str) {
-    match parse_v1(params, key) {
+    match parse_v1(params, key, koogate::protocol::crypto::EncryptType::Aes256) {
         Ok(call) => assert_eq!(call.generation, Generation::V1),
         Err(rejection) => {
             assert_eq!(rejection.code(), ResultCode::InvalidParam, "{rejection:?}");

@@ -28,20 +28,25 @@ pub struct AppInfo {
 pub struct InstanceInfo {
     pub instance_id: String,
     pub app_info: AppInfo,
-    /// Pay-per-use instances: the usage KooGallery has taken.
+    /// Pay-per-use instances: the usage KooGallery has taken, an array
+    /// (`UsageInfo[]`) with one entry per billing item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage_info: Option<UsageInfo>,
+    pub usage_info: Option<Vec<UsageInfo>>,
 }
 
-/// `usageInfo` of a pay-per-use instance in a queryInstance answer.
+/// One `usageInfo` entry of a pay-per-use instance in a queryInstance answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageInfo {
-    /// Total pushed usage, a decimal string.
+    /// Pushed usage of this billing item, a decimal string.
     pub usage_value: String,
-    /// End of the latest pushed period (format: `unconfirmed::usage_statistical_time`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub statistical_time: Option<String>,
+    /// Up to when `usage_value` is counted: always present
+    /// (`unconfirmed::usage_statistical_time`).
+    pub statistical_time: String,
+    /// The related (package) instance id of a billing item linked to a
+    /// package (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`).
+    #[serde(rename = "relatedInstanceId", default, skip_serializing_if = "Option::is_none")]
+    pub related_instance_id: Option<String>,
 }
 
 /// An answer body. Field order is the wire order.

@@ -58,6 +58,9 @@ pub struct Purchase {
     /// Decrypted V1 contact fields. Personal data: never logged.
     pub mobile_phone: Option<String>,
     pub email: Option<String>,
+    /// V1 contact fields that arrived but could not be decrypted (issue 13.10):
+    /// the purchase goes on without them; the event marks them.
+    pub undecryptable: Vec<Undecryptable>,
     pub product_id: Option<String>,
     pub sku_code: Option<String>,
     pub trial: bool,
@@ -68,6 +71,14 @@ pub struct Purchase {
     pub amount: Option<String>,
     /// Linear quantity (V1 `amount` on upgrade; from the order API later).
     pub quantity: Option<String>,
+}
+
+/// A V1 contact field that could not be decrypted, and why (no content).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undecryptable {
+    /// `mobilePhone` or `email`.
+    pub field: &'static str,
+    pub why: crypto::DecryptError,
 }
 
 /// The activities of both generations, with their fields.
@@ -372,29 +383,46 @@ fn parse_id_list(list: &str) -> Result<Vec<String>, Rejection> {
 }
 
 /// Parses a V1 call's parameters (already verified). `access_key` decrypts
-/// `mobilePhone`/`email`.
-pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<Call, Rejection> {
+/// `mobilePhone`/`email` with the product's key size `encrypt_type`
+/// (`KOOGATE_ENCRYPT_TYPE`: the size the seller chose when publishing the
+/// product; V1 carries none per call).
+pub fn parse_v1(
+    params: &BTreeMap<String, String>,
+    access_key: &str,
+    encrypt_type: EncryptType,
+) -> Result<Call, Rejection> {
     let activity_name = params.req("activity", 64)?;
     let test = params.test_flag()?;
     let activity = match activity_name.as_str() {
         "newInstance" => {
-            let encrypt_type = match params.opt("encryptType", 1)? {
-                None => unconfirmed::V1_DEFAULT_ENCRYPT_TYPE,
-                Some(code) => EncryptType::parse(&code).ok_or_else(|| bad("encryptType", "must be \"1\" or \"2\""))?,
-            };
             let key = crypto::derive_key(access_key, encrypt_type);
-            let decrypt = |field: &'static str| -> Result<Option<String>, Rejection> {
-                params
-                    .opt(field, 256)?
-                    .map(|v| crypto::decrypt(&key, &v).map_err(|e| bad(field, format!("cannot be decrypted: {e}"))))
-                    .transpose()
+            let mut undecryptable = Vec::new();
+            // A contact field that does not decrypt must not fail the
+            // purchase (a failed order is refunded, and counts against the
+            // product): it is left out and marked (issue 13.10).
+            let mut decrypt = |field: &'static str| -> Result<Option<String>, Rejection> {
+                let Some(v) = params.opt(field, 256)? else { return Ok(None) };
+                match crypto::decrypt(&key, &v) {
+                    Ok(plain) => Ok(Some(plain)),
+                    Err(why) => {
+                        undecryptable.push(Undecryptable { field, why });
+                        Ok(None)
+                    }
+                }
             };
+            let mobile_phone = decrypt("mobilePhone")?;
+            let email = decrypt("email")?;
             let trial = match params.opt("trialFlag", 1)?.as_deref() {
                 None | Some("0") => false,
                 Some("1") => true,
                 Some(_) => return Err(bad("trialFlag", "must be \"0\" or \"1\"")),
             };
-            let charging_mode = params.opt("chargingMode", 8)?;
+            let charging_mode = params.opt("chargingMode", 8)?.map(|m| v1_charging_mode(&m)).transpose()?;
+            // Pay-per-use is one instance per billing item (orderId + productId):
+            // without a productId the item cannot be told apart.
+            if is_pay_per_use(charging_mode.as_deref()) && params.opt("productId", ID_MAX)?.is_none() {
+                return Err(Rejection::MissingField("productId"));
+            }
             Activity::NewInstance {
                 order_id: params.req("orderId", ID_MAX)?,
                 order_line_id: None,
@@ -404,13 +432,14 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
                     customer_name: params.opt("customerName", 256)?,
                     user_id: params.opt("userId", ID_MAX)?,
                     user_name: params.opt("userName", 256)?,
-                    mobile_phone: decrypt("mobilePhone")?,
-                    email: decrypt("email")?,
+                    mobile_phone,
+                    email,
+                    undecryptable,
                     product_id: params.opt("productId", ID_MAX)?,
                     sku_code: params.opt("skuCode", ID_MAX)?,
                     trial,
                     expire_time: opt_time(params, "expireTime")?,
-                    charging_mode: charging_mode.map(|m| v1_charging_mode(&m)).transpose()?,
+                    charging_mode,
                     period_type: params.opt("periodType", 16)?,
                     period_number: opt_count(params, "periodNumber")?,
                     amount: opt_decimal(params, "orderAmount", 3)?,
@@ -450,12 +479,17 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
             order_id: params.opt("orderId", ID_MAX)?,
             order_line_id: None,
         },
+        // V1 Instance Query (GET; mandatory for pay-per-use products), answered as V2's:
+        // https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html
+        "queryInstance" => {
+            Activity::QueryInstance { instance_ids: parse_id_list(&params.req("instanceId", 64 * 101)?)? }
+        }
         "instanceStatus" => {
             let status = params.req("instanceStatus", 16)?;
             Activity::UpdateStatus {
                 instance_id: params.req("instanceId", ID_MAX)?,
                 freeze: unconfirmed::v1_instance_status_is_freeze(&status)
-                    .ok_or_else(|| bad("instanceStatus", "must be FREEZE or UNFREEZE"))?,
+                    .ok_or_else(|| bad("instanceStatus", "must be FREEZE or NORMAL"))?,
             }
         }
         other => return Err(Rejection::UnknownActivity(truncate(other))),
@@ -463,13 +497,27 @@ pub fn parse_v1(params: &BTreeMap<String, String>, access_key: &str) -> Result<C
     Ok(Call { generation: Generation::V1, test, activity })
 }
 
-/// V1 `chargingMode`: `1` period, `3` one-time (normalized to the order API's words).
+/// V1 `chargingMode` (normalized to the order API's words): `0` pay-per-use,
+/// `1` period, `3` one-time, `5` pay-per-use package
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649013.html>).
 fn v1_charging_mode(code: &str) -> Result<String, Rejection> {
     match code {
+        "0" => Ok(PAY_PER_USE.into()),
         "1" => Ok("PERIOD".into()),
         "3" => Ok("ONE_TIME".into()),
-        _ => Err(bad("chargingMode", "must be 1 (period) or 3 (one-time)")),
+        "5" => Ok(PAY_PER_USE_PACKAGE.into()),
+        _ => Err(bad("chargingMode", "must be 0 (pay-per-use), 1 (period), 3 (one-time) or 5 (pay-per-use package)")),
     }
+}
+
+/// The order API's `chargingMode` of a pay-per-use specification.
+pub const PAY_PER_USE: &str = "ON_DEMAND";
+/// The order API's `chargingMode` of a pay-per-use package.
+pub const PAY_PER_USE_PACKAGE: &str = "ON_DEMAND_PKG";
+
+/// Is this (normalized) charging mode pay-per-use or a pay-per-use package?
+pub fn is_pay_per_use(charging_mode: Option<&str>) -> bool {
+    matches!(charging_mode, Some(PAY_PER_USE | PAY_PER_USE_PACKAGE))
 }
 
 #[cfg(test)]
@@ -561,7 +609,7 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         params.insert("mobilePhone".into(), crypto::encrypt(&key, "13800000000").unwrap());
-        let call = parse_v1(&params, "test-access-key-123").unwrap();
+        let call = parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap();
         assert!(call.test);
         match call.activity {
             Activity::NewInstance { purchase, order_line_id, .. } => {
@@ -572,15 +620,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // AES-128 products: the same field, encrypted with the 16-byte key.
+        let key128 = crypto::derive_key("test-access-key-123", EncryptType::Aes128);
+        params.insert("mobilePhone".into(), crypto::encrypt(&key128, "13900000000").unwrap());
+        match parse_v1(&params, "test-access-key-123", EncryptType::Aes128).unwrap().activity {
+            Activity::NewInstance { purchase, .. } => {
+                assert_eq!(purchase.mobile_phone.as_deref(), Some("13900000000"));
+                assert!(purchase.undecryptable.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Undecryptable: the purchase parses, the field is marked (13.10).
         params.insert("mobilePhone".into(), "abcdefgh12345678%%%".into());
-        assert!(matches!(
-            parse_v1(&params, "test-access-key-123").unwrap_err(),
-            Rejection::BadField { field: "mobilePhone", .. }
-        ));
+        match parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap().activity {
+            Activity::NewInstance { purchase, .. } => {
+                assert_eq!(purchase.mobile_phone, None);
+                assert_eq!(purchase.undecryptable.len(), 1);
+                assert_eq!(purchase.undecryptable[0].field, "mobilePhone");
+            }
+            other => panic!("{other:?}"),
+        }
         params.insert("mobilePhone".into(), crypto::encrypt(&key, "1").unwrap());
         params.insert("orderAmount".into(), "1.23456".into());
         assert!(matches!(
-            parse_v1(&params, "test-access-key-123").unwrap_err(),
+            parse_v1(&params, "test-access-key-123", EncryptType::Aes256).unwrap_err(),
             Rejection::BadField { field: "orderAmount", .. }
         ));
     }
@@ -596,7 +659,7 @@ mod tests {
             for (k, v) in extra {
                 p.insert(k.to_string(), v.to_string());
             }
-            match parse_v1(&p, "k").unwrap().activity {
+            match parse_v1(&p, "k", EncryptType::Aes256).unwrap().activity {
                 Activity::RefreshInstance { scene, .. } => scene,
                 other => panic!("{other:?}"),
             }

@@ -44,7 +44,7 @@ impl EncryptType {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecryptError {
     #[error("encrypted value is shorter than its 16-character IV")]
     TooShort,

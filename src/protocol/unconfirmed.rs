@@ -2,28 +2,58 @@
 //! to decide without a reference, lives here and nowhere else. When Huawei's
 //! behaviour turns out different, this is the one file to change.
 
-use super::crypto::EncryptType;
-
 /// V2 `timestamp` is documented as 13-digit milliseconds; older pages say
 /// seconds. A 10-digit value is read as seconds.
 pub const V2_TIMESTAMP_SECONDS_DIGITS: usize = 10;
 
-/// V1 `instanceStatus` values are unconfirmed: the reference says "as V2
-/// `status`", so `FREEZE`/`UNFREEZE` (ASCII case-insensitive) are accepted.
+/// V1 `instanceStatus` (pay-per-use "Resource Status Change"): Huawei documents
+/// `FREEZE` (frozen) and `NORMAL` (unfrozen), with an example URL for each
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649069.html>).
+/// `UNFREEZE` is not documented for V1; it is what the gateway accepted
+/// before (read as "as V2 `status`") and stays a **tolerated alias** of
+/// `NORMAL`, so nothing that worked stops working. ASCII case is ignored.
 pub fn v1_instance_status_is_freeze(value: &str) -> Option<bool> {
     if value.eq_ignore_ascii_case("FREEZE") {
         Some(true)
-    } else if value.eq_ignore_ascii_case("UNFREEZE") {
+    } else if value.eq_ignore_ascii_case("NORMAL") || value.eq_ignore_ascii_case(V1_UNFREEZE_ALIAS) {
         Some(false)
     } else {
         None
     }
 }
 
-/// The encryption of V1 `mobilePhone`/`email` is not stated per call: an
-/// `encryptType` parameter is honoured when present, else AES-256 (the V2
-/// default) is assumed.
-pub const V1_DEFAULT_ENCRYPT_TYPE: EncryptType = EncryptType::Aes256;
+/// The undocumented V1 spelling of "unfrozen" still accepted (see [`v1_instance_status_is_freeze`]).
+pub const V1_UNFREEZE_ALIAS: &str = "UNFREEZE";
+
+/// queryInstance `usageInfo[]` (protocol §6): one entry per billing item, and
+/// for a package "the related instance id". Its wire name is not in the
+/// reference: `relatedInstanceId` is answered. The gateway keeps the pushed
+/// usage of an instance per metering item: records without
+/// `relate_pkg_instance` (the instance's own billing item) make one entry,
+/// each distinct `relate_pkg_instance` another, naming that package instance.
+/// Not done: listing, on the package instance itself, the items of other
+/// instances linked to it (they live in those instances' shards).
+pub const USAGE_INFO_RELATED_INSTANCE: &str = "relatedInstanceId";
+
+/// V2 pay-per-use: Huawei's V2 newInstance page asks for idempotency "based on
+/// the order ID (orderId) and product ID (productId)" in pay-per-use
+/// transactions (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649092.html>),
+/// but the V2 call carries only `orderId` + `orderLineId`; the product ids are
+/// in the order query's `productInfo[]` of that line
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649116.html>),
+/// read after the answer. KooGallery calls newInstance once per order line, so
+/// the gateway answers one instance per order line, which covers every
+/// billing item (`productInfo`) of the line; usage of each item is pushed for
+/// that instance and queryInstance lists one `usageInfo` entry per item.
+/// Not confirmed: whether KooGallery sends one newInstance per productId.
+pub const V2_PAY_PER_USE_INSTANCE_PER_LINE: bool = true;
+
+/// V1 `mobilePhone`/`email` are encrypted with the key size the seller chose
+/// when publishing the product (protocol §7, §9): the gateway uses its
+/// `KOOGATE_ENCRYPT_TYPE`, the same setting as its answers' `encryptType`.
+/// Whether V1 ever sends a per-call `encryptType` is not documented: such a
+/// parameter is ignored like any unknown one (it is still signed over).
+pub const V1_ENCRYPT_TYPE_FROM_SETTING: bool = true;
 
 /// `changeInstanceCheck.productInfo` sub-fields are unconfirmed: an object or
 /// an array of objects is accepted and kept as sent; a `skuCode` found at the
@@ -49,10 +79,13 @@ pub fn v1_refresh_scene(trial_to_formal: bool, order_amount: Option<&str>) -> su
     }
 }
 
-/// V1 has no nonce. A V1 call is authenticated by its `authToken` and its
-/// `timeStamp` window only; KooGallery's retries of the same URL are answered
-/// from the dedup record, so no replay check is made on V1 (documented in the README).
-pub const V1_HAS_NONCE: bool = false;
+/// V1 documents no nonce. Its `authToken` is an HMAC over every parameter and
+/// the `timeStamp`, so it names one URL exactly and serves as the V1 nonce
+/// (issue 15.5): a repeat inside the window is answered with the first call's
+/// kept answer and changes nothing (no second event), so KooGallery's own
+/// retries of the same URL still succeed. Refusing a repeat (as a V2 nonce is)
+/// would fail those retries. See `gateway::v1_replay_guard`.
+pub const V1_NONCE_PARAM: &str = "authToken";
 
 /// The order query API's code for an unknown order is not documented here:
 /// `MKT.0100` (what the simulator answers) or a message saying the order does
@@ -137,9 +170,13 @@ pub enum UsageAnswerClass {
     Retry,
 }
 
-/// queryInstance `usageInfo.statisticalTime`: its format is not in the
+/// queryInstance `usageInfo[].statisticalTime`: its format is not in the
 /// reference. The end of the latest pushed period is answered in the usage
-/// API's own format, UTC `yyyyMMdd'T'HHmmss'Z'`.
+/// API's own format, UTC `yyyyMMdd'T'HHmmss'Z'`. When nothing was pushed yet
+/// for an entry, the value is `0` and `statisticalTime` is the time of the
+/// query: nothing was taken by KooGallery up to that moment (Huawei's V1
+/// Instance Query page asks for "the usage in real time",
+/// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html>).
 pub fn usage_statistical_time(end_secs: i64) -> String {
     crate::usage::record::compact(end_secs)
 }

@@ -130,6 +130,8 @@ fn check_window(timestamp_ms: i64, now_ms: i64, window_secs: u64) -> Result<(), 
 pub struct V1Verified<'k> {
     pub key: &'k Secret,
     pub params: BTreeMap<String, String>,
+    /// The verified `authToken` (a space read back as `+`): the V1 nonce.
+    pub auth_token: String,
 }
 
 /// Verifies a V1 call: `authToken` over every other parameter, keyed by
@@ -165,7 +167,7 @@ pub fn verify_v1<'k>(
         .find(|key| constant_time_eq(v1_auth_token(key.expose(), time_stamp, &canonical).as_bytes(), token.as_bytes()))
         .ok_or(Rejection::BadSignature)?;
     check_window(timestamp_ms, now_ms, window_secs)?;
-    Ok(V1Verified { key, params })
+    Ok(V1Verified { key, params, auth_token: token })
 }
 
 /// `timeStamp`: UTC `yyyyMMddHHmmssSSS`.

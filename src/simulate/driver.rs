@@ -230,6 +230,13 @@ async fn run_one(
         if let (Some(var), Some(id), Some("000000")) =
             (&step.capture, record.instance_id.clone(), record.result_code.as_deref())
         {
+            for other in &step.distinct_from {
+                if vars.get(other) == Some(&id) {
+                    record.violations.push(format!(
+                        "instanceId {id} was answered for {other:?} too: each pay-per-use billing item (orderId + productId) needs its own instance"
+                    ));
+                }
+            }
             match vars.get(var) {
                 Some(prev) if *prev != id => record
                     .violations
@@ -284,7 +291,10 @@ async fn call_until_usage(
     }
 }
 
-/// How a queryInstance answer's `usageInfo.usageValue`s differ from [`Step::expect_usage`].
+/// How a queryInstance answer's `usageInfo` differs from [`Step::expect_usage`].
+/// Huawei documents `usageInfo` as `UsageInfo[]`: one entry per billing item,
+/// each with `usageValue` and `statisticalTime`; the instance's total is the
+/// sum of its entries.
 fn usage_mismatches(step: &Step, vars: &BTreeMap<String, String>, json: &Value) -> Vec<String> {
     let mut out = Vec::new();
     let info = json.get("info").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
@@ -294,15 +304,40 @@ fn usage_mismatches(step: &Step, vars: &BTreeMap<String, String>, json: &Value) 
             continue; // "no info for" is reported by the queryInstance check
         };
         let expected = super::usage::format_e4(*total);
-        match item.pointer("/usageInfo/usageValue").and_then(Value::as_str) {
-            None => out.push(format!("{var} ({id}): no usageInfo.usageValue; expected {expected}")),
-            Some(v) => match parse_decimal_e4(v) {
-                Ok(got) if got == *total => {}
-                Ok(_) => {
-                    out.push(format!("{var} ({id}): usageInfo.usageValue {v}, expected {expected} (the usage posted)"))
+        let entries = match item.get("usageInfo") {
+            Some(Value::Array(entries)) if !entries.is_empty() => entries,
+            Some(Value::Array(_)) | None => {
+                out.push(format!("{var} ({id}): no usageInfo entry; expected {expected}"));
+                continue;
+            }
+            Some(other) => {
+                out.push(format!("{var} ({id}): usageInfo is not an array (UsageInfo[]): {other}"));
+                continue;
+            }
+        };
+        let mut sum = 0i64;
+        let mut bad = false;
+        for (n, entry) in entries.iter().enumerate() {
+            if entry.get("statisticalTime").and_then(Value::as_str).is_none_or(str::is_empty) {
+                out.push(format!("{var} ({id}): usageInfo[{n}] has no statisticalTime"));
+            }
+            match entry.get("usageValue").and_then(Value::as_str).map(parse_decimal_e4) {
+                Some(Ok(v)) => sum += v,
+                Some(Err(e)) => {
+                    out.push(format!("{var} ({id}): usageInfo[{n}].usageValue is not a decimal: {e}"));
+                    bad = true;
                 }
-                Err(e) => out.push(format!("{var} ({id}): usageInfo.usageValue is not a decimal: {e}")),
-            },
+                None => {
+                    out.push(format!("{var} ({id}): usageInfo[{n}] has no usageValue"));
+                    bad = true;
+                }
+            }
+        }
+        if !bad && sum != *total {
+            let got = super::usage::format_e4(sum);
+            out.push(format!(
+                "{var} ({id}): usageInfo[].usageValue sum to {got}, expected {expected} (the usage posted)"
+            ));
         }
     }
     out
@@ -510,16 +545,23 @@ mod tests {
         let vars = BTreeMap::from([("a".to_owned(), "id-a".to_owned()), ("b".to_owned(), "id-b".to_owned())]);
         let answer = |a: &str, b: Value| {
             serde_json::json!({"resultCode": "000000", "info": [
-                {"instanceId": "id-a", "usageInfo": {"usageValue": a}},
+                {"instanceId": "id-a", "usageInfo": [{"usageValue": a, "statisticalTime": "20261201T000000Z"}]},
                 {"instanceId": "id-b", "usageInfo": b},
             ]})
         };
-        let ok = answer("1.2345", serde_json::json!({"usageValue": "2.0000"}));
+        let t = "20261201T000000Z";
+        let ok = answer(
+            "1.2345",
+            serde_json::json!([{"usageValue": "1.5", "statisticalTime": t}, {"usageValue": "0.5", "statisticalTime": t, "relatedInstanceId": "p"}]),
+        );
         assert_eq!(usage_mismatches(&step, &vars, &ok), Vec::<String>::new());
-        let off = answer("1.2346", serde_json::json!({}));
+        let off = answer("1.2346", serde_json::json!({"usageValue": "2"}));
         let v = usage_mismatches(&step, &vars, &off);
         assert_eq!(v.len(), 2, "{v:?}");
-        assert!(v[0].contains("usageInfo.usageValue 1.2346, expected 1.2345"), "{v:?}");
-        assert!(v[1].contains("no usageInfo.usageValue; expected 2"), "{v:?}");
+        assert!(v[0].contains("usageInfo[].usageValue sum to 1.2346, expected 1.2345"), "{v:?}");
+        assert!(v[1].contains("usageInfo is not an array"), "{v:?}");
+        let untimed = answer("1.2345", serde_json::json!([{"usageValue": "2"}]));
+        let v = usage_mismatches(&step, &vars, &untimed);
+        assert_eq!(v, vec!["b (id-b): usageInfo[0] has no statisticalTime".to_owned()]);
     }
 }

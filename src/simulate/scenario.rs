@@ -47,6 +47,9 @@ pub struct Step {
     /// queryInstance: `usageInfo.usageValue` each captured instance must
     /// answer, in units of 0.0001 (by capture name).
     pub expect_usage: Vec<(String, i64)>,
+    /// newInstance: the answered `instanceId` must differ from these captures
+    /// (Huawei: one pay-per-use order with several productIds has several instances).
+    pub distinct_from: Vec<String>,
 }
 
 /// One hour of one workspace's usage, as the billing core posts it.
@@ -130,6 +133,7 @@ impl Step {
             expect_instance: None,
             same_answer_as: None,
             expect_usage: Vec::new(),
+            distinct_from: Vec::new(),
         }
     }
 
@@ -266,6 +270,47 @@ fn v1_new(order_id: &str, var: &str, params: &[(&str, &str)]) -> Step {
     step.test_flag(false)
 }
 
+/// A V1 pay-per-use purchase of one billing item, written from Huawei's V1
+/// Subscription page (not from the gateway): `chargingMode` `0` (pay-per-use)
+/// or `5` (package), and "if a specification in an order has multiple
+/// pay-per-use billing items, create instances for these billing items
+/// separately based on orderId (the same order ID) and productId (different
+/// product IDs)"
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649013.html>).
+/// No expected id: how the seller derives it is the seller's business.
+fn v1_ppu_new(order_id: &str, product_id: &str, charging_mode: &str, var: &str) -> Step {
+    let mut step = v1("newInstance", Some(order_id))
+        .field("businessId", Field::BusinessId)
+        .text("orderId", order_id)
+        .text("customerId", SIM_BUYER.customer_id)
+        .text("customerName", SIM_BUYER.customer_name)
+        .text("productId", product_id)
+        .text("skuCode", orders::SIM_SKU_PRO)
+        .text("chargingMode", charging_mode)
+        .text("trialFlag", "0")
+        .test_flag(false);
+    step.capture = Some(var.to_owned());
+    step
+}
+
+/// V1 Instance Query (GET), mandatory for pay-per-use products
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html>):
+/// every queried pay-per-use instance must answer `usageInfo` as an array
+/// with `usageValue` and `statisticalTime` in each entry; nothing was used yet.
+fn v1_query(vars: &[&str]) -> Step {
+    let mut step = v1("queryInstance", None)
+        .field("instanceId", Field::Instances(vars.iter().map(|v| (*v).to_owned()).collect()))
+        .test_flag(false);
+    step.expect_usage = vars.iter().map(|v| ((*v).to_owned(), 0)).collect();
+    step
+}
+
+/// V1 Resource Status Change: `FREEZE` or `NORMAL`
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649069.html>).
+fn v1_status(var: &str, status: &str) -> Step {
+    v1("instanceStatus", None).instance(var).text("instanceStatus", status).test_flag(false)
+}
+
 /// A named sequence of calls.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -278,15 +323,19 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order they are reported.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "stored-value-cards",
     "account-settlement-lifecycle",
     "trial-converted",
     "debug-probes",
     "retry-dedup",
     "v1-lifecycle",
+    V1_PAY_PER_USE,
     USAGE_SCENARIO,
 ];
+
+/// The V1 pay-per-use lifecycle (issue 13.13).
+pub const V1_PAY_PER_USE: &str = "v1-pay-per-use";
 
 /// The scenario that pushes usage (run only with the gateway's admin API).
 pub const USAGE_SCENARIO: &str = "account-settlement-usage";
@@ -390,7 +439,7 @@ impl Scenario {
                 let renew = id("SIMV1RENEW");
                 (
                     "v1-lifecycle",
-                    "a V1 monthly subscription: newInstance, refreshInstance, instanceStatus FREEZE and UNFREEZE, expireInstance, releaseInstance",
+                    "a V1 monthly subscription: newInstance, refreshInstance, instanceStatus FREEZE and NORMAL (unfreeze), expireInstance, releaseInstance",
                     vec![
                         v1_new(
                             &order,
@@ -418,13 +467,50 @@ impl Scenario {
                             .text("orderAmount", "99.00")
                             .test_flag(false),
                         v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "FREEZE").test_flag(false),
-                        v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "UNFREEZE").test_flag(false),
+                        v1("instanceStatus", None).instance("v1sub").text("instanceStatus", "NORMAL").test_flag(false),
                         v1("expireInstance", Some(&order)).instance("v1sub").text("orderId", &order).test_flag(false),
                         v1("releaseInstance", Some(&order))
                             .instance("v1sub")
                             .text("orderId", &order)
                             .text("orderAmount", "0")
                             .test_flag(false),
+                    ],
+                )
+            }
+            V1_PAY_PER_USE => {
+                let order = id("SIMV1PPU");
+                let package = id("SIMV1PKG");
+                let (item_a, item_b) = (format!("{}-1", orders::SIM_PRODUCT), format!("{}-2", orders::SIM_PRODUCT));
+                let mut second = v1_ppu_new(&order, &item_b, "0", "ppuB");
+                second.distinct_from = vec!["ppuA".into()];
+                // KooGallery's retry of the first item (a new businessId and timeStamp):
+                // the same instance and the same answer, byte for byte.
+                let mut retry = v1_ppu_new(&order, &item_a, "0", "ppuA");
+                retry.same_answer_as = Some(0);
+                let mut pkg = v1_ppu_new(&package, &item_a, "5", "ppuPkg");
+                pkg.distinct_from = vec!["ppuA".into(), "ppuB".into()];
+                let release = |var: &str, order: &str| {
+                    v1("releaseInstance", Some(order))
+                        .instance(var)
+                        .text("orderId", order)
+                        .text("orderAmount", "0")
+                        .test_flag(false)
+                };
+                (
+                    V1_PAY_PER_USE,
+                    "a V1 pay-per-use order with two billing items (one orderId, two productIds: two instances), a retry, a pay-per-use package, queryInstance with usageInfo arrays, instanceStatus FREEZE and NORMAL, releaseInstance",
+                    vec![
+                        v1_ppu_new(&order, &item_a, "0", "ppuA"),
+                        second,
+                        retry,
+                        pkg,
+                        v1_query(&["ppuA", "ppuB", "ppuPkg"]),
+                        v1_status("ppuA", "FREEZE"),
+                        v1_status("ppuA", "NORMAL"),
+                        v1_query(&["ppuA"]),
+                        release("ppuA", &order),
+                        release("ppuB", &order),
+                        release("ppuPkg", &package),
                     ],
                 )
             }
@@ -462,7 +548,7 @@ mod tests {
     fn every_name_has_a_scenario_and_orders_carry_the_run_id() {
         let all = Scenario::all("RTEST1");
         assert_eq!(all.iter().map(|s| s.name).collect::<Vec<_>>(), NAMES);
-        assert_eq!(all.iter().map(|s| s.steps.len()).sum::<usize>(), 28);
+        assert_eq!(all.iter().map(|s| s.steps.len()).sum::<usize>(), 39);
         assert_eq!(all.iter().filter(|s| s.usage.is_some()).map(|s| s.name).collect::<Vec<_>>(), [USAGE_SCENARIO]);
         for s in &all {
             for step in &s.steps {

@@ -45,6 +45,56 @@ pub fn instance_id_for(order_id: &str, order_line_id: Option<&str>) -> String {
     Uuid::from_bytes(bytes).hyphenated().to_string()
 }
 
+/// The instance id of one pay-per-use billing item: KooGallery trades
+/// pay-per-use by specification, and a specification with several billing
+/// items makes one order carry several product ids; each gets its own
+/// instance, keyed on order id + order line (V1: none) + product id
+/// (<https://support.huaweicloud.com/intl/en-us/accessg-marketplace/en-us_topic_0070649013.html>).
+/// Ids never contain control characters (the parser refuses them), so `\n`
+/// separates the parts unambiguously, as in [`instance_id_for`]; the three-part
+/// name can never equal a two-part one. The first hex digit is the order's shard.
+pub fn instance_id_for_item(order_id: &str, order_line_id: Option<&str>, product_id: &str) -> String {
+    let name = format!("{order_id}\n{}\n{product_id}", order_line_id.unwrap_or(""));
+    let mut bytes = *Uuid::new_v5(&INSTANCE_NAMESPACE, name.as_bytes()).as_bytes();
+    bytes[0] = (bytes[0] & 0x0f) | (order_shard(order_id) << 4);
+    Uuid::from_bytes(bytes).hyphenated().to_string()
+}
+
+/// The kept-answer (dedup) key of a pay-per-use billing item's purchase:
+/// every part length-prefixed (`<len>:<part>`), so no two (order, line,
+/// product) triples share a key whatever characters the ids hold.
+pub fn item_purchase_dedup(order_id: &str, order_line_id: Option<&str>, product_id: &str) -> String {
+    let mut key = String::from("newitem:");
+    for part in [order_id, order_line_id.unwrap_or(""), product_id] {
+        key.push_str(&format!("{}:{part}", part.len()));
+    }
+    key
+}
+
+/// The order record's field naming the instance of an order line (and, for a
+/// pay-per-use billing item, its product id after a `\n`).
+pub fn order_line_field(order_line_id: Option<&str>, product_id: Option<&str>) -> String {
+    match product_id {
+        None => format!("line:{}", order_line_id.unwrap_or("")),
+        Some(p) => format!("line:{}\n{p}", order_line_id.unwrap_or("")),
+    }
+}
+
+/// The order line id (and billing item product id) named by an order record field.
+pub fn parse_order_line_field(field: &str) -> Option<(&str, Option<&str>)> {
+    let rest = field.strip_prefix("line:")?;
+    Some(match rest.split_once('\n') {
+        Some((line, product)) => (line, Some(product)),
+        None => (rest, None),
+    })
+}
+
+/// The kept-answer (dedup) key of one V1 call, named by its `authToken` (the
+/// V1 nonce, issue 15.5). One component: nothing to encode.
+pub fn v1_call_dedup(auth_token: &str) -> String {
+    format!("v1call:{auth_token}")
+}
+
 /// Key names under a prefix.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -150,6 +200,21 @@ mod tests {
             let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
             assert_eq!(tag(&keys.instance(&id)), tag(&keys.order(order)));
         }
+    }
+
+    #[test]
+    fn billing_items_get_their_own_instances_and_keys() {
+        let a = instance_id_for_item("CS1", None, "P1");
+        assert_eq!(a, instance_id_for_item("CS1", None, "P1"));
+        assert_ne!(a, instance_id_for_item("CS1", None, "P2"));
+        assert_ne!(a, instance_id_for("CS1", None));
+        assert_ne!(a, instance_id_for("CS1", Some("P1")));
+        assert_eq!(instance_shard(&a), order_shard("CS1"));
+        assert_ne!(item_purchase_dedup("A/B", None, "C"), item_purchase_dedup("A", None, "B/C"));
+        assert_ne!(item_purchase_dedup("A1", Some(""), "2"), item_purchase_dedup("A", Some("1"), "2"));
+        assert_eq!(parse_order_line_field(&order_line_field(None, Some("P1"))), Some(("", Some("P1"))));
+        assert_eq!(parse_order_line_field(&order_line_field(Some("L"), None)), Some(("L", None)));
+        assert_eq!(parse_order_line_field("customer_id"), None);
     }
 
     #[test]

@@ -22,6 +22,15 @@ for i = 3, #ARGV, 5 do
         if not cur or tonumber(e) > tonumber(cur) then
           redis.call('HSET', ik, 'usage_end', e)
         end
+        -- per metering item (relate_pkg_instance), for queryInstance's usageInfo[]
+        local item = redis.call('HGET', rk, 'item')
+        if item and item ~= '' then
+          redis.call('HINCRBY', ik, 'usage_e4:' .. item, redis.call('HGET', rk, 'value_e4'))
+          local icur = redis.call('HGET', ik, 'usage_end:' .. item)
+          if not icur or tonumber(e) > tonumber(icur) then
+            redis.call('HSET', ik, 'usage_end:' .. item, e)
+          end
+        end
       end
     elseif kind == 'retry' then
       redis.call('HSET', rk, 'attempts', a, 'error', c, 'held', '')

@@ -185,6 +185,13 @@ pub struct UsageStats {
 pub const FIELD_USAGE_E4: &str = "usage_e4";
 pub const FIELD_USAGE_END: &str = "usage_end";
 
+/// The instance record field of the pushed usage of one metering item
+/// (`relate_pkg_instance`), beside the total ([`FIELD_USAGE_E4`]); the Redis
+/// settle script builds the same names (`usage_e4:<item>`, `usage_end:<item>`).
+pub fn item_usage_fields(item: &str) -> (String, String) {
+    (format!("{FIELD_USAGE_E4}:{item}"), format!("{FIELD_USAGE_END}:{item}"))
+}
+
 /// When a lease taken at `now_ms` runs out.
 pub fn lease_end(now_ms: i64, lease: std::time::Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2))

@@ -170,6 +170,15 @@ fn settle_in(txn: &WriteTransaction, settles: &[(UsageRecord, UsageSettle)], now
                     if inst.get(FIELD_USAGE_END).and_then(|v| v.parse::<i64>().ok()).is_none_or(|cur| end > cur) {
                         inst.insert(FIELD_USAGE_END.into(), end.to_string());
                     }
+                    // Per metering item (relate_pkg_instance), as usage_settle.lua.
+                    if let Some(item) = f.get("item").filter(|i| !i.is_empty()) {
+                        let (e4_field, end_field) = crate::usage::item_usage_fields(item);
+                        let item_total = num(&inst, &e4_field) + num(&f, "value_e4");
+                        inst.insert(e4_field, item_total.to_string());
+                        if inst.get(&end_field).and_then(|v| v.parse::<i64>().ok()).is_none_or(|cur| end > cur) {
+                            inst.insert(end_field, end.to_string());
+                        }
+                    }
                     put_record(txn, INSTANCES, &instance, &inst)?;
                 }
             }
