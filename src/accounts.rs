@@ -24,7 +24,7 @@ use crate::events::EventType;
 use crate::gateway::status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 use crate::store::{OutboxEntry, Record, Store, StoreError};
 use crate::usage::record::{compact, format_e4};
-use crate::usage::{FIELD_USAGE_E4, FIELD_USAGE_END};
+use crate::usage::{item_usage, FIELD_USAGE_E4, FIELD_USAGE_END, FIELD_USAGE_UNPUSHED_E4};
 
 /// Default and largest page of the account view.
 pub const DEFAULT_PAGE: u64 = 50;
@@ -74,12 +74,27 @@ pub fn instance_view(instance_id: &str, record: &Record) -> Value {
     Value::Object(v)
 }
 
-/// What KooGallery has taken of the instance's usage.
+/// The instance's usage: what KooGallery has taken and what is accepted but
+/// not pushed yet, in all and per billing item (its own, then each package
+/// it is linked to).
 fn usage_view(record: &Record) -> Value {
     let num = |f: &str| record.get(f).and_then(|v| v.parse::<i64>().ok());
+    let items: Vec<Value> = item_usage(record)
+        .into_iter()
+        .map(|i| {
+            json!({
+                "related_instance_id": i.related_instance,
+                "pushed": format_e4(i.pushed_e4),
+                "pushed_until": i.pushed_until.map(compact),
+                "unpushed": format_e4(i.unpushed_e4),
+            })
+        })
+        .collect();
     json!({
         "pushed": format_e4(num(FIELD_USAGE_E4).unwrap_or(0)),
         "pushed_until": num(FIELD_USAGE_END).map(compact),
+        "unpushed": format_e4(num(FIELD_USAGE_UNPUSHED_E4).unwrap_or(0)),
+        "items": items,
     })
 }
 
@@ -256,11 +271,21 @@ mod tests {
         let mut r = rec(ACTIVE, false);
         r.insert("protocol".into(), "v2".into());
         r.insert(FIELD_USAGE_E4.into(), "125000".into());
+        r.insert(format!("{FIELD_USAGE_E4}:pkg-1"), "25000".into());
+        r.insert(FIELD_USAGE_UNPUSHED_E4.into(), "5".into());
         r.insert("created_at".into(), "2026-12-01T10:00:00.000Z".into());
         let v = instance_view("id-1", &r);
         assert_eq!(v["resource_id"], "id-1");
         assert_eq!(v["enriched"], false);
         assert_eq!(v["usage"]["pushed"], "12.5");
-        assert_eq!(created_ms(&r, ""), 1_764_583_200_000);
+        assert_eq!(v["usage"]["unpushed"], "0.0005");
+        let items = v["usage"]["items"].as_array().unwrap();
+        assert_eq!((items[0]["related_instance_id"].clone(), items[0]["pushed"].clone()), (Value::Null, json!("10")));
+        assert_eq!(
+            (items[1]["related_instance_id"].clone(), items[1]["pushed"].clone()),
+            (json!("pkg-1"), json!("2.5"))
+        );
+        assert_eq!(items[0]["unpushed"], "0.0005");
+        assert_eq!(created_ms(&r, ""), 1_796_119_200_000);
     }
 }

@@ -525,9 +525,10 @@ impl Admin {
         if let Some(order_id) = record.get("order_id") {
             let order = self.store.order(order_id).await?;
             for (field, instance) in &order {
-                if let Some(line) = field.strip_prefix("line:") {
+                if let Some((line, product)) = crate::store::keys::parse_order_line_field(field) {
                     let line = if line.is_empty() { Value::Null } else { json!(line) };
-                    lines.push(json!({"order_id": order_id, "order_line_id": line, "instance_id": instance}));
+                    lines.push(json!({"order_id": order_id, "order_line_id": line, "product_id": product,
+                        "instance_id": instance}));
                 }
             }
         }

@@ -95,9 +95,10 @@ async fn release(gw: &TestGateway, instance: &str) {
     v2_ok(gw, json!({"activity": "releaseInstance", "instanceId": instance, "testFlag": "0"})).await;
 }
 
-fn usage(instance: &str, value: &str, sn: &str) -> Value {
-    // The last full hour: within KooGallery's 21 days, never in the future.
-    let end = chrono::Utc::now().timestamp() / 3600 * 3600;
+/// A record of the hour that ended `hours_ago` full hours ago (within
+/// KooGallery's 21 days, never in the future).
+fn usage(instance: &str, value: &str, sn: &str, hours_ago: i64) -> Value {
+    let end = chrono::Utc::now().timestamp() / 3600 * 3600 - hours_ago * 3600;
     let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
     json!({"instance_id": instance, "begin_time": t(end - 3600), "end_time": t(end), "usage_value": value, "metering_sn": sn})
 }
@@ -148,7 +149,7 @@ async fn binding(backend: Backend) {
     // Usage: what was accepted is pushed and shows per instance.
     let values = ["1.5", "2.25", "0.0001"];
     let records: Vec<Value> =
-        mine.iter().zip(values).enumerate().map(|(n, (i, v))| usage(i, v, &format!("acct-{run}-{n}"))).collect();
+        mine.iter().zip(values).enumerate().map(|(n, (i, v))| usage(i, v, &format!("acct-{run}-{n}"), 1)).collect();
     let (s, answer) = admin(&gw, Method::POST, "/v1/usage", Some(json!({ "records": records }))).await;
     assert_eq!(s, 200, "{answer}");
     let pushed = account_until(&gw, buyer, "its usage pushed", |_, v| {
@@ -158,7 +159,13 @@ async fn binding(backend: Backend) {
     for (i, v) in mine.iter().zip(values) {
         let shown = pushed["instances"].as_array().unwrap().iter().find(|x| x["instance_id"] == *i).unwrap();
         assert_eq!(shown["usage"]["pushed"], v, "{shown}");
+        assert_eq!(shown["usage"]["items"][0]["pushed"], v, "one billing item: {shown}");
     }
+    let settled = account_until(&gw, buyer, "nothing left unpushed", |_, v| {
+        v["instances"].as_array().is_some_and(|is| is.iter().all(|i| i["usage"]["unpushed"] == "0"))
+    })
+    .await;
+    assert_eq!(settled["total"], 3);
 
     // The resource view: account, order line, events.
     let first = mine.iter().next().unwrap().clone();
@@ -176,6 +183,7 @@ async fn binding(backend: Backend) {
     assert_eq!((s, ok["active"].as_bool()), (200, Some(true)), "{ok}");
     assert_eq!(ok["instances"].as_array().unwrap().len(), 3);
     status(&gw, &first, "FREEZE").await;
+    gw.drain().await; // nothing moves in the background while the store is compared
     let before = gw.snapshot().await;
     let (s, frozen) = verify(&gw, buyer, Some(&first)).await;
     assert_eq!((s, frozen["error"].as_str()), (409, Some("frozen")), "{frozen}");
@@ -184,6 +192,12 @@ async fn binding(backend: Backend) {
     let (s, still) = verify(&gw, buyer, None).await;
     assert_eq!((s, still["instances"].as_array().unwrap().len()), (200, 2), "two stay active: {still}");
     assert_eq!(gw.snapshot().await, before, "the binding check writes nothing");
+    // Usage of a frozen instance is accepted and held: it shows as unpushed.
+    let held = usage(&first, "4", &format!("acct-{run}-held"), 0);
+    let (s, answer) = admin(&gw, Method::POST, "/v1/usage", Some(json!({ "records": [held] }))).await;
+    assert_eq!((s, answer["accepted"].as_u64()), (200, Some(1)), "{answer}");
+    let (_, resource) = admin(&gw, Method::GET, &format!("/v1/instances/{first}"), None).await;
+    assert_eq!((&resource["usage"]["unpushed"], &resource["usage"]["pushed"]), (&json!("4"), &json!(values[0])));
     let (s, foreign) = verify(&gw, buyer, Some(&v1_instance)).await;
     assert_eq!((s, foreign["error"].as_str()), (404, Some("no_subscription")), "another account's instance");
 
