@@ -15,6 +15,9 @@
 //! | `GET /v1/usage/records/{metering_sn}` | one usage record and where its push stands |
 //! | `GET /v1/usage/dlq` | usage records KooGallery refused (or that were given up on) |
 //! | `POST /v1/usage/dlq/redrive` | `{"ids":[metering_sn…]}` or `{"all":true}`: push them again |
+//! | `GET /v1/accounts/{customer_id}?offset=&limit=` | the instances a Huawei Cloud account holds, newest first |
+//! | `POST /v1/accounts/{customer_id}/verify` | `{"instance_id"?}`: does it hold an active subscription (404/409 why not) |
+//! | `GET /v1/instances/{instance_id}` | one instance (resource id): account, order lines, event ids |
 
 use std::sync::Arc;
 
@@ -26,6 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::accounts;
 use crate::gateway::rfc3339;
 use crate::http::Body;
 use crate::marketplace::usage::PushRecord;
@@ -124,6 +128,17 @@ fn usage_view(u: &StoredUsage) -> Value {
     })
 }
 
+/// Says how many purchases' accounts are not known yet: they may belong to the account asked for.
+fn pending_note(res: &mut Value, pending: u64) {
+    res["enrichment_pending"] = json!(pending);
+    if pending > 0 {
+        res["enrichment_note"] = json!(format!(
+            "{pending} purchase(s) still wait for KooGallery's order query to name their buyer; \
+             they appear under their account once it answers"
+        ));
+    }
+}
+
 /// `{"redriven":[…],"missing":[…]}`: each id by whether its redrive moved something.
 fn redrive_answer(ids: Vec<String>, moved: &[bool]) -> Response<Body> {
     let (mut redriven, mut missing) = (Vec::new(), Vec::new());
@@ -146,6 +161,35 @@ struct RedriveBody {
     ids: Vec<String>,
     #[serde(default)]
     all: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    /// Check this instance (resource id) only.
+    #[serde(default)]
+    instance_id: Option<String>,
+}
+
+/// `?offset=&limit=` of a paginated view.
+struct Page {
+    offset: u64,
+    limit: u64,
+}
+
+impl Page {
+    /// The page a request asks for, or why it cannot be read.
+    fn of(req: &Request<Incoming>) -> Result<Self, String> {
+        let number = |name: &str, default: u64| match query_param(req, name) {
+            None => Ok(default),
+            Some(v) => v.parse::<u64>().map_err(|_| format!("{name} must be a whole number, not {v:?}")),
+        };
+        let (offset, limit) = (number("offset", 0)?, number("limit", accounts::DEFAULT_PAGE)?);
+        if limit == 0 || limit > accounts::MAX_PAGE {
+            return Err(format!("limit must be between 1 and {}", accounts::MAX_PAGE));
+        }
+        Ok(Self { offset, limit })
+    }
 }
 
 #[derive(Deserialize)]
@@ -230,6 +274,21 @@ impl Admin {
                 Ok(body) => self.usage_redrive(body).await,
                 Err(res) => return res,
             },
+            (Method::GET, ["accounts", customer]) => {
+                let page = match Page::of(&req) {
+                    Ok(page) => page,
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_query", msg),
+                };
+                self.account(customer, page).await
+            }
+            (Method::POST, ["accounts", customer, "verify"]) => {
+                let customer = (*customer).to_owned();
+                match read_optional_json::<VerifyBody>(req).await {
+                    Ok(body) => self.verify(&customer, body.instance_id.as_deref()).await,
+                    Err(res) => return res,
+                }
+            }
+            (Method::GET, ["instances", id]) => self.resource(id).await,
             _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
         };
         result.unwrap_or_else(|e| store_error(&e))
@@ -368,6 +427,118 @@ impl Admin {
         Ok(respond(StatusCode::OK, self.order_facts(order_id, &order).await?))
     }
 
+    /// `GET /v1/accounts/{customer_id}`: the account's instances, newest first.
+    async fn account(&self, customer: &str, page: Page) -> Result<Response<Body>, StoreError> {
+        let (found, pending) = tokio::try_join!(
+            self.store.account_instances(customer, page.offset, page.limit),
+            self.store.accounts_pending()
+        )?;
+        m::accounts_pending(pending);
+        if found.total == 0 {
+            m::account_lookup("account", "not_found");
+            let mut res = json!({
+                "error": "not_found",
+                "message": format!("account {customer} holds no instance known to this gateway"),
+            });
+            pending_note(&mut res, pending);
+            return Ok(respond(StatusCode::NOT_FOUND, res));
+        }
+        let records = self.store.instance_records(&found.instance_ids).await?;
+        let instances: Vec<Value> =
+            found.instance_ids.iter().zip(&records).map(|(id, r)| accounts::instance_view(id, r)).collect();
+        let next = page.offset + instances.len() as u64;
+        m::account_lookup("account", "found");
+        let mut res = json!({
+            "customer_id": customer,
+            "total": found.total,
+            "offset": page.offset,
+            "limit": page.limit,
+            "next_offset": if next < found.total { json!(next) } else { Value::Null },
+            "instances": instances,
+        });
+        pending_note(&mut res, pending);
+        Ok(respond(StatusCode::OK, res))
+    }
+
+    /// `POST /v1/accounts/{customer_id}/verify`: does the account hold an
+    /// active subscription (that one, with `instance_id`)? Reads only.
+    async fn verify(&self, customer: &str, named: Option<&str>) -> Result<Response<Body>, StoreError> {
+        let found = self.store.account_instances(customer, 0, accounts::VERIFY_SCAN).await?;
+        let records = self.store.instance_records(&found.instance_ids).await?;
+        let instances: Vec<(String, Record)> = found.instance_ids.into_iter().zip(records).collect();
+        let view = |id: &str| {
+            instances.iter().find(|(i, _)| i == id).map_or(Value::Null, |(i, r)| accounts::instance_view(i, r))
+        };
+        Ok(match accounts::verdict(&instances, named) {
+            accounts::Verdict::Active(ids) => {
+                m::account_lookup("verify", "active");
+                let views: Vec<Value> = ids.iter().map(|id| view(id)).collect();
+                respond(StatusCode::OK, json!({"customer_id": customer, "active": true, "instances": views}))
+            }
+            accounts::Verdict::Refused(refusal) => {
+                m::account_lookup("verify", refusal.code());
+                let message = match (refusal, named) {
+                    (accounts::Refusal::NoSubscription, Some(id)) => {
+                        format!("account {customer} holds no instance {id}")
+                    }
+                    (accounts::Refusal::NoSubscription, None) => {
+                        format!("account {customer} holds no subscription known to this gateway")
+                    }
+                    (r, Some(id)) => format!("instance {id} of account {customer} is {}", r.code()),
+                    (r, None) => format!("account {customer} holds no active subscription: the newest is {}", r.code()),
+                };
+                let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT);
+                let shown: Vec<Value> = match named {
+                    Some(id) => [view(id)].into_iter().filter(|v| !v.is_null()).collect(),
+                    None => instances.iter().map(|(i, r)| accounts::instance_view(i, r)).collect(),
+                };
+                let mut res = json!({
+                    "customer_id": customer,
+                    "active": false,
+                    "error": refusal.code(),
+                    "message": message,
+                    "instances": shown,
+                });
+                if refusal == accounts::Refusal::NoSubscription {
+                    pending_note(&mut res, self.store.accounts_pending().await?);
+                }
+                respond(status, res)
+            }
+        })
+    }
+
+    /// `GET /v1/instances/{instance_id}`: one instance (resource id) with its
+    /// account, its purchase order's lines and the ids of its events.
+    async fn resource(&self, id: &str) -> Result<Response<Body>, StoreError> {
+        let record = self.store.instance(id).await?;
+        if record.get("status").is_none_or(String::is_empty) {
+            m::account_lookup("instance", "not_found");
+            return Ok(error(StatusCode::NOT_FOUND, "not_found", format!("no instance {id}")));
+        }
+        let mut view = accounts::instance_view(id, &record);
+        view["account"] = match record.get("customer_id") {
+            Some(c) => json!({"customer_id": c, "customer_name": record.get("customer_name")}),
+            None => Value::Null,
+        };
+        view["account_pending"] = json!(!record.contains_key("customer_id") && view["enriched"] == false);
+        let mut lines = Vec::new();
+        if let Some(order_id) = record.get("order_id") {
+            let order = self.store.order(order_id).await?;
+            for (field, instance) in &order {
+                if let Some((line, product)) = crate::store::keys::parse_order_line_field(field) {
+                    let line = if line.is_empty() { Value::Null } else { json!(line) };
+                    lines.push(json!({"order_id": order_id, "order_line_id": line, "product_id": product,
+                        "instance_id": instance}));
+                }
+            }
+        }
+        view["order_lines"] = json!(lines);
+        let seq: u64 = record.get("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+        view["event_ids"] = json!((1..=seq).map(|n| crate::store::plan::event_id(id, n)).collect::<Vec<_>>());
+        m::account_lookup("instance", "found");
+        Ok(respond(StatusCode::OK, view))
+    }
+
     async fn redeem(&self, order_id: &str, body: RedeemBody) -> Result<Response<Body>, StoreError> {
         let at = rfc3339(chrono::Utc::now());
         Ok(match self.store.redeem(order_id, &body.customer_id, &body.redeemed_by, &at).await? {
@@ -388,6 +559,21 @@ impl Admin {
             }
         })
     }
+}
+
+/// Reads a small JSON body that may be absent (then `T::default()`), or answers 400.
+async fn read_optional_json<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
+    let body = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_body", "body unreadable or over 64 KiB"))?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
 }
 
 /// Reads a small JSON body, or answers 400.

@@ -28,6 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounts;
 use crate::backoff::Schedule;
 use crate::enrich::Enricher;
 use crate::events;
@@ -447,19 +448,26 @@ impl Worker {
             self.busy.insert(subject);
             let sender = Arc::clone(&self.sender);
             let enricher = self.enricher.clone();
+            let store = Arc::clone(&self.store);
             inflight.spawn(async move {
                 let started = Instant::now();
                 let mut outgoing = entry.clone();
-                if let Some(enricher) = enricher {
+                let mut waiting = None;
+                if let Some(enricher) = &enricher {
                     let completed = if Enricher::needs(&outgoing) {
                         enricher.enrich(&mut outgoing).await
                     } else {
                         enricher.refresh_facts(&mut outgoing).await
                     };
-                    if let Err(e) = completed {
-                        let error = format!("waiting for the order query API: {e}");
-                        return (entry, Attempt::Retry { error, after: None }, started.elapsed());
-                    }
+                    waiting = completed.err().map(|e| format!("waiting for the order query API: {e}"));
+                }
+                // The account index learns the buyer here (or that it is still unknown).
+                let may_learn = enricher.is_some();
+                if let Err(e) = accounts::link_on_delivery(&*store, &outgoing, now_ms(), may_learn).await {
+                    waiting = Some(format!("could not update the account index: {e}"));
+                }
+                if let Some(error) = waiting {
+                    return (entry, Attempt::Retry { error, after: None }, started.elapsed());
                 }
                 let attempt = sender.send(&outgoing).await;
                 (entry, attempt, started.elapsed())
@@ -540,6 +548,9 @@ impl Worker {
         }
         if let Ok(dlq) = self.store.dlq_list().await {
             m::dlq_events(dlq.len() as u64);
+        }
+        if let Ok(n) = self.store.accounts_pending().await {
+            m::accounts_pending(n);
         }
         match self.store.oldest_pending_ms().await {
             Ok(Some(ms)) => m::oldest_pending_age(Duration::from_millis(u64::try_from(now_ms() - ms).unwrap_or(0))),

@@ -735,33 +735,22 @@ impl Planner<'_> {
 /// to, naming it (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`). An entry with
 /// nothing pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
 fn usage_info(record: &Record, now_ms: i64) -> Option<Vec<UsageInfo>> {
-    use crate::usage::{FIELD_USAGE_E4, FIELD_USAGE_END};
-    let num = |field: &str| record.get(field).and_then(|v| v.parse::<i64>().ok());
-    let pushed = num(FIELD_USAGE_E4);
+    let pushed = record.contains_key(crate::usage::FIELD_USAGE_E4);
     let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
-    if pushed.is_none() && !pay_per_use {
+    if !pushed && !pay_per_use {
         return None;
     }
     let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
-    let prefix = format!("{FIELD_USAGE_E4}:");
-    let items: Vec<(&str, i64)> =
-        record.iter().filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?))).collect();
-    let own = pushed.unwrap_or(0) - items.iter().map(|(_, v)| v).sum::<i64>();
-    let mut out = Vec::new();
-    if own != 0 || items.is_empty() {
-        out.push(UsageInfo {
-            usage_value: crate::usage::record::format_e4(own),
-            statistical_time: when(num(FIELD_USAGE_END)),
-            related_instance_id: None,
-        });
-    }
-    for (item, value) in items {
-        let (_, end_field) = crate::usage::item_usage_fields(item);
-        out.push(UsageInfo {
-            usage_value: crate::usage::record::format_e4(value),
-            statistical_time: when(num(&end_field)),
-            related_instance_id: Some(item.to_owned()),
-        });
-    }
-    Some(out)
+    // KooGallery's view: what it took. A package item shows once something of
+    // it was pushed; the instance's own item when something of it was, or
+    // when nothing of a package was.
+    let all = crate::usage::item_usage(record);
+    let package_pushed = all.iter().any(|i| i.related_instance.is_some() && i.pushed_e4 != 0);
+    let shown = |i: &crate::usage::ItemUsage| i.pushed_e4 != 0 || (i.related_instance.is_none() && !package_pushed);
+    let items = all.into_iter().filter(shown).map(|item| UsageInfo {
+        usage_value: crate::usage::record::format_e4(item.pushed_e4),
+        statistical_time: when(item.pushed_until),
+        related_instance_id: item.related_instance,
+    });
+    Some(items.collect())
 }

@@ -13,6 +13,8 @@
 //! - [`delivery`]: moving events out of the outbox.
 //! - [`usage`]: account settlement: usage records from the billing core,
 //!   checked, stored and pushed to KooGallery's usage API exactly once.
+//! - [`accounts`]: account settlement binding: which instances a Huawei Cloud
+//!   account holds (account and resource views, the binding check).
 //! - [`marketplace`]: KooGallery's open API (order query, usage push).
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
 //! - [`config`]: settings from the environment and an optional TOML file.
@@ -21,6 +23,7 @@
 //! - [`client`]: calling a gateway as KooGallery does (replay, simulator, tests).
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod backoff;
 pub mod client;

@@ -37,6 +37,8 @@ pub const USAGE_DLQ_SIZE: &str = "koogate_usage_dlq_size";
 pub const USAGE_OLDEST_UNPUSHED_AGE: &str = "koogate_usage_oldest_unpushed_age_seconds";
 pub const USAGE_HELD_NEAR_EXPIRY: &str = "koogate_usage_held_near_expiry";
 pub const USAGE_CONFIG_FAULTS: &str = "koogate_usage_push_config_faults_total";
+pub const ACCOUNT_LOOKUPS: &str = "koogate_account_lookups_total";
+pub const ACCOUNTS_PENDING: &str = "koogate_accounts_pending";
 pub const BUILD_INFO: &str = "koogate_build_info";
 
 /// (name, help) of every koogate metric: each gets a `# HELP` line.
@@ -69,6 +71,8 @@ pub const HELP: &[(&str, &str)] = &[
     (UNDECRYPTABLE_FIELDS, "V1 contact fields that could not be decrypted (purchase accepted), by field"),
     (USAGE_HELD_NEAR_EXPIRY, "held usage records of frozen instances close to KooGallery's 21-day limit"),
     (USAGE_CONFIG_FAULTS, "usage pushes refused for a configuration fault (records held), by code"),
+    (ACCOUNT_LOOKUPS, "account settlement look-ups by the billing center, by kind and outcome"),
+    (ACCOUNTS_PENDING, "purchases whose Huawei Cloud account is not known yet (order query pending)"),
     (BUILD_INFO, "always 1; the version label says which koogate runs"),
 ];
 
@@ -326,4 +330,16 @@ pub fn usage_held_near_expiry(n: usize) {
 /// Records held back because their instance is frozen (last claim round).
 pub fn usage_held(n: usize) {
     gauge!(USAGE_HELD).set(n as f64);
+}
+
+/// Account settlement look-ups by the billing center: `kind` account, instance
+/// or verify; `outcome` found, not_found, active, no_subscription, frozen,
+/// expired, released, error.
+pub fn account_lookup(kind: &'static str, outcome: &'static str) {
+    counter!(ACCOUNT_LOOKUPS, "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// Instances whose Huawei Cloud account is not known yet (order query pending), as last seen.
+pub fn accounts_pending(n: u64) {
+    gauge!(ACCOUNTS_PENDING).set(n as f64);
 }

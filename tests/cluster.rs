@@ -225,3 +225,75 @@ async fn the_gateway_runs_on_a_redis_cluster() {
     usage_api.stop();
     gw.stop().await;
 }
+
+/// The account index on a cluster (issue #16): one account's purchases live in
+/// many shards (slots), its index in the customer's own slot; the account
+/// view and the binding check gather them across nodes.
+#[tokio::test]
+async fn the_account_index_spans_a_redis_cluster() {
+    let cluster = Cluster::start();
+    let url = format!("redis+cluster://127.0.0.1:{}", cluster.ports[0]);
+    let gw = TestGateway::start_on(Backend::Redis, "cluster-accounts", &url, &[("KOOGATE_ADMIN_TOKEN", "t0ken")]).await;
+    let customer = "acct-cluster-0123456789abcdef";
+    let mut instances = std::collections::BTreeSet::new();
+    for n in 0..8 {
+        let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
+        params.insert("customerId".into(), customer.into());
+        params.insert("orderId".into(), format!("CSACCTCLUSTER{n}"));
+        let res = gw.v1(&params).await;
+        assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
+        instances.insert(res.json().unwrap()["instanceId"].as_str().unwrap().to_owned());
+    }
+    let shards: std::collections::BTreeSet<u8> =
+        instances.iter().map(|i| koogate::store::keys::instance_shard(i)).collect();
+    assert!(shards.len() > 2, "the purchases span shards: {shards:?}");
+    let nodes: std::collections::BTreeSet<u16> = instances
+        .iter()
+        .map(|i| cluster.keyslot(&koogate::store::keys::Keys::new(&gw.prefix).instance(i)) / 5462)
+        .collect();
+
+    let get = |path: String| {
+        let admin = &gw.admin;
+        async move {
+            let res = admin.send(hyper::Method::GET, &path, &[("authorization", "Bearer t0ken")], "".into()).await;
+            let res = res.unwrap();
+            (res.status, serde_json::from_slice::<serde_json::Value>(&res.body).unwrap())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let view = loop {
+        let (status, view) = get(format!("/v1/accounts/{customer}")).await;
+        if status == 200 && view["total"] == 8 {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "the account never listed its 8 instances: {status} {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let listed: std::collections::BTreeSet<String> =
+        view["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(listed, instances);
+    assert!(view["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["status"] == "active" && i["customer_id"] == customer));
+    let res = gw
+        .admin
+        .send(
+            hyper::Method::POST,
+            &format!("/v1/accounts/{customer}/verify"),
+            &[("authorization", "Bearer t0ken")],
+            "".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    let keys = koogate::store::keys::Keys::new(&gw.prefix);
+    println!(
+        "account index on the cluster: 8 instances in {} shards on {} node(s), index key in slot {}",
+        shards.len(),
+        nodes.len(),
+        cluster.keyslot(&keys.account(customer))
+    );
+    gw.stop().await;
+}

@@ -224,12 +224,12 @@ fn usage_run(gw: &TestGateway, market: &MarketServer, run_id: &str) -> RunOption
 /// The scenario passed and KooGallery holds exactly each workspace's day.
 fn assert_settled(report: &Report, stats: &UsageSimStats, run_id: &str) {
     assert!(report.ok(), "{}", report.table());
-    assert_eq!(report.summary(), "1 scenarios, 6 calls, 0 violations", "{}", report.table());
+    assert_eq!(report.summary(), "1 scenarios, 7 calls, 0 violations", "{}", report.table());
     let calls = &report.scenarios[0].calls;
     let activities: Vec<&str> = calls.iter().map(|c| c.activity.as_str()).collect();
     assert_eq!(
         activities,
-        ["newInstance", "newInstance", "newInstance", "postUsage", "usageReceived", "queryInstance"]
+        ["newInstance", "newInstance", "newInstance", "postUsage", "usageReceived", "accountView", "queryInstance"]
     );
     assert_eq!(calls[3].result_code.as_deref(), Some("72/72"));
     assert_eq!(calls[4].result_code.as_deref(), Some("72/72"));
@@ -356,6 +356,9 @@ async fn the_binary_runs_the_usage_scenario_with_admin_flags() {
     let sim_url = format!("http://127.0.0.1:{port}");
     let env = [
         ("KOOGATE_MARKETPLACE_URL", sim_url.as_str()),
+        // The simulator's keys: the gateway learns the buyer of each purchase (the account view step).
+        ("KOOGATE_MARKETPLACE_AK", "sim-ak"),
+        ("KOOGATE_MARKETPLACE_SK", "sim-sk"),
         ("KOOGATE_USAGE_POLL_MS", "50"),
         ("KOOGATE_RETRY_INITIAL_MS", "50"),
         ("KOOGATE_ADMIN_TOKEN", ADMIN_TOKEN),
@@ -370,7 +373,7 @@ async fn the_binary_runs_the_usage_scenario_with_admin_flags() {
     let out = tokio::time::timeout(Duration::from_secs(120), child).await.expect("koogate simulate finishes").unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("1 scenarios, 6 calls, 0 violations"), "{stdout}");
+    assert!(stdout.contains("1 scenarios, 7 calls, 0 violations"), "{stdout}");
     assert!(stdout.contains("usage API: ") && stdout.contains(" 72 records"), "{stdout}");
     assert!(!stdout.contains(ADMIN_TOKEN) && !stdout.contains(AK), "no secret is printed");
 

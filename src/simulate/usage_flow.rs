@@ -10,6 +10,11 @@
 //!    be what the gateway accepted: no record lost, none counted twice, none
 //!    on another instance.
 //!
+//! 3. `adm accountView`: the buyer's account on the gateway's account view
+//!    (`GET /v1/accounts/{customer_id}`, account settlement binding) must list
+//!    every instance bought, active, with the usage KooGallery took and
+//!    nothing left unpushed.
+//!
 //! The final queryInstance then checks `usageInfo.usageValue` of each
 //! instance ([`super::scenario::Step::expect_usage`]).
 
@@ -145,7 +150,83 @@ pub async fn run(
     let accepted_all = posted.violations.is_empty();
     let received = await_received(http, target, plan, &ids, &accepted, first_step + 1).await;
     let received_all = accepted_all && received.violations.is_empty();
-    Ok(FlowOutcome { rows: vec![posted, received], received_all })
+    let mut rows = vec![posted, received];
+    if received_all {
+        rows.push(await_account(http, target, &ids, &accepted, first_step + 2).await);
+    }
+    Ok(FlowOutcome { rows, received_all })
+}
+
+/// The account the usage scenario's orders were bought by (the simulator's order book).
+const BUYER: &str = super::orders::SIM_BUYER.customer_id;
+
+/// Waits until the gateway's account view shows what was bought and pushed.
+async fn await_account(
+    http: &reqwest::Client,
+    target: &UsageTarget,
+    ids: &BTreeMap<String, String>,
+    accepted: &[PlannedUsage],
+    step: usize,
+) -> CallRecord {
+    let mut record = row(step, "adm", "accountView", ids.len());
+    let url = format!("{}/v1/accounts/{BUYER}?limit=500", target.admin_url);
+    let started = Instant::now();
+    let deadline = started + target.wait;
+    loop {
+        record.attempts += 1;
+        let view = match http.get(&url).bearer_auth(target.admin_token.expose()).send().await {
+            Ok(res) => {
+                record.http_status = Some(res.status().as_u16());
+                let body = res.bytes().await.unwrap_or_default();
+                serde_json::from_slice::<Value>(&body).map_err(|e| format!("the account view is not JSON: {e}"))
+            }
+            Err(e) => Err(format!("no answer from {url}: {}", crate::error_chain(&e))),
+        };
+        record.violations = match view {
+            Ok(view) => account_mismatches(&view, ids, accepted),
+            Err(why) => vec![why],
+        };
+        if record.violations.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let shown = ids.len() - record.violations.iter().filter(|v| v.contains("does not list")).count();
+    record.result_code = Some(format!("{shown}/{}", ids.len()));
+    record
+}
+
+/// How the account view differs from what was bought and pushed, in words.
+pub fn account_mismatches(view: &Value, ids: &BTreeMap<String, String>, accepted: &[PlannedUsage]) -> Vec<String> {
+    let listed = view["instances"].as_array().cloned().unwrap_or_default();
+    if listed.is_empty() {
+        let why = view["message"].as_str().unwrap_or("no instances");
+        return vec![format!(
+            "the account view of {BUYER} lists nothing ({why}); is the gateway's KOOGATE_MARKETPLACE_AK/SK this \
+             simulator's, so it learns the buyer from the order query?"
+        )];
+    }
+    let mut out = Vec::new();
+    for (var, id) in ids {
+        let Some(shown) = listed.iter().find(|i| i["instance_id"] == *id) else {
+            out.push(format!("the account view of {BUYER} does not list {var} ({id})"));
+            continue;
+        };
+        let expected: i64 = accepted.iter().filter(|r| r.var == *var).map(|r| r.value_e4).sum();
+        if shown["status"] != "active" {
+            out.push(format!("{var} ({id}) is {} in the account view, not active", shown["status"]));
+        }
+        if shown["usage"]["pushed"] != format_e4(expected).as_str() || shown["usage"]["unpushed"] != "0" {
+            out.push(format!(
+                "{var} ({id}): the account view shows {} pushed and {} unpushed; {} was accepted and taken by KooGallery",
+                shown["usage"]["pushed"],
+                shown["usage"]["unpushed"],
+                format_e4(expected)
+            ));
+        }
+    }
+    out
 }
 
 /// Posts the plan's records; the row and the records accepted (or duplicates of accepted ones).
@@ -441,6 +522,26 @@ mod tests {
         // A record the gateway refused must not have reached KooGallery.
         let v = compare(&plan, &ids, &plan.records[1..], &stats, wait);
         assert!(v.iter().any(|l| l.contains("the gateway accepted")), "{v:?}");
+    }
+
+    #[test]
+    fn the_account_view_must_list_every_instance_with_its_usage() {
+        let (plan, ids, _) = setup();
+        let total = |var: &str| format_e4(plan.records.iter().filter(|r| r.var == var).map(|r| r.value_e4).sum());
+        let entry = |id: &str, var: &str, status: &str| json!({"instance_id": id, "status": status, "usage": {"pushed": total(var), "unpushed": "0"}});
+        let good = json!({"instances": [entry("id-b", "b", "active"), entry("id-a", "a", "active"), entry("x", "a", "active")]});
+        assert_eq!(account_mismatches(&good, &ids, &plan.records), Vec::<String>::new());
+
+        let missing = json!({"instances": [entry("id-b", "b", "active")]});
+        let v = account_mismatches(&missing, &ids, &plan.records);
+        assert!(v[0].contains("does not list a (id-a)"), "{v:?}");
+        let frozen = json!({"instances": [entry("id-b", "b", "frozen"), entry("id-a", "a", "active")]});
+        assert!(account_mismatches(&frozen, &ids, &plan.records)[0].contains("is \"frozen\""));
+        let mut short = good.clone();
+        short["instances"][1]["usage"]["unpushed"] = json!("1");
+        assert!(account_mismatches(&short, &ids, &plan.records)[0].contains("1\" unpushed"));
+        let none = json!({"error": "not_found", "message": "account x holds no instance"});
+        assert!(account_mismatches(&none, &ids, &plan.records)[0].contains("KOOGATE_MARKETPLACE_AK/SK"));
     }
 
     #[test]

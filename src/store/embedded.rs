@@ -19,6 +19,7 @@ use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Re
 use super::{Store, StoreError};
 use crate::usage::{Decision, UsageClaim};
 
+mod accounts;
 mod usage;
 
 const NONCES: TableDefinition<&str, i64> = TableDefinition::new("nonces");
@@ -103,6 +104,10 @@ impl EmbeddedStore {
             txn.open_table(DLQ).map_err(err)?;
             txn.open_table(META).map_err(err)?;
             txn.open_table(ORDER_CACHE).map_err(err)?;
+            for table in [accounts::ACCOUNTS, accounts::ACCOUNT_OF] {
+                txn.open_table(table).map_err(err)?;
+            }
+            txn.open_table(accounts::ACCOUNT_PENDING).map_err(err)?;
             for table in
                 [usage::USAGE, usage::USAGE_PERIODS, usage::USAGE_PENDING, usage::USAGE_UNPUSHED, usage::USAGE_DLQ]
             {

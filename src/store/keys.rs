@@ -167,6 +167,17 @@ impl Keys {
         let shard = order_shard(metering_sn);
         (shard, format!("{}{{s{shard}}}:usage:sn", self.prefix))
     }
+    /// The instances an account holds (sorted set: instance id → purchase
+    /// time, UNIX ms), in the shard of the customer id: one key per account,
+    /// so a page of it is one command on one node, Redis Cluster included.
+    pub fn account(&self, customer_id: &str) -> String {
+        self.key(order_shard(customer_id), "acct", customer_id)
+    }
+    /// Instances of the shard whose account is not known yet (sorted set:
+    /// instance id → since, UNIX ms), beside the instance records.
+    pub fn account_pending(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:acct:pending", self.prefix)
+    }
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -46,7 +46,7 @@ impl StoreError {
 
 /// What the gateway needs from a store (and, as a supertrait, the usage ledger).
 #[async_trait]
-pub trait Store: UsageLedger + Send + Sync + 'static {
+pub trait Store: UsageLedger + AccountIndex + Send + Sync + 'static {
     /// Applies a plan atomically: all of it or nothing.
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError>;
 
@@ -162,6 +162,44 @@ pub trait UsageLedger {
 
     /// Gauges: unpushed records, the oldest one's acceptance time, dead records.
     async fn usage_stats(&self) -> Result<UsageStats, StoreError>;
+}
+
+/// One page of an account's instances (see [`AccountIndex::account_instances`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountPage {
+    /// Instance ids, newest purchase first.
+    pub instance_ids: Vec<String>,
+    /// How many instances the account holds in all.
+    pub total: u64,
+}
+
+/// The account index of account settlement (see [`crate::accounts`]): which
+/// instances a Huawei Cloud account (KooGallery `customerId`) holds. It is
+/// written where the account becomes known, in the delivery step (a V1
+/// purchase names its buyer; a V2 purchase learns it from the order query),
+/// never on the call path. Each backend implements it in its own `accounts`
+/// module.
+#[async_trait]
+pub trait AccountIndex {
+    /// Links an instance to the account that bought it, with its purchase
+    /// time (UNIX ms), and clears its pending mark. Idempotent: an instance
+    /// already linked keeps its first link.
+    async fn account_link(&self, customer_id: &str, instance_id: &str, created_ms: i64) -> Result<(), StoreError>;
+
+    /// Marks an instance whose account is not known yet (its order query is
+    /// still failing). Idempotent; [`AccountIndex::account_link`] clears it.
+    async fn account_pending(&self, instance_id: &str, since_ms: i64) -> Result<(), StoreError>;
+
+    /// Instances whose account is not known yet.
+    async fn accounts_pending(&self) -> Result<u64, StoreError>;
+
+    /// The account's instance ids from `offset`, at most `limit`, newest
+    /// purchase first (ties: greater instance id first), and the total.
+    async fn account_instances(&self, customer_id: &str, offset: u64, limit: u64) -> Result<AccountPage, StoreError>;
+
+    /// The records of several instances, in the order asked (an unknown id
+    /// gives an empty record).
+    async fn instance_records(&self, instance_ids: &[String]) -> Result<Vec<Record>, StoreError>;
 }
 
 /// Opens the store a `KOOGATE_STORE` value names.

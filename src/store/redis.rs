@@ -17,6 +17,7 @@ use super::keys::{instance_shard, Keys, SHARDS};
 use super::plan::{Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem};
 use super::{Store, StoreError};
 
+mod accounts;
 mod usage;
 
 const GROUP: &str = "koogate";

@@ -184,12 +184,65 @@ pub struct UsageStats {
 /// Instance record fields the push worker keeps for queryInstance.
 pub const FIELD_USAGE_E4: &str = "usage_e4";
 pub const FIELD_USAGE_END: &str = "usage_end";
+/// Instance record field of the usage accepted and not yet pushed (nor dead),
+/// in units of 0.0001, beside `usage_unpushed_e4:<item>` per metering item:
+/// added at intake and redrive, taken off when a record is pushed or dies.
+pub const FIELD_USAGE_UNPUSHED_E4: &str = "usage_unpushed_e4";
 
 /// The instance record field of the pushed usage of one metering item
 /// (`relate_pkg_instance`), beside the total ([`FIELD_USAGE_E4`]); the Redis
 /// settle script builds the same names (`usage_e4:<item>`, `usage_end:<item>`).
 pub fn item_usage_fields(item: &str) -> (String, String) {
     (format!("{FIELD_USAGE_E4}:{item}"), format!("{FIELD_USAGE_END}:{item}"))
+}
+
+/// The usage of one billing item of an instance, from its record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemUsage {
+    /// `None`: the instance's own item; else the package instance the
+    /// records named (`relate_pkg_instance`).
+    pub related_instance: Option<String>,
+    /// What KooGallery has taken, in units of 0.0001.
+    pub pushed_e4: i64,
+    /// End of the latest pushed period (UNIX s).
+    pub pushed_until: Option<i64>,
+    /// Accepted and not pushed yet (nor dead), in units of 0.0001.
+    pub unpushed_e4: i64,
+}
+
+/// The usage of an instance per billing item: the instance's own item first
+/// (shown when anything of it was accepted, or when nothing of a package
+/// was), then one per package it is linked to.
+pub fn item_usage(record: &std::collections::BTreeMap<String, String>) -> Vec<ItemUsage> {
+    let num = |field: &str| record.get(field).and_then(|v| v.parse::<i64>().ok());
+    let per_item = |total: &str| -> std::collections::BTreeMap<&str, i64> {
+        let prefix = format!("{total}:");
+        record.iter().filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?))).collect()
+    };
+    let (pushed, unpushed) = (per_item(FIELD_USAGE_E4), per_item(FIELD_USAGE_UNPUSHED_E4));
+    let own_pushed = num(FIELD_USAGE_E4).unwrap_or(0) - pushed.values().sum::<i64>();
+    let own_unpushed = num(FIELD_USAGE_UNPUSHED_E4).unwrap_or(0) - unpushed.values().sum::<i64>();
+    let mut items: std::collections::BTreeSet<&str> = pushed.keys().copied().collect();
+    items.extend(unpushed.keys().copied());
+    let mut out = Vec::new();
+    if own_pushed != 0 || own_unpushed != 0 || pushed.is_empty() {
+        out.push(ItemUsage {
+            related_instance: None,
+            pushed_e4: own_pushed,
+            pushed_until: num(FIELD_USAGE_END),
+            unpushed_e4: own_unpushed,
+        });
+    }
+    for item in items {
+        let (_, end_field) = item_usage_fields(item);
+        out.push(ItemUsage {
+            related_instance: Some(item.to_owned()),
+            pushed_e4: pushed.get(item).copied().unwrap_or(0),
+            pushed_until: num(&end_field),
+            unpushed_e4: unpushed.get(item).copied().unwrap_or(0),
+        });
+    }
+    out
 }
 
 /// When a lease taken at `now_ms` runs out.

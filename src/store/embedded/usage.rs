@@ -13,7 +13,7 @@ use super::{err, get_record, put_record, EmbeddedStore, Reply, INSTANCES};
 use crate::store::{StoreError, UsageLedger};
 use crate::usage::{
     decide, period_index, Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats, FIELD_USAGE_E4,
-    FIELD_USAGE_END,
+    FIELD_USAGE_END, FIELD_USAGE_UNPUSHED_E4,
 };
 
 type Fields = BTreeMap<String, String>;
@@ -103,6 +103,7 @@ fn accept_in(
             txn.open_table(USAGE_PERIODS).map_err(err)?.insert(key.as_str(), value.as_str()).map_err(err)?;
             insert(txn, USAGE_PENDING, &at(now_ms, &r.metering_sn))?;
             insert(txn, USAGE_UNPUSHED, &at(now_ms, &r.metering_sn))?;
+            count_unpushed(txn, &fields, 1)?;
             wrote = true;
         }
         out.push(decision);
@@ -207,10 +208,32 @@ fn settle_in(txn: &WriteTransaction, settles: &[(UsageRecord, UsageSettle)], now
     Ok(())
 }
 
-/// Takes a record out of the pending and unpushed sets.
+/// Takes a record out of the pending and unpushed sets, and its value out of
+/// its instance's unpushed usage.
 fn leave_pending(txn: &WriteTransaction, sn: &str, f: &Fields) -> Result<(), StoreError> {
     remove(txn, USAGE_PENDING, &at(num(f, "due_ms"), sn))?;
-    remove(txn, USAGE_UNPUSHED, &at(num(f, "accepted_ms"), sn))
+    remove(txn, USAGE_UNPUSHED, &at(num(f, "accepted_ms"), sn))?;
+    count_unpushed(txn, f, -1)
+}
+
+/// Adds a record's value (`sign` 1) to its instance's unpushed usage, in all
+/// and per metering item, or takes it off (`sign` -1), as the usage scripts do.
+fn count_unpushed(txn: &WriteTransaction, f: &Fields, sign: i64) -> Result<(), StoreError> {
+    let instance = f.get("instance").cloned().unwrap_or_default();
+    let mut inst = get_record(txn, INSTANCES, &instance)?;
+    if inst.is_empty() {
+        return Ok(());
+    }
+    let delta = sign * num(f, "value_e4");
+    let mut fields = vec![FIELD_USAGE_UNPUSHED_E4.to_owned()];
+    if let Some(item) = f.get("item").filter(|i| !i.is_empty()) {
+        fields.push(format!("{FIELD_USAGE_UNPUSHED_E4}:{item}"));
+    }
+    for field in fields {
+        let total = num(&inst, &field) + delta;
+        inst.insert(field, total.to_string());
+    }
+    put_record(txn, INSTANCES, &instance, &inst)
 }
 
 /// usage_redrive.lua
@@ -226,6 +249,7 @@ fn redrive_in(txn: &WriteTransaction, sn: &str, now_ms: i64) -> Result<bool, Sto
     f.insert("due_ms".into(), now_ms.to_string());
     insert(txn, USAGE_PENDING, &at(now_ms, sn))?;
     insert(txn, USAGE_UNPUSHED, &at(num(&f, "accepted_ms"), sn))?;
+    count_unpushed(txn, &f, 1)?;
     put_fields(txn, sn, &f)?;
     Ok(true)
 }
