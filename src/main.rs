@@ -55,6 +55,57 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Account settlement binding: what a Huawei Cloud account holds, through a running gateway's admin API.
+    Accounts {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: AccountsAction,
+    },
+    /// Look up an instance (resource id) through a running gateway's admin API.
+    Instances {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: InstancesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsAction {
+    /// The instances a Huawei Cloud account holds, newest first, with their status and usage.
+    Show {
+        /// The Huawei Cloud account ID (KooGallery's customerId).
+        customer_id: String,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Instances per page (1-500).
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Skip this many (newest first).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// Does the account hold an active subscription (that instance, when named)? Exit 1 when not.
+    Verify {
+        customer_id: String,
+        /// Check this instance (resource id) only.
+        instance_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum InstancesAction {
+    /// One instance (the "Resource ID" a customer sees): its account, status, order lines, usage and events.
+    Show {
+        instance_id: String,
+        /// Print the admin API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -325,20 +376,45 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text.replace('\n', " ")
 }
 
+/// A running gateway's admin API, as the CLI verbs reach it.
+struct AdminApi {
+    base: String,
+    client: KooClient,
+    auth: String,
+}
+
+impl AdminApi {
+    /// `--admin` (else `http://$KOOGATE_ADMIN_LISTEN`) and `KOOGATE_ADMIN_TOKEN` (environment or `--config`).
+    fn connect(admin: &AdminArgs, src: &Source, timeout: Duration) -> anyhow::Result<Self> {
+        let base = match &admin.admin {
+            Some(url) => url.clone(),
+            None => format!("http://{}", src.get("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|| "127.0.0.1:9090".into())),
+        };
+        let token = match src.secret("KOOGATE_ADMIN_TOKEN")? {
+            Some(t) => t.expose().trim().to_owned(),
+            None => bail!("KOOGATE_ADMIN_TOKEN: must be set (or KOOGATE_ADMIN_TOKEN_FILE, in the environment or --config) to use the admin API"),
+        };
+        let client = KooClient::new(&base).with_timeout(timeout);
+        Ok(Self { base, client, auth: format!("Bearer {token}") })
+    }
+
+    /// Sends a request; the answer's HTTP status and JSON body.
+    async fn send(&self, method: hyper::Method, path: &str, body: String) -> anyhow::Result<(u16, serde_json::Value)> {
+        let headers = [("authorization", self.auth.as_str()), ("content-type", "application/json")];
+        let res = self
+            .client
+            .send(method, path, &headers, body.into())
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let json = serde_json::from_slice(&res.body).context("the admin API answered something that is not JSON")?;
+        Ok((res.status, json))
+    }
+}
+
 async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> anyhow::Result<ExitCode> {
-    let base = match admin.admin {
-        Some(url) => url,
-        None => format!("http://{}", src.get("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|| "127.0.0.1:9090".into())),
-    };
-    let token = match src.secret("KOOGATE_ADMIN_TOKEN")? {
-        Some(t) => t.expose().trim().to_owned(),
-        None => bail!("KOOGATE_ADMIN_TOKEN: must be set (or KOOGATE_ADMIN_TOKEN_FILE, in the environment or --config) to use the admin API"),
-    };
     // A redrive of many ids is one request that may take a while: the store moves them one by one.
     let timeout = if matches!(action, DlqAction::Redrive { .. }) { 600 } else { 30 };
-    let client = KooClient::new(&base).with_timeout(Duration::from_secs(timeout));
-    let auth = format!("Bearer {token}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let api = AdminApi::connect(&admin, src, Duration::from_secs(timeout))?;
     let (list, show, redrive) = if usage {
         ("/v1/usage/dlq", "/v1/usage/records", "/v1/usage/dlq/redrive")
     } else {
@@ -356,12 +432,9 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
             (hyper::Method::POST, redrive.to_owned(), serde_json::json!({"all": all, "ids": ids}).to_string())
         }
     };
-    let res =
-        client.send(method, &path, &headers, body.into()).await.with_context(|| format!("cannot reach {base}"))?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&res.body).context("the admin API answered something that is not JSON")?;
-    if res.status >= 400 {
-        bail!("admin API answered HTTP {}: {}", res.status, json["message"].as_str().unwrap_or(""));
+    let (status, json) = api.send(method, &path, body).await?;
+    if status >= 400 {
+        bail!("admin API answered HTTP {status}: {}", json["message"].as_str().unwrap_or(""));
     }
     match action {
         DlqAction::List { limit, page } if usage => {
@@ -420,6 +493,114 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
 }
 
 /// Dead letters by when they died (oldest first), then id.
+/// A text field of an admin API answer, `-` when absent.
+fn text(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| if v.is_null() { "-".to_owned() } else { v.to_string() }, str::to_owned)
+}
+
+/// One instance as a table row: resource id, status, charging mode, SKU, created, pushed and unpushed usage.
+fn instance_row(i: &serde_json::Value) -> String {
+    format!(
+        "{:<38} {:<9} {:<14} {:<28} {:<25} {:>12} {:>12}",
+        text(&i["instance_id"]),
+        text(&i["status"]),
+        text(&i["charging_mode"]),
+        text(&i["sku_code"]),
+        text(&i["created_at"]),
+        text(&i["usage"]["pushed"]),
+        text(&i["usage"]["unpushed"]),
+    )
+}
+
+const INSTANCE_HEADER: &str = "RESOURCE ID (INSTANCE)                 STATUS    CHARGING       SKU                          CREATED                         PUSHED     UNPUSHED";
+
+async fn accounts(api: AdminApi, action: AccountsAction) -> anyhow::Result<ExitCode> {
+    match action {
+        AccountsAction::Show { customer_id, json, limit, offset } => {
+            let path = format!("/v1/accounts/{}?offset={offset}&limit={limit}", encode_segment(&customer_id));
+            let (status, view) = api.send(hyper::Method::GET, &path, String::new()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else if status == 200 {
+                let shown = view["instances"].as_array().cloned().unwrap_or_default();
+                println!("account {customer_id}: {} instance(s)", view["total"]);
+                println!("{INSTANCE_HEADER}");
+                for i in &shown {
+                    println!("{}", instance_row(i));
+                }
+                if let Some(next) = view["next_offset"].as_u64() {
+                    println!("more: --offset {next}");
+                }
+            }
+            if let Some(note) = view["enrichment_note"].as_str() {
+                eprintln!("{note}");
+            }
+            if status >= 400 {
+                eprintln!("koogate accounts: HTTP {status}: {}", text(&view["message"]));
+                return Ok(ExitCode::from(1));
+            }
+        }
+        AccountsAction::Verify { customer_id, instance_id, json } => {
+            let path = format!("/v1/accounts/{}/verify", encode_segment(&customer_id));
+            let body = serde_json::json!({ "instance_id": instance_id }).to_string();
+            let (status, verdict) = api.send(hyper::Method::POST, &path, body).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&verdict)?);
+            } else if status == 200 {
+                let ids: Vec<String> =
+                    verdict["instances"].as_array().into_iter().flatten().map(|i| text(&i["instance_id"])).collect();
+                println!("active: account {customer_id} holds {}", ids.join(", "));
+            } else {
+                println!("not active ({}): {}", text(&verdict["error"]), text(&verdict["message"]));
+            }
+            if status != 200 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn instance(api: AdminApi, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (status, view) =
+        api.send(hyper::Method::GET, &format!("/v1/instances/{}", encode_segment(id)), String::new()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else if status == 200 {
+        println!("{INSTANCE_HEADER}\n{}", instance_row(&view));
+        let account = match view["account"]["customer_id"].as_str() {
+            Some(c) => format!("{c} ({})", text(&view["account"]["customer_name"])),
+            None if view["account_pending"] == true => "not known yet (order query pending)".to_owned(),
+            None => "-".to_owned(),
+        };
+        println!("account:     {account}");
+        for line in view["order_lines"].as_array().into_iter().flatten() {
+            println!("order line:  {} {}", text(&line["order_id"]), text(&line["order_line_id"]));
+        }
+        for item in view["usage"]["items"].as_array().into_iter().flatten() {
+            let which = item["related_instance_id"].as_str().map_or("own".to_owned(), |p| format!("package {p}"));
+            println!(
+                "usage:       {which}: pushed {} (until {}), unpushed {}",
+                text(&item["pushed"]),
+                text(&item["pushed_until"]),
+                text(&item["unpushed"])
+            );
+        }
+        let events: Vec<String> = view["event_ids"].as_array().into_iter().flatten().map(text).collect();
+        println!("events:      {}", events.join(" "));
+    }
+    if status >= 400 {
+        eprintln!("koogate instances: HTTP {status}: {}", text(&view["message"]));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A path segment, percent-encoded (ids are caller-controlled).
+fn encode_segment(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
 fn sorted_letters(json: &serde_json::Value, id: &str) -> Vec<serde_json::Value> {
     let mut letters = json["dead_letters"].as_array().cloned().unwrap_or_default();
     letters.sort_by(|a, b| {
@@ -576,6 +757,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq { admin, usage, action } => {
             let src = Source::load(config_file)?;
             return dlq(admin, usage, action, &src).await;
+        }
+        Command::Accounts { admin, action } => {
+            let src = Source::load(config_file)?;
+            return accounts(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, action).await;
+        }
+        Command::Instances { admin, action: InstancesAction::Show { instance_id, json } } => {
+            let src = Source::load(config_file)?;
+            return instance(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, &instance_id, json).await;
         }
         Command::Replay(args) => {
             let src = Source::load(config_file)?;

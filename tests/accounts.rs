@@ -301,3 +301,60 @@ async fn redis_work_of_a_call_and_of_a_lookup() {
     assert_eq!(delta(&after_calls, &after_lookup, "hgetall"), 1, "and its one instance record");
     gw.stop().await;
 }
+
+/// `koogate accounts show|verify` and `koogate instances show` against a running gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_accounts_and_instances() {
+    let gw = TestGateway::start_with(Backend::Redis, "accounts-cli", &[("KOOGATE_ADMIN_TOKEN", TOKEN)]).await;
+    let customer = format!("acct-cli-{}", new_run_id());
+    let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    params.insert("customerId".into(), customer.clone());
+    params.insert("orderId".into(), format!("CSACCTCLI{}", new_run_id()));
+    let res = gw.v1(&params).await;
+    let instance = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    account_until(&gw, &customer, "its instance", |s, v| s == 200 && v["total"] == 1).await;
+
+    let admin = format!("http://{}", gw.running().admin_addr);
+    let cli = |args: Vec<String>| {
+        let admin = admin.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
+                .args(&args)
+                .arg("--admin")
+                .arg(&admin)
+                .env("KOOGATE_ADMIN_TOKEN", TOKEN)
+                .env("NO_COLOR", "1")
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let (code, out, err) = cli(s(&["accounts", "show", &customer])).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("account {customer}: 1 instance(s)")) && out.contains(&instance), "{out}");
+    assert!(out.contains("RESOURCE ID") && out.contains("active"), "{out}");
+    let (code, out, _) = cli(s(&["accounts", "show", &customer, "--json"])).await;
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, json["instances"][0]["instance_id"].as_str()), (Some(0), Some(instance.as_str())));
+    let (code, out, _) = cli(s(&["instances", "show", &instance])).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("account:     {customer}")) && out.contains(&format!("evt_{instance}_1")), "{out}");
+    let (code, out, _) = cli(s(&["accounts", "verify", &customer])).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("active: "), "{out}");
+    let (code, out, err) = cli(s(&["accounts", "show", "no-such-account"])).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("HTTP 404"), "{err}");
+    let (code, out, _) = cli(s(&["accounts", "verify", "no-such-account"])).await;
+    assert_eq!(code, Some(1));
+    assert!(out.contains("not active (no_subscription)"), "{out}");
+    let (code, _, err) = cli(s(&["instances", "show", "no-such-instance"])).await;
+    assert_eq!(code, Some(1), "{err}");
+    gw.stop().await;
+}
