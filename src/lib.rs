@@ -11,6 +11,7 @@
 //!   Redis backend (one Lua script per call) and an embedded redb backend.
 //! - [`events`]: the normalized event model and the SKU map.
 //! - [`delivery`]: moving events out of the outbox.
+//! - [`jsonl`]: the JSONL event target (group commit, rotation).
 //! - [`usage`]: account settlement: usage records from the billing core,
 //!   checked, stored and pushed to KooGallery's usage API exactly once.
 //! - [`marketplace`]: KooGallery's open API (order query, usage push).
@@ -30,6 +31,7 @@ pub mod enrich;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod jsonl;
 pub mod marketplace;
 pub mod metrics;
 pub mod protocol;
