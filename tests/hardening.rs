@@ -75,3 +75,104 @@ async fn jsonl_target_follows_rename_and_delete() {
     assert!(lost.is_empty(), "events lost: {lost:?}");
     gw.stop().await;
 }
+
+/// Order `A/B` line `C` and order `A` line `B/C` are two purchases: two
+/// instances, two events (they shared the kept-answer key `new:A/B/C`).
+async fn slashes_make_two_purchases(backend: Backend) {
+    let gw = TestGateway::start(backend, "slashes").await;
+    // Both orders in one shard (the kept-answer keys live in the order's shard):
+    // order `{a}/{b}` line `C` and order `{a}` line `{b}/C`.
+    let shard = koogate::store::keys::order_shard;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase();
+    let a = format!("CS{tag}");
+    let b = (0..10_000).map(|i| format!("B{i}")).find(|b| shard(&format!("{a}/{b}")) == shard(&a)).unwrap();
+    let call = |order: &str, line: &str| {
+        format!(
+            r#"{{"activity":"newInstance","businessId":"b-{order}-{line}","orderId":"{order}","orderLineId":"{line}","testFlag":"0"}}"#
+        )
+    };
+    let (first_call, second_call) = (call(&format!("{a}/{b}"), "C"), call(&a, &format!("{b}/C")));
+    let first = gw.v2(first_call.as_bytes()).await;
+    let second = gw.v2(second_call.as_bytes()).await;
+    assert_eq!(first.result_code().as_deref(), Some("000000"));
+    assert_eq!(second.result_code().as_deref(), Some("000000"));
+    let (one, two) = (first.json().unwrap(), second.json().unwrap());
+    assert_ne!(one["instanceId"], two["instanceId"], "two purchases, two instances ({backend:?})");
+    gw.drain().await;
+    let events = gw.events();
+    let lines: BTreeSet<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["order_id"].as_str().unwrap().to_owned(),
+                e["data"]["order_line_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "two events ({backend:?}): {events:?}");
+    assert_eq!(lines.len(), 2);
+    // A retry of each is still answered with its own first answer, and makes no event.
+    assert_eq!(gw.v2(first_call.as_bytes()).await.json().unwrap()["instanceId"], one["instanceId"]);
+    assert_eq!(gw.v2(second_call.as_bytes()).await.json().unwrap()["instanceId"], two["instanceId"]);
+    gw.drain().await;
+    assert_eq!(gw.events().len(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn slashes_make_two_purchases_redis() {
+    slashes_make_two_purchases(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn slashes_make_two_purchases_embedded() {
+    slashes_make_two_purchases(Backend::Embedded).await;
+}
+
+/// An answer kept by an older version under the legacy key
+/// (`new:{orderId}/{orderLineId}`) is still returned to a retry.
+async fn legacy_kept_answers_are_found(backend: Backend) {
+    use koogate::store::keys::{instance_id_for, order_shard};
+    use koogate::store::plan::{Branch, Plan, ANY};
+    let gw = TestGateway::start(backend, "legacy-dedup").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase();
+    let (order, line) = (format!("CSLEG{tag}"), format!("CSLEG{tag}-000001"));
+    let instance = instance_id_for(&order, Some(&line));
+    let kept = r#"{"resultCode":"000000","resultMsg":"success","instanceId":"kept-by-the-old-version"}"#;
+    // What the old version's plan did: keep the answer under `new:{order}/{line}`.
+    let old = Plan {
+        shard: order_shard(&order),
+        nonce: None,
+        nonce_ttl_secs: 60,
+        dedup: Some(format!("new:{order}/{line}")),
+        dedup_legacy: None,
+        subject: instance.clone(),
+        order: None,
+        branches: [(
+            ANY.to_owned(),
+            Branch { code: "000000".into(), answer: kept.into(), keep: true, ..Default::default() },
+        )]
+        .into(),
+        read: Vec::new(),
+        now_ms: now_ms(),
+    };
+    gw.running().store.apply(&old).await.unwrap();
+    let body = format!(
+        r#"{{"activity":"newInstance","businessId":"b-{tag}","orderId":"{order}","orderLineId":"{line}","testFlag":"0"}}"#
+    );
+    let res = gw.v2(body.as_bytes()).await;
+    assert_eq!(res.json().unwrap()["instanceId"], "kept-by-the-old-version", "{backend:?}");
+    gw.drain().await;
+    assert!(gw.events().is_empty(), "a retry of a kept purchase makes no event ({backend:?})");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_kept_answers_are_found_redis() {
+    legacy_kept_answers_are_found(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn legacy_kept_answers_are_found_embedded() {
+    legacy_kept_answers_are_found(Backend::Embedded).await;
+}
