@@ -176,3 +176,82 @@ async fn legacy_kept_answers_are_found_redis() {
 async fn legacy_kept_answers_are_found_embedded() {
     legacy_kept_answers_are_found(Backend::Embedded).await;
 }
+
+/// Identical usage records racing with the purchase of their instance: the
+/// first are refused (unknown instance), a later one accepted. The refused ones
+/// must not unregister the sn the accepted one holds, or a different record on
+/// another instance is then accepted with the same sn (KooGallery dedups by sn:
+/// one of the two is never billed).
+async fn racing_registrations(store_url: &str, name: &str) {
+    use koogate::usage::{Decision, UsageRecord};
+    const TRIES: usize = 300;
+    const RACERS: usize = 8;
+    let gw = TestGateway::start_on(Backend::Redis, name, store_url, &[("KOOGATE_STORE", store_url)]).await;
+    let store = std::sync::Arc::clone(&gw.running().store);
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_uppercase();
+    let new_instance = |order: String| {
+        let gw = &gw;
+        async move {
+            tokio::time::sleep(Duration::ZERO).await;
+            let body = format!(
+                r#"{{"activity":"newInstance","businessId":"b-{order}","orderId":"{order}","orderLineId":"{order}-000001","testFlag":"0"}}"#
+            );
+            let res = gw.v2(body.as_bytes()).await;
+            res.json().unwrap()["instanceId"].as_str().unwrap().to_owned()
+        }
+    };
+    let other = new_instance(format!("CSOTHER{tag}")).await;
+    let record = |sn: &str, instance: &str| UsageRecord {
+        metering_sn: sn.to_owned(),
+        instance_id: instance.to_owned(),
+        item: "api_calls".into(),
+        begin: 1_700_000_000,
+        end: 1_700_003_600,
+        value_e4: 10_000,
+    };
+    let (mut split, mut duplicates) = (0, 0);
+    for t in 0..TRIES {
+        let order = format!("CSRACE{tag}{t:04}");
+        let instance = koogate::store::keys::instance_id_for(&order, Some(&format!("{order}-000001")));
+        let sn = format!("sn-{tag}-{t}");
+        let racers = (0..RACERS).map(|i| {
+            let (store, rec) = (std::sync::Arc::clone(&store), record(&sn, &instance));
+            async move {
+                tokio::time::sleep(Duration::from_micros(700 * i as u64)).await;
+                store.usage_accept(&[rec], now_ms()).await.unwrap().remove(0)
+            }
+        });
+        // The purchase lands somewhere among the racers (a different place each try).
+        let purchase = async {
+            tokio::time::sleep(Duration::from_micros(400 * (t % 12) as u64)).await;
+            new_instance(order.clone()).await
+        };
+        let (decisions, _) = tokio::join!(futures::future::join_all(racers), purchase);
+        let accepted = decisions.iter().filter(|d| matches!(d, Decision::Accepted | Decision::Duplicate)).count();
+        if accepted > 0 && accepted < RACERS {
+            split += 1;
+        }
+        // Another record with the same sn on another instance.
+        let reuse = store.usage_accept(&[record(&sn, &other)], now_ms()).await.unwrap().remove(0);
+        if accepted > 0 && matches!(reuse, Decision::Accepted) {
+            duplicates += 1;
+        }
+    }
+    println!(
+        "racing registrations ({name}): {} requests in {TRIES} tries, {split} tries split between accepted and refused, {duplicates} duplicate sns",
+        TRIES * RACERS
+    );
+    assert_eq!(duplicates, 0, "an sn was accepted for two records");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn racing_registrations_single_redis() {
+    racing_registrations(REDIS_URL, "race-single").await;
+}
+
+#[tokio::test]
+async fn racing_registrations_redis_cluster() {
+    let cluster = common::cluster::Cluster::start();
+    racing_registrations(&cluster.url(), "race-cluster").await;
+}

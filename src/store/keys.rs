@@ -183,6 +183,12 @@ impl Keys {
         let shard = order_shard(metering_sn);
         (shard, format!("{}{{s{shard}}}:usage:sn", self.prefix))
     }
+    /// How many requests hold a claim on a registered metering_sn (hash: metering_sn →
+    /// count), beside the registry: an sn is unregistered only when none is left.
+    pub fn usage_sn_claims(&self, metering_sn: &str) -> String {
+        let shard = order_shard(metering_sn);
+        format!("{}{{s{shard}}}:usage:sn_claims", self.prefix)
+    }
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
