@@ -255,3 +255,53 @@ async fn racing_registrations_redis_cluster() {
     let cluster = common::cluster::Cluster::start();
     racing_registrations(&cluster.url(), "race-cluster").await;
 }
+
+const TOKEN: &str = "admin-token-hardening-5d1e";
+
+async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body)).await.expect("admin API answers");
+    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+}
+
+/// Admin paths are percent-decoded per segment; an oversized admin body is answered 413.
+#[tokio::test]
+async fn admin_paths_are_percent_decoded_and_big_bodies_get_413() {
+    use hyper::Method;
+    let gw = TestGateway::start_with(Backend::Embedded, "admin-paths", &[("KOOGATE_ADMIN_TOKEN", TOKEN)]).await;
+    // An order id with a space (V1, which carries the customer id).
+    let mut params = fixture_params("v1/01-newInstance-stored-value-cards.json");
+    params.insert("orderId".into(), "CS ENC1".into());
+    let customer = params["customerId"].clone();
+    assert_eq!(gw.v1(&params).await.result_code().as_deref(), Some("000000"));
+    let (status, order) =
+        admin(&gw, Method::GET, &format!("/v1/orders/CS%20ENC1?customer_id={customer}"), vec![]).await;
+    assert_eq!((status, order["order_id"].as_str()), (200, Some("CS ENC1")), "{order}");
+    let redeem = serde_json::json!({"customer_id": customer, "redeemed_by": "ops"}).to_string().into_bytes();
+    let (status, answer) = admin(&gw, Method::POST, "/v1/orders/CS%20ENC1/redeem", redeem).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // A usage record whose metering_sn is not ASCII.
+    let buy = r#"{"activity":"newInstance","businessId":"b-enc","orderId":"CSENC2","orderLineId":"CSENC2-000001","testFlag":"0"}"#;
+    let instance = gw.v2(buy.as_bytes()).await.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let sn = "sn-é/ü 1";
+    let record = serde_json::json!({"records": [{"instance_id": instance, "begin_time": "20261101T000000Z",
+        "end_time": "20261101T010000Z", "usage_value": "1", "metering_sn": sn}]});
+    let (status, answer) = admin(&gw, Method::POST, "/v1/usage", record.to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["records"][0]["status"], "accepted", "{answer}");
+    let encoded = percent_encoding::utf8_percent_encode(sn, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let (status, shown) = admin(&gw, Method::GET, &format!("/v1/usage/records/{encoded}"), vec![]).await;
+    assert_eq!((status, shown["metering_sn"].as_str()), (200, Some(sn)), "{shown}");
+
+    // 10 MB bodies: 413, not a cut-off connection.
+    let big = vec![b' '; 10 * 1024 * 1024];
+    for path in ["/v1/usage", "/v1/dlq/redrive", "/v1/orders/CS%20ENC1/redeem"] {
+        let (status, answer) = admin(&gw, Method::POST, path, big.clone()).await;
+        assert_eq!(status, 413, "{path}: {answer}");
+    }
+    // The listener still serves.
+    assert_eq!(admin(&gw, Method::GET, "/v1/usage", vec![]).await.0, 200);
+    gw.stop().await;
+}
