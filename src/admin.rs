@@ -176,7 +176,10 @@ impl Admin {
             req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         let authorized = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()));
         if !authorized {
-            tracing::warn!(path = %path, "admin API: missing or wrong bearer token");
+            if let crate::logfmt::Verdict::Log { suppressed } = crate::logfmt::refusal("admin_unauthorized") {
+                let path = crate::logfmt::clean(&path);
+                tracing::warn!(%path, suppressed, "admin API: missing or wrong bearer token");
+            }
             let mut res = error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
             res.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
             return res;
@@ -302,7 +305,7 @@ impl Admin {
         match crate::usage::intake::intake(self.store.as_ref(), &body, now).await {
             Ok(answer) => respond(StatusCode::OK, serde_json::to_value(answer).unwrap_or(Value::Null)),
             Err(e @ IntakeError::BadRequest(_)) => {
-                tracing::warn!(error = %e, "usage intake: request refused");
+                tracing::warn!(error = %crate::logfmt::clean(&e.to_string()), "usage intake: request refused");
                 error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             Err(e @ IntakeError::Store(_)) => {
@@ -390,7 +393,7 @@ impl Admin {
                 respond(StatusCode::CONFLICT, v)
             }
             Redeem::Redeemed(order) => {
-                tracing::info!(order_id, "order redeemed");
+                tracing::info!(order_id = %crate::logfmt::clean(order_id), "order redeemed");
                 respond(StatusCode::OK, self.order_facts(order_id, &order).await?)
             }
         })

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{CallLog, Gateway, Reply};
+use crate::logfmt;
 use crate::metrics as m;
 use crate::protocol::Rejection;
 
@@ -134,10 +135,14 @@ fn signed_response(reply: &Reply) -> Response<Body> {
 }
 
 /// One log line per call: what it was, what we answered, how long it took.
+/// Caller-supplied strings are cleaned ([`logfmt::clean`]); refusals are
+/// logged at most [`logfmt::PER_SECOND`] per result code per second.
 fn log_call(reply: &Reply, elapsed: Duration) {
     let CallLog { generation, activity, order_id, instance_id, test, reason, dedup, event_id } = &reply.log;
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let code = reply.code.as_str();
+    let order_id = logfmt::clean_opt(order_id.as_deref());
+    let instance_id = logfmt::clean_opt(instance_id.as_deref());
     match reason {
         None => tracing::info!(
             generation,
@@ -151,9 +156,26 @@ fn log_call(reply: &Reply, elapsed: Duration) {
             latency_ms,
             "call answered"
         ),
-        Some(reason) => {
-            tracing::warn!(generation, activity, order_id, instance_id, code, test, reason, latency_ms, "call refused")
-        }
+        Some(reason) => match logfmt::refusal(code) {
+            logfmt::Verdict::Suppress => {}
+            logfmt::Verdict::Log { suppressed } => {
+                let reason = logfmt::clean(reason);
+                if suppressed > 0 {
+                    tracing::warn!(code, suppressed, "refusal lines of this code suppressed in the last second");
+                }
+                tracing::warn!(
+                    generation,
+                    activity,
+                    order_id,
+                    instance_id,
+                    code,
+                    test,
+                    reason,
+                    latency_ms,
+                    "call refused"
+                )
+            }
+        },
     }
 }
 

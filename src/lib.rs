@@ -12,6 +12,7 @@
 //! - [`events`]: the normalized event model and the SKU map.
 //! - [`delivery`]: moving events out of the outbox.
 //! - [`jsonl`]: the JSONL event target (group commit, rotation).
+//! - [`logfmt`]: caller strings made safe for logs; refusal log rate limits.
 //! - [`usage`]: account settlement: usage records from the billing core,
 //!   checked, stored and pushed to KooGallery's usage API exactly once.
 //! - [`marketplace`]: KooGallery's open API (order query, usage push).
@@ -32,6 +33,7 @@ pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod jsonl;
+pub mod logfmt;
 pub mod marketplace;
 pub mod metrics;
 pub mod protocol;

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use serde_json::Value;
 
 fn purchase(tag: &str, n: usize) -> Vec<u8> {
@@ -304,4 +305,98 @@ async fn admin_paths_are_percent_decoded_and_big_bodies_get_413() {
     // The listener still serves.
     assert_eq!(admin(&gw, Method::GET, "/v1/usage", vec![]).await.0, 200);
     gw.stop().await;
+}
+
+/// Log abuse against a real `koogate serve` process (its stderr is the log):
+/// a metering_sn with a newline forges no line, a 900 KB one makes a short
+/// line, and a flood of bad signatures is logged at most 20 lines per second
+/// with a count of the suppressed, while the metric counts every refusal.
+async fn log_abuse(format: &str) {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("koogate.log");
+    let (port, admin_port) = (free_port(), free_port());
+    let prefix = unique_prefix("log-abuse");
+    let mut env = base_env(Backend::Embedded, &prefix, dir.path(), REDIS_URL);
+    env.insert("KOOGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
+    env.insert("KOOGATE_ADMIN_LISTEN".into(), format!("127.0.0.1:{admin_port}"));
+    env.insert("KOOGATE_ADMIN_TOKEN".into(), TOKEN.into());
+    env.insert("KOOGATE_LOG_FORMAT".into(), format.into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_koogate"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&env)
+        .stdout(std::fs::File::create(&log_path).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log_path).unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{admin_port}"));
+    let ready_by = std::time::Instant::now() + Duration::from_secs(20);
+    while admin.send(hyper::Method::GET, "/healthz", &[], bytes::Bytes::new()).await.is_err() {
+        assert!(std::time::Instant::now() < ready_by, "koogate did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    for sn in ["sn-1\n2026-12-02T00:00:00.000000Z ERROR FORGED line", &"x".repeat(900_000)] {
+        let body = serde_json::json!({"records": [{"instance_id": "no-such-instance", "begin_time": "20261101T000000Z",
+            "end_time": "20261101T010000Z", "usage_value": "1", "metering_sn": sn}]});
+        let res = admin.send(hyper::Method::POST, "/v1/usage", &headers, body.to_string().into()).await.unwrap();
+        assert!(res.status == 200 || res.status == 400, "{}", res.status);
+    }
+    // 2,000 calls signed with another key, 16 at a time.
+    const FLOOD: usize = 2_000;
+    let started = std::time::Instant::now();
+    let body =
+        br#"{"activity":"newInstance","businessId":"b","orderId":"CSFLOOD","orderLineId":"CSFLOOD-1","testFlag":"0"}"#;
+    futures::stream::iter(0..FLOOD)
+        .for_each_concurrent(16, |_| {
+            let client = &client;
+            async move {
+                let res = client.v2("/koogallery/v2", "not-the-access-key", body, now_ms()).await.unwrap();
+                assert_eq!(res.result_code().as_deref(), Some("000001"));
+            }
+        })
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    // The next refusal after the second is over carries the count of the suppressed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.v2("/koogallery/v2", "not-the-access-key", body, now_ms()).await.unwrap();
+    let metrics = admin.send(hyper::Method::GET, "/metrics", &[], bytes::Bytes::new()).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    let refused = log.lines().filter(|l| l.contains("call refused")).count();
+    let summaries = log.lines().filter(|l| l.contains("suppressed")).count();
+    println!(
+        "log abuse ({format}): {} bytes of log, longest line {longest} B; {FLOOD} bad signatures in {secs:.1} s -> {refused} refusal lines, {summaries} summary lines",
+        log.len()
+    );
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-02T00:00:00.000000Z")), "a forged line:\n{log}");
+    assert!(longest < 4096, "a line of {longest} bytes");
+    let allowed = (secs.ceil() as usize + 2) * koogate::logfmt::PER_SECOND as usize;
+    assert!(refused <= allowed, "{refused} refusal lines in {secs:.1} s (at most {allowed})");
+    assert!(summaries >= 1 || refused == FLOOD, "no summary of suppressed lines");
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("koogate_") && l.contains("reason=\"bad_signature\"") && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(counted >= FLOOD as f64, "the metric counted {counted} of {FLOOD} refusals:\n{metrics}");
+}
+
+#[tokio::test]
+async fn log_abuse_text() {
+    log_abuse("text").await;
+}
+
+#[tokio::test]
+async fn log_abuse_json() {
+    log_abuse("json").await;
 }
