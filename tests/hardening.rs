@@ -400,3 +400,49 @@ async fn log_abuse_text() {
 async fn log_abuse_json() {
     log_abuse("json").await;
 }
+
+/// `SIGHUP` (logrotate's postrotate) makes a `koogate serve` with the JSONL
+/// target reopen the file; the process keeps serving (unhandled, SIGHUP ends it).
+#[tokio::test]
+async fn sighup_reopens_the_events_file() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("koogate.log");
+    let (port, admin_port) = (free_port(), free_port());
+    let mut env = base_env(Backend::Embedded, &unique_prefix("sighup"), dir.path(), REDIS_URL);
+    env.insert("KOOGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
+    env.insert("KOOGATE_ADMIN_LISTEN".into(), format!("127.0.0.1:{admin_port}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_koogate"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let ready_by = std::time::Instant::now() + Duration::from_secs(20);
+    while client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await.map(|r| r.status).ok() != Some(200)
+    {
+        assert!(std::time::Instant::now() < ready_by, "koogate did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = dir.path().join("data").join("events.jsonl");
+    assert!(events.exists(), "created at start-up");
+    let hup = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "koogate survived SIGHUP");
+    let res = client.v2("/koogallery/v2", AK, &purchase("HUP", 1), now_ms()).await.unwrap();
+    assert_eq!(res.result_code().as_deref(), Some("000000"));
+    let by = std::time::Instant::now() + Duration::from_secs(10);
+    while order_ids(&std::fs::read_to_string(&events).unwrap_or_default()).is_empty() {
+        assert!(std::time::Instant::now() < by, "the event did not reach the path");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("SIGHUP: the events file will be reopened"), "{log}");
+}
