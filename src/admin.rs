@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -220,12 +220,24 @@ impl Admin {
             req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         let authorized = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()));
         if !authorized {
-            tracing::warn!(path = %path, "admin API: missing or wrong bearer token");
+            if let crate::logfmt::Verdict::Log { suppressed } = crate::logfmt::refusal("admin_unauthorized") {
+                let path = crate::logfmt::clean(&path);
+                tracing::warn!(%path, suppressed, "admin API: missing or wrong bearer token");
+            }
             let mut res = error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
             res.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
             return res;
         }
-        let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+        // Each segment percent-decoded on its own (an encoded `/` stays inside its segment).
+        let decoded: Result<Vec<String>, _> = path
+            .trim_start_matches("/v1/")
+            .split('/')
+            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8().map(|d| d.into_owned()))
+            .collect();
+        let Ok(decoded) = decoded else {
+            return error(StatusCode::BAD_REQUEST, "bad_path", "a path segment is not percent-encoded UTF-8");
+        };
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let result = match (req.method().clone(), segments.as_slice()) {
             (Method::GET, ["events"]) => {
                 let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
@@ -344,17 +356,15 @@ impl Admin {
     }
 
     async fn usage_intake(&self, req: Request<Incoming>) -> Response<Body> {
-        let body = match Limited::new(req.into_body(), USAGE_BODY_LIMIT).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_body", "body unreadable or over 1 MiB (1000 records)")
-            }
+        let body = match read_limited(req, USAGE_BODY_LIMIT, "1 MiB (1000 records)").await {
+            Ok(b) => b,
+            Err(res) => return res,
         };
         let now = chrono::Utc::now().timestamp_millis();
         match crate::usage::intake::intake(self.store.as_ref(), &body, now).await {
             Ok(answer) => respond(StatusCode::OK, serde_json::to_value(answer).unwrap_or(Value::Null)),
             Err(e @ IntakeError::BadRequest(_)) => {
-                tracing::warn!(error = %e, "usage intake: request refused");
+                tracing::warn!(error = %crate::logfmt::clean(&e.to_string()), "usage intake: request refused");
                 error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             Err(e @ IntakeError::Store(_)) => {
@@ -554,34 +564,83 @@ impl Admin {
                 respond(StatusCode::CONFLICT, v)
             }
             Redeem::Redeemed(order) => {
-                tracing::info!(order_id, "order redeemed");
+                tracing::info!(order_id = %crate::logfmt::clean(order_id), "order redeemed");
                 respond(StatusCode::OK, self.order_facts(order_id, &order).await?)
             }
         })
     }
 }
 
-/// Reads a small JSON body that may be absent (then `T::default()`), or answers 400.
+/// Reads a small JSON body that may be absent (then `T::default()`), or
+/// answers 413 (over 64 KiB) or 400.
 async fn read_optional_json<T: serde::de::DeserializeOwned + Default>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {
-    let body = Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_body", "body unreadable or over 64 KiB"))?
-        .to_bytes();
+    let body = read_limited(req, 64 * 1024, "64 KiB").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
     serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
 }
 
-/// Reads a small JSON body, or answers 400.
+/// Reads a small JSON body, or answers 413 (over 64 KiB) or 400.
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
-    let body = Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_body", "body unreadable or over 64 KiB"))?
-        .to_bytes();
+    let body = read_limited(req, 64 * 1024, "64 KiB").await?;
     serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+}
+
+/// A body past the limit is still read to its end (and thrown away), up to
+/// this much and for this long, so the caller gets its 413 instead of a
+/// connection reset in the middle of sending; then the connection is closed.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads a body of at most `limit` bytes; a larger one is answered 413.
+async fn read_limited(req: Request<Incoming>, limit: usize, what: &str) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        let mut res = error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {what}"));
+        res.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        res
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let mut over = declared.is_some_and(|n| n > limit as u64);
+    let mut drained: u64 = 0;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = if over {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => break,
+            }
+        } else {
+            body.frame().await
+        };
+        let Some(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            return Err(error(StatusCode::BAD_REQUEST, "bad_body", "the body could not be read"));
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if over {
+            drained += data.len() as u64;
+            if drained > DRAIN_MAX {
+                break;
+            }
+        } else if buf.len() + data.len() > limit {
+            over = true;
+            drained = (buf.len() + data.len()) as u64;
+            buf = Vec::new();
+        } else {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if over {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
 }

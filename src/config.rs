@@ -89,7 +89,18 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("KOOGATE_ISSUE_CREDENTIALS", "false", "answer newInstance with an encrypted initial user name and password"),
     ("KOOGATE_MAX_CONNECTIONS", "10000", "open connections at most (more wait in the backlog)"),
     ("KOOGATE_MAX_INFLIGHT", "1024", "calls handled at once; more are answered 503/000005 at once"),
-    ("KOOGATE_REQUEST_TIMEOUT_SECS", "10", "time to receive a request's headers and body"),
+    ("KOOGATE_REQUEST_TIMEOUT_SECS", "10", "time to receive a request's headers"),
+    (
+        "KOOGATE_BODY_TIMEOUT_MS",
+        "2000",
+        "time to receive a V2 body, read before a call takes an in-flight slot; the connection is closed after it",
+    ),
+    (
+        "KOOGATE_MAX_CONNS_PER_PEER",
+        "256",
+        "open connections per peer IP address (more are closed at once); 0 = no cap. Behind a load balancer that \
+         presents few addresses, raise it or set 0",
+    ),
     ("KOOGATE_STORE_TIMEOUT_SECS", "3", "longest wait for the store before answering 000005"),
     ("KOOGATE_SHUTDOWN_GRACE_SECS", "10", "time in-flight calls get to finish on SIGTERM"),
     ("KOOGATE_LOG_FORMAT", "text", "text or json"),
@@ -218,6 +229,9 @@ pub struct Config {
     pub max_connections: usize,
     pub max_inflight: usize,
     pub request_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Open connections per peer IP address; 0 = no cap.
+    pub max_conns_per_peer: usize,
     pub store_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -613,6 +627,8 @@ impl Config {
             max_connections: positive("KOOGATE_MAX_CONNECTIONS", 10_000)? as usize,
             max_inflight: positive("KOOGATE_MAX_INFLIGHT", 1024)? as usize,
             request_timeout: Duration::from_secs(positive("KOOGATE_REQUEST_TIMEOUT_SECS", 10)?),
+            body_timeout: Duration::from_millis(positive("KOOGATE_BODY_TIMEOUT_MS", 2000)?),
+            max_conns_per_peer: src.parsed("KOOGATE_MAX_CONNS_PER_PEER", 256u64, "a whole number")? as usize,
             store_timeout: Duration::from_secs(positive("KOOGATE_STORE_TIMEOUT_SECS", 3)?),
             shutdown_grace: Duration::from_secs(positive("KOOGATE_SHUTDOWN_GRACE_SECS", 10)?),
             log_format,

@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +31,7 @@ use crate::accounts;
 use crate::backoff::Schedule;
 use crate::enrich::Enricher;
 use crate::events;
+use crate::jsonl::JsonlWriter;
 use crate::metrics as m;
 use crate::store::{Attempts, DeadLetter, OutboxEntry, Store, StoreError};
 use crate::webhook;
@@ -85,69 +85,6 @@ pub fn consumer_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "koogate".into());
     let tag: u16 = rand::random();
     format!("{host}-{}-{tag:04x}", std::process::id())
-}
-
-/// Appends lines to the JSONL file with group commit: lines that arrive
-/// together are written and fsynced once, and each append is answered only
-/// after its fsync (one fsync per event would cap delivery at the disk's
-/// fsync rate).
-struct JsonlWriter {
-    lines: tokio::sync::mpsc::Sender<PendingLine>,
-}
-
-/// A line to append, and where to say whether it is on disk.
-type PendingLine = (Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>);
-
-impl JsonlWriter {
-    fn start(path: PathBuf) -> Self {
-        let (lines, mut rx) =
-            tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>)>(1024);
-        tokio::spawn(async move {
-            let mut file: Option<tokio::fs::File> = None;
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < 512 {
-                    match rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
-                    }
-                }
-                let mut buf = Vec::new();
-                for (line, _) in &batch {
-                    buf.extend_from_slice(line);
-                }
-                let written = async {
-                    if file.is_none() {
-                        if let Some(dir) = path.parent() {
-                            tokio::fs::create_dir_all(dir).await?;
-                        }
-                        file = Some(tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?);
-                    }
-                    let f = file.as_mut().ok_or_else(|| std::io::Error::other("file not open"))?;
-                    f.write_all(&buf).await?;
-                    f.sync_data().await
-                }
-                .await
-                .map_err(|e| format!("cannot append to {}: {e}", path.display()));
-                if written.is_err() {
-                    file = None; // reopen next time
-                }
-                for (_, reply) in batch {
-                    let _ = reply.send(written.clone());
-                }
-            }
-        });
-        Self { lines }
-    }
-
-    async fn append(&self, body: &[u8]) -> Result<(), String> {
-        let mut line = Vec::with_capacity(body.len() + 1);
-        line.extend_from_slice(body);
-        line.push(b'\n');
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.lines.send((line, reply)).await.map_err(|_| "the JSONL writer stopped".to_owned())?;
-        rx.await.map_err(|_| "the JSONL writer stopped".to_owned())?
-    }
 }
 
 /// Sends one event somewhere.
@@ -261,7 +198,11 @@ impl Worker {
             .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let jsonl = match &settings.target {
-            Target::Jsonl(path) => Some(JsonlWriter::start(path.clone())),
+            Target::Jsonl(path) => {
+                let writer = JsonlWriter::start(path.clone());
+                writer.reopen_on_sighup();
+                Some(writer)
+            }
             Target::Http { .. } => None,
         };
         let sender = Arc::new(Sender { target: settings.target.clone(), http, jsonl });

@@ -21,7 +21,7 @@ use crate::protocol::verify::{verify_v1, verify_v2, AccessKeys};
 use crate::protocol::{call, unconfirmed, Generation, Rejection, ResultCode};
 use crate::secret::Secret;
 use crate::store::keys::{
-    instance_id_for, instance_id_for_item, instance_shard, item_purchase_dedup, order_line_field, v1_call_dedup,
+    self, instance_id_for, instance_id_for_item, instance_shard, item_purchase_dedup, order_line_field, v1_call_dedup,
 };
 use crate::store::plan::{ABSENT, ANY};
 use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store};
@@ -371,6 +371,7 @@ impl Planner<'_> {
             // Long enough to cover the whole window on both sides of the clock.
             nonce_ttl_secs: self.settings.window_secs.saturating_mul(2).max(1),
             dedup: None,
+            dedup_legacy: None,
             subject: subject.to_owned(),
             order: None,
             branches: Default::default(),
@@ -440,11 +441,7 @@ impl Planner<'_> {
                 period_number,
             } => {
                 let mut plan = self.plan_for(instance_id, nonce);
-                plan.dedup = Some(format!(
-                    "refresh:{instance_id}:{order_id}/{}:{}",
-                    order_line_id.as_deref().unwrap_or(""),
-                    scene.as_str()
-                ));
+                plan.set_dedup(keys::dedup_refresh(instance_id, order_id, order_line_id.as_deref(), scene.as_str()));
                 let expire = expire_time.map(rfc3339);
                 let mut set = Record::new();
                 put(&mut set, "expire_time", expire.as_deref());
@@ -533,7 +530,7 @@ impl Planner<'_> {
             Activity::OrderNotify { order_id, order_line_id } => {
                 let subject = instance_id_for(order_id, Some(order_line_id));
                 let mut plan = self.plan_for(&subject, nonce);
-                plan.dedup = Some(format!("notify:{order_id}/{order_line_id}"));
+                plan.set_dedup(keys::dedup_notify(order_id, order_line_id));
                 let mut change = Map::new();
                 change.insert("order_id".into(), json!(order_id));
                 change.insert("order_line_id".into(), json!(order_line_id));
@@ -544,8 +541,7 @@ impl Planner<'_> {
             }
             Activity::Upgrade { instance_id, order_id, order_line_id, sku_code, product_id, quantity } => {
                 let mut plan = self.plan_for(instance_id, nonce);
-                plan.dedup =
-                    Some(format!("upgrade:{instance_id}:{order_id}/{}", order_line_id.as_deref().unwrap_or("")));
+                plan.set_dedup(keys::dedup_upgrade(instance_id, order_id, order_line_id.as_deref()));
                 let mut set = Record::new();
                 put(&mut set, "sku_code", sku_code.as_deref());
                 put(&mut set, "product_id", product_id.as_deref());
@@ -616,12 +612,10 @@ impl Planner<'_> {
                 instance_id_for_item(order_id, order_line_id, product_id),
                 item_purchase_dedup(order_id, order_line_id, product_id),
             ),
-            None => {
-                (instance_id_for(order_id, order_line_id), format!("new:{order_id}/{}", order_line_id.unwrap_or("")))
-            }
+            None => (instance_id_for(order_id, order_line_id), keys::dedup_new(order_id, order_line_id)),
         };
         let mut plan = self.plan_for(&instance_id, nonce);
-        plan.dedup = Some(dedup);
+        plan.set_dedup(dedup);
         plan.order = Some(order_id.to_owned());
 
         let key = crypto::derive_key(self.key.expose(), self.settings.encrypt_type);

@@ -1,14 +1,19 @@
 //! The HTTP edge: listeners, routing, limits, graceful shutdown.
 //!
-//! Limits are part of the design, not an afterthought: headers and bodies
-//! must arrive within `request_timeout` (slow-loris), bodies are capped at
-//! `max_body_bytes` (checked on `Content-Length` first, then while reading),
-//! open connections are capped (more wait in the kernel backlog), and calls
-//! handled at once are capped (more get a signed 503/000005 immediately, so
-//! KooGallery retries instead of timing out in a queue).
+//! Limits are part of the design, not an afterthought: headers must arrive
+//! within `request_timeout` (slow-loris), a V2 body within `body_timeout`
+//! (a body of at most `max_body_bytes` from a live peer arrives in
+//! milliseconds), and it is read *before* the call takes an in-flight slot,
+//! so slow bodies hold no slot; after a body timeout the connection is
+//! closed. Bodies are capped at `max_body_bytes` (checked on `Content-Length`
+//! first, then while reading), open connections are capped in all (more wait
+//! in the kernel backlog) and per peer IP address (more are closed at once),
+//! and calls handled at once are capped (more get a signed 503/000005
+//! immediately, so KooGallery retries instead of timing out in a queue).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -27,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{CallLog, Gateway, Reply};
+use crate::logfmt;
 use crate::metrics as m;
 use crate::protocol::Rejection;
 
@@ -38,7 +44,8 @@ pub struct App {
     pub v2_path: String,
     pub v1_path: String,
     pub max_body_bytes: usize,
-    pub request_timeout: Duration,
+    /// Time to receive a V2 body (before an in-flight slot is taken).
+    pub body_timeout: Duration,
     /// Calls handled at once; `try_acquire` failing means "overloaded".
     pub inflight: Semaphore,
     /// Set on shutdown: readiness fails so load balancers stop sending.
@@ -50,7 +57,59 @@ pub struct App {
 pub struct ListenerLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// Open connections per peer IP address; 0 = no cap.
+    pub max_conns_per_peer: usize,
     pub shutdown_grace: Duration,
+}
+
+/// Open connections by peer IP address.
+struct Peers {
+    open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    cap: usize,
+}
+
+/// One open connection of a peer; counted until dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    /// A slot for one more connection of `ip`, unless it has `cap` open (`cap` 0: no cap).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        if self.cap == 0 {
+            return Some(PeerSlot { peers: Arc::clone(self), ip });
+        }
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { peers: Arc::clone(self), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if self.peers.cap == 0 {
+            return;
+        }
+        let mut open = self.peers.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why a V2 body was not read.
+struct BodyRefused {
+    rejection: Rejection,
+    /// It did not arrive in time: the connection is closed after the answer.
+    timed_out: bool,
 }
 
 fn now_ms() -> i64 {
@@ -76,11 +135,15 @@ fn signed_response(reply: &Reply) -> Response<Body> {
 }
 
 /// One log line per call: what it was, what we answered, how long it took.
+/// Caller-supplied strings are cleaned ([`logfmt::clean`]); refusals are
+/// logged at most [`logfmt::PER_SECOND`] per result code per second.
 fn log_call(reply: &Reply, elapsed: Duration) {
     let CallLog { generation, activity, order_id, instance_id, test, reason, dedup, event_id } = &reply.log;
     // Microsecond precision: latency_ms=0.021, not 0.020661000000000002.
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     let code = reply.code.as_str();
+    let order_id = logfmt::clean_opt(order_id.as_deref());
+    let instance_id = logfmt::clean_opt(instance_id.as_deref());
     match reason {
         None => tracing::info!(
             generation,
@@ -94,9 +157,26 @@ fn log_call(reply: &Reply, elapsed: Duration) {
             latency_ms,
             "call answered"
         ),
-        Some(reason) => {
-            tracing::warn!(generation, activity, order_id, instance_id, code, test, reason, latency_ms, "call refused")
-        }
+        Some(reason) => match logfmt::refusal(code) {
+            logfmt::Verdict::Suppress => {}
+            logfmt::Verdict::Log { suppressed } => {
+                let reason = logfmt::clean(reason);
+                if suppressed > 0 {
+                    tracing::warn!(code, suppressed, "refusal lines of this code suppressed in the last second");
+                }
+                tracing::warn!(
+                    generation,
+                    activity,
+                    order_id,
+                    instance_id,
+                    code,
+                    test,
+                    reason,
+                    latency_ms,
+                    "call refused"
+                )
+            }
+        },
     }
 }
 
@@ -121,23 +201,36 @@ impl App {
             res.headers_mut().insert(ALLOW, HeaderValue::from_static(if generation == "v2" { "POST" } else { "GET" }));
             return res;
         }
+        let raw_query = req.uri().query().unwrap_or("").to_owned();
+        // The body first, under its own deadline: a slow body must not hold an in-flight slot.
+        let body = if generation == "v2" {
+            match self.read_body(req).await {
+                Ok(body) => Some(body),
+                Err(BodyRefused { rejection, timed_out }) => {
+                    let log = CallLog { generation: "v2", activity: "unknown", ..CallLog::default() };
+                    let reply = self.gateway.reject(self.gateway_key(), log, &rejection);
+                    let elapsed = started.elapsed();
+                    m::request_latency(generation, elapsed);
+                    log_call(&reply, elapsed);
+                    let mut res = signed_response(&reply);
+                    if timed_out {
+                        res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    return res;
+                }
+            }
+        } else {
+            None
+        };
         let Ok(_permit) = self.inflight.try_acquire() else {
             m::overload();
             let reply = self.gateway.unavailable(generation, "internal error: the gateway is overloaded; please retry");
             log_call(&reply, started.elapsed());
             return signed_response(&reply);
         };
-        let raw_query = req.uri().query().unwrap_or("").to_owned();
-        let reply = if generation == "v2" {
-            match self.read_body(req).await {
-                Ok(body) => self.gateway.handle_v2(&raw_query, &body, now_ms()).await,
-                Err(rejection) => {
-                    let log = CallLog { generation: "v2", activity: "unknown", ..CallLog::default() };
-                    self.gateway.reject(self.gateway_key(), log, &rejection)
-                }
-            }
-        } else {
-            self.gateway.handle_v1(&raw_query, now_ms()).await
+        let reply = match body {
+            Some(body) => self.gateway.handle_v2(&raw_query, &body, now_ms()).await,
+            None => self.gateway.handle_v1(&raw_query, now_ms()).await,
         };
         let elapsed = started.elapsed();
         m::request_latency(generation, elapsed);
@@ -150,25 +243,33 @@ impl App {
     }
 
     /// Reads a V2 body within the size and time limits.
-    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Rejection> {
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, BodyRefused> {
+        let refused = |rejection| BodyRefused { rejection, timed_out: false };
         let limit = self.max_body_bytes;
         if let Some(ct) = req.headers().get(CONTENT_TYPE) {
             let ok = ct.to_str().is_ok_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
             if !ok {
-                return Err(Rejection::BadField { field: "Content-Type", problem: "must be application/json".into() });
+                return Err(refused(Rejection::BadField {
+                    field: "Content-Type",
+                    problem: "must be application/json".into(),
+                }));
             }
         }
         let declared =
             req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
-            return Err(Rejection::BodyTooLarge { limit });
+            return Err(refused(Rejection::BodyTooLarge { limit }));
         }
-        let collected =
-            tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await;
+        let collected = tokio::time::timeout(self.body_timeout, Limited::new(req.into_body(), limit).collect()).await;
         match collected {
-            Err(_) => Err(Rejection::MalformedJson(format!("body not received within {:?}", self.request_timeout))),
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Rejection::BodyTooLarge { limit }),
-            Ok(Err(e)) => Err(Rejection::MalformedJson(format!("body could not be read: {e}"))),
+            Err(_) => Err(BodyRefused {
+                rejection: Rejection::MalformedJson(format!("body not received within {:?}", self.body_timeout)),
+                timed_out: true,
+            }),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(refused(Rejection::BodyTooLarge { limit }))
+            }
+            Ok(Err(e)) => Err(refused(Rejection::MalformedJson(format!("body could not be read: {e}")))),
             Ok(Ok(body)) => Ok(body.to_bytes()),
         }
     }
@@ -211,6 +312,7 @@ pub async fn serve_tls<F, Fut>(
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Arc::new(Peers { open: std::sync::Mutex::new(HashMap::new()), cap: limits.max_conns_per_peer });
     let graceful = GracefulShutdown::new();
     // Connection tasks, so none outlives the listener (they hold the app and its store).
     let mut conns = tokio::task::JoinSet::new();
@@ -233,6 +335,12 @@ pub async fn serve_tls<F, Fut>(
                     continue;
                 }
             },
+        };
+        let Some(peer_slot) = peers.admit(peer.ip()) else {
+            // Over the per-peer cap: closed at once, holding nothing.
+            tracing::debug!(%peer, "connection refused: too many open from this address (KOOGATE_MAX_CONNS_PER_PEER)");
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -258,7 +366,7 @@ pub async fn serve_tls<F, Fut>(
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    drop(permit);
+                    drop((permit, peer_slot));
                 });
             }
             Some(acceptor) => {
@@ -274,7 +382,7 @@ pub async fn serve_tls<F, Fut>(
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    drop(permit);
+                    drop((permit, peer_slot));
                 });
             }
         }

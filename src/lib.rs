@@ -11,6 +11,8 @@
 //!   Redis backend (one Lua script per call) and an embedded redb backend.
 //! - [`events`]: the normalized event model and the SKU map.
 //! - [`delivery`]: moving events out of the outbox.
+//! - [`jsonl`]: the JSONL event target (group commit, rotation).
+//! - [`logfmt`]: caller strings made safe for logs; refusal log rate limits.
 //! - [`usage`]: account settlement: usage records from the billing core,
 //!   checked, stored and pushed to KooGallery's usage API exactly once.
 //! - [`accounts`]: account settlement binding: which instances a Huawei Cloud
@@ -33,6 +35,8 @@ pub mod enrich;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod jsonl;
+pub mod logfmt;
 pub mod marketplace;
 pub mod metrics;
 pub mod protocol;

@@ -111,7 +111,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         v2_path: config.v2_path.clone(),
         v1_path: config.v1_path.clone(),
         max_body_bytes: config.max_body_bytes,
-        request_timeout: config.request_timeout,
+        body_timeout: config.body_timeout,
         inflight: Semaphore::new(config.max_inflight),
         draining: AtomicBool::new(false),
     });
@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let limits = ListenerLimits {
         max_connections: config.max_connections,
         header_timeout: config.request_timeout,
+        max_conns_per_peer: config.max_conns_per_peer,
         shutdown_grace: config.shutdown_grace,
     };
 

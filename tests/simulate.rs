@@ -283,6 +283,7 @@ impl FakeGateway {
         let shutdown = CancellationToken::new();
         let limits = koogate::http::ListenerLimits {
             max_connections: 64,
+            max_conns_per_peer: 0,
             header_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
         };

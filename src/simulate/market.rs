@@ -244,6 +244,7 @@ impl MarketServer {
         });
         let limits = ListenerLimits {
             max_connections: 1024,
+            max_conns_per_peer: 0,
             header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
         };

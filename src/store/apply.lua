@@ -1,6 +1,7 @@
 -- koogate: apply one Plan atomically (see src/store/plan.rs).
 -- KEYS[1] nonce   KEYS[2] kept answer   KEYS[3] subject instance
--- KEYS[4] order   KEYS[5] outbox stream  KEYS[6..] records to read
+-- KEYS[4] order   KEYS[5] outbox stream  KEYS[6] legacy kept answer (read only)
+-- KEYS[7..] records to read
 -- ARGV[1] the plan as JSON
 -- Every key shares one hash tag, so this runs on Redis Cluster too.
 -- Redis does not roll a script back, so every check comes before the first write.
@@ -18,6 +19,9 @@ end
 
 if plan.dedup then
   local kept = redis.call('GET', KEYS[2])
+  if not kept and plan.dedup_legacy then
+    kept = redis.call('GET', KEYS[6])
+  end
   if kept then
     remember_nonce()
     return {'kept', string.sub(kept, 1, 6), string.sub(kept, 7)}
@@ -26,7 +30,7 @@ end
 
 if plan.read then
   local out = {'read'}
-  for i = 6, #KEYS do
+  for i = 7, #KEYS do
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   end
   remember_nonce()

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use tokio::sync::oneshot;
 
+use super::keys;
 use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem, ABSENT, ANY};
 use super::{Store, StoreError};
 use crate::usage::{Decision, UsageClaim};
@@ -306,7 +307,12 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
     let dedup_key = plan.dedup.as_ref().map(|d| format!("{}:{d}", plan.shard));
     if let Some(key) = &dedup_key {
         let answers = txn.open_table(ANSWERS).map_err(err)?;
-        let kept = answers.get(key.as_str()).map_err(err)?.map(|v| v.value().to_owned());
+        let mut kept = answers.get(key.as_str()).map_err(err)?.map(|v| v.value().to_owned());
+        if let (None, Some(legacy)) = (&kept, &plan.dedup_legacy) {
+            // Kept by a version before composite keys were length-prefixed.
+            let legacy = format!("{}:{legacy}", plan.shard);
+            kept = answers.get(legacy.as_str()).map_err(err)?.map(|v| v.value().to_owned());
+        }
         drop(answers);
         if let Some(kept) = kept {
             remember_nonce()?;
@@ -659,13 +665,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn cached_order(&self, order_id: &str, line: &str) -> Result<Option<String>, StoreError> {
-        let cached: Option<(i64, String)> = self.read_json(ORDER_CACHE, &format!("{order_id}/{line}"))?;
+        let cached: Option<(i64, String)> = self.read_json(ORDER_CACHE, &keys::composite("q", &[order_id, line]))?;
         let now = chrono::Utc::now().timestamp_millis();
         Ok(cached.filter(|(expires, _)| *expires > now).map(|(_, body)| body))
     }
 
     async fn cache_order(&self, order_id: &str, line: &str, answer: &str, ttl: Duration) -> Result<(), StoreError> {
-        let key = format!("{order_id}/{line}");
+        let key = keys::composite("q", &[order_id, line]);
         let expires = chrono::Utc::now().timestamp_millis() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let value = (expires, answer.to_owned());
         self.write(move |txn| put_json(txn, ORDER_CACHE, &key, &value).map(|()| (Reply::Done, true))).await?;

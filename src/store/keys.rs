@@ -61,14 +61,10 @@ pub fn instance_id_for_item(order_id: &str, order_line_id: Option<&str>, product
 }
 
 /// The kept-answer (dedup) key of a pay-per-use billing item's purchase:
-/// every part length-prefixed (`<len>:<part>`), so no two (order, line,
-/// product) triples share a key whatever characters the ids hold.
-pub fn item_purchase_dedup(order_id: &str, order_line_id: Option<&str>, product_id: &str) -> String {
-    let mut key = String::from("newitem:");
-    for part in [order_id, order_line_id.unwrap_or(""), product_id] {
-        key.push_str(&format!("{}:{part}", part.len()));
-    }
-    key
+/// order, order line and product id in the one composite encoding
+/// ([`composite`]). New with issue 13: there is no legacy key to look up.
+pub fn item_purchase_dedup(order_id: &str, order_line_id: Option<&str>, product_id: &str) -> Dedup {
+    Dedup { key: composite("newitem", &[order_id, order_line_id.unwrap_or(""), product_id]), legacy: None }
 }
 
 /// The order record's field naming the instance of an order line (and, for a
@@ -93,6 +89,72 @@ pub fn parse_order_line_field(field: &str) -> Option<(&str, Option<&str>)> {
 /// V1 nonce, issue 15.5). One component: nothing to encode.
 pub fn v1_call_dedup(auth_token: &str) -> String {
     format!("v1call:{auth_token}")
+}
+
+/// The one encoding of a composite key: `<kind>#` then every part as
+/// `<byte length>:<part>`, comma-separated (`new#8:CSORDER1,17:CSORDER1-000001`).
+/// The lengths make it unambiguous whatever the ids contain (order `A/B` line
+/// `C` and order `A` line `B/C` are two keys), and the `#` after the kind keeps
+/// it apart from every legacy key (`<kind>:…`). Every key built from several
+/// caller-supplied ids goes through here.
+pub fn composite(kind: &str, parts: &[&str]) -> String {
+    let mut out = String::with_capacity(kind.len() + 1 + parts.iter().map(|p| p.len() + 6).sum::<usize>());
+    out.push_str(kind);
+    out.push('#');
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&part.len().to_string());
+        out.push(':');
+        out.push_str(part);
+    }
+    out
+}
+
+/// A kept-answer (dedup) key, and the key the same call's answer was kept
+/// under before issue 15 (`new:{orderId}/{orderLineId}` …), looked up when the
+/// first is absent so answers kept by older versions are still found. The
+/// legacy key is only given when it is unambiguous: when no part contains a
+/// legacy separator (`/` or `:`), its string has exactly the structural
+/// separators and no other ids can produce it. Ids with separators (which
+/// KooGallery's ids never have) are looked up under the new key only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dedup {
+    pub key: String,
+    pub legacy: Option<String>,
+}
+
+impl Dedup {
+    fn of(kind: &str, parts: &[&str], legacy: impl FnOnce() -> String) -> Self {
+        let clean = parts.iter().all(|p| !p.contains(['/', ':']));
+        Self { key: composite(kind, parts), legacy: clean.then(legacy) }
+    }
+}
+
+/// The kept answer of a newInstance: order id and order line id.
+pub fn dedup_new(order_id: &str, order_line_id: Option<&str>) -> Dedup {
+    let line = order_line_id.unwrap_or("");
+    Dedup::of("new", &[order_id, line], || format!("new:{order_id}/{line}"))
+}
+
+/// The kept answer of a refreshInstance: instance, order, order line and scene.
+pub fn dedup_refresh(instance_id: &str, order_id: &str, order_line_id: Option<&str>, scene: &str) -> Dedup {
+    let line = order_line_id.unwrap_or("");
+    Dedup::of("refresh", &[instance_id, order_id, line, scene], || {
+        format!("refresh:{instance_id}:{order_id}/{line}:{scene}")
+    })
+}
+
+/// The kept answer of an upgradeInstance: instance, order and order line.
+pub fn dedup_upgrade(instance_id: &str, order_id: &str, order_line_id: Option<&str>) -> Dedup {
+    let line = order_line_id.unwrap_or("");
+    Dedup::of("upgrade", &[instance_id, order_id, line], || format!("upgrade:{instance_id}:{order_id}/{line}"))
+}
+
+/// The kept answer of an orderNotify: order and order line.
+pub fn dedup_notify(order_id: &str, order_line_id: &str) -> Dedup {
+    Dedup::of("notify", &[order_id, order_line_id], || format!("notify:{order_id}/{order_line_id}"))
 }
 
 /// Key names under a prefix.
@@ -131,7 +193,7 @@ impl Keys {
     }
     /// A cached order query answer.
     pub fn order_cache(&self, order_id: &str, line: &str) -> String {
-        self.key(order_shard(order_id), "orderq", &format!("{order_id}/{line}"))
+        self.key(order_shard(order_id), "orderq", &composite("q", &[order_id, line]))
     }
     pub fn outbox(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:outbox", self.prefix)
@@ -178,6 +240,12 @@ impl Keys {
     pub fn account_pending(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:acct:pending", self.prefix)
     }
+    /// How many requests hold a claim on a registered metering_sn (hash: metering_sn →
+    /// count), beside the registry: an sn is unregistered only when none is left.
+    pub fn usage_sn_claims(&self, metering_sn: &str) -> String {
+        let shard = order_shard(metering_sn);
+        format!("{}{{s{shard}}}:usage:sn_claims", self.prefix)
+    }
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -215,6 +283,20 @@ mod tests {
         assert_eq!(parse_order_line_field(&order_line_field(None, Some("P1"))), Some(("", Some("P1"))));
         assert_eq!(parse_order_line_field(&order_line_field(Some("L"), None)), Some(("L", None)));
         assert_eq!(parse_order_line_field("customer_id"), None);
+    }
+
+    #[test]
+    fn composite_keys_are_unambiguous() {
+        assert_ne!(dedup_new("A/B", Some("C")).key, dedup_new("A", Some("B/C")).key);
+        assert_ne!(dedup_notify("A:1", "2").key, dedup_notify("A", "1:2").key);
+        assert_ne!(dedup_refresh("i", "o", Some("l:x"), "s").key, dedup_refresh("i", "o", Some("l"), "x:s").key);
+        assert_ne!(composite("new", &["1:a", ""]), composite("new", &["1", "a"]));
+        assert_eq!(composite("new", &["CSORDER1", "CSORDER1-000001"]), "new#8:CSORDER1,15:CSORDER1-000001");
+        // Legacy keys only where they were unambiguous, spelled as before.
+        let d = dedup_upgrade("inst", "CS1", Some("CS1-000001"));
+        assert_eq!(d.legacy.as_deref(), Some("upgrade:inst:CS1/CS1-000001"));
+        assert_eq!(dedup_new("A/B", Some("C")).legacy, None);
+        assert_eq!(dedup_new("A", None).legacy.as_deref(), Some("new:A/"));
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct Plan {
     /// Key of this call's kept answer: a retry gets the first answer back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup: Option<String>,
+    /// Where an older version kept the same call's answer (read only, when `dedup` holds none).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dedup_legacy: Option<String>,
     /// The instance id whose record is read and written.
     pub subject: String,
     /// The order id whose record `order_set` writes to.
@@ -46,6 +49,14 @@ pub struct Plan {
     pub read: Vec<String>,
     /// The call's receive time (UNIX ms), for nonce expiry in the embedded store.
     pub now_ms: i64,
+}
+
+impl Plan {
+    /// Keeps this call's answer under `dedup` (see [`super::keys::Dedup`]).
+    pub fn set_dedup(&mut self, dedup: super::keys::Dedup) {
+        self.dedup = Some(dedup.key);
+        self.dedup_legacy = dedup.legacy;
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

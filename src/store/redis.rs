@@ -279,7 +279,11 @@ impl Store for RedisStore {
                 Some(order) => self.keys.order(order),
                 None => self.keys.nonce(shard, "-"),
             })
-            .key(self.keys.outbox(shard));
+            .key(self.keys.outbox(shard))
+            .key(match &plan.dedup_legacy {
+                Some(legacy) => self.keys.answer(shard, legacy),
+                None => self.keys.nonce(shard, "-"),
+            });
         // On a cluster the script cannot read records of other shards: those
         // are read beside it (a query naming instances of several shards).
         let cluster = matches!(self.conn, Conn::Cluster(_));

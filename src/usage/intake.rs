@@ -91,8 +91,8 @@ pub async fn intake(store: &dyn Store, body: &[u8], now_ms: i64) -> Result<Intak
     if let Some(first) = answer.records.iter().find(|v| v.status == VerdictStatus::Rejected) {
         tracing::warn!(
             rejected = answer.rejected,
-            first_metering_sn = %first.metering_sn,
-            first_reason = first.reason.as_deref().unwrap_or(""),
+            first_metering_sn = %crate::logfmt::clean(&first.metering_sn),
+            first_reason = %crate::logfmt::clean(first.reason.as_deref().unwrap_or("")),
             "usage records rejected"
         );
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod billing;
+pub mod cluster;
 pub mod kooapi;
 pub mod process;
 

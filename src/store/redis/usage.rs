@@ -6,7 +6,10 @@
 //! and atomic with the instance's status and pushed totals. The metering_sn
 //! registry lives in the sn's own shard; accepting is therefore two steps:
 //! register the sn (or find it registered), then decide in the instance's
-//! shard, and unregister the sn of a record that was refused. A crash between
+//! shard, and give the claim back for a record that was refused. The registry
+//! counts the claims of an sn: it is unregistered only when every request that
+//! claimed it was refused, so a refused request never unregisters an sn that a
+//! concurrent identical request used for an accepted record. A crash between
 //! the steps leaves the sn registered with that record's content: a retry of
 //! the record registers as `same` and goes on.
 
@@ -66,14 +69,15 @@ fn fields_of(value: &Value) -> BTreeMap<String, String> {
 impl RedisStore {
     /// Runs the registry script on the sns of `records` (by index), grouped by the sn's shard.
     async fn register(&self, mode: &str, records: &[(usize, &UsageRecord)]) -> Result<Vec<String>, StoreError> {
-        let mut groups: BTreeMap<String, Vec<(usize, &UsageRecord)>> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String), Vec<(usize, &UsageRecord)>> = BTreeMap::new();
         for (i, r) in records {
-            groups.entry(self.keys.usage_sn_registry(&r.metering_sn).1).or_default().push((*i, r));
+            let keys = (self.keys.usage_sn_registry(&r.metering_sn).1, self.keys.usage_sn_claims(&r.metering_sn));
+            groups.entry(keys).or_default().push((*i, r));
         }
-        let runs = groups.into_iter().map(|(key, group)| {
+        let runs = groups.into_iter().map(|((registry, claims), group)| {
             let mut conn = self.conn.clone();
             let mut inv = self.usage.register.prepare_invoke();
-            inv.key(key).arg(mode);
+            inv.key(registry).key(claims).arg(mode);
             for (_, r) in &group {
                 inv.arg(&r.metering_sn).arg(r.content());
             }
@@ -145,7 +149,7 @@ impl UsageLedger for RedisStore {
             .into_iter()
             .map(|d| d.ok_or_else(|| protocol("a record without a decision")))
             .collect::<Result<_, _>>()?;
-        // A refused record must not keep its sn registered (unless it was the conflict itself).
+        // A refused record gives its claim back (unless it was the conflict itself, which holds none).
         let release: Vec<(usize, &UsageRecord)> = decisions
             .iter()
             .enumerate()
