@@ -287,8 +287,11 @@ async fn admin_paths_are_percent_decoded_and_big_bodies_get_413() {
     let buy = r#"{"activity":"newInstance","businessId":"b-enc","orderId":"CSENC2","orderLineId":"CSENC2-000001","testFlag":"0"}"#;
     let instance = gw.v2(buy.as_bytes()).await.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     let sn = "sn-é/ü 1";
-    let record = serde_json::json!({"records": [{"instance_id": instance, "begin_time": "20261101T000000Z",
-        "end_time": "20261101T010000Z", "usage_value": "1", "metering_sn": sn}]});
+    // The last full hour: KooGallery (and intake) refuse periods older than 21 days.
+    let end = chrono::Utc::now().timestamp() / 3600 * 3600;
+    let t = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y%m%dT%H%M%SZ").to_string();
+    let record = serde_json::json!({"records": [{"instance_id": instance, "begin_time": t(end - 3600),
+        "end_time": t(end), "usage_value": "1", "metering_sn": sn}]});
     let (status, answer) = admin(&gw, Method::POST, "/v1/usage", record.to_string().into_bytes()).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["records"][0]["status"], "accepted", "{answer}");
