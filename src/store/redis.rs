@@ -234,6 +234,11 @@ fn entry_from_stream(shard: u8, id: &StreamId) -> Option<OutboxEntry> {
     entry
 }
 
+/// One command per shard, for [`RedisStore::query_all`] (gauges and lists that span every shard).
+fn every_shard(build: impl Fn(u8) -> Cmd) -> Vec<(u8, Cmd)> {
+    (0..SHARDS).map(|shard| (shard, build(shard))).collect()
+}
+
 fn bytes(v: &Value) -> Option<String> {
     redis::from_redis_value::<String>(v).ok()
 }
@@ -387,13 +392,7 @@ impl Store for RedisStore {
     }
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
-        let cmds = (0..SHARDS)
-            .map(|shard| {
-                let mut cmd = redis::cmd("XLEN");
-                cmd.arg(self.keys.outbox(shard));
-                (shard, cmd)
-            })
-            .collect();
+        let cmds = every_shard(|shard| redis::cmd("XLEN").arg(self.keys.outbox(shard)).clone());
         let lens: Vec<u64> = self.query_all(cmds).await?;
         Ok(lens.iter().sum())
     }
@@ -480,13 +479,7 @@ impl Store for RedisStore {
     }
 
     async fn outbox_entries(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let cmds = (0..SHARDS)
-            .map(|shard| {
-                let mut cmd = redis::cmd("XRANGE");
-                cmd.arg(self.keys.outbox(shard)).arg("-").arg("+");
-                (shard, cmd)
-            })
-            .collect();
+        let cmds = every_shard(|shard| redis::cmd("XRANGE").arg(self.keys.outbox(shard)).arg("-").arg("+").clone());
         let replies: Vec<redis::streams::StreamRangeReply> = self.query_all(cmds).await?;
         Ok(replies
             .iter()
@@ -496,13 +489,9 @@ impl Store for RedisStore {
     }
 
     async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError> {
-        let cmds = (0..SHARDS)
-            .map(|shard| {
-                let mut cmd = redis::cmd("XRANGE");
-                cmd.arg(self.keys.outbox(shard)).arg("-").arg("+").arg("COUNT").arg(1);
-                (shard, cmd)
-            })
-            .collect();
+        let cmds = every_shard(|shard| {
+            redis::cmd("XRANGE").arg(self.keys.outbox(shard)).arg("-").arg("+").arg("COUNT").arg(1).clone()
+        });
         let replies: Vec<redis::streams::StreamRangeReply> = self.query_all(cmds).await?;
         // A stream id starts with the milliseconds it was added at.
         Ok(replies
@@ -513,13 +502,7 @@ impl Store for RedisStore {
     }
 
     async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        let cmds = (0..SHARDS)
-            .map(|shard| {
-                let mut cmd = redis::cmd("HVALS");
-                cmd.arg(self.keys.dlq(shard));
-                (shard, cmd)
-            })
-            .collect();
+        let cmds = every_shard(|shard| redis::cmd("HVALS").arg(self.keys.dlq(shard)).clone());
         let replies: Vec<Vec<String>> = self.query_all(cmds).await?;
         let mut out: Vec<DeadLetter> =
             replies.iter().flatten().filter_map(|json| serde_json::from_str(json).ok()).collect();

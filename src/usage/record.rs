@@ -438,19 +438,3 @@ mod tests {
         assert_eq!(StoredUsage::from_fields(&s.to_fields()), Some(s));
     }
 }
-
-#[cfg(test)]
-mod age_tests {
-    use super::*;
-
-    #[test]
-    fn the_21_day_rule_with_a_margin() {
-        let now = 1_800_000_000;
-        assert!(check_age(now - INTAKE_MAX_AGE_SECS, now).is_ok());
-        assert!(check_age(now + 3600, now).is_ok());
-        let e = check_age(now - INTAKE_MAX_AGE_SECS - 1, now).unwrap_err();
-        assert!(e.contains("20 days old") && e.contains("MKT.9004"), "{e}");
-        assert!(!near_expiry(now - NEAR_EXPIRY_AGE_SECS, now));
-        assert!(near_expiry(now - NEAR_EXPIRY_AGE_SECS - 1, now));
-    }
-}

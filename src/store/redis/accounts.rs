@@ -9,8 +9,8 @@
 use async_trait::async_trait;
 use redis::Value;
 
-use super::{record_of, RedisStore};
-use crate::store::keys::{instance_shard, order_shard, SHARDS};
+use super::{every_shard, record_of, RedisStore};
+use crate::store::keys::{instance_shard, order_shard};
 use crate::store::{AccountIndex, AccountPage, Record, StoreError};
 
 #[async_trait]
@@ -38,13 +38,7 @@ impl AccountIndex for RedisStore {
     }
 
     async fn accounts_pending(&self) -> Result<u64, StoreError> {
-        let cmds = (0..SHARDS)
-            .map(|s| {
-                let mut cmd = redis::cmd("ZCARD");
-                cmd.arg(self.keys.account_pending(s));
-                (s, cmd)
-            })
-            .collect();
+        let cmds = every_shard(|s| redis::cmd("ZCARD").arg(self.keys.account_pending(s)).clone());
         let counts: Vec<u64> = self.query_all(cmds).await?;
         Ok(counts.into_iter().sum())
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::{Script, Value};
 
-use super::{bytes, RedisStore};
+use super::{bytes, every_shard, RedisStore};
 use crate::store::keys::{instance_shard, SHARDS};
 use crate::store::{StoreError, UsageLedger};
 use crate::usage::{Decision, Refusal, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
@@ -164,13 +164,16 @@ impl UsageLedger for RedisStore {
 
     async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError> {
         // One pipelined look at every shard first: idle shards cost no script run.
-        let peeks = (0..SHARDS)
-            .map(|s| {
-                let mut cmd = redis::cmd("ZRANGEBYSCORE");
-                cmd.arg(self.keys.usage_pending(s)).arg("-inf").arg(now_ms).arg("LIMIT").arg(0).arg(1);
-                (s, cmd)
-            })
-            .collect();
+        let peeks = every_shard(|s| {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(self.keys.usage_pending(s))
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1)
+                .clone()
+        });
         let due: Vec<Vec<String>> = self.query_all(peeks).await?;
         let shards: Vec<u8> = (0..SHARDS).filter(|s| !due[usize::from(*s)].is_empty()).collect();
         if shards.is_empty() {
@@ -245,13 +248,7 @@ impl UsageLedger for RedisStore {
     }
 
     async fn usage_dead(&self) -> Result<Vec<StoredUsage>, StoreError> {
-        let lists = (0..SHARDS)
-            .map(|s| {
-                let mut cmd = redis::cmd("ZRANGE");
-                cmd.arg(self.keys.usage_dlq(s)).arg(0).arg(-1);
-                (s, cmd)
-            })
-            .collect();
+        let lists = every_shard(|s| redis::cmd("ZRANGE").arg(self.keys.usage_dlq(s)).arg(0).arg(-1).clone());
         let sns: Vec<Vec<String>> = self.query_all(lists).await?;
         let reads = sns
             .iter()
