@@ -44,6 +44,8 @@ use crate::usage::StoredUsage;
 pub struct Admin {
     pub store: Arc<dyn Store>,
     pub token: Option<Secret>,
+    /// The order query is configured (AK/SK): V2 purchases learn their account.
+    pub enrichment: bool,
 }
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
@@ -530,7 +532,14 @@ impl Admin {
             Some(c) => json!({"customer_id": c, "customer_name": record.get("customer_name")}),
             None => Value::Null,
         };
-        view["account_pending"] = json!(!record.contains_key("customer_id") && view["enriched"] == false);
+        let unknown = !record.contains_key("customer_id") && view["enriched"] == false;
+        view["account_pending"] = json!(unknown && self.enrichment);
+        if unknown && !self.enrichment {
+            view["account_note"] = json!(
+                "a V2 purchase learns its Huawei Cloud account from KooGallery's order query: \
+                 set KOOGATE_MARKETPLACE_AK/SK"
+            );
+        }
         let mut lines = Vec::new();
         if let Some(order_id) = record.get("order_id") {
             let order = self.store.order(order_id).await?;

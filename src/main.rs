@@ -571,6 +571,7 @@ async fn instance(api: AdminApi, id: &str, json: bool) -> anyhow::Result<ExitCod
         let account = match view["account"]["customer_id"].as_str() {
             Some(c) => format!("{c} ({})", text(&view["account"]["customer_name"])),
             None if view["account_pending"] == true => "not known yet (order query pending)".to_owned(),
+            None if view["account_note"].is_string() => format!("unknown: {}", text(&view["account_note"])),
             None => "-".to_owned(),
         };
         println!("account:     {account}");

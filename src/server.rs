@@ -137,7 +137,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         if tls.is_some() { "terminates TLS" } else { "speaks plain HTTP (terminate TLS in front)" }
     );
     tasks.spawn(http::serve_tls(listener, tls, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
-    let admin_api = Arc::new(Admin { store: Arc::clone(&store), token: config.admin_token.clone() });
+    let admin_api = Arc::new(Admin {
+        store: Arc::clone(&store),
+        token: config.admin_token.clone(),
+        enrichment: config.marketplace.is_some(),
+    });
     if config.admin_token.is_none() {
         tracing::info!("KOOGATE_ADMIN_TOKEN is not set: the admin API is off (/metrics and /healthz stay on)");
     }

@@ -314,9 +314,9 @@ async fn the_cli_shows_accounts_and_instances() {
     let instance = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     account_until(&gw, &customer, "its instance", |s, v| s == 200 && v["total"] == 1).await;
 
-    let admin = format!("http://{}", gw.running().admin_addr);
+    let admin_url = format!("http://{}", gw.running().admin_addr);
     let cli = |args: Vec<String>| {
-        let admin = admin.clone();
+        let admin = admin_url.clone();
         async move {
             let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
                 .args(&args)
@@ -356,5 +356,11 @@ async fn the_cli_shows_accounts_and_instances() {
     assert!(out.contains("not active (no_subscription)"), "{out}");
     let (code, _, err) = cli(s(&["instances", "show", "no-such-instance"])).await;
     assert_eq!(code, Some(1), "{err}");
+
+    // Without AK/SK a V2 purchase cannot learn its account: not "pending", but said why.
+    let v2 = buy_v2(&gw, &format!("CSACCTNOAKSK{}", new_run_id())).await;
+    let (status, view) = admin(&gw, Method::GET, &format!("/v1/instances/{v2}"), None).await;
+    assert_eq!((status, view["account_pending"].as_bool()), (200, Some(false)), "{view}");
+    assert!(view["account_note"].as_str().is_some_and(|n| n.contains("KOOGATE_MARKETPLACE_AK/SK")), "{view}");
     gw.stop().await;
 }
