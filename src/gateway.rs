@@ -24,7 +24,7 @@ use crate::store::keys::{
     self, instance_id_for, instance_id_for_item, instance_shard, item_purchase_dedup, order_line_field, v1_call_dedup,
 };
 use crate::store::plan::{ABSENT, ANY};
-use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store};
+use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store, StoreError};
 
 /// Instance statuses as stored.
 pub mod status {
@@ -225,7 +225,17 @@ impl Gateway {
                 }
                 Pending::answer(key, answer)
             }
-            Outcome::Read { records } => Pending::answer(key, planner.query_answer(&plan.read, &records)),
+            Outcome::Read { records } => match self.package_usage(&plan.read, &records).await {
+                Ok(linked) => Pending::answer(key, planner.query_answer(&plan.read, &records, &linked)),
+                Err(e) => {
+                    m::store_error(self.store.backend(), e.kind());
+                    tracing::error!(error = %e, "store failed reading a package's linked usage; answering 000005");
+                    Pending::internal(
+                        key,
+                        "internal error: the gateway could not read the package's usage; please retry",
+                    )
+                }
+            },
         }
     }
 }
@@ -263,6 +273,29 @@ fn peek_v2(log: CallLog, body: &[u8]) -> CallLog {
         .unwrap_or_default();
     peek(log, &fields)
 }
+
+impl Gateway {
+    /// For each pay-per-use package instance among the records read, the
+    /// records of the instances whose usage was deducted from it: its
+    /// queryInstance lists every billing item linked to the package. A read of
+    /// the package's links and one of those records (package queries only:
+    /// every other query stays one round trip).
+    async fn package_usage(&self, ids: &[String], records: &[Record]) -> Result<LinkedUsage, StoreError> {
+        let mut out = LinkedUsage::new();
+        for (id, record) in ids.iter().zip(records) {
+            if record.get("charging_mode").map(String::as_str) != Some(call::PAY_PER_USE_PACKAGE) {
+                continue;
+            }
+            let links = self.store.usage_package_links(id).await?;
+            let linked = self.store.instance_records(&links).await?;
+            out.insert(id.clone(), links.into_iter().zip(linked).collect());
+        }
+        Ok(out)
+    }
+}
+
+/// Package instance id → (linked instance id, its record).
+pub type LinkedUsage = std::collections::BTreeMap<String, Vec<(String, Record)>>;
 
 /// An answer body waiting to be signed and logged.
 struct Pending<'k> {
@@ -698,7 +731,7 @@ impl Planner<'_> {
     }
 
     /// The queryInstance answer from the records read.
-    pub fn query_answer(&self, ids: &[String], records: &[Record]) -> String {
+    pub fn query_answer(&self, ids: &[String], records: &[Record], linked: &LinkedUsage) -> String {
         let info: Vec<InstanceInfo> = ids
             .iter()
             .zip(records)
@@ -709,7 +742,7 @@ impl Planner<'_> {
                     front_end_url: self.settings.frontend_url.clone(),
                     ..AppInfo::default()
                 }),
-                usage_info: usage_info(r, self.now_ms),
+                usage_info: usage_info(id, r, linked.get(id).map_or(&[][..], Vec::as_slice), self.now_ms),
             })
             .collect();
         if info.is_empty() {
@@ -726,25 +759,41 @@ impl Planner<'_> {
 /// usage was pushed for it): one entry per billing item, the usage KooGallery
 /// has taken and up to when. The instance's own item (records without
 /// `relate_pkg_instance`) comes first, then one entry per package it is linked
-/// to, naming it (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`). An entry with
-/// nothing pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
-fn usage_info(record: &Record, now_ms: i64) -> Option<Vec<UsageInfo>> {
+/// to, naming it (`unconfirmed::USAGE_INFO_RELATED_INSTANCE`). A pay-per-use
+/// package lists every billing item linked to it: the usage each linked
+/// instance had deducted from it, naming that instance. An entry with nothing
+/// pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
+fn usage_info(id: &str, record: &Record, linked: &[(String, Record)], now_ms: i64) -> Option<Vec<UsageInfo>> {
     let pushed = record.contains_key(crate::usage::FIELD_USAGE_E4);
     let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
     if !pushed && !pay_per_use {
         return None;
     }
     let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
+    // Items of the package taken by linked instances (their `usage_e4:<package>`).
+    let (e4_field, end_field) = crate::usage::item_usage_fields(id);
+    let num = |r: &Record, f: &str| r.get(f).and_then(|v| v.parse::<i64>().ok());
+    let deducted: Vec<UsageInfo> = linked
+        .iter()
+        .filter_map(|(other, r)| {
+            let value = num(r, &e4_field).filter(|v| *v != 0)?;
+            Some(UsageInfo {
+                usage_value: crate::usage::record::format_e4(value),
+                statistical_time: when(num(r, &end_field)),
+                related_instance_id: Some(other.clone()),
+            })
+        })
+        .collect();
     // KooGallery's view: what it took. A package item shows once something of
     // it was pushed; the instance's own item when something of it was, or
     // when nothing of a package was.
     let all = crate::usage::item_usage(record);
-    let package_pushed = all.iter().any(|i| i.related_instance.is_some() && i.pushed_e4 != 0);
+    let package_pushed = !deducted.is_empty() || all.iter().any(|i| i.related_instance.is_some() && i.pushed_e4 != 0);
     let shown = |i: &crate::usage::ItemUsage| i.pushed_e4 != 0 || (i.related_instance.is_none() && !package_pushed);
     let items = all.into_iter().filter(shown).map(|item| UsageInfo {
         usage_value: crate::usage::record::format_e4(item.pushed_e4),
         statistical_time: when(item.pushed_until),
         related_instance_id: item.related_instance,
     });
-    Some(items.collect())
+    Some(items.chain(deducted).collect())
 }

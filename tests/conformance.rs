@@ -340,6 +340,14 @@ async fn v1_query_usage_info(backend: Backend) {
     assert_eq!(usage[1]["usageValue"], "0.25");
     assert_eq!(usage[1]["relatedInstanceId"], pkg.as_str());
     assert_eq!(usage[1]["statisticalTime"], at(1));
+    // The package lists every billing item linked to it: what `a` had deducted from it, naming `a`.
+    let info = query_v1(&gw, &[&pkg]).await;
+    let package = usage_of(&info, &pkg);
+    println!("{backend:?} usageInfo of the package: {package:?}");
+    assert_eq!(package.len(), 1, "{package:?}");
+    assert_eq!(package[0]["usageValue"], "0.25");
+    assert_eq!(package[0]["relatedInstanceId"], a.as_str());
+    assert_eq!(package[0]["statisticalTime"], at(1));
     gw.stop().await;
     api.stop();
 }

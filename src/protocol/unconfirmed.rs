@@ -31,8 +31,9 @@ pub const V1_UNFREEZE_ALIAS: &str = "UNFREEZE";
 /// usage of an instance per metering item: records without
 /// `relate_pkg_instance` (the instance's own billing item) make one entry,
 /// each distinct `relate_pkg_instance` another, naming that package instance.
-/// Not done: listing, on the package instance itself, the items of other
-/// instances linked to it (they live in those instances' shards).
+/// A pay-per-use package instance lists every billing item linked to it: the
+/// usage each linked instance had deducted from it, naming that instance
+/// (the store keeps the package → instances links; `gateway::package_usage`).
 pub const USAGE_INFO_RELATED_INSTANCE: &str = "relatedInstanceId";
 
 /// V2 pay-per-use: Huawei's V2 newInstance page asks for idempotency "based on

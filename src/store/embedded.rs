@@ -109,9 +109,14 @@ impl EmbeddedStore {
                 txn.open_table(table).map_err(err)?;
             }
             txn.open_table(accounts::ACCOUNT_PENDING).map_err(err)?;
-            for table in
-                [usage::USAGE, usage::USAGE_PERIODS, usage::USAGE_PENDING, usage::USAGE_UNPUSHED, usage::USAGE_DLQ]
-            {
+            for table in [
+                usage::USAGE,
+                usage::PACKAGE_LINKS,
+                usage::USAGE_PERIODS,
+                usage::USAGE_PENDING,
+                usage::USAGE_UNPUSHED,
+                usage::USAGE_DLQ,
+            ] {
                 txn.open_table(table).map_err(err)?;
             }
         }

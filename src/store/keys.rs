@@ -229,6 +229,12 @@ impl Keys {
         let shard = order_shard(metering_sn);
         (shard, format!("{}{{s{shard}}}:usage:sn", self.prefix))
     }
+    /// The pay-per-use instances whose usage was deducted from a package
+    /// instance (set of instance ids), in the package's shard: what the
+    /// package's queryInstance lists in `usageInfo[]`.
+    pub fn package_links(&self, package_id: &str) -> String {
+        self.key(instance_shard(package_id), "pkglinks", package_id)
+    }
     /// The instances an account holds (sorted set: instance id → purchase
     /// time, UNIX ms), in the shard of the customer id: one key per account,
     /// so a page of it is one command on one node, Redis Cluster included.

@@ -162,6 +162,12 @@ pub trait UsageLedger {
 
     /// Gauges: unpushed records, the oldest one's acceptance time, dead records.
     async fn usage_stats(&self) -> Result<UsageStats, StoreError>;
+
+    /// The instances whose accepted usage named this package instance
+    /// (`relate_pkg_instance`), sorted: the package's queryInstance lists
+    /// their usage of it. Linked when a record is accepted (and again when it
+    /// is pushed, so a crash between the steps loses no link).
+    async fn usage_package_links(&self, package_id: &str) -> Result<Vec<String>, StoreError>;
 }
 
 /// One page of an account's instances (see [`AccountIndex::account_instances`]).

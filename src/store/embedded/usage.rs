@@ -29,6 +29,24 @@ pub(super) const USAGE_UNPUSHED: TableDefinition<&str, &str> = TableDefinition::
 /// `<dead ms:020>\t<sn>` of dead records.
 pub(super) const USAGE_DLQ: TableDefinition<&str, &str> = TableDefinition::new("usage_dlq");
 
+/// `<len>:<package id>\t<instance id>` → "": the instances whose usage named a package.
+pub(super) const PACKAGE_LINKS: TableDefinition<&str, &str> = TableDefinition::new("package_links");
+
+/// The key range of one package's links: `[start, end)`.
+fn package_range(package_id: &str) -> (String, String) {
+    let base = format!("{}:{package_id}", package_id.len());
+    (format!("{base}\t"), format!("{base}\n"))
+}
+
+/// Links a record that names a package (`relate_pkg_instance`) to it (idempotent).
+fn link_package(txn: &WriteTransaction, record: &UsageRecord) -> Result<(), StoreError> {
+    if record.item.is_empty() {
+        return Ok(());
+    }
+    let key = format!("{}{}", package_range(&record.item).0, record.instance_id);
+    insert(txn, PACKAGE_LINKS, &key)
+}
+
 fn at(ms: i64, sn: &str) -> String {
     format!("{:020}\t{sn}", ms.max(0))
 }
@@ -94,6 +112,9 @@ fn accept_in(
             }
         };
         let decision = decide(r, known.as_deref(), &status, test, prev.as_ref().map(|(e, sn)| (*e, sn.as_str())));
+        if matches!(decision, Decision::Accepted | Decision::Duplicate) {
+            link_package(txn, r)?;
+        }
         if decision == Decision::Accepted {
             let mut fields = StoredUsage::accepted(r.clone(), now_ms).to_fields();
             fields.insert("due_ms".into(), now_ms.to_string());
@@ -158,6 +179,7 @@ fn settle_in(txn: &WriteTransaction, settles: &[(UsageRecord, UsageSettle)], now
         };
         match settle {
             UsageSettle::Pushed => {
+                link_package(txn, record)?;
                 set("state", "pushed".into());
                 set("pushed_ms", now_ms.to_string());
                 set("held", String::new());
@@ -305,6 +327,18 @@ impl UsageLedger for EmbeddedStore {
             Reply::Moved(m) => Ok(m),
             _ => Err(err("unexpected reply")),
         }
+    }
+
+    async fn usage_package_links(&self, package_id: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(PACKAGE_LINKS).map_err(err)?;
+        let (start, end) = package_range(package_id);
+        let mut ids = Vec::new();
+        for row in table.range(start.as_str()..end.as_str()).map_err(err)? {
+            let (key, _) = row.map_err(err)?;
+            ids.push(key.value().split_once('\t').map(|(_, id)| id.to_owned()).unwrap_or_default());
+        }
+        Ok(ids)
     }
 
     async fn usage_stats(&self) -> Result<UsageStats, StoreError> {

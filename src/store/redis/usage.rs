@@ -102,6 +102,23 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Links records that name a package (`relate_pkg_instance`) to it, in the package's shard (idempotent).
+    async fn link_packages<'a>(&self, records: impl Iterator<Item = &'a UsageRecord>) -> Result<(), StoreError> {
+        let cmds: Vec<(u8, redis::Cmd)> = records
+            .filter(|r| !r.item.is_empty())
+            .map(|r| {
+                (
+                    instance_shard(&r.item),
+                    redis::cmd("SADD").arg(self.keys.package_links(&r.item)).arg(&r.instance_id).clone(),
+                )
+            })
+            .collect();
+        let _: Vec<i64> = self.query_all(cmds).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl UsageLedger for RedisStore {
     async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError> {
@@ -149,6 +166,9 @@ impl UsageLedger for RedisStore {
             .into_iter()
             .map(|d| d.ok_or_else(|| protocol("a record without a decision")))
             .collect::<Result<_, _>>()?;
+        let kept =
+            records.iter().zip(&decisions).filter(|(_, d)| matches!(d, Decision::Accepted | Decision::Duplicate));
+        self.link_packages(kept.map(|(r, _)| r)).await?;
         // A refused record gives its claim back (unless it was the conflict itself, which holds none).
         let release: Vec<(usize, &UsageRecord)> = decisions
             .iter()
@@ -236,7 +256,8 @@ impl UsageLedger for RedisStore {
             }
         });
         futures::future::try_join_all(runs).await?;
-        Ok(())
+        let pushed = settles.iter().filter(|(_, s)| *s == UsageSettle::Pushed).map(|(r, _)| r);
+        self.link_packages(pushed).await
     }
 
     async fn usage_get(&self, metering_sn: &str) -> Result<Option<StoredUsage>, StoreError> {
@@ -283,6 +304,14 @@ impl UsageLedger for RedisStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(moved == 1)
+    }
+
+    async fn usage_package_links(&self, package_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut ids: Vec<String> =
+            redis::cmd("SMEMBERS").arg(self.keys.package_links(package_id)).query_async(&mut conn).await?;
+        ids.sort();
+        Ok(ids)
     }
 
     async fn usage_stats(&self) -> Result<UsageStats, StoreError> {
