@@ -67,6 +67,8 @@ pub struct Call {
     pub sorted: bool,
     pub sns: Vec<String>,
     pub status: u16,
+    /// The `error_code` answered.
+    pub code: String,
 }
 
 #[derive(Default)]
@@ -217,7 +219,11 @@ impl UsageApi {
                             seen.records.entry(sn.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
                         }
                     }
-                    seen.calls.push(Call { at, signature_ok: sig, apig, sorted, sns, status: reply.status });
+                    let code = serde_json::from_str::<Value>(&reply.body)
+                        .ok()
+                        .and_then(|v| v["error_code"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    seen.calls.push(Call { at, signature_ok: sig, apig, sorted, sns, status: reply.status, code });
                     reply
                 };
                 tokio::time::sleep(reply.delay).await;
