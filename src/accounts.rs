@@ -20,11 +20,14 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::domain::field;
+use crate::domain::field::{USAGE_E4, USAGE_END, USAGE_UNPUSHED_E4};
+use crate::domain::status::ACTIVE;
+use crate::domain::Status;
 use crate::events::EventType;
-use crate::gateway::status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 use crate::store::{OutboxEntry, Record, Store, StoreError};
+use crate::usage::item_usage;
 use crate::usage::record::{compact, format_e4};
-use crate::usage::{item_usage, FIELD_USAGE_E4, FIELD_USAGE_END, FIELD_USAGE_UNPUSHED_E4};
 
 /// Default and largest page of the account view.
 pub const DEFAULT_PAGE: u64 = 50;
@@ -91,16 +94,16 @@ fn usage_view(record: &Record) -> Value {
         })
         .collect();
     json!({
-        "pushed": format_e4(num(FIELD_USAGE_E4).unwrap_or(0)),
-        "pushed_until": num(FIELD_USAGE_END).map(compact),
-        "unpushed": format_e4(num(FIELD_USAGE_UNPUSHED_E4).unwrap_or(0)),
+        "pushed": format_e4(num(USAGE_E4).unwrap_or(0)),
+        "pushed_until": num(USAGE_END).map(compact),
+        "unpushed": format_e4(num(USAGE_UNPUSHED_E4).unwrap_or(0)),
         "items": items,
     })
 }
 
 /// Is the instance held right now: bought, not frozen, expired nor released.
 pub fn is_active(record: &Record) -> bool {
-    record.get("status").map(String::as_str) == Some(ACTIVE)
+    record.get(field::STATUS).map(String::as_str) == Some(ACTIVE)
 }
 
 /// Why an account's subscription does not count (the binding check's refusals).
@@ -139,11 +142,11 @@ pub enum Verdict {
 }
 
 fn refusal_of(record: &Record) -> Option<Refusal> {
-    match record.get("status").map(String::as_str) {
-        Some(ACTIVE) => None,
-        Some(FROZEN) => Some(Refusal::Frozen),
-        Some(EXPIRED) => Some(Refusal::Expired),
-        Some(RELEASED) => Some(Refusal::Released),
+    match record.get(field::STATUS).and_then(|s| Status::parse(s)) {
+        Some(Status::Active) => None,
+        Some(Status::Frozen) => Some(Refusal::Frozen),
+        Some(Status::Expired) => Some(Refusal::Expired),
+        Some(Status::Released) => Some(Refusal::Released),
         _ => Some(Refusal::NoSubscription),
     }
 }
@@ -176,7 +179,7 @@ pub fn verdict(instances: &[(String, Record)], named: Option<&str>) -> Verdict {
 
 /// When the instance was bought (UNIX ms), from its `created_at`.
 pub fn created_ms(record: &Record, fallback: &str) -> i64 {
-    let at = record.get("created_at").map_or(fallback, String::as_str);
+    let at = record.get(field::CREATED_AT).map_or(fallback, String::as_str);
     chrono::DateTime::parse_from_rfc3339(at).map_or(0, |t| t.timestamp_millis())
 }
 
@@ -197,9 +200,9 @@ pub async fn link_on_delivery(
     let (instance, _) = entry.subject_seq();
     let customer = entry
         .change
-        .get("customer_id")
+        .get(field::CUSTOMER_ID)
         .and_then(Value::as_str)
-        .or_else(|| entry.record.get("customer_id").map(String::as_str))
+        .or_else(|| entry.record.get(field::CUSTOMER_ID).map(String::as_str))
         .filter(|c| !c.is_empty());
     match customer {
         Some(customer) => {
@@ -218,6 +221,7 @@ pub async fn link_on_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::status::{EXPIRED, FROZEN, RELEASED};
 
     fn rec(status: &str, test: bool) -> Record {
         Record::from([("status".to_owned(), status.to_owned()), ("test".to_owned(), flag_str(test))])
@@ -270,9 +274,9 @@ mod tests {
     fn views_name_the_resource_id_and_usage() {
         let mut r = rec(ACTIVE, false);
         r.insert("protocol".into(), "v2".into());
-        r.insert(FIELD_USAGE_E4.into(), "125000".into());
-        r.insert(format!("{FIELD_USAGE_E4}:pkg-1"), "25000".into());
-        r.insert(FIELD_USAGE_UNPUSHED_E4.into(), "5".into());
+        r.insert(USAGE_E4.into(), "125000".into());
+        r.insert(format!("{USAGE_E4}:pkg-1"), "25000".into());
+        r.insert(USAGE_UNPUSHED_E4.into(), "5".into());
         r.insert("created_at".into(), "2026-12-01T10:00:00.000Z".into());
         let v = instance_view("id-1", &r);
         assert_eq!(v["resource_id"], "id-1");

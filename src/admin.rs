@@ -30,15 +30,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::accounts;
+use crate::domain::field;
 use crate::gateway::rfc3339;
 use crate::http::Body;
 use crate::marketplace::usage::PushRecord;
+use crate::metering::intake::IntakeError;
 use crate::metrics as m;
 use crate::protocol::sign::constant_time_eq;
 use crate::secret::Secret;
 use crate::store::plan::parse_event_id;
 use crate::store::{DeadLetter, OutboxEntry, Record, Redeem, Store, StoreError};
-use crate::usage::intake::IntakeError;
 use crate::usage::StoredUsage;
 
 pub struct Admin {
@@ -83,8 +84,8 @@ fn event_view(entry: &OutboxEntry, status: &str, attempts: Option<&crate::store:
         "status": status,
         "instance_id": instance,
         "seq": seq,
-        "order_id": entry.change.get("order_id").cloned().unwrap_or_else(|| entry.record.get("order_id").cloned().into()),
-        "purchase_order_id": entry.record.get("order_id"),
+        "order_id": entry.change.get("order_id").cloned().unwrap_or_else(|| entry.record.get(field::ORDER_ID).cloned().into()),
+        "purchase_order_id": entry.record.get(field::ORDER_ID),
         "occurred_at": entry.occurred_at,
         "test": entry.test,
         "redrive": entry.redrive,
@@ -105,7 +106,8 @@ fn dead_view(d: &DeadLetter) -> Value {
 fn matches(entry: &OutboxEntry, instance: Option<&str>, order: Option<&str>) -> bool {
     let event_order = entry.change.get("order_id").and_then(Value::as_str);
     instance.is_none_or(|i| entry.subject_seq().0 == i)
-        && order.is_none_or(|o| event_order == Some(o) || entry.record.get("order_id").map(String::as_str) == Some(o))
+        && order
+            .is_none_or(|o| event_order == Some(o) || entry.record.get(field::ORDER_ID).map(String::as_str) == Some(o))
 }
 
 /// One usage record as the admin API shows it.
@@ -363,7 +365,7 @@ impl Admin {
             Err(res) => return res,
         };
         let now = chrono::Utc::now().timestamp_millis();
-        match crate::usage::intake::intake(self.store.as_ref(), &body, now).await {
+        match crate::metering::intake::intake(self.store.as_ref(), &body, now).await {
             Ok(answer) => respond(StatusCode::OK, serde_json::to_value(answer).unwrap_or(Value::Null)),
             Err(e @ IntakeError::BadRequest(_)) => {
                 tracing::warn!(error = %crate::logfmt::clean(&e.to_string()), "usage intake: request refused");
@@ -405,7 +407,7 @@ impl Admin {
             instances.push(json!({
                 "instance_id": instance_id,
                 "order_line_id": if line.is_empty() { Value::Null } else { line.into() },
-                "status": r.get("status"),
+                "status": r.get(field::STATUS),
                 "sku_code": r.get("sku_code"),
                 "product_id": r.get("product_id"),
                 "settlement": settlement,
@@ -418,7 +420,7 @@ impl Admin {
             order.get("redeemed_at").map(|at| json!({"redeemed_at": at, "redeemed_by": order.get("redeemed_by")}));
         Ok(json!({
             "order_id": order_id,
-            "customer_id": order.get("customer_id"),
+            "customer_id": order.get(field::CUSTOMER_ID),
             "status": if released { "released" } else { "paid" },
             "instance_id": first["instance_id"],
             "sku_code": first["sku_code"],
@@ -433,7 +435,7 @@ impl Admin {
     async fn order(&self, order_id: &str, customer: &str) -> Result<Response<Body>, StoreError> {
         let order = self.store.order(order_id).await?;
         // Unknown and someone else's answer alike: nothing to learn by guessing ids.
-        if order.is_empty() || order.get("customer_id").map(String::as_str) != Some(customer) {
+        if order.is_empty() || order.get(field::CUSTOMER_ID).map(String::as_str) != Some(customer) {
             return Ok(error(StatusCode::NOT_FOUND, "not_found", "no such order for this customer"));
         }
         Ok(respond(StatusCode::OK, self.order_facts(order_id, &order).await?))
@@ -523,16 +525,16 @@ impl Admin {
     /// account, its purchase order's lines and the ids of its events.
     async fn resource(&self, id: &str) -> Result<Response<Body>, StoreError> {
         let record = self.store.instance(id).await?;
-        if record.get("status").is_none_or(String::is_empty) {
+        if record.get(field::STATUS).is_none_or(String::is_empty) {
             m::account_lookup("instance", "not_found");
             return Ok(error(StatusCode::NOT_FOUND, "not_found", format!("no instance {id}")));
         }
         let mut view = accounts::instance_view(id, &record);
-        view["account"] = match record.get("customer_id") {
+        view["account"] = match record.get(field::CUSTOMER_ID) {
             Some(c) => json!({"customer_id": c, "customer_name": record.get("customer_name")}),
             None => Value::Null,
         };
-        let unknown = !record.contains_key("customer_id") && view["enriched"] == false;
+        let unknown = !record.contains_key(field::CUSTOMER_ID) && view["enriched"] == false;
         view["account_pending"] = json!(unknown && self.enrichment);
         if unknown && !self.enrichment {
             view["account_note"] = json!(
@@ -541,7 +543,7 @@ impl Admin {
             );
         }
         let mut lines = Vec::new();
-        if let Some(order_id) = record.get("order_id") {
+        if let Some(order_id) = record.get(field::ORDER_ID) {
             let order = self.store.order(order_id).await?;
             for (field, instance) in &order {
                 if let Some((line, product)) = crate::store::keys::parse_order_line_field(field) {

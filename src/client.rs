@@ -9,16 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::header::CONTENT_TYPE;
 use hyper::Method;
-use rand::distributions::Alphanumeric;
-use rand::Rng;
 
 use crate::protocol::sign::{v1_auth_token, v1_canonical_query, v2_request_signature};
 use crate::protocol::verify::format_v1_timestamp;
 
-/// A fresh 32-character alphanumeric nonce.
-pub fn nonce() -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect()
-}
+pub use crate::protocol::nonce;
 
 /// The query string of a V2 call: `signature`, `timestamp` (ms), `nonce`.
 pub fn v2_query(access_key: &str, body: &[u8], timestamp_ms: i64, nonce: &str) -> String {

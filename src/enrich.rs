@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::domain::field;
 use crate::events::{EventType, SkuMap};
 use crate::marketplace::order::{parse_answer, OrderApi, OrderError};
 use crate::metrics as m;
@@ -168,7 +169,7 @@ impl Enricher {
         let mut order_fields = Record::new();
         let purchase = (entry.kind == EventType::Created.as_str()).then_some(order_id.as_str());
         if let (Some(_), Some(customer)) = (purchase, &f.customer_id) {
-            order_fields.insert("customer_id".into(), customer.clone());
+            order_fields.insert(field::CUSTOMER_ID.into(), customer.clone());
         }
         let (subject, _) = entry.subject_seq();
         // Order notifications of orders that created no instance only complete the event.

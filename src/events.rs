@@ -9,10 +9,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::domain::field;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-
-use crate::store::OutboxEntry;
 
 /// Event types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +188,47 @@ fn typed(field: &str, value: &str) -> Option<Value> {
     })
 }
 
+/// The deterministic event id of a subject's `seq`-th transition.
+pub fn event_id(subject: &str, seq: u64) -> String {
+    format!("evt_{subject}_{seq}")
+}
+
+/// Splits an event id into its subject (instance id) and sequence number.
+pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
+    let rest = id.strip_prefix("evt_")?;
+    let (subject, seq) = rest.rsplit_once('_')?;
+    Some((subject, seq.parse().ok()?))
+}
+
+/// One event waiting in the outbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Where it sits in the outbox (stream id, or the embedded sequence).
+    #[serde(default)]
+    pub cursor: String,
+    /// Shard it belongs to.
+    pub shard: u8,
+    pub id: String,
+    pub kind: String,
+    pub occurred_at: String,
+    pub test: bool,
+    /// The subject record right after the transition.
+    pub record: BTreeMap<String, String>,
+    /// The call's own fields (a JSON object).
+    pub change: serde_json::Map<String, serde_json::Value>,
+    /// Put back by a redrive: delivered even though later events of its
+    /// instance already were.
+    #[serde(default)]
+    pub redrive: bool,
+}
+
+impl OutboxEntry {
+    /// The instance this event belongs to and its place in that instance's order.
+    pub fn subject_seq(&self) -> (&str, u64) {
+        parse_event_id(&self.id).unwrap_or((self.id.as_str(), 0))
+    }
+}
+
 /// Builds the event of an outbox entry: the instance record right after the
 /// transition, overlaid with the call's own fields. Pure: unit-tested.
 pub fn assemble(entry: &OutboxEntry) -> Result<Event, AssembleError> {
@@ -200,7 +240,7 @@ pub fn assemble(entry: &OutboxEntry) -> Result<Event, AssembleError> {
             data.insert(field.clone(), v);
         }
     }
-    if let Some(order) = entry.record.get("order_id") {
+    if let Some(order) = entry.record.get(field::ORDER_ID) {
         data.insert("purchase_order_id".into(), Value::String(order.clone()));
     }
     for (field, value) in &entry.change {

@@ -26,14 +26,8 @@ use crate::store::keys::{
 use crate::store::plan::{ABSENT, ANY};
 use crate::store::{Branch, EventSpec, Outcome, Plan, Record, Store, StoreError};
 
-/// Instance statuses as stored.
-pub mod status {
-    pub const ACTIVE: &str = "active";
-    pub const FROZEN: &str = "frozen";
-    pub const EXPIRED: &str = "expired";
-    pub const RELEASED: &str = "released";
-}
-use status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
+use crate::domain::field;
+use crate::domain::status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 
 /// Settings the gateway's decisions depend on.
 #[derive(Clone, Debug)]
@@ -431,7 +425,7 @@ impl Planner<'_> {
         change: Map<String, Value>,
         keep: bool,
     ) -> Branch {
-        set.insert("updated_at".into(), self.now());
+        set.insert(field::UPDATED_AT.into(), self.now());
         Branch {
             code: ResultCode::Success.as_str().into(),
             answer: success(),
@@ -499,7 +493,7 @@ impl Planner<'_> {
                 // an expired V1 instance is active again.
                 plan.branches.insert(ACTIVE.into(), self.transition(set.clone(), kind, call, change.clone(), true));
                 plan.branches.insert(FROZEN.into(), self.transition(set.clone(), kind, call, change.clone(), true));
-                set.insert("status".into(), ACTIVE.into());
+                set.insert(field::STATUS.into(), ACTIVE.into());
                 plan.branches.insert(EXPIRED.into(), self.transition(set, kind, call, change, true));
                 plan.branches.insert(RELEASED.into(), not_found(instance_id, "was released"));
                 plan.branches.insert(ANY.into(), not_found(instance_id, "does not exist"));
@@ -513,7 +507,7 @@ impl Planner<'_> {
                     (ACTIVE, EventType::Unfrozen, &[FROZEN, EXPIRED])
                 };
                 for status in from {
-                    let set = Record::from([("status".to_owned(), to.to_owned())]);
+                    let set = Record::from([(field::STATUS.to_owned(), to.to_owned())]);
                     let change = Map::from_iter([("previous_status".to_owned(), json!(status))]);
                     plan.branches.insert((*status).into(), self.transition(set, kind, call, change, false));
                 }
@@ -526,9 +520,9 @@ impl Planner<'_> {
             }
             Activity::ExpireInstance { instance_id, order_id } => {
                 let mut plan = self.plan_for(instance_id, nonce);
-                let change = Map::from_iter([("order_id".to_owned(), json!(order_id))]);
+                let change = Map::from_iter([(field::ORDER_ID.to_owned(), json!(order_id))]);
                 for status in [ACTIVE, FROZEN] {
-                    let set = Record::from([("status".to_owned(), EXPIRED.to_owned())]);
+                    let set = Record::from([(field::STATUS.to_owned(), EXPIRED.to_owned())]);
                     plan.branches
                         .insert(status.into(), self.transition(set, EventType::Expired, call, change.clone(), false));
                 }
@@ -671,17 +665,17 @@ impl Planner<'_> {
 
         let now = self.now();
         let mut set = Record::new();
-        set.insert("status".into(), ACTIVE.into());
+        set.insert(field::STATUS.into(), ACTIVE.into());
         set.insert("instance_id".into(), instance_id.clone());
-        set.insert("order_id".into(), order_id.to_owned());
-        put(&mut set, "order_line_id", order_line_id);
+        set.insert(field::ORDER_ID.into(), order_id.to_owned());
+        put(&mut set, field::ORDER_LINE_ID, order_line_id);
         set.insert("business_id".into(), business_id.to_owned());
         set.insert("protocol".into(), call.generation.as_str().into());
         set.insert("test".into(), flag(call.test));
         set.insert("trial".into(), flag(purchase.trial));
-        set.insert("created_at".into(), now.clone());
+        set.insert(field::CREATED_AT.into(), now.clone());
         set.insert("app_info".into(), json!(app_info).to_string());
-        put(&mut set, "customer_id", purchase.customer_id.as_deref());
+        put(&mut set, field::CUSTOMER_ID, purchase.customer_id.as_deref());
         put(&mut set, "customer_name", purchase.customer_name.as_deref());
         put(&mut set, "user_id", purchase.user_id.as_deref());
         put(&mut set, "user_name", purchase.user_name.as_deref());
@@ -700,8 +694,8 @@ impl Planner<'_> {
 
         let mut order_set = Record::new();
         order_set.insert(order_line_field(order_line_id, item), instance_id.clone());
-        order_set.insert("created_at".into(), now);
-        put(&mut order_set, "customer_id", purchase.customer_id.as_deref());
+        order_set.insert(field::CREATED_AT.into(), now);
+        put(&mut order_set, field::CUSTOMER_ID, purchase.customer_id.as_deref());
 
         let mut change = Map::new();
         change.insert("order_id".into(), json!(order_id));
@@ -735,7 +729,7 @@ impl Planner<'_> {
         let info: Vec<InstanceInfo> = ids
             .iter()
             .zip(records)
-            .filter(|(_, r)| r.get("status").is_some_and(|s| !s.is_empty()))
+            .filter(|(_, r)| r.get(field::STATUS).is_some_and(|s| !s.is_empty()))
             .map(|(id, r)| InstanceInfo {
                 instance_id: id.clone(),
                 app_info: r.get("app_info").and_then(|a| serde_json::from_str(a).ok()).unwrap_or_else(|| AppInfo {
@@ -764,14 +758,14 @@ impl Planner<'_> {
 /// instance had deducted from it, naming that instance. An entry with nothing
 /// pushed yet says `0` as of `now` (`unconfirmed::usage_statistical_time`).
 fn usage_info(id: &str, record: &Record, linked: &[(String, Record)], now_ms: i64) -> Option<Vec<UsageInfo>> {
-    let pushed = record.contains_key(crate::usage::FIELD_USAGE_E4);
+    let pushed = record.contains_key(field::USAGE_E4);
     let pay_per_use = record.get("charging_mode").is_some_and(|m| m.starts_with("ON_DEMAND"));
     if !pushed && !pay_per_use {
         return None;
     }
     let when = |end: Option<i64>| unconfirmed::usage_statistical_time(end.unwrap_or(now_ms.div_euclid(1000)));
     // Items of the package taken by linked instances (their `usage_e4:<package>`).
-    let (e4_field, end_field) = crate::usage::item_usage_fields(id);
+    let (e4_field, end_field) = crate::domain::item_usage_fields(id);
     let num = |r: &Record, f: &str| r.get(f).and_then(|v| v.parse::<i64>().ok());
     let deducted: Vec<UsageInfo> = linked
         .iter()

@@ -217,10 +217,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         if let Some((ak, sk)) = &config.usage.apig {
             api = api.with_apig(ak.clone(), sk.clone());
         }
-        let pusher = crate::usage::push::Pusher::new(
+        let pusher = crate::metering::push::Pusher::new(
             Arc::clone(&store),
             api,
-            crate::usage::push::Settings {
+            crate::metering::push::Settings {
                 batch: config.usage.batch,
                 lease: config.usage.lease,
                 hold: config.usage.hold,

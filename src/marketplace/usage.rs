@@ -181,7 +181,7 @@ impl UsageApi {
     /// [`Self::push`], with the host that answered.
     pub async fn push_on(&self, records: &[PushRecord]) -> Pushed {
         let body = canonical_body(records);
-        let nonce = crate::client::nonce();
+        let nonce = crate::protocol::nonce();
         let ts_ms = chrono::Utc::now().timestamp_millis();
         let mut unreachable = Vec::new();
         let mut host = String::new();

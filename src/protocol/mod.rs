@@ -19,6 +19,23 @@ pub mod verify;
 
 use std::fmt;
 
+use chrono::{TimeZone, Utc};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+
+/// A fresh 32-character alphanumeric nonce (calls to a gateway, usage pushes).
+pub fn nonce() -> String {
+    rand::thread_rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect()
+}
+
+/// KooGallery's compact UTC time format, `yyyyMMdd'T'HHmmss'Z'` (usage API).
+pub const COMPACT_TIME: &str = "%Y%m%dT%H%M%SZ";
+
+/// UNIX seconds in KooGallery's compact format ([`COMPACT_TIME`]).
+pub fn compact_time(secs: i64) -> String {
+    Utc.timestamp_opt(secs, 0).single().map(|t| t.format(COMPACT_TIME).to_string()).unwrap_or_default()
+}
+
 /// `resultCode` values of protocol §5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResultCode {

@@ -228,5 +228,5 @@ pub fn usage_code_reason(code: &str) -> &'static str {
 /// Instance Query page asks for "the usage in real time",
 /// <https://support.huaweicloud.com/intl/en-us/accessg-marketplace/topic_0070649081.html>).
 pub fn usage_statistical_time(end_secs: i64) -> String {
-    crate::usage::record::compact(end_secs)
+    super::compact_time(end_secs)
 }

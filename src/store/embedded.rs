@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use super::keys;
 use super::plan::{event_id, Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem, ABSENT, ANY};
 use super::{Store, StoreError};
+use crate::domain::{field, status};
 use crate::usage::{Decision, UsageClaim};
 
 mod accounts;
@@ -332,7 +333,7 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
     }
 
     let mut record = get_record(txn, INSTANCES, &plan.subject)?;
-    let status = record.get("status").cloned().unwrap_or_else(|| ABSENT.to_owned());
+    let status = record.get(field::STATUS).cloned().unwrap_or_else(|| ABSENT.to_owned());
     let branch = plan
         .branches
         .get(&status)
@@ -451,7 +452,7 @@ fn redeem_in(
     at: &str,
 ) -> Result<(Redeem, bool), StoreError> {
     let mut order = get_record(txn, ORDERS, order_id)?;
-    if order.is_empty() || order.get("customer_id").map(String::as_str) != Some(customer) {
+    if order.is_empty() || order.get(field::CUSTOMER_ID).map(String::as_str) != Some(customer) {
         return Ok((Redeem::NotFound, false));
     }
     if order.contains_key("redeemed_at") {
@@ -459,7 +460,7 @@ fn redeem_in(
     }
     for (field, instance) in &order {
         if field.starts_with("line:")
-            && get_record(txn, INSTANCES, instance)?.get("status").map(String::as_str) == Some("released")
+            && get_record(txn, INSTANCES, instance)?.get(field::STATUS).map(String::as_str) == Some(status::RELEASED)
         {
             return Ok((Redeem::Released, false));
         }
@@ -695,7 +696,7 @@ impl Store for EmbeddedStore {
         self.write(move |txn| {
             let mut wrote = false;
             let mut record = get_record(txn, INSTANCES, &instance_id)?;
-            if !fields.is_empty() && record.contains_key("status") {
+            if !fields.is_empty() && record.contains_key(field::STATUS) {
                 record.extend(fields);
                 put_record(txn, INSTANCES, &instance_id, &record)?;
                 wrote = true;

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 /// An instance or order record: flat string fields.
 pub type Record = BTreeMap<String, String>;
 
+pub use crate::events::{event_id, parse_event_id, OutboxEntry};
+
 /// Status of an instance with no record (or a record without status).
 pub const ABSENT: &str = "";
 /// Branch key that matches any status without a branch of its own.
@@ -91,11 +93,6 @@ pub struct EventSpec {
     pub change: String,
 }
 
-/// The deterministic event id of a subject's `seq`-th transition.
-pub fn event_id(subject: &str, seq: u64) -> String {
-    format!("evt_{subject}_{seq}")
-}
-
 /// What applying a plan did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -107,42 +104,6 @@ pub enum Outcome {
     Applied { code: String, answer: String, event_id: Option<String>, prior_status: String },
     /// Records of a read plan, in the order asked (empty record = unknown id).
     Read { records: Vec<Record> },
-}
-
-/// Splits an event id into its subject (instance id) and sequence number.
-pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
-    let rest = id.strip_prefix("evt_")?;
-    let (subject, seq) = rest.rsplit_once('_')?;
-    Some((subject, seq.parse().ok()?))
-}
-
-/// One event waiting in the outbox.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    /// Where it sits in the outbox (stream id, or the embedded sequence).
-    #[serde(default)]
-    pub cursor: String,
-    /// Shard it belongs to.
-    pub shard: u8,
-    pub id: String,
-    pub kind: String,
-    pub occurred_at: String,
-    pub test: bool,
-    /// The subject record right after the transition.
-    pub record: Record,
-    /// The call's own fields (a JSON object).
-    pub change: serde_json::Map<String, serde_json::Value>,
-    /// Put back by a redrive: delivered even though later events of its
-    /// instance already were.
-    #[serde(default)]
-    pub redrive: bool,
-}
-
-impl OutboxEntry {
-    /// The instance this event belongs to and its place in that instance's order.
-    pub fn subject_seq(&self) -> (&str, u64) {
-        parse_event_id(&self.id).unwrap_or((self.id.as_str(), 0))
-    }
 }
 
 /// Delivery bookkeeping of one event, kept in the store so that a replica

@@ -16,6 +16,7 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Script, Value};
 use super::keys::{instance_shard, Keys, SHARDS};
 use super::plan::{Attempts, DeadLetter, OutboxEntry, Outcome, Plan, Record, Redeem};
 use super::{Store, StoreError};
+use crate::domain::field;
 
 mod accounts;
 mod usage;
@@ -596,7 +597,7 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         if !fields.is_empty() {
             let key = self.keys.instance(instance_id);
-            let exists: bool = redis::cmd("HEXISTS").arg(&key).arg("status").query_async(&mut conn).await?;
+            let exists: bool = redis::cmd("HEXISTS").arg(&key).arg(field::STATUS).query_async(&mut conn).await?;
             if exists {
                 let () = redis::cmd("HSET").arg(&key).arg(fields).query_async(&mut conn).await.map(|_: i64| ())?;
             }

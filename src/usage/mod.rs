@@ -1,9 +1,11 @@
 //! Usage of pay-per-use instances, from the billing core to KooGallery
 //! (account settlement, protocol §10).
 //!
-//! - [`record`]: what the billing core sends, checked and in canonical form.
-//! - [`intake`]: `POST /v1/usage`, one verdict per record.
-//! - [`push`]: the worker that pushes stored records to KooGallery.
+//! This module is the model, pure: [`record`] (what the billing core sends,
+//! checked and in canonical form), the intake decision and the ledger's
+//! types. The workers that move records, `POST /v1/usage` and the push to
+//! KooGallery, are in [`crate::metering`] (they use the store, which uses
+//! this model).
 //!
 //! The flow: the billing core posts records; each is checked and, when
 //! accepted, stored (with its period in the instance's period index and its
@@ -15,13 +17,13 @@
 //! again only after a lease ran out or an attempt failed, always with the same
 //! `metering_sn`, which is what KooGallery deduplicates by.
 
-pub mod intake;
-pub mod push;
 pub mod record;
 
 use serde::Serialize;
 
-use crate::gateway::status::RELEASED;
+use crate::domain::field::{USAGE_E4, USAGE_END, USAGE_UNPUSHED_E4};
+use crate::domain::item_usage_fields;
+use crate::domain::status::RELEASED;
 
 pub use record::{StoredUsage, UsageInput, UsageRecord, UsageState};
 
@@ -181,21 +183,6 @@ pub struct UsageStats {
     pub dead: u64,
 }
 
-/// Instance record fields the push worker keeps for queryInstance.
-pub const FIELD_USAGE_E4: &str = "usage_e4";
-pub const FIELD_USAGE_END: &str = "usage_end";
-/// Instance record field of the usage accepted and not yet pushed (nor dead),
-/// in units of 0.0001, beside `usage_unpushed_e4:<item>` per metering item:
-/// added at intake and redrive, taken off when a record is pushed or dies.
-pub const FIELD_USAGE_UNPUSHED_E4: &str = "usage_unpushed_e4";
-
-/// The instance record field of the pushed usage of one metering item
-/// (`relate_pkg_instance`), beside the total ([`FIELD_USAGE_E4`]); the Redis
-/// settle script builds the same names (`usage_e4:<item>`, `usage_end:<item>`).
-pub fn item_usage_fields(item: &str) -> (String, String) {
-    (format!("{FIELD_USAGE_E4}:{item}"), format!("{FIELD_USAGE_END}:{item}"))
-}
-
 /// The usage of one billing item of an instance, from its record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ItemUsage {
@@ -219,9 +206,9 @@ pub fn item_usage(record: &std::collections::BTreeMap<String, String>) -> Vec<It
         let prefix = format!("{total}:");
         record.iter().filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v.parse::<i64>().ok()?))).collect()
     };
-    let (pushed, unpushed) = (per_item(FIELD_USAGE_E4), per_item(FIELD_USAGE_UNPUSHED_E4));
-    let own_pushed = num(FIELD_USAGE_E4).unwrap_or(0) - pushed.values().sum::<i64>();
-    let own_unpushed = num(FIELD_USAGE_UNPUSHED_E4).unwrap_or(0) - unpushed.values().sum::<i64>();
+    let (pushed, unpushed) = (per_item(USAGE_E4), per_item(USAGE_UNPUSHED_E4));
+    let own_pushed = num(USAGE_E4).unwrap_or(0) - pushed.values().sum::<i64>();
+    let own_unpushed = num(USAGE_UNPUSHED_E4).unwrap_or(0) - unpushed.values().sum::<i64>();
     let mut items: std::collections::BTreeSet<&str> = pushed.keys().copied().collect();
     items.extend(unpushed.keys().copied());
     let mut out = Vec::new();
@@ -229,7 +216,7 @@ pub fn item_usage(record: &std::collections::BTreeMap<String, String>) -> Vec<It
         out.push(ItemUsage {
             related_instance: None,
             pushed_e4: own_pushed,
-            pushed_until: num(FIELD_USAGE_END),
+            pushed_until: num(USAGE_END),
             unpushed_e4: own_unpushed,
         });
     }

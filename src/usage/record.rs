@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-/// KooGallery's time format: UTC `yyyyMMdd'T'HHmmss'Z'`.
-const COMPACT: &str = "%Y%m%dT%H%M%SZ";
+// KooGallery's time format: UTC `yyyyMMdd'T'HHmmss'Z'`.
+use crate::protocol::COMPACT_TIME as COMPACT;
 
 /// Longest `metering_sn`, `instance_id` and `relate_pkg_instance` KooGallery takes.
 pub const MAX_ID_LEN: usize = 64;
@@ -146,7 +146,7 @@ pub fn parse_time(name: &str, value: Option<&str>) -> Result<i64, String> {
 
 /// UNIX seconds in KooGallery's format.
 pub fn compact(secs: i64) -> String {
-    Utc.timestamp_opt(secs, 0).single().map(|t| t.format(COMPACT).to_string()).unwrap_or_default()
+    crate::protocol::compact_time(secs)
 }
 
 /// A positive decimal with at most 4 decimals and 8 integer digits, exactly.

@@ -10,11 +10,10 @@ use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{err, get_record, put_record, EmbeddedStore, Reply, INSTANCES};
+use crate::domain::field::{self, USAGE_E4, USAGE_END, USAGE_UNPUSHED_E4};
+use crate::domain::item_usage_fields;
 use crate::store::{StoreError, UsageLedger};
-use crate::usage::{
-    decide, period_index, Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats, FIELD_USAGE_E4,
-    FIELD_USAGE_END, FIELD_USAGE_UNPUSHED_E4,
-};
+use crate::usage::{decide, period_index, Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
 
 type Fields = BTreeMap<String, String>;
 
@@ -96,7 +95,7 @@ fn accept_in(
     for r in records {
         let known = get_fields(txn, &r.metering_sn)?.and_then(|f| f.get("content").cloned());
         let instance = get_record(txn, INSTANCES, &r.instance_id)?;
-        let status = instance.get("status").cloned().unwrap_or_default();
+        let status = instance.get(field::STATUS).cloned().unwrap_or_default();
         let test = instance.get("test").is_some_and(|t| t == "1");
         let index = period_index(&r.instance_id, &r.item);
         let prev = {
@@ -158,7 +157,7 @@ fn claim_in(
         set_due(txn, sn, &mut fields, until)?;
         put_fields(txn, sn, &fields)?;
         let instance = fields.get("instance").cloned().unwrap_or_default();
-        let instance_status = get_record(txn, INSTANCES, &instance)?.get("status").cloned().unwrap_or_default();
+        let instance_status = get_record(txn, INSTANCES, &instance)?.get(field::STATUS).cloned().unwrap_or_default();
         let stored = StoredUsage::from_fields(&fields).ok_or_else(|| err(format!("usage record {sn} is malformed")))?;
         out.push(UsageClaim { stored, instance_status });
     }
@@ -187,15 +186,15 @@ fn settle_in(txn: &WriteTransaction, settles: &[(UsageRecord, UsageSettle)], now
                 let instance = f.get("instance").cloned().unwrap_or_default();
                 let mut inst = get_record(txn, INSTANCES, &instance)?;
                 if !inst.is_empty() {
-                    let total = num(&inst, FIELD_USAGE_E4) + num(&f, "value_e4");
-                    inst.insert(FIELD_USAGE_E4.into(), total.to_string());
+                    let total = num(&inst, USAGE_E4) + num(&f, "value_e4");
+                    inst.insert(USAGE_E4.into(), total.to_string());
                     let end = num(&f, "end");
-                    if inst.get(FIELD_USAGE_END).and_then(|v| v.parse::<i64>().ok()).is_none_or(|cur| end > cur) {
-                        inst.insert(FIELD_USAGE_END.into(), end.to_string());
+                    if inst.get(USAGE_END).and_then(|v| v.parse::<i64>().ok()).is_none_or(|cur| end > cur) {
+                        inst.insert(USAGE_END.into(), end.to_string());
                     }
                     // Per metering item (relate_pkg_instance), as usage_settle.lua.
                     if let Some(item) = f.get("item").filter(|i| !i.is_empty()) {
-                        let (e4_field, end_field) = crate::usage::item_usage_fields(item);
+                        let (e4_field, end_field) = item_usage_fields(item);
                         let item_total = num(&inst, &e4_field) + num(&f, "value_e4");
                         inst.insert(e4_field, item_total.to_string());
                         if inst.get(&end_field).and_then(|v| v.parse::<i64>().ok()).is_none_or(|cur| end > cur) {
@@ -247,9 +246,9 @@ fn count_unpushed(txn: &WriteTransaction, f: &Fields, sign: i64) -> Result<(), S
         return Ok(());
     }
     let delta = sign * num(f, "value_e4");
-    let mut fields = vec![FIELD_USAGE_UNPUSHED_E4.to_owned()];
+    let mut fields = vec![USAGE_UNPUSHED_E4.to_owned()];
     if let Some(item) = f.get("item").filter(|i| !i.is_empty()) {
-        fields.push(format!("{FIELD_USAGE_UNPUSHED_E4}:{item}"));
+        fields.push(format!("{USAGE_UNPUSHED_E4}:{item}"));
     }
     for field in fields {
         let total = num(&inst, &field) + delta;

@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{UsageInput, UsageRecord, Verdict, VerdictStatus};
 use crate::metrics as m;
 use crate::store::{Store, StoreError};
+use crate::usage::{UsageInput, UsageRecord, Verdict, VerdictStatus};
 
 /// Most records in one request (KooGallery's own batch limit).
 pub const MAX_RECORDS: usize = 1000;
@@ -56,7 +56,7 @@ pub async fn intake(store: &dyn Store, body: &[u8], now_ms: i64) -> Result<Intak
             .map_err(|e| format!("record is not an object of the expected fields: {e}"))
             .and_then(|input| UsageRecord::parse(&input))
             .and_then(|record| {
-                super::record::check_age(record.begin, now_ms.div_euclid(1000))?;
+                crate::usage::record::check_age(record.begin, now_ms.div_euclid(1000))?;
                 Ok(record)
             });
         match parsed {

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{StoredUsage, UsageRecord, UsageSettle};
 use crate::backoff::Schedule;
-use crate::gateway::status::{EXPIRED, FROZEN};
+use crate::domain::Status;
 use crate::marketplace::usage::{PushOutcome, PushRecord, Pushed, UsageApi, MAX_BATCH};
 use crate::metrics as m;
 use crate::protocol::unconfirmed::usage_code_reason;
 use crate::store::{Store, StoreError};
+use crate::usage::{StoredUsage, UsageRecord, UsageSettle};
 
 /// How the push worker behaves.
 #[derive(Clone, Debug)]
@@ -42,7 +42,7 @@ pub struct Settings {
 /// Instance statuses whose usage waits: frozen (V2 FREEZE) and expired (V1
 /// expireInstance, the same thing in the older protocol).
 pub fn holds(status: &str) -> bool {
-    matches!(status, FROZEN | EXPIRED)
+    matches!(Status::parse(status), Some(Status::Frozen | Status::Expired))
 }
 
 pub struct Pusher {
@@ -127,7 +127,7 @@ impl Pusher {
         let mut near = Vec::new();
         for claim in claims {
             if holds(&claim.instance_status) {
-                if super::record::near_expiry(claim.stored.record.begin, now.div_euclid(1000)) {
+                if crate::usage::record::near_expiry(claim.stored.record.begin, now.div_euclid(1000)) {
                     near.push(claim.stored.record.metering_sn.clone());
                 }
                 let at_ms = now + i64::try_from(self.settings.hold.as_millis()).unwrap_or(i64::MAX / 2);
