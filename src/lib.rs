@@ -2,27 +2,47 @@
 //! callbacks, turning verified calls into normalized settlement events.
 //!
 //! # Layout
+//! From the bottom up; a module imports only modules listed above it (no
+//! cycles, checked by `tests/layers.rs`), and no product module imports the
+//! tooling at the end.
+//! - [`domain`]: the vocabulary: instance [`domain::Status`], record field names.
+//! - [`secret`]: secrets that never print.
+//! - [`logfmt`]: caller strings made safe for logs; refusal log rate limits.
+//! - [`metrics`]: every Prometheus metric name.
+//! - [`backoff`]: the retry schedule of deliveries and pushes.
+//! - [`jsonl`]: the JSONL event target (group commit, rotation).
+//! - [`tls`]: optional TLS termination.
 //! - [`protocol`]: the wire format. Verifying V2/V1 calls, parsing activities,
 //!   signing answers, field encryption. Pure functions, tested with the
 //!   reference's vectors.
+//! - [`events`]: the normalized event model, the outbox entry and event ids,
+//!   the SKU map.
+//! - [`webhook`]: Standard Webhooks signing.
+//! - [`usage`]: the usage model of account settlement: records from the
+//!   billing core, checked and in canonical form; the intake decision.
+//! - [`marketplace`]: KooGallery's open API (API Gateway signing, order query,
+//!   usage push).
+//! - [`store`]: nonce, dedup, ledger, outbox and usage state behind one trait,
+//!   with a Redis backend (one Lua script per call) and an embedded redb backend.
 //! - [`gateway`]: the decisions. A parsed call becomes a store [`store::Plan`]
 //!   (the instance state machine lives here, once) and a signed answer.
-//! - [`store`]: nonce, dedup, ledger and outbox state behind one trait, with a
-//!   Redis backend (one Lua script per call) and an embedded redb backend.
-//! - [`events`]: the normalized event model and the SKU map.
-//! - [`delivery`]: moving events out of the outbox.
-//! - [`jsonl`]: the JSONL event target (group commit, rotation).
-//! - [`logfmt`]: caller strings made safe for logs; refusal log rate limits.
-//! - [`usage`]: account settlement: usage records from the billing core,
-//!   checked, stored and pushed to KooGallery's usage API exactly once.
 //! - [`accounts`]: account settlement binding: which instances a Huawei Cloud
 //!   account holds (account and resource views, the binding check).
-//! - [`marketplace`]: KooGallery's open API (order query, usage push).
-//! - [`http`]: listeners, routing, limits, graceful shutdown.
+//! - [`enrich`]: completing events from KooGallery's orders.
+//! - [`metering`]: the usage workers: intake (`POST /v1/usage`) and the push
+//!   to KooGallery's usage API, exactly once.
+//! - [`delivery`]: moving events out of the outbox.
 //! - [`config`]: settings from the environment and an optional TOML file.
-//! - [`metrics`]: every Prometheus metric name.
+//! - [`http`]: listeners, routing, limits, graceful shutdown.
+//! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
+//!
+//! Tooling (stand-ins and drivers, used by the binary and the tests):
 //! - [`client`]: calling a gateway as KooGallery does (replay, simulator, tests).
+//! - [`replay`]: `koogate replay`, re-sending recorded calls.
+//! - [`sink`]: the reference billing sink.
+//! - [`simulate`]: `koogate simulate`: the order query and usage APIs, the call
+//!   scenarios.
 #![forbid(unsafe_code)]
 
 pub mod accounts;

@@ -392,3 +392,23 @@ fn the_reader_sees_what_the_compiler_sees() {
     );
     assert_eq!(nested, ["up".to_owned()].into_iter().collect());
 }
+
+/// The crate docs' "Layout" list (`src/lib.rs`) names every top-level module
+/// once, each below the modules it imports.
+#[test]
+fn the_layout_docs_list_every_module_in_layer_order() {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).expect("read lib.rs");
+    let listed: Vec<String> =
+        lib.lines().filter_map(|l| l.strip_prefix("//! - [`")?.split('`').next().map(str::to_owned)).collect();
+    let edges = graph();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    let modules: Vec<String> = edges.keys().cloned().collect();
+    assert_eq!(sorted, modules, "the Layout list names each top-level module once");
+    let pos = |m: &str| listed.iter().position(|l| l == m).expect("listed");
+    let upward: Vec<String> = edges
+        .iter()
+        .flat_map(|(from, to)| to.iter().filter(|t| pos(t) > pos(from)).map(move |t| format!("{from} -> {t}")))
+        .collect();
+    assert!(upward.is_empty(), "modules listed above what they import: {upward:?}");
+}
