@@ -152,10 +152,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(plan.branches.is_empty());
         assert_eq!(&plan.read, instance_ids);
         let none = vec![Record::new(); plan.read.len()];
-        let answer = planner.query_answer(&plan.read, &none);
+        let answer = planner.query_answer(&plan.read, &none, &Default::default());
         check_answer(&answer, Some(ResultCode::InstanceNotFound.as_str()));
         let found: Vec<Record> = plan.read.iter().map(|_| existing(&planner, call.generation, "active")).collect();
-        check_answer(&planner.query_answer(&plan.read, &found), Some(ResultCode::Success.as_str()));
+        check_answer(
+            &planner.query_answer(&plan.read, &found, &Default::default()),
+            Some(ResultCode::Success.as_str()),
+        );
         return;
     }
     assert!(plan.read.is_empty());
