@@ -288,7 +288,7 @@ pub struct RedisMemory {
 
 /// SHA1 of the script of koogate's call path (what `redis::Script` sends).
 pub fn koogate_call_script() -> String {
-    redis::Script::new(include_str!("../src/store/apply.lua")).get_hash().to_owned()
+    redis::Script::new(include_str!("../src/store/redis/apply.lua")).get_hash().to_owned()
 }
 
 /// Redis commands per accepted call.

@@ -1,9 +1,23 @@
-//! Dedup, nonce, ledger and outbox state, behind one trait.
+//! Dedup, nonce, ledger and outbox state, behind role traits.
+//!
+//! Each caller takes the role it uses; [`Store`] is all of them together
+//! (what [`open`] hands out):
+//!
+//! | role | methods | used by |
+//! |---|---|---|
+//! | [`CallStore`] | `apply`, `ping`, `instance`, `order`, `enrich`, `redeem` | the gateway, readiness, enrichment, the admin API |
+//! | [`Outbox`] | `outbox_claim`/`_ack`/`_touch`/`_len`/`_entries`, `attempts`, `record_attempt`, `settle`, `delivered_seq`, `oldest_pending_ms`, `dlq_list`, `dlq_redrive` | the delivery worker, the admin API |
+//! | [`OrderCache`] | `cached_order`, `cache_order` | enrichment |
+//! | [`UsageLedger`] | `usage_*` | metering (intake, push), the admin API, `queryInstance` |
+//! | [`AccountIndex`] | `account_*`, `instance_records` | the delivery step, the admin API, the gateway |
 //!
 //! - [`plan`]: the command language both backends interpret.
 //! - [`keys`]: key layout, shards, instance ids.
-//! - [`redis`]: the production backend (one EVALSHA per call, Cluster-ready).
-//! - [`embedded`]: a redb file, the default when no Redis URL is given.
+//! - [`redis`]: the production backend (one EVALSHA per call, Cluster-ready);
+//!   one file per role (`redis/{calls,outbox,orders,usage,accounts}.rs`), each
+//!   Lua script beside the file that loads it.
+//! - [`embedded`]: a redb file, the default when no Redis URL is given; the
+//!   same files per role (`embedded/{calls,outbox,orders,usage,accounts}.rs`).
 
 pub mod embedded;
 pub mod keys;
@@ -44,15 +58,57 @@ impl StoreError {
     }
 }
 
-/// What the gateway needs from a store (and, as a supertrait, the usage ledger).
+/// Every role of a store together: what [`open`] hands out and the server
+/// wires into each component. Callers take the narrowest role they use
+/// ([`CallStore`], [`Outbox`], [`OrderCache`], [`UsageLedger`],
+/// [`AccountIndex`]); each backend implements each role in its own file.
+pub trait Store: CallStore + Outbox + OrderCache + UsageLedger + AccountIndex + Send + Sync + 'static {
+    /// `"redis"` or `"embedded"`, for logs and metrics.
+    fn backend(&self) -> &'static str;
+}
+
+/// The call path: a call's plan applied atomically, and the instance and
+/// purchase order records it writes (read by the admin API, completed by
+/// enrichment, redeemed once).
 #[async_trait]
-pub trait Store: UsageLedger + AccountIndex + Send + Sync + 'static {
+pub trait CallStore {
     /// Applies a plan atomically: all of it or nothing.
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError>;
 
     /// Is the store reachable and writable? (readiness)
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Reads one instance record (empty when unknown).
+    async fn instance(&self, instance_id: &str) -> Result<Record, StoreError>;
+
+    /// Reads one purchase order record (empty when unknown).
+    async fn order(&self, order_id: &str) -> Result<Record, StoreError>;
+
+    /// Writes facts learned from the order query API: into the instance
+    /// record (when it exists) and the purchase order's record (when given).
+    async fn enrich(
+        &self,
+        instance_id: &str,
+        fields: &Record,
+        order_id: Option<&str>,
+        order_fields: &Record,
+    ) -> Result<(), StoreError>;
+
+    /// Redeems a purchase order once, atomically.
+    async fn redeem(
+        &self,
+        order_id: &str,
+        customer_id: &str,
+        redeemed_by: &str,
+        at: &str,
+    ) -> Result<Redeem, StoreError>;
+}
+
+/// The outbox of settlement events (written by [`CallStore::apply`]): the
+/// delivery worker's claim / touch / attempt / settle cycle, the delivered
+/// sequence of each instance, the dead-letter list, and inspection.
+#[async_trait]
+pub trait Outbox {
     /// Takes up to `max` events from the outbox for `consumer`, oldest first
     /// per shard. Entries stay in the outbox until settled or acknowledged.
     /// With `stale`, entries another consumer claimed and left untouched that
@@ -99,40 +155,17 @@ pub trait Store: UsageLedger + AccountIndex + Send + Sync + 'static {
 
     /// Puts a dead letter back into the outbox; false when there is none with that id.
     async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError>;
+}
 
-    /// Reads one instance record (empty when unknown).
-    async fn instance(&self, instance_id: &str) -> Result<Record, StoreError>;
-
-    /// Reads one purchase order record (empty when unknown).
-    async fn order(&self, order_id: &str) -> Result<Record, StoreError>;
-
+/// Answers of KooGallery's order query API, cached per order line for
+/// enrichment (see [`crate::enrich`]).
+#[async_trait]
+pub trait OrderCache {
     /// A cached order query answer of an order line (raw JSON), if fresh.
     async fn cached_order(&self, order_id: &str, line: &str) -> Result<Option<String>, StoreError>;
 
     /// Caches an order query answer for `ttl`.
     async fn cache_order(&self, order_id: &str, line: &str, answer: &str, ttl: Duration) -> Result<(), StoreError>;
-
-    /// Writes facts learned from the order query API: into the instance
-    /// record (when it exists) and the purchase order's record (when given).
-    async fn enrich(
-        &self,
-        instance_id: &str,
-        fields: &Record,
-        order_id: Option<&str>,
-        order_fields: &Record,
-    ) -> Result<(), StoreError>;
-
-    /// Redeems a purchase order once, atomically.
-    async fn redeem(
-        &self,
-        order_id: &str,
-        customer_id: &str,
-        redeemed_by: &str,
-        at: &str,
-    ) -> Result<Redeem, StoreError>;
-
-    /// `"redis"` or `"embedded"`, for logs and metrics.
-    fn backend(&self) -> &'static str;
 }
 
 /// The usage ledger of account settlement (see [`crate::usage`]): each backend

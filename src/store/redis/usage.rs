@@ -35,11 +35,11 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            register: Script::new(include_str!("../usage_register.lua")),
-            accept: Script::new(include_str!("../usage_accept.lua")),
-            claim: Script::new(include_str!("../usage_claim.lua")),
-            settle: Script::new(include_str!("../usage_settle.lua")),
-            redrive: Script::new(include_str!("../usage_redrive.lua")),
+            register: Script::new(include_str!("usage_register.lua")),
+            accept: Script::new(include_str!("usage_accept.lua")),
+            claim: Script::new(include_str!("usage_claim.lua")),
+            settle: Script::new(include_str!("usage_settle.lua")),
+            redrive: Script::new(include_str!("usage_redrive.lua")),
         }
     }
 }
