@@ -25,7 +25,7 @@ use crate::domain::field::{USAGE_E4, USAGE_END, USAGE_UNPUSHED_E4};
 use crate::domain::status::ACTIVE;
 use crate::domain::Status;
 use crate::events::EventType;
-use crate::store::{OutboxEntry, Record, Store, StoreError};
+use crate::store::{AccountIndex, OutboxEntry, Record, StoreError};
 use crate::usage::item_usage;
 use crate::usage::record::{compact, format_e4};
 
@@ -188,8 +188,8 @@ pub fn created_ms(record: &Record, fallback: &str) -> i64 {
 /// whose order query has not answered yet) mark it pending, when the order
 /// query can still teach it (`may_learn`: enrichment is configured). Debug
 /// calls' instances are not indexed. Returns whether the account is known.
-pub async fn link_on_delivery(
-    store: &dyn Store,
+pub async fn link_on_delivery<S: AccountIndex + Sync + ?Sized>(
+    store: &S,
     entry: &OutboxEntry,
     now_ms: i64,
     may_learn: bool,

@@ -33,7 +33,7 @@ use crate::enrich::Enricher;
 use crate::events;
 use crate::jsonl::JsonlWriter;
 use crate::metrics as m;
-use crate::store::{Attempts, DeadLetter, OutboxEntry, Store, StoreError};
+use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Store, StoreError};
 use crate::webhook;
 
 /// Where events go.
@@ -164,9 +164,12 @@ struct Held {
     waiting_since: Option<Instant>,
 }
 
-/// The delivery loop of one replica.
-pub struct Worker {
-    store: Arc<dyn Store>,
+/// The delivery loop of one replica. It uses two roles of the store: the
+/// [`Outbox`] (claim, attempts, settle, dead letters) and the
+/// [`AccountIndex`] (linking a purchase to its buyer); the server hands it
+/// the whole store.
+pub struct Worker<S: ?Sized = dyn Store> {
+    store: Arc<S>,
     /// Completes V2 purchase/upgrade/notify events from the order query API.
     enricher: Option<Arc<Enricher>>,
     settings: Settings,
@@ -189,8 +192,8 @@ const MAX_HELD: usize = 1024;
 const TICK: Duration = Duration::from_millis(50);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
-impl Worker {
-    pub fn new(store: Arc<dyn Store>, settings: Settings, enricher: Option<Enricher>) -> Result<Self, reqwest::Error> {
+impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
+    pub fn new(store: Arc<S>, settings: Settings, enricher: Option<Enricher>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(settings.attempt_timeout)
             .connect_timeout(settings.attempt_timeout.min(Duration::from_secs(5)))

@@ -20,7 +20,7 @@ use crate::domain::field;
 use crate::events::{EventType, SkuMap};
 use crate::marketplace::order::{parse_answer, OrderApi, OrderError};
 use crate::metrics as m;
-use crate::store::{OutboxEntry, Record, Store, StoreError};
+use crate::store::{CallStore, OrderCache, OutboxEntry, Record, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
@@ -32,9 +32,12 @@ pub enum EnrichError {
     NoOrder,
 }
 
-pub struct Enricher {
+/// Enrichment uses two roles of the store: the order query cache
+/// ([`OrderCache`]) and the instance and order records ([`CallStore`]:
+/// `instance`, `enrich`). The server hands it the whole store.
+pub struct Enricher<S: ?Sized = dyn Store> {
     pub api: OrderApi,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<S>,
     pub sku_map: SkuMap,
     pub cache_ttl: Duration,
 }
@@ -70,7 +73,9 @@ impl Enricher {
         };
         v2 && kind && entry.change.get("enriched") != Some(&Value::Bool(true))
     }
+}
 
+impl<S: CallStore + OrderCache + Sync + ?Sized> Enricher<S> {
     /// Lays the instance's current order facts over an event that does not
     /// need the order API itself (a renewal, a freeze, a release…). Its
     /// snapshot was taken when the call arrived, possibly before the purchase

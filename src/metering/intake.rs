@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::metrics as m;
-use crate::store::{Store, StoreError};
+use crate::store::{StoreError, UsageLedger};
 use crate::usage::{UsageInput, UsageRecord, Verdict, VerdictStatus};
 
 /// Most records in one request (KooGallery's own batch limit).
@@ -38,7 +38,11 @@ pub enum IntakeError {
 }
 
 /// Checks and stores the records of one request body.
-pub async fn intake(store: &dyn Store, body: &[u8], now_ms: i64) -> Result<IntakeAnswer, IntakeError> {
+pub async fn intake<S: UsageLedger + Sync + ?Sized>(
+    store: &S,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<IntakeAnswer, IntakeError> {
     let request: Request = serde_json::from_slice(body)
         .map_err(|e| IntakeError::BadRequest(format!("the body is not a JSON object with \"records\": {e}")))?;
     let raw = request.records.ok_or_else(|| IntakeError::BadRequest("\"records\" is missing".into()))?;

@@ -22,7 +22,7 @@ use crate::domain::Status;
 use crate::marketplace::usage::{PushOutcome, PushRecord, Pushed, UsageApi, MAX_BATCH};
 use crate::metrics as m;
 use crate::protocol::unconfirmed::usage_code_reason;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, UsageLedger};
 use crate::usage::{StoredUsage, UsageRecord, UsageSettle};
 
 /// How the push worker behaves.
@@ -45,8 +45,10 @@ pub fn holds(status: &str) -> bool {
     matches!(Status::parse(status), Some(Status::Frozen | Status::Expired))
 }
 
-pub struct Pusher {
-    store: Arc<dyn Store>,
+/// The push worker uses one role of the store, the [`UsageLedger`]; the
+/// server hands it the whole store.
+pub struct Pusher<S: ?Sized = dyn Store> {
+    store: Arc<S>,
     api: UsageApi,
     settings: Settings,
     /// Held records near KooGallery's 21-day limit: metering_sn → when last seen held (ms).
@@ -57,8 +59,8 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-impl Pusher {
-    pub fn new(store: Arc<dyn Store>, api: UsageApi, mut settings: Settings) -> Self {
+impl<S: UsageLedger + Send + Sync + ?Sized + 'static> Pusher<S> {
+    pub fn new(store: Arc<S>, api: UsageApi, mut settings: Settings) -> Self {
         settings.batch = settings.batch.clamp(1, MAX_BATCH);
         Self { store, api, settings, near_expiry: Default::default() }
     }
