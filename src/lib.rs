@@ -22,8 +22,9 @@
 //!   billing core, checked and in canonical form; the intake decision.
 //! - [`marketplace`]: KooGallery's open API (API Gateway signing, order query,
 //!   usage push).
-//! - [`store`]: nonce, dedup, ledger, outbox and usage state behind one trait,
-//!   with a Redis backend (one Lua script per call) and an embedded redb backend.
+//! - [`store`]: nonce, dedup, ledger, outbox and usage state behind role
+//!   traits (calls, outbox, order cache, usage ledger, account index), with a
+//!   Redis backend (one Lua script per call) and an embedded redb backend.
 //! - [`gateway`]: the decisions. A parsed call becomes a store [`store::Plan`]
 //!   (the instance state machine lives here, once) and a signed answer.
 //! - [`accounts`]: account settlement binding: which instances a Huawei Cloud
