@@ -18,7 +18,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, Value};
 
-use super::keys::{Keys, SHARDS};
+use super::keys::{instance_shard, Keys, SHARDS};
 use super::plan::Record;
 use super::{Store, StoreError};
 
@@ -173,6 +173,17 @@ impl RedisStore {
                     .collect()
             }
         }
+    }
+}
+
+impl RedisStore {
+    /// Instance records, in the order asked (an unknown id gives an empty
+    /// record): one `HGETALL` each, pipelined per shard.
+    async fn read_instances<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Result<Vec<Record>, StoreError> {
+        let cmds =
+            ids.map(|id| (instance_shard(id), redis::cmd("HGETALL").arg(self.keys.instance(id)).clone())).collect();
+        let replies: Vec<Value> = self.query_all(cmds).await?;
+        Ok(replies.iter().map(record_of).collect())
     }
 }
 

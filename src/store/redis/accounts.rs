@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use redis::Value;
 
-use super::{every_shard, record_of, RedisStore};
+use super::{every_shard, RedisStore};
 use crate::store::keys::{instance_shard, order_shard};
 use crate::store::{AccountIndex, AccountPage, Record, StoreError};
 
@@ -63,15 +63,6 @@ impl AccountIndex for RedisStore {
     }
 
     async fn instance_records(&self, instance_ids: &[String]) -> Result<Vec<Record>, StoreError> {
-        let cmds = instance_ids
-            .iter()
-            .map(|id| {
-                let mut cmd = redis::cmd("HGETALL");
-                cmd.arg(self.keys.instance(id));
-                (instance_shard(id), cmd)
-            })
-            .collect();
-        let replies: Vec<Value> = self.query_all(cmds).await?;
-        Ok(replies.iter().map(record_of).collect())
+        self.read_instances(instance_ids.iter().map(String::as_str)).await
     }
 }

@@ -78,26 +78,13 @@ impl CallStore for RedisStore {
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
         match outcome_of(reply)? {
             Outcome::Read { records } if !elsewhere.is_empty() => {
-                let cmds = elsewhere
-                    .iter()
-                    .map(|id| {
-                        let mut cmd = redis::cmd("HGETALL");
-                        cmd.arg(self.keys.instance(id));
-                        (instance_shard(id), cmd)
-                    })
-                    .collect();
-                let others: Vec<HashMap<String, String>> = self.query_all(cmds).await?;
+                let others = self.read_instances(elsewhere.iter().map(|id| id.as_str())).await?;
                 let (mut here_records, mut other_records) = (records.into_iter(), others.into_iter());
                 let merged = plan
                     .read
                     .iter()
                     .map(|id| {
-                        let next = if in_script(id) {
-                            here_records.next()
-                        } else {
-                            other_records.next().map(|m| m.into_iter().collect())
-                        };
-                        next.unwrap_or_default()
+                        if in_script(id) { here_records.next() } else { other_records.next() }.unwrap_or_default()
                     })
                     .collect();
                 Ok(Outcome::Read { records: merged })
