@@ -43,7 +43,7 @@ fn purchase(tag: &str, n: usize) -> Vec<u8> {
 
 /// Sends `n` purchases, `concurrency` at a time (or at `rate` per second).
 async fn send(
-    client: &koogate::client::KooClient,
+    client: &koogate::tools::client::KooClient,
     tag: &str,
     n: usize,
     concurrency: usize,
@@ -124,12 +124,12 @@ pub async fn measure(s: &Settings, backlog: usize, steady: usize, steady_rate: f
     let config =
         koogate::config::Config::from_parts(env, None).map_err(|e| anyhow::anyhow!("delivery settings: {e}"))?;
     let running = koogate::server::start(config).await.context("koogate could not start for the delivery phase")?;
-    let client = koogate::client::KooClient::new(&format!("http://{}", running.addr));
+    let client = koogate::tools::client::KooClient::new(&format!("http://{}", running.addr));
     let admin = running.admin_addr;
 
     let outcome = async {
         send(&client, "DLVB", backlog, 32, None).await?;
-        let sink = koogate::sink::start(koogate::sink::SinkConfig {
+        let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
             listen: format!("127.0.0.1:{port}").parse()?,
             secret: SECRET.into(),
             out: None,

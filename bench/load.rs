@@ -1,6 +1,6 @@
 //! The load generator: KooGallery-signed V2 calls over keep-alive connections.
 //!
-//! Every call is signed as KooGallery signs it (`koogate::client::v2_query`,
+//! Every call is signed as KooGallery signs it (`koogate::tools::client::v2_query`,
 //! a fresh nonce each), and every answer must carry `"resultCode":"000000"`;
 //! anything else counts as an error.
 //!
@@ -284,7 +284,7 @@ impl Conn {
 
     /// A V2 call, signed now with a fresh nonce.
     async fn call(&mut self, body: &Bytes) -> Verdict {
-        let query = koogate::client::v2_query(ACCESS_KEY, body, now_ms(), &koogate::client::nonce());
+        let query = koogate::tools::client::v2_query(ACCESS_KEY, body, now_ms(), &koogate::tools::client::nonce());
         let req = Request::builder()
             .method(Method::POST)
             .uri(format!("{V2_PATH}?{query}"))

@@ -57,13 +57,13 @@ async fn start(s: &Settings, market: &str, push: bool) -> anyhow::Result<koogate
 
 /// Runs the usage measurement: `instances` × `per_instance` hourly records.
 pub async fn measure(s: &Settings, instances: usize, per_instance: usize) -> anyhow::Result<Usage> {
-    let mut config = koogate::simulate::MarketConfig::new("127.0.0.1:0".parse()?);
+    let mut config = koogate::tools::simulate::MarketConfig::new("127.0.0.1:0".parse()?);
     config.usage_key = Some(koogate::secret::Secret::new(load::ACCESS_KEY));
-    let market = koogate::simulate::MarketServer::start(config).await?;
+    let market = koogate::tools::simulate::MarketServer::start(config).await?;
     let outcome = async {
         let intake = start(s, &market.url(), false).await?;
-        let client = koogate::client::KooClient::new(&format!("http://{}", intake.addr));
-        let admin = koogate::client::KooClient::new(&format!("http://{}", intake.admin_addr));
+        let client = koogate::tools::client::KooClient::new(&format!("http://{}", intake.addr));
+        let admin = koogate::tools::client::KooClient::new(&format!("http://{}", intake.admin_addr));
         let mut ids = Vec::with_capacity(instances);
         for i in 0..instances {
             let body = json!({"activity":"newInstance","businessId":format!("bu{i}"),
@@ -111,7 +111,7 @@ pub async fn measure(s: &Settings, instances: usize, per_instance: usize) -> any
         let at_market: i64 = stats
             .instances
             .values()
-            .map(|i| koogate::simulate::usage::parse_decimal_e4(&i.total).unwrap_or(i64::MIN / 4))
+            .map(|i| koogate::tools::simulate::usage::parse_decimal_e4(&i.total).unwrap_or(i64::MIN / 4))
             .sum();
         Ok(Usage {
             records: total,

@@ -10,14 +10,12 @@
 //! - [`logfmt`]: caller strings made safe for logs; refusal log rate limits.
 //! - [`metrics`]: every Prometheus metric name.
 //! - [`backoff`]: the retry schedule of deliveries and pushes.
-//! - [`jsonl`]: the JSONL event target (group commit, rotation).
 //! - [`tls`]: optional TLS termination.
 //! - [`protocol`]: the wire format. Verifying V2/V1 calls, parsing activities,
 //!   signing answers, field encryption. Pure functions, tested with the
 //!   reference's vectors.
 //! - [`events`]: the normalized event model, the outbox entry and event ids,
 //!   the SKU map.
-//! - [`webhook`]: Standard Webhooks signing.
 //! - [`usage`]: the usage model of account settlement: records from the
 //!   billing core, checked and in canonical form; the intake decision.
 //! - [`marketplace`]: KooGallery's open API (API Gateway signing, order query,
@@ -29,49 +27,42 @@
 //!   (the instance state machine lives here, once) and a signed answer.
 //! - [`accounts`]: account settlement binding: which instances a Huawei Cloud
 //!   account holds (account and resource views, the binding check).
-//! - [`enrich`]: completing events from KooGallery's orders.
 //! - [`metering`]: the usage workers: intake (`POST /v1/usage`) and the push
 //!   to KooGallery's usage API, exactly once.
-//! - [`delivery`]: moving events out of the outbox.
+//! - [`delivery`]: moving events out of the outbox to a sink (the billing
+//!   core over HTTP with Standard Webhooks signatures, or a JSONL file),
+//!   completing them from KooGallery's orders first (`delivery::enrich`).
 //! - [`config`]: settings from the environment and an optional TOML file.
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
 //! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
 //!
-//! Tooling (stand-ins and drivers, used by the binary and the tests):
-//! - [`client`]: calling a gateway as KooGallery does (replay, simulator, tests).
-//! - [`replay`]: `koogate replay`, re-sending recorded calls.
-//! - [`sink`]: the reference billing sink.
-//! - [`simulate`]: `koogate simulate`: the order query and usage APIs, the call
-//!   scenarios.
+//! Tooling, in its own wing (stand-ins and drivers, used by the binary and
+//! the tests; the product never imports it):
+//! - [`tools`]: `client` (calling a gateway as KooGallery does), `replay`,
+//!   `sink` (the reference billing sink), `simulate` (KooGallery's side).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
 pub mod admin;
 pub mod backoff;
-pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod domain;
-pub mod enrich;
 pub mod events;
 pub mod gateway;
 pub mod http;
-pub mod jsonl;
 pub mod logfmt;
 pub mod marketplace;
 pub mod metering;
 pub mod metrics;
 pub mod protocol;
-pub mod replay;
 pub mod secret;
 pub mod server;
-pub mod simulate;
-pub mod sink;
 pub mod store;
 pub mod tls;
+pub mod tools;
 pub mod usage;
-pub mod webhook;
 
 /// An error with its sources, `outer: inner: innermost` (for log lines and
 /// dead letters, where "error sending request" alone says nothing).

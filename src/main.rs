@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use koogate::client::KooClient;
 use koogate::config::{Config, ConfigError, LogFormat, Source};
 use koogate::server::StartError;
+use koogate::tools::client::KooClient;
 
 #[derive(Parser)]
 #[command(name = "koogate", version, about = "KooGallery SaaS callback gateway")]
@@ -177,7 +177,7 @@ struct ReplayArgs {
 #[derive(Args)]
 struct SimulateArgs {
     /// Address of the simulated order query API (port 0: any free port).
-    #[arg(long, default_value = koogate::simulate::market::DEFAULT_LISTEN)]
+    #[arg(long, default_value = koogate::tools::simulate::market::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// JSON file of orders (a list or map of orderInfo objects); default: the mock and scenario orders.
     #[arg(long)]
@@ -630,7 +630,7 @@ fn page_footer(what: &str, total: usize, limit: usize, page: usize) -> String {
 }
 
 async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
-    use koogate::replay;
+    use koogate::tools::replay;
     let key = match args.key.clone() {
         Some(k) => k,
         None => match src.secret("KOOGATE_ACCESS_KEY")? {
@@ -740,7 +740,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => bail!("KOOGATE_BILLING_SECRET: give --secret, or set it in the environment or --config"),
                 },
             };
-            let sink = koogate::sink::start(koogate::sink::SinkConfig {
+            let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
                 listen: args.listen,
                 secret,
                 out: args.out,
@@ -781,10 +781,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             };
             let ak = from(a.ak, "KOOGATE_MARKETPLACE_AK")?
-                .unwrap_or_else(|| koogate::simulate::market::DEFAULT_AK.to_owned());
+                .unwrap_or_else(|| koogate::tools::simulate::market::DEFAULT_AK.to_owned());
             let sk = from(a.sk, "KOOGATE_MARKETPLACE_SK")?
-                .unwrap_or_else(|| koogate::simulate::market::DEFAULT_SK.to_owned());
-            let opts = koogate::simulate::CliOptions {
+                .unwrap_or_else(|| koogate::tools::simulate::market::DEFAULT_SK.to_owned());
+            let opts = koogate::tools::simulate::CliOptions {
                 listen: a.listen,
                 orders: a.orders,
                 ak,
@@ -811,7 +811,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 usage_wait_secs: a.usage_wait_secs,
                 usage_api: a.usage_api,
             };
-            if !koogate::simulate::command(opts, shutdown_signal()).await.context("koogate simulate")? {
+            if !koogate::tools::simulate::command(opts, shutdown_signal()).await.context("koogate simulate")? {
                 return Ok(ExitCode::from(1));
             }
         }

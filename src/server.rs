@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery;
+use crate::delivery::enrich::Enricher;
 use crate::delivery::Target;
-use crate::enrich::Enricher;
 use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
 use crate::store::{self, StoreError};
@@ -152,7 +152,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let target = match (&config.billing_url, &config.billing_secret) {
         (Some(url), Some(secret)) => {
-            let key = crate::webhook::key_of(secret.expose())
+            let key = crate::delivery::webhook::key_of(secret.expose())
                 .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
             tracing::info!(url = %url, "events are delivered to the billing core");
             Target::Http { url: url.clone(), key }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::{fixture_params, Backend, TestGateway, AK};
 use hyper::Method;
 use koogate::secret::Secret;
-use koogate::simulate::orders::{new_run_id, run_order_id, SIM_BUYER};
-use koogate::simulate::{MarketConfig, MarketServer};
+use koogate::tools::simulate::orders::{new_run_id, run_order_id, SIM_BUYER};
+use koogate::tools::simulate::{MarketConfig, MarketServer};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "accounts-admin-token-0123456789";

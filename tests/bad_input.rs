@@ -5,7 +5,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use hyper::Method;
-use koogate::client::{v1_query, v2_query, CallResponse};
+use koogate::tools::client::{v1_query, v2_query, CallResponse};
 
 async fn assert_refused(gw: &TestGateway, what: &str, res: CallResponse, status: u16, code: &str, msg_contains: &str) {
     assert_eq!(res.status, status, "{what}: {}", String::from_utf8_lossy(&res.body));

@@ -44,7 +44,7 @@ async fn serves_on_the_embedded_store_logs_json_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let client = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(res) = client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await {
@@ -280,7 +280,7 @@ async fn gateway(key: &str, token: &str) -> Gateway {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let client = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await.is_ok_and(|r| r.status == 200) {
         assert!(Instant::now() < deadline, "gateway did not become ready");

@@ -36,7 +36,7 @@ async fn body_sign_header_has_the_documented_case_on_the_wire() {
     let addr = gw.running().addr;
 
     let body = fixture("v2/01-newInstance.json");
-    let query = koogate::client::v2_query(AK, &body, now_ms(), &koogate::client::nonce());
+    let query = koogate::tools::client::v2_query(AK, &body, now_ms(), &koogate::tools::client::nonce());
     let mut req = format!(
         "POST /koogallery/v2?{query} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -46,7 +46,7 @@ async fn body_sign_header_has_the_documented_case_on_the_wire() {
     let v2 = head_of(&raw_exchange(addr, &req).await);
 
     let v1_query =
-        koogate::client::v1_query(AK, &fixture_params("v1/01-newInstance-stored-value-cards.json"), now_ms());
+        koogate::tools::client::v1_query(AK, &fixture_params("v1/01-newInstance-stored-value-cards.json"), now_ms());
     let req = format!("GET /koogallery/v1?{v1_query} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
     let v1 = head_of(&raw_exchange(addr, req.as_bytes()).await);
 
@@ -154,7 +154,7 @@ async fn v1_replay_changes_nothing(backend: Backend) {
         Some("000000")
     );
     let path = "/koogallery/v1";
-    let freeze_url = format!("{path}?{}", koogate::client::v1_query(AK, &status_call("FREEZE"), now_ms()));
+    let freeze_url = format!("{path}?{}", koogate::tools::client::v1_query(AK, &status_call("FREEZE"), now_ms()));
     let send = |url: String| {
         let c = &gw.client;
         async move { c.send(hyper::Method::GET, &url, &[], bytes::Bytes::new()).await.unwrap() }
@@ -170,7 +170,7 @@ async fn v1_replay_changes_nothing(backend: Backend) {
     // The same for expireInstance and releaseInstance URLs.
     let release =
         params(&[("activity", "releaseInstance"), ("instanceId", V1_INSTANCE), ("orderId", "CS1906666666ABCDE")]);
-    let release_url = format!("{path}?{}", koogate::client::v1_query(AK, &release, now_ms()));
+    let release_url = format!("{path}?{}", koogate::tools::client::v1_query(AK, &release, now_ms()));
     assert_eq!(send(release_url.clone()).await.result_code().as_deref(), Some("000000"));
     assert_eq!(send(release_url).await.result_code().as_deref(), Some("000000"));
     gw.drain().await;
@@ -218,7 +218,7 @@ async fn v1_pay_per_use_items(backend: Backend) {
     for res in [&first, &second, &package] {
         assert_eq!(res.result_code().as_deref(), Some("000000"), "{}", String::from_utf8_lossy(&res.body));
     }
-    let id = |r: &koogate::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let id = |r: &koogate::tools::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     assert_ne!(id(&first), id(&second), "same order, another productId: another instance");
     assert_eq!(id(&first), koogate::store::keys::instance_id_for_item(PPU_ORDER, None, "00301-666666-0--1"));
     // KooGallery's retry (new businessId, new timeStamp): the same answer, byte for byte.
@@ -282,7 +282,7 @@ async fn v1_query_usage_info(backend: Backend) {
         ("KOOGATE_USAGE_POLL_MS", "20"),
     ];
     let gw = TestGateway::start_with(backend, "v1-query-usage", &env).await;
-    let id = |r: koogate::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
+    let id = |r: koogate::tools::client::CallResponse| r.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     let a = id(gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--1", "0")).await);
     let b = id(gw.v1(&ppu_purchase(PPU_ORDER, "00301-666666-0--2", "0")).await);
     let pkg = id(gw.v1(&ppu_purchase("CS2512010000PKG01", "00301-666666-0--9", "5")).await);

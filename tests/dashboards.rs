@@ -292,7 +292,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     assert!(wanted.len() >= 10, "only {} distinct metric names referenced: {:?}", wanted.len(), wanted.keys());
 
     // A gateway with traffic of every kind, delivering to the reference sink.
-    let sink = koogate::sink::start(koogate::sink::SinkConfig {
+    let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         secret: SINK_SECRET.into(),
         out: None,

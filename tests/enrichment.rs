@@ -10,7 +10,7 @@ use common::*;
 use hyper::Method;
 use koogate::marketplace::order::{CredentialFault, OrderApi, OrderError};
 use koogate::secret::Secret;
-use koogate::simulate::{MarketConfig, MarketServer};
+use koogate::tools::simulate::{MarketConfig, MarketServer};
 
 const BUYER: &str = "459bbbec25d24749b2eb83be37b602a8";
 const TOKEN: &str = "enrich-admin-token";
@@ -67,7 +67,7 @@ async fn enriched_purchase(backend: Backend) {
         ],
     )
     .await;
-    let order = format!("SIMSVCCARDS-{}", koogate::simulate::orders::new_run_id());
+    let order = format!("SIMSVCCARDS-{}", koogate::tools::simulate::orders::new_run_id());
     let line = format!("{order}-000001");
     let body = |business: &str| {
         format!(

@@ -115,7 +115,7 @@ async fn embedded_gateway_killed_and_restarted_loses_nothing() {
 
 /// Sends `n` purchases, returns which were answered 000000 and which 000005.
 async fn stream_of_calls(
-    client: &koogate::client::KooClient,
+    client: &koogate::tools::client::KooClient,
     tag: &str,
     range: std::ops::Range<usize>,
 ) -> (Vec<usize>, Vec<usize>) {

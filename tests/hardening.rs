@@ -335,8 +335,8 @@ async fn log_abuse(format: &str) {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
-    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{admin_port}"));
+    let client = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{admin_port}"));
     let ready_by = std::time::Instant::now() + Duration::from_secs(20);
     while admin.send(hyper::Method::GET, "/healthz", &[], bytes::Bytes::new()).await.is_err() {
         assert!(std::time::Instant::now() < ready_by, "koogate did not start");
@@ -424,7 +424,7 @@ async fn sighup_reopens_the_events_file() {
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
-    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let client = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
     let ready_by = std::time::Instant::now() + Duration::from_secs(20);
     while client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await.map(|r| r.status).ok() != Some(200)
     {

@@ -8,7 +8,7 @@ use serde_json::Value;
 const V2_INSTANCE: &str = "028e3b0c-7d93-5e10-9156-f940561c8e6a";
 const V1_INSTANCE: &str = "21ab9e22-5c60-5afb-b878-85ea829f9cda";
 
-fn assert_signed(res: &koogate::client::CallResponse) {
+fn assert_signed(res: &koogate::tools::client::CallResponse) {
     assert!(
         independent_body_sign_ok(AK, &res.body, res.body_sign.as_deref()),
         "answer is not signed correctly: {:?} {:?}",

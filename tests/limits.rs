@@ -40,7 +40,7 @@ async fn slow_headers_and_bodies_are_cut_off() {
 
     // A body that never arrives in full.
     let body = fixture("v2/01-newInstance.json");
-    let query = koogate::client::v2_query(AK, &body, now_ms(), "slowbody1");
+    let query = koogate::tools::client::v2_query(AK, &body, now_ms(), "slowbody1");
     let mut s = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "POST /koogallery/v2?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",

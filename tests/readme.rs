@@ -51,7 +51,7 @@ async fn the_readme_first_command_starts_a_healthy_gateway() {
         .spawn()
         .unwrap();
     // The README says where it listens: 0.0.0.0:8080, /healthz.
-    let client = koogate::client::KooClient::new("http://127.0.0.1:8080");
+    let client = koogate::tools::client::KooClient::new("http://127.0.0.1:8080");
     let deadline = Instant::now() + Duration::from_secs(20);
     let healthy = loop {
         if let Ok(res) = client.send(hyper::Method::GET, "/healthz", &[], bytes::Bytes::new()).await {

@@ -73,7 +73,7 @@ async fn duplicate_storm(backend: Backend) {
         let body = body.clone();
         // Each its own connection and nonce: KooGallery retrying in parallel.
         tasks.push(tokio::spawn(async move {
-            let client = koogate::client::KooClient::new(&format!("http://{}", gw.running().addr));
+            let client = koogate::tools::client::KooClient::new(&format!("http://{}", gw.running().addr));
             client.v2("/koogallery/v2", AK, &body, now_ms()).await.unwrap()
         }));
     }

@@ -48,8 +48,8 @@ async fn no_secret_or_decrypted_field_appears_in_logs_errors_or_metrics() {
         .spawn()
         .unwrap();
     let ak = SECRETS[0].1;
-    let client = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
-    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{admin_port}"));
+    let client = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{admin_port}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.send(hyper::Method::GET, "/readyz", &[], bytes::Bytes::new()).await.map(|r| r.status).unwrap_or(0)
         != 200

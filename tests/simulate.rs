@@ -15,12 +15,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use koogate::marketplace::apig;
-use koogate::simulate::market::ORDER_QUERY_PATH;
-use koogate::simulate::orders::{line_id, run_order_id};
-use koogate::simulate::{
+use koogate::store::keys::instance_id_for;
+use koogate::tools::simulate::market::ORDER_QUERY_PATH;
+use koogate::tools::simulate::orders::{line_id, run_order_id};
+use koogate::tools::simulate::{
     run_scenarios, GatewayTarget, MarketConfig, MarketServer, OrderBook, Report, RetryPolicy, RunOptions,
 };
-use koogate::store::keys::instance_id_for;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use koogate::marketplace::usage::{canonical_body, signature_headers, PushOutcome, PushRecord, UsageApi, USAGE_PATH};
 use koogate::secret::Secret;
-use koogate::simulate::orders::{line_id, run_order_id};
-use koogate::simulate::{
+use koogate::store::keys::instance_id_for;
+use koogate::tools::simulate::orders::{line_id, run_order_id};
+use koogate::tools::simulate::{
     run_scenarios, GatewayTarget, MarketConfig, MarketServer, Report, RetryPolicy, RunOptions, UsageSimStats,
     UsageTarget, USAGE_SCENARIO,
 };
-use koogate::store::keys::instance_id_for;
 use serde_json::{json, Value};
 
 const ADMIN_TOKEN: &str = "usage-admin-token-1";
@@ -53,7 +53,7 @@ async fn raw_push(addr: SocketAddr, body: &str, signed: &str, key: &str, ts_ms: 
         .post(format!("http://{addr}{USAGE_PATH}"))
         .header("content-type", "application/json")
         .body(body.to_owned());
-    for (name, value) in signature_headers(key, signed, ts_ms, &koogate::client::nonce()) {
+    for (name, value) in signature_headers(key, signed, ts_ms, &koogate::tools::client::nonce()) {
         req = req.header(name, value);
     }
     let res = req.send().await.unwrap();
@@ -185,7 +185,7 @@ async fn without_a_key_every_usage_call_is_refused() {
 /// The total of workspace `w` (1-based) in the scenario: 24 × 1.2345 × w + 0.1001 × (0 + … + 23).
 fn expected_total(w: i64) -> String {
     let e4 = 24 * 12_345 * w + 1_001 * 276;
-    koogate::simulate::usage::format_e4(e4)
+    koogate::tools::simulate::usage::format_e4(e4)
 }
 
 fn workspace_ids(run_id: &str) -> Vec<String> {

@@ -34,7 +34,7 @@ async fn connect_from(source: u8, to: SocketAddr) -> std::io::Result<tokio::net:
 async fn attacker(source: u8, to: SocketAddr, stop: Arc<AtomicBool>, connected: Arc<AtomicUsize>) -> usize {
     let head = format!(
         "POST /koogallery/v2?{} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
-        koogate::client::v2_query(AK, b"{}", now_ms(), &koogate::client::nonce())
+        koogate::tools::client::v2_query(AK, b"{}", now_ms(), &koogate::tools::client::nonce())
     );
     let mut rounds = 0;
     let mut first = true;

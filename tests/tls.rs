@@ -81,13 +81,14 @@ async fn serves_tls_1_2_and_1_3_and_refuses_plain_http() {
 
     // A signed call over HTTPS, verifying the certificate.
     let https =
-        koogate::client::KooClient::with_ca(&format!("https://127.0.0.1:{port}"), certs.cert_pem.as_bytes()).unwrap();
+        koogate::tools::client::KooClient::with_ca(&format!("https://127.0.0.1:{port}"), certs.cert_pem.as_bytes())
+            .unwrap();
     let res = https.v2("/koogallery/v2", AK, &fixture("v2/01-newInstance.json"), now_ms()).await.unwrap();
     assert_eq!(res.result_code().as_deref(), Some("000000"));
     assert!(independent_body_sign_ok(AK, &res.body, res.body_sign.as_deref()));
 
     // Plain HTTP to the TLS port gets no HTTP answer.
-    let plain = koogate::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
+    let plain = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{port}"));
     let refused = plain.send(hyper::Method::GET, "/healthz", &[], bytes::Bytes::new()).await;
     assert!(refused.is_err(), "plain HTTP must not be served on the TLS port: {refused:?}");
     gw.stop().await;

@@ -506,7 +506,7 @@ async fn killed_mid_push(backend: Backend) {
         env.insert(k.into(), v);
     }
     let mut gw = Proc::gateway(&env).await;
-    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
+    let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
     let body = json!({"activity":"newInstance","businessId":"b-kill","orderId":"CSUSAGEKILL","orderLineId":"CSUSAGEKILL-1","testFlag":"0"});
     let res = gw.client.v2("/koogallery/v2", common::AK, body.to_string().as_bytes(), common::now_ms()).await.unwrap();
     let inst = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
@@ -537,7 +537,7 @@ async fn killed_mid_push(backend: Backend) {
     let in_flight = api.calls()[0].sns.len();
     let gw = Proc::gateway(&env).await;
     api.wait_records(1500, Duration::from_secs(30)).await;
-    let admin = koogate::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
+    let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
     let auth = format!("Bearer {TOKEN}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{Mode, Signer, KEY, NOW_MS};
-use koogate::client::{v1_query, v2_query};
+use koogate::tools::client::{v1_query, v2_query};
 use koogate::protocol::crypto::{derive_key, encrypt_with_iv, EncryptType};
 
 type Params = BTreeMap<String, String>;

@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let (signer, ring) = mode.signer_and_ring();
     let timestamp_ms = NOW_MS + mode.offset_ms;
-    let signed = koogate::client::v1_query(signer, &params, timestamp_ms);
+    let signed = koogate::tools::client::v1_query(signer, &params, timestamp_ms);
     match verify_v1(&ring, &signed, NOW_MS, WINDOW_SECS) {
         Ok(verified) => {
             assert!(mode.must_verify(), "{mode:?} verified: {signed}");

@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let (signer, ring) = mode.signer_and_ring();
     let timestamp_ms = NOW_MS + mode.offset_ms;
-    let mut signed = koogate::client::v2_query(signer, body, timestamp_ms, &nonce);
+    let mut signed = koogate::tools::client::v2_query(signer, body, timestamp_ms, &nonce);
     // Hex case is ignored: send odd-length bodies' signatures in upper case.
     if body.len() % 2 == 1 {
         let upper = signed["signature=".len().."signature=".len() + 64].to_ascii_uppercase();

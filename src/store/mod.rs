@@ -158,7 +158,7 @@ pub trait Outbox {
 }
 
 /// Answers of KooGallery's order query API, cached per order line for
-/// enrichment (see [`crate::enrich`]).
+/// enrichment (see [`crate::delivery::enrich`]).
 #[async_trait]
 pub trait OrderCache {
     /// A cached order query answer of an order line (raw JSON), if fresh.

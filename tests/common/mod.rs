@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use koogate::client::{CallResponse, KooClient};
 use koogate::config::Config;
 use koogate::server::Running;
+use koogate::tools::client::{CallResponse, KooClient};
 use serde_json::Value;
 
 pub const AK: &str = "test-access-key-123";

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use koogate::client::KooClient;
+use koogate::tools::client::KooClient;
 
 use super::free_port;
 

@@ -29,9 +29,9 @@ use super::usage::parse_decimal_e4;
 use super::usage_flow::{self, UsageTarget};
 use super::SimulateError;
 use crate::backoff::Schedule;
-use crate::client::{CallResponse, ClientError, KooClient};
 use crate::protocol::sign::verify_body_sign;
 use crate::secret::Secret;
+use crate::tools::client::{CallResponse, ClientError, KooClient};
 
 /// The gateway under test.
 #[derive(Clone, Debug)]

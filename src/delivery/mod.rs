@@ -19,6 +19,10 @@
 //! `testFlag=1` calls are settled without being sent unless
 //! `KOOGATE_FORWARD_TEST_EVENTS`.
 
+pub mod enrich;
+pub mod jsonl;
+pub mod webhook;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,12 +33,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounts;
 use crate::backoff::Schedule;
-use crate::enrich::Enricher;
 use crate::events;
-use crate::jsonl::JsonlWriter;
 use crate::metrics as m;
 use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Store, StoreError};
-use crate::webhook;
+use enrich::Enricher;
+use jsonl::JsonlWriter;
 
 /// Where events go.
 #[derive(Clone, Debug)]

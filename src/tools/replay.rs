@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::{CallResponse, KooClient};
 use crate::protocol::sign::verify_body_sign;
 use crate::protocol::Generation;
+use crate::tools::client::{CallResponse, KooClient};
 
 /// One payload to send.
 #[derive(Clone, Debug)]

@@ -25,8 +25,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::webhook;
 use crate::http::{self, Body, ListenerLimits};
-use crate::webhook;
 
 #[derive(Clone, Debug)]
 pub struct SinkConfig {

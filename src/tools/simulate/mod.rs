@@ -25,9 +25,9 @@
 //!   skipped (and said so in the report).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), koogate::simulate::SimulateError> {
+//! # async fn demo() -> Result<(), koogate::tools::simulate::SimulateError> {
 //! use koogate::secret::Secret;
-//! use koogate::simulate::{run_scenarios, GatewayTarget, MarketConfig, MarketServer, RunOptions, UsageTarget};
+//! use koogate::tools::simulate::{run_scenarios, GatewayTarget, MarketConfig, MarketServer, RunOptions, UsageTarget};
 //! let mut config = MarketConfig::new("127.0.0.1:0".parse().unwrap());
 //! config.usage_key = Some(Secret::new("access-key"));
 //! let market = MarketServer::start(config).await?;

@@ -452,8 +452,8 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::scenario::previous_day;
-    use crate::simulate::usage::{InstanceUsage, Receipt};
+    use crate::tools::simulate::scenario::previous_day;
+    use crate::tools::simulate::usage::{InstanceUsage, Receipt};
 
     fn setup() -> (UsagePlan, BTreeMap<String, String>, UsageSimStats) {
         let plan = UsagePlan::hourly(0, &["a", "b"], "R1", previous_day(1_767_323_045), 3);
