@@ -711,6 +711,7 @@ mod sink_contract {
     async fn both_sinks_deliver_every_event_once_in_order_with_the_same_bytes() {
         let http = through_http().await;
         let jsonl = through_jsonl().await;
+        assert_eq!(http.len(), 32, "12 fixture events and 4 instances × 5");
         assert_eq!(http.len(), jsonl.len());
         for (id, body) in &http {
             assert_eq!(

@@ -21,8 +21,8 @@
 //!
 //! # Adding a target
 //!
-//! One new file and one line of wiring. Say a target that puts events on a
-//! message queue, in `src/delivery/queue.rs`:
+//! One new file plus its wiring (a `mod` line and one arm). Say a target
+//! that puts events on a message queue, in `src/delivery/queue.rs`:
 //!
 //! ```ignore
 //! //! The message queue target.
