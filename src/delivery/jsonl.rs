@@ -39,11 +39,6 @@ impl JsonlSink {
         writer.reopen_on_sighup();
         Self { path, writer }
     }
-
-    /// The writer, e.g. to make it reopen the file.
-    pub fn writer(&self) -> &JsonlWriter {
-        &self.writer
-    }
 }
 
 #[async_trait::async_trait]
