@@ -29,9 +29,10 @@
 //!   account holds (account and resource views, the binding check).
 //! - [`metering`]: the usage workers: intake (`POST /v1/usage`) and the push
 //!   to KooGallery's usage API, exactly once.
-//! - [`delivery`]: moving events out of the outbox to a sink (the billing
-//!   core over HTTP with Standard Webhooks signatures, or a JSONL file),
-//!   completing them from KooGallery's orders first (`delivery::enrich`).
+//! - [`delivery`]: moving events out of the outbox through a
+//!   `delivery::Sink` (the billing core over HTTP with Standard Webhooks
+//!   signatures, or a JSONL file), completing them from KooGallery's orders
+//!   first (`delivery::enrich`).
 //! - [`config`]: settings from the environment and an optional TOML file.
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
 //! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).

@@ -12,7 +12,9 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::delivery;
 use crate::delivery::enrich::Enricher;
-use crate::delivery::Target;
+use crate::delivery::jsonl::JsonlSink;
+use crate::delivery::webhook::WebhookSink;
+use crate::delivery::Sink;
 use crate::gateway::{Gateway, Settings};
 use crate::http::{self, App, ListenerLimits};
 use crate::store::{self, StoreError};
@@ -150,19 +152,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         async move { admin_api.route(req).await }
     }));
 
-    let target = match (&config.billing_url, &config.billing_secret) {
-        (Some(url), Some(secret)) => {
-            let key = crate::delivery::webhook::key_of(secret.expose())
-                .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
-            tracing::info!(url = %url, "events are delivered to the billing core");
-            Target::Http { url: url.clone(), key }
-        }
-        _ => {
-            let path = config.data_dir.join("events.jsonl");
-            tracing::info!(path = %path.display(), "KOOGATE_BILLING_URL is not set: events are appended to a JSONL file");
-            Target::Jsonl(path)
-        }
-    };
+    let sink = build_sink(&config)?;
     let enricher = match &config.marketplace {
         Some(m) => {
             let api = crate::marketplace::order::OrderApi::with_fallbacks(
@@ -183,21 +173,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let worker = delivery::Worker::new(
         Arc::clone(&store),
+        sink,
         delivery::Settings {
-            target,
             forward_test: config.forward_test_events,
-            attempt_timeout: config.delivery_timeout,
             schedule: config.retry,
             visibility: config.delivery_visibility,
             concurrency: config.delivery_concurrency,
             order_wait: config.delivery_order_wait,
         },
         enricher,
-    )
-    .map_err(|e| StartError::Setting {
-        setting: "KOOGATE_BILLING_URL",
-        problem: format!("cannot build the HTTP client: {e}"),
-    })?;
+    );
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
     let hosts: Vec<String> = std::iter::once(&config.usage.url)
         .chain(&config.usage.fallback_urls)
@@ -238,6 +223,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
     tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
     Ok(Running { addr, admin_addr, store, app, shutdown, tasks })
+}
+
+/// Where events go: the one place that chooses the delivery [`Sink`] (a new
+/// target is one arm here; see `delivery::sink`).
+fn build_sink(config: &Config) -> Result<Arc<dyn Sink>, StartError> {
+    Ok(match (&config.billing_url, &config.billing_secret) {
+        (Some(url), Some(secret)) => {
+            let key = crate::delivery::webhook::key_of(secret.expose())
+                .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
+            tracing::info!(url = %url, "events are delivered to the billing core");
+            let sink =
+                WebhookSink::new(url.clone(), key, config.delivery_timeout).map_err(|e| StartError::Setting {
+                    setting: "KOOGATE_BILLING_URL",
+                    problem: format!("cannot build the HTTP client: {e}"),
+                })?;
+            Arc::new(sink)
+        }
+        _ => {
+            let path = config.data_dir.join("events.jsonl");
+            tracing::info!(path = %path.display(), "KOOGATE_BILLING_URL is not set: events are appended to a JSONL file");
+            Arc::new(JsonlSink::start(path))
+        }
+    })
 }
 
 /// Keeps `koogate_ready` current for alerting (1 = the store answers).

@@ -1,5 +1,6 @@
 //! Delivery to a real billing-core HTTP server: nothing lost, each id once,
-//! ordered per instance, retried, dead-lettered, redriven.
+//! ordered per instance, retried, dead-lettered, redriven; and the `Sink`
+//! contract, the same for the HTTP and the JSONL sink (`sink_contract`).
 
 mod common;
 
@@ -506,4 +507,220 @@ async fn a_flapping_and_slow_billing_core_loses_nothing_and_keeps_order() {
     gw.drain().await;
     billing.stop();
     gw.stop().await;
+}
+
+/// The `Sink` contract, the same for both targets: the worker, run over one
+/// outbox, delivers every event once, each instance's events in order, the
+/// same bytes through either sink; a target that is down at first (the
+/// billing core answering 503, the events file's directory blocked by a
+/// file) holds every event back for retries and loses none.
+mod sink_contract {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use koogate::backoff::Schedule;
+    use koogate::delivery::jsonl::JsonlSink;
+    use koogate::delivery::webhook::{key_of, WebhookSink};
+    use koogate::delivery::{self, Sink};
+    use koogate::events::SkuMap;
+    use koogate::gateway::{Planner, Settings};
+    use koogate::protocol::call::parse_v2;
+    use koogate::protocol::crypto::EncryptType;
+    use koogate::secret::Secret;
+    use koogate::store::{self, Outcome, Store, StoreSpec};
+    use tokio_util::sync::CancellationToken;
+
+    use super::common::billing::{ok, Billing, SECRET};
+    use super::common::{fixture, fixture_files, AK};
+
+    /// Calls whose events fill the outbox: the V2 lifecycle fixtures, then four
+    /// instances bought, renewed, frozen, unfrozen and released.
+    fn calls() -> Vec<Vec<u8>> {
+        let mut calls: Vec<Vec<u8>> = fixture_files("v2").iter().map(|rel| fixture(rel)).collect();
+        for n in 0..4 {
+            let order = format!("CSSINK{n:03}");
+            let line = format!("{order}-000001");
+            let id = koogate::store::keys::instance_id_for(&order, Some(&line));
+            for call in [
+                format!(
+                    r#"{{"activity":"newInstance","businessId":"s{n}","orderId":"{order}","orderLineId":"{line}","testFlag":"0"}}"#
+                ),
+                format!(
+                    r#"{{"activity":"refreshInstance","instanceId":"{id}","orderId":"R{order}","orderLineId":"R{line}","scene":"RENEWAL","expireTime":"20281124023618","testFlag":"0"}}"#
+                ),
+                format!(
+                    r#"{{"activity":"updateInstanceStatus","instanceId":"{id}","status":"FREEZE","testFlag":"0"}}"#
+                ),
+                format!(
+                    r#"{{"activity":"updateInstanceStatus","instanceId":"{id}","status":"UNFREEZE","testFlag":"0"}}"#
+                ),
+                format!(r#"{{"activity":"releaseInstance","instanceId":"{id}","testFlag":"0"}}"#),
+            ] {
+                calls.push(call.into_bytes());
+            }
+        }
+        calls
+    }
+
+    /// An embedded store whose outbox holds the events of [`calls`], at fixed
+    /// times (so two stores hold the same entries); the ids the worker must send.
+    async fn filled_store(dir: &Path) -> (Arc<dyn Store>, BTreeSet<String>) {
+        let store = store::open(&StoreSpec::Embedded(dir.to_path_buf()), "").await.unwrap();
+        let settings = Settings {
+            window_secs: 60,
+            v1_window_secs: 14_400,
+            frontend_url: "https://console.example.com".into(),
+            admin_url: None,
+            encrypt_type: EncryptType::Aes256,
+            issue_credentials: false,
+            sku_map: SkuMap::default(),
+            store_timeout: Duration::from_secs(3),
+        };
+        let key = Secret::new(AK);
+        for (i, body) in calls().iter().enumerate() {
+            let call = parse_v2(body).unwrap();
+            let planner = Planner { settings: &settings, key: &key, now_ms: 1_764_000_000_000 + i as i64 * 1000 };
+            let outcome = store.apply(&planner.plan(&call, Some(&format!("sink-{i}")))).await.unwrap();
+            assert_ne!(outcome, Outcome::Replay, "call {i}");
+        }
+        let entries = store.outbox_entries().await.unwrap();
+        let expected: BTreeSet<String> = entries.iter().filter(|e| !e.test).map(|e| e.id.clone()).collect();
+        assert!(entries.iter().any(|e| e.test), "a testFlag=1 event is in the outbox, to be skipped");
+        (store, expected)
+    }
+
+    /// Runs the worker over `store` into `sink`: first with the target down
+    /// until the store holds a failed attempt, then up until the outbox is empty.
+    /// Returns the first failure's text.
+    async fn run(store: &Arc<dyn Store>, sink: Arc<dyn Sink>, up: impl FnOnce()) -> String {
+        let settings = delivery::Settings {
+            forward_test: false,
+            schedule: Schedule {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                max_attempts: 10_000,
+                give_up_after: Duration::from_secs(3600),
+            },
+            visibility: Duration::from_secs(30),
+            concurrency: 4,
+            order_wait: Duration::from_secs(30),
+        };
+        let worker = delivery::Worker::new(Arc::clone(store), sink, settings, None);
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let failure = loop {
+            let entries = store.outbox_entries().await.unwrap();
+            let attempts = store.attempts(&entries).await.unwrap();
+            if let Some(error) = attempts.into_iter().flatten().find_map(|a| a.last_error) {
+                break error;
+            }
+            let dead = store.dlq_list().await.unwrap();
+            assert!(dead.is_empty(), "a transient failure was dead-lettered: {:?}", dead[0].attempts.last_error);
+            assert!(Instant::now() < deadline, "no failed attempt recorded while the target is down");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        up();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while store.outbox_len().await.unwrap() > 0 {
+            assert!(Instant::now() < deadline, "{} events still in the outbox", store.outbox_len().await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        running.await.unwrap();
+        assert!(store.dlq_list().await.unwrap().is_empty(), "nothing dead-lettered");
+        failure
+    }
+
+    /// What a sink received, in arrival order, checked against the contract;
+    /// the body of each id.
+    fn check(sink: &str, expected: &BTreeSet<String>, received: Vec<(String, Vec<u8>)>) -> BTreeMap<String, Vec<u8>> {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (id, body) in &received {
+            *counts.entry(id).or_default() += 1;
+            let event: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(event["id"], id.as_str(), "{sink}: the body is the event of that id");
+            let (subject, seq) = koogate::store::plan::parse_event_id(id).unwrap();
+            seqs.entry(subject.to_owned()).or_default().push(seq);
+        }
+        let got: BTreeSet<String> = counts.keys().map(|id| (*id).to_owned()).collect();
+        assert_eq!(&got, expected, "{sink}: every event but the test ones, no other");
+        assert!(counts.values().all(|n| *n == 1), "{sink}: each event once: {counts:?}");
+        for (instance, seqs) in &seqs {
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{sink}: instance {instance} in order: {seqs:?}");
+        }
+        let longest = seqs.values().map(Vec::len).max().unwrap_or(0);
+        assert!(longest >= 5, "some instance has several events to keep in order");
+        received.into_iter().collect()
+    }
+
+    async fn through_http() -> BTreeMap<String, Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, expected) = filled_store(dir.path()).await;
+        let up = Arc::new(AtomicBool::new(false));
+        let billing = {
+            let up = Arc::clone(&up);
+            Billing::start(move |_, _, _| if up.load(Ordering::SeqCst) { ok() } else { (503, Duration::ZERO) }).await
+        };
+        let sink = WebhookSink::new(billing.url(), key_of(SECRET).unwrap(), Duration::from_secs(5)).unwrap();
+        assert_eq!(sink.name(), billing.url());
+        let failure = run(&store, Arc::new(sink), || up.store(true, Ordering::SeqCst)).await;
+        assert_eq!(failure, "billing core answered HTTP 503");
+        let arrivals = billing.arrivals();
+        assert!(arrivals.iter().all(|a| a.signature_ok), "every request is signed");
+        let delivered = billing.delivered();
+        println!(
+            "HTTP sink: {} events delivered after {} refused attempts",
+            delivered.len(),
+            arrivals.len() - delivered.len()
+        );
+        billing.stop();
+        check("HTTP", &expected, delivered.into_iter().map(|a| (a.id, a.body.to_vec())).collect())
+    }
+
+    async fn through_jsonl() -> BTreeMap<String, Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, expected) = filled_store(&dir.path().join("store")).await;
+        // The file's directory cannot be created while a file has its name.
+        let blocked: PathBuf = dir.path().join("out");
+        std::fs::write(&blocked, b"").unwrap();
+        let path = blocked.join("events.jsonl");
+        let sink = JsonlSink::start(path.clone());
+        assert_eq!(sink.name(), path.display().to_string());
+        let failure = run(&store, Arc::new(sink), || std::fs::remove_file(&blocked).unwrap()).await;
+        assert!(failure.starts_with(&format!("cannot append to {}", path.display())), "{failure}");
+        let text = std::fs::read(&path).unwrap();
+        assert!(text.ends_with(b"\n"), "every line ends");
+        let received: Vec<(String, Vec<u8>)> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+                (event["id"].as_str().unwrap().to_owned(), line.to_vec())
+            })
+            .collect();
+        println!("JSONL sink: {} events appended after the directory was freed", received.len());
+        check("JSONL", &expected, received)
+    }
+
+    #[tokio::test]
+    async fn both_sinks_deliver_every_event_once_in_order_with_the_same_bytes() {
+        let http = through_http().await;
+        let jsonl = through_jsonl().await;
+        assert_eq!(http.len(), 32, "12 fixture events and 4 instances × 5");
+        assert_eq!(http.len(), jsonl.len());
+        for (id, body) in &http {
+            assert_eq!(
+                Some(body),
+                jsonl.get(id),
+                "{id}: the HTTP body and the JSONL line are the same bytes:\n{}\n{:?}",
+                String::from_utf8_lossy(body),
+                jsonl.get(id).map(|b| String::from_utf8_lossy(b).into_owned())
+            );
+        }
+    }
 }

@@ -1,4 +1,7 @@
-//! The JSONL event target: appending events to `<data dir>/events.jsonl`.
+//! The JSONL event target: [`JsonlSink`] appends each event as one line to
+//! `<data dir>/events.jsonl` (when no billing URL is set), through a
+//! [`JsonlWriter`]. Every failure is transient (a full disk, a missing
+//! directory): the worker retries it.
 //!
 //! - **Group commit**: lines that arrive together are written and fsynced
 //!   once, and each append is answered only after its fsync (one fsync per
@@ -19,6 +22,35 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
+
+use super::sink::{Message, Sink, SinkError};
+
+/// Events as JSON lines in a file (see the module docs).
+pub struct JsonlSink {
+    path: PathBuf,
+    writer: JsonlWriter,
+}
+
+impl JsonlSink {
+    /// Creates the file now and reopens it on SIGHUP (logrotate's postrotate).
+    /// Must be called inside a Tokio runtime.
+    pub fn start(path: PathBuf) -> Self {
+        let writer = JsonlWriter::start(path.clone());
+        writer.reopen_on_sighup();
+        Self { path, writer }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for JsonlSink {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn send(&self, message: &Message<'_>) -> Result<(), SinkError> {
+        self.writer.append(message.body).await.map_err(SinkError::transient)
+    }
+}
 
 /// A line to append, and where to say whether it is at the path.
 type PendingLine = (Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>);

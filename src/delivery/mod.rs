@@ -14,17 +14,28 @@
 //!   408/429) at once, others when the schedule is exhausted. A redriven
 //!   event is delivered again under its own id.
 //!
-//! The target is the billing core over HTTP (Standard Webhooks signatures),
-//! or, when no billing URL is set, `<data dir>/events.jsonl`. Events of
-//! `testFlag=1` calls are settled without being sent unless
-//! `KOOGATE_FORWARD_TEST_EVENTS`.
+//! The worker hands each event to a [`Sink`] (`Arc<dyn Sink>`), which owns
+//! only the transport and says whether a failure is permanent or transient;
+//! ordering, retries, the dead-letter queue, enrichment, skipping test events
+//! and the metrics stay here, the same for every target (the split, and how to
+//! add a target, are in [`sink`]). The targets, one file each:
+//!
+//! - [`webhook`]: the billing core over HTTP with Standard Webhooks
+//!   signatures ([`webhook::WebhookSink`]);
+//! - [`jsonl`]: `<data dir>/events.jsonl` when no billing URL is set
+//!   ([`jsonl::JsonlSink`]).
+//!
+//! Events of `testFlag=1` calls are settled without being sent unless
+//! `KOOGATE_FORWARD_TEST_EVENTS`. Before sending, V2 purchase, upgrade and
+//! order-notify events are completed from KooGallery's order query API
+//! ([`enrich`]).
 
 pub mod enrich;
 pub mod jsonl;
+pub mod sink;
 pub mod webhook;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,23 +48,12 @@ use crate::events;
 use crate::metrics as m;
 use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Store, StoreError};
 use enrich::Enricher;
-use jsonl::JsonlWriter;
+pub use sink::{Message, Sink, SinkError};
 
-/// Where events go.
-#[derive(Clone, Debug)]
-pub enum Target {
-    /// POST to the billing core, signed with the `whsec_` secret's key.
-    Http { url: String, key: Vec<u8> },
-    /// Append to a JSONL file.
-    Jsonl(PathBuf),
-}
-
-/// How delivery behaves.
+/// How delivery behaves (where events go is the [`Sink`]).
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub target: Target,
     pub forward_test: bool,
-    pub attempt_timeout: Duration,
     pub schedule: Schedule,
     /// Claimed entries not settled nor touched for this long are taken over by other replicas.
     pub visibility: Duration,
@@ -63,17 +63,9 @@ pub struct Settings {
     pub order_wait: Duration,
 }
 
-/// Outcome of one attempt.
-#[derive(Debug)]
-enum Attempt {
-    Delivered,
-    /// Worth retrying; `after` is the server's Retry-After, when it sent one.
-    Retry {
-        error: String,
-        after: Option<Duration>,
-    },
-    Permanent(String),
-}
+/// Outcome of one attempt: delivered, or how it failed (the sink's word, or
+/// the worker's own when the event could not be built or is still waiting).
+type Attempt = Result<(), SinkError>;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -90,73 +82,12 @@ pub fn consumer_name() -> String {
     format!("{host}-{}-{tag:04x}", std::process::id())
 }
 
-/// Sends one event somewhere.
-struct Sender {
-    target: Target,
-    http: reqwest::Client,
-    jsonl: Option<JsonlWriter>,
-}
-
-impl Sender {
-    async fn send(&self, entry: &OutboxEntry) -> Attempt {
-        let event = match events::assemble(entry) {
-            Ok(e) => e,
-            Err(e) => return Attempt::Permanent(e.to_string()),
-        };
-        let body = match serde_json::to_vec(&event) {
-            Ok(b) => b,
-            Err(e) => return Attempt::Permanent(format!("cannot serialize event: {e}")),
-        };
-        match &self.target {
-            Target::Jsonl(_) => match self.jsonl.as_ref().map(|w| w.append(&body)) {
-                Some(appended) => match appended.await {
-                    Ok(()) => Attempt::Delivered,
-                    Err(error) => Attempt::Retry { error, after: None },
-                },
-                None => Attempt::Retry { error: "no JSONL writer".into(), after: None },
-            },
-            Target::Http { url, key } => self.post(url, key, &entry.id, body).await,
-        }
-    }
-
-    async fn post(&self, url: &str, key: &[u8], id: &str, body: Vec<u8>) -> Attempt {
-        let ts = chrono::Utc::now().timestamp();
-        let signature = webhook::sign(key, id, ts, &body);
-        let sent = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
-            .send()
-            .await;
-        let res = match sent {
-            Ok(res) => res,
-            Err(e) if e.is_timeout() => return Attempt::Retry { error: "timed out".into(), after: None },
-            Err(e) => {
-                return Attempt::Retry { error: format!("request failed: {}", crate::error_chain(&e)), after: None }
-            }
-        };
-        let status = res.status();
-        if status.is_success() {
-            return Attempt::Delivered;
-        }
-        let after = res
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let code = status.as_u16();
-        let error = format!("billing core answered HTTP {code}");
-        if status.is_client_error() && code != 408 && code != 429 {
-            Attempt::Permanent(error)
-        } else {
-            Attempt::Retry { error, after }
-        }
-    }
+/// Builds the event's JSON once, the same bytes for every sink, and hands it
+/// to the sink. An entry that cannot become an event never will: permanent.
+async fn deliver(sink: &dyn Sink, entry: &OutboxEntry) -> Attempt {
+    let event = events::assemble(entry).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    let body = serde_json::to_vec(&event).map_err(|e| SinkError::Permanent(format!("cannot serialize event: {e}")))?;
+    sink.send(&Message { id: &entry.id, event: &event, body: &body }).await
 }
 
 /// An event this replica holds.
@@ -176,7 +107,8 @@ pub struct Worker<S: ?Sized = dyn Store> {
     /// Completes V2 purchase/upgrade/notify events from the order query API.
     enricher: Option<Arc<Enricher>>,
     settings: Settings,
-    sender: Arc<Sender>,
+    /// Where events go.
+    sink: Arc<dyn Sink>,
     consumer: String,
     /// Held events by instance, in sequence order.
     held: BTreeMap<String, BTreeMap<u64, Held>>,
@@ -196,34 +128,19 @@ const TICK: Duration = Duration::from_millis(50);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
 
 impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
-    pub fn new(store: Arc<S>, settings: Settings, enricher: Option<Enricher>) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.attempt_timeout)
-            .connect_timeout(settings.attempt_timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let jsonl = match &settings.target {
-            Target::Jsonl(path) => {
-                let writer = JsonlWriter::start(path.clone());
-                writer.reopen_on_sighup();
-                Some(writer)
-            }
-            Target::Http { .. } => None,
-        };
-        let sender = Arc::new(Sender { target: settings.target.clone(), http, jsonl });
-        Ok(Self {
+    pub fn new(store: Arc<S>, sink: Arc<dyn Sink>, settings: Settings, enricher: Option<Enricher>) -> Self {
+        Self {
             store,
             enricher: enricher.map(Arc::new),
             settings,
-            sender,
+            sink,
             consumer: consumer_name(),
             held: BTreeMap::new(),
             busy: HashSet::new(),
             last_claim: None,
             last_takeover: None,
             scan_from: None,
-        })
+        }
     }
 
     fn held_count(&self) -> usize {
@@ -234,7 +151,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     /// Events not delivered stay in the outbox for the next start or another replica.
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
         // Not `target`: the JSON log line has a `target` key of its own (the module).
-        tracing::info!(consumer = %self.consumer, destination = ?target_label(&self.settings.target), "delivery started");
+        tracing::info!(consumer = %self.consumer, destination = ?self.sink.name(), "delivery started");
         let mut inflight: JoinSet<(OutboxEntry, Attempt, Duration)> = JoinSet::new();
         let mut last_touch = Instant::now();
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
@@ -393,7 +310,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 continue;
             }
             self.busy.insert(subject);
-            let sender = Arc::clone(&self.sender);
+            let sink = Arc::clone(&self.sink);
             let enricher = self.enricher.clone();
             let store = Arc::clone(&self.store);
             inflight.spawn(async move {
@@ -414,9 +331,9 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                     waiting = Some(format!("could not update the account index: {e}"));
                 }
                 if let Some(error) = waiting {
-                    return (entry, Attempt::Retry { error, after: None }, started.elapsed());
+                    return (entry, Err(SinkError::transient(error)), started.elapsed());
                 }
-                let attempt = sender.send(&outgoing).await;
+                let attempt = deliver(&*sink, &outgoing).await;
                 (entry, attempt, started.elapsed())
             });
             started += 1;
@@ -438,7 +355,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         }
         attempts.attempts += 1;
         let result = match attempt {
-            Attempt::Delivered => {
+            Ok(()) => {
                 m::delivery_attempt("delivered");
                 if let Some(t) = occurred_ms(&entry) {
                     m::delivery_lag(Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
@@ -446,12 +363,12 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
                 self.store.settle(&entry, None).await
             }
-            Attempt::Permanent(error) => {
+            Err(SinkError::Permanent(error)) => {
                 m::delivery_attempt("failed_permanent");
                 attempts.last_error = Some(error);
                 self.dead_letter(&entry, attempts).await
             }
-            Attempt::Retry { error, after } => {
+            Err(SinkError::Transient { message: error, retry_after: after }) => {
                 m::delivery_attempt("failed_retryable");
                 attempts.last_error = Some(error.clone());
                 let since = Duration::from_millis(u64::try_from(now - attempts.first_attempt_ms).unwrap_or(0));
@@ -504,12 +421,5 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             Ok(None) => m::oldest_pending_age(Duration::ZERO),
             Err(_) => {}
         }
-    }
-}
-
-fn target_label(target: &Target) -> String {
-    match target {
-        Target::Http { url, .. } => url.clone(),
-        Target::Jsonl(path) => path.display().to_string(),
     }
 }

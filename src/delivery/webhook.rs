@@ -1,13 +1,88 @@
-//! Standard Webhooks signatures (<https://www.standardwebhooks.com/>), used to
-//! sign deliveries to the billing core and, in the reference sink, to verify them.
+//! The billing-core target: [`WebhookSink`] POSTs each event as JSON, signed
+//! with [Standard Webhooks](https://www.standardwebhooks.com/) signatures
+//! (the reference sink, `tools::sink`, verifies them with [`verify`]).
 //!
 //! `webhook-signature: v1,<base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}"))>`
 //! where `key` is the Base64 after `whsec_` in the secret.
+//!
+//! An answer is classified by [`classify`]: 2xx delivered; 4xx other than
+//! 408/429 permanent (dead-lettered at once); anything else, timeouts and
+//! refused connections transient (retried, honouring `Retry-After` seconds).
+
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
+use super::sink::{Message, Sink, SinkError};
 use crate::protocol::sign::{constant_time_eq, hmac_sha256};
+
+/// The billing core over HTTP (`KOOGATE_BILLING_URL`), signing with the key of
+/// `KOOGATE_BILLING_SECRET`.
+pub struct WebhookSink {
+    url: String,
+    key: Vec<u8>,
+    http: reqwest::Client,
+}
+
+impl WebhookSink {
+    /// `timeout` bounds each attempt (`KOOGATE_DELIVERY_TIMEOUT_SECS`); connecting
+    /// gets at most 5 s of it.
+    pub fn new(url: impl Into<String>, key: Vec<u8>, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("koogate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { url: url.into(), key, http })
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for WebhookSink {
+    fn name(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn send(&self, message: &Message<'_>) -> Result<(), SinkError> {
+        let ts = chrono::Utc::now().timestamp();
+        let signature = sign(&self.key, message.id, ts, message.body);
+        let sent = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", message.id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(message.body.to_vec())
+            .send()
+            .await;
+        let res = match sent {
+            Ok(res) => res,
+            Err(e) if e.is_timeout() => return Err(SinkError::transient("timed out")),
+            Err(e) => return Err(SinkError::transient(format!("request failed: {}", crate::error_chain(&e)))),
+        };
+        let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok());
+        classify(res.status().as_u16(), retry_after)
+    }
+}
+
+/// What the billing core's answer means: 2xx delivered; 4xx other than 408
+/// and 429 a permanent refusal; anything else (5xx, 408, 429, 1xx, 3xx)
+/// worth retrying, after `Retry-After` when it gives whole seconds.
+pub fn classify(status: u16, retry_after: Option<&str>) -> Result<(), SinkError> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let message = format!("billing core answered HTTP {status}");
+    if (400..500).contains(&status) && status != 408 && status != 429 {
+        Err(SinkError::Permanent(message))
+    } else {
+        let retry_after = retry_after.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        Err(SinkError::Transient { message, retry_after })
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
@@ -69,6 +144,44 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_classified_as_before() {
+        for ok in [200, 201, 202, 204, 299] {
+            assert_eq!(classify(ok, None), Ok(()), "{ok}");
+            assert_eq!(classify(ok, Some("30")), Ok(()), "{ok}");
+        }
+        for refused in [400, 401, 403, 404, 409, 410, 413, 422, 499] {
+            let got = classify(refused, Some("30"));
+            assert_eq!(got, Err(SinkError::Permanent(format!("billing core answered HTTP {refused}"))), "{refused}");
+            assert!(got.is_err_and(|e| e.is_permanent()));
+        }
+        for retried in [408, 429, 500, 502, 503, 504, 599, 100, 301, 304] {
+            let got = classify(retried, None);
+            let message = format!("billing core answered HTTP {retried}");
+            assert_eq!(got, Err(SinkError::Transient { message: message.clone(), retry_after: None }), "{retried}");
+            // The text the dead letter keeps and the log shows.
+            assert_eq!(got.unwrap_err().to_string(), message);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_or_nothing() {
+        let after = |v: &str| match classify(503, Some(v)) {
+            Err(SinkError::Transient { retry_after, .. }) => retry_after,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(after("30"), Some(Duration::from_secs(30)));
+        assert_eq!(after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(after("0"), Some(Duration::ZERO));
+        assert_eq!(after("Wed, 21 Oct 2015 07:28:00 GMT"), None, "HTTP dates are not honoured");
+        assert_eq!(after("-1"), None);
+        assert_eq!(after("1.5"), None);
+        assert_eq!(after(""), None);
+        assert!(
+            matches!(classify(429, Some("2")), Err(SinkError::Transient { retry_after: Some(d), .. }) if d == Duration::from_secs(2))
+        );
+    }
 
     /// The example of the Standard Webhooks specification.
     #[test]

@@ -25,6 +25,8 @@ pub struct Arrival {
     pub attempt: u32,
     pub signature_ok: bool,
     pub event: Value,
+    /// The body exactly as received.
+    pub body: Bytes,
     pub status: u16,
 }
 
@@ -81,7 +83,7 @@ impl Billing {
                 };
                 let signature_ok = verify(&headers, &body);
                 let (status, delay) = if signature_ok { d(&id, attempt, &event) } else { (401, Duration::ZERO) };
-                a.lock().unwrap().push(Arrival { id, at, attempt, signature_ok, event, status });
+                a.lock().unwrap().push(Arrival { id, at, attempt, signature_ok, event, body, status });
                 tokio::time::sleep(delay).await;
                 let mut res = Response::new(Full::new(Bytes::from_static(b"{}")));
                 *res.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
