@@ -50,9 +50,10 @@ const CLAIM_ALL: usize = 10_000;
 
 fn settings() -> Settings {
     Settings {
-        // Long windows: no nonce expires during a run (Redis expires by the
-        // wall clock, the embedded store by the plan's clock).
-        window_secs: 3_600,
+        // A long window: no nonce expires during a run (Redis expires by the
+        // wall clock, the embedded store by the plan's clock, which advances
+        // at most 4 s a step: over 40,000 steps before a nonce could expire).
+        window_secs: 86_400,
         v1_window_secs: 14_400,
         frontend_url: "https://console.example.com".into(),
         admin_url: Some("https://admin.example.com".into()),
@@ -138,6 +139,8 @@ struct Run {
     seed: u64,
     step: usize,
     op: String,
+    /// The steps since the last full state check (where a state difference came from).
+    recent: Vec<String>,
     rng: StdRng,
     /// The simulated clock (UNIX ms), strictly increasing: every time stamp a
     /// store keeps comes from it, never from the wall clock.
@@ -168,23 +171,38 @@ fn replay_command(seed: u64, ops: usize) -> String {
     )
 }
 
-/// The lines where two pretty-printed values differ, with a little context.
+/// A line diff (longest common subsequence) of two pretty-printed values:
+/// changed lines marked `R` (Redis) and `E` (embedded), 3 lines of context.
 fn diff(a: &str, b: &str) -> String {
     let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-    let from = first.saturating_sub(6);
+    let (n, m) = (a.len(), b.len());
+    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let mut lines: Vec<(char, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            lines.push((' ', a[i]));
+            (i, j) = (i + 1, j + 1);
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            lines.push(('E', b[j]));
+            j += 1;
+        } else {
+            lines.push(('R', a[i]));
+            i += 1;
+        }
+    }
+    let near = |k: usize| lines[k.saturating_sub(3)..(k + 4).min(lines.len())].iter().any(|(t, _)| *t != ' ');
     let mut out = String::new();
-    for i in from..(first + 12).min(a.len().max(b.len())) {
-        match (a.get(i), b.get(i)) {
-            (Some(x), Some(y)) if x == y => out.push_str(&format!("    {x}\n")),
-            (x, y) => {
-                if let Some(x) = x {
-                    out.push_str(&format!("  R {x}\n"));
-                }
-                if let Some(y) = y {
-                    out.push_str(&format!("  E {y}\n"));
-                }
-            }
+    let mut shown = 0;
+    for (k, (tag, line)) in lines.iter().enumerate() {
+        if near(k) && shown < 60 {
+            out.push_str(&format!("  {tag} {line}\n"));
+            shown += 1;
         }
     }
     out
@@ -197,10 +215,11 @@ impl Run {
         if redis != embedded {
             let (r, e) = (format!("{redis:#?}"), format!("{embedded:#?}"));
             panic!(
-                "\nSTORES DIVERGE: seed {seed}, step {step}, op {op}\n  compared: {what}\n  (R = redis, E = embedded)\n{d}\n  replay: {cmd}\n",
+                "\nSTORES DIVERGE: seed {seed}, step {step}, op {op}\n  compared: {what}\n  (R = redis, E = embedded)\n{d}\n  steps since the last state check:\n{recent}\n  replay: {cmd}\n",
                 seed = self.seed,
                 step = self.step,
                 op = self.op,
+                recent = self.recent.iter().map(|r| format!("    {r}\n")).collect::<String>(),
                 d = diff(&r, &e),
                 cmd = replay_command(self.seed, self.step + 1),
             );
@@ -559,7 +578,13 @@ impl Run {
         match self.rng.gen_range(0..8) {
             0 | 1 => {
                 let order = self.pick(&orders).clone();
-                let customer = *self.pick(&CUSTOMERS);
+                // Mostly the right customer (the order's own), else another or an unknown one.
+                let own = self.embedded.order(&order).await.unwrap().get("customer_id").cloned();
+                let customer = match own {
+                    Some(own) if self.chance(0.7) => own,
+                    _ => self.pick(&CUSTOMERS).to_string(),
+                };
+                let customer = customer.as_str();
                 let at = koogate::gateway::rfc3339(chrono::DateTime::from_timestamp_millis(self.clock).unwrap());
                 self.op = format!("redeem({order}, {customer})");
                 let r = self.redis.redeem(&order, customer, "admin:ops", &at).await.unwrap();
@@ -830,6 +855,7 @@ async fn run_seed(seed: u64, ops: usize) -> String {
         seed,
         step: 0,
         op: "start".into(),
+        recent: Vec::new(),
         rng: StdRng::seed_from_u64(seed),
         clock: now_ms(),
         redis,
@@ -857,15 +883,18 @@ async fn run_seed(seed: u64, ops: usize) -> String {
             _ => "usage",
         };
         *run.stats.ops.entry(kind).or_default() += 1;
+        run.op = format!("{kind} step with nothing to act on");
         match kind {
             "call" => run.call().await,
             "delivery" => run.delivery().await,
             "ledger" => run.ledger().await,
             _ => run.usage().await,
         }
+        run.recent.push(format!("step {step}: {}", run.op));
         if step % STATE_EVERY == STATE_EVERY - 1 || step + 1 == ops {
             run.op = format!("{} (then the state check)", run.op);
             run.compare_state().await;
+            run.recent.clear();
         }
     }
     delete_prefix(REDIS_URL, &prefix).await;
