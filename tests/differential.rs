@@ -782,6 +782,13 @@ impl Run {
         let e = self.embedded.outbox_entries().await.unwrap();
         self.count_fields(&r.iter().map(|x| &x.record).collect::<Vec<_>>());
         self.same("outbox_entries, per shard in order", per_shard(&r), per_shard(&e));
+        // The delivery bookkeeping of every entry still in the outbox, by event id.
+        let ar = self.redis.attempts(&r).await.unwrap();
+        let ae = self.embedded.attempts(&e).await.unwrap();
+        let by_id = |entries: &[OutboxEntry], attempts: Vec<Option<Attempts>>| -> BTreeMap<String, Option<Attempts>> {
+            entries.iter().map(|x| x.id.clone()).zip(attempts).collect()
+        };
+        self.same("attempts of the outbox", by_id(&r, ar), by_id(&e, ae));
         let r = self.redis.outbox_len().await.unwrap();
         let e = self.embedded.outbox_len().await.unwrap();
         self.same("outbox_len", r, e);
