@@ -269,23 +269,28 @@ fn peek_v2(log: CallLog, body: &[u8]) -> CallLog {
 }
 
 impl Gateway {
-    /// For each pay-per-use package instance among the records read, the
-    /// records of the instances whose usage was deducted from it: its
-    /// queryInstance lists every billing item linked to the package. A read of
-    /// the package's links and one of those records (package queries only:
-    /// every other query stays one round trip).
+    /// See [`linked_usage`]: package queries only, every other query stays one round trip.
     async fn package_usage(&self, ids: &[String], records: &[Record]) -> Result<LinkedUsage, StoreError> {
-        let mut out = LinkedUsage::new();
-        for (id, record) in ids.iter().zip(records) {
-            if record.get("charging_mode").map(String::as_str) != Some(call::PAY_PER_USE_PACKAGE) {
-                continue;
-            }
-            let links = self.store.usage_package_links(id).await?;
-            let linked = self.store.instance_records(&links).await?;
-            out.insert(id.clone(), links.into_iter().zip(linked).collect());
-        }
-        Ok(out)
+        linked_usage(self.store.as_ref(), ids, records).await
     }
+}
+
+/// For each pay-per-use package instance among the records a queryInstance
+/// read, the records of the instances whose usage was deducted from it: its
+/// queryInstance lists every billing item linked to the package. A read of
+/// the package's links and one of those records (package queries only).
+/// Public so that the stores' differential test answers queries as the gateway does.
+pub async fn linked_usage(store: &dyn Store, ids: &[String], records: &[Record]) -> Result<LinkedUsage, StoreError> {
+    let mut out = LinkedUsage::new();
+    for (id, record) in ids.iter().zip(records) {
+        if record.get("charging_mode").map(String::as_str) != Some(call::PAY_PER_USE_PACKAGE) {
+            continue;
+        }
+        let links = store.usage_package_links(id).await?;
+        let linked = store.instance_records(&links).await?;
+        out.insert(id.clone(), links.into_iter().zip(linked).collect());
+    }
+    Ok(out)
 }
 
 /// Package instance id → (linked instance id, its record).

@@ -241,6 +241,11 @@ impl Keys {
     pub fn account(&self, customer_id: &str) -> String {
         self.key(order_shard(customer_id), "acct", customer_id)
     }
+    /// The account each instance of the shard is linked to (hash: instance id
+    /// → customer id), beside the instance records: an instance is linked once.
+    pub fn account_of(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:acct:of", self.prefix)
+    }
     /// Instances of the shard whose account is not known yet (sorted set:
     /// instance id → since, UNIX ms), beside the instance records.
     pub fn account_pending(&self, shard: u8) -> String {

@@ -7,8 +7,10 @@
 //! kept answer for a retry, or update the instance, append the event to the
 //! outbox and keep the answer. The Redis store runs a plan in one Lua script
 //! (one round trip); the embedded store runs it in one write transaction.
-//! Both interpret the same plan with the same rules, and one conformance
-//! suite (tests/store_conformance.rs) holds them to it.
+//! Both interpret the same plan with the same rules, and a differential test
+//! (tests/differential.rs: seeded random calls, delivery, ledger and usage
+//! steps through both stores, every answer and record field compared) holds
+//! them to it.
 
 use std::collections::BTreeMap;
 

@@ -68,6 +68,7 @@ impl ConnectionLike for Conn {
 pub struct RedisStore {
     conn: Conn,
     keys: Keys,
+    accounts: accounts::Scripts,
     calls: calls::Scripts,
     outbox: outbox::Scripts,
     usage: usage::Scripts,
@@ -94,6 +95,7 @@ impl RedisStore {
         let store = Self {
             conn,
             keys: Keys::new(prefix),
+            accounts: accounts::Scripts::new(),
             calls: calls::Scripts::new(),
             outbox: outbox::Scripts::new(),
             usage: usage::Scripts::new(),

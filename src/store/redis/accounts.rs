@@ -4,35 +4,63 @@
 //! the customer id (instance id → purchase time), so one account's index sits
 //! on one node and a page of it is one `ZREVRANGE`. Instances whose account is
 //! not known yet sit in their own shard's `{sN}:acct:pending`, beside their
-//! records. Links are written by the delivery step, never by the call's script.
+//! records, and so does the account each instance is linked to
+//! (`{sN}:acct:of`, first link wins). Links are written by the delivery step,
+//! never by the call's script; `account_pending.lua` marks an instance
+//! pending unless it is linked.
 
 use async_trait::async_trait;
-use redis::Value;
+use redis::{Script, Value};
 
 use super::{every_shard, RedisStore};
 use crate::store::keys::{instance_shard, order_shard};
 use crate::store::{AccountIndex, AccountPage, Record, StoreError};
 
+pub(super) struct Scripts {
+    pending: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self { pending: Script::new(include_str!("account_pending.lua")) }
+    }
+}
+
 #[async_trait]
 impl AccountIndex for RedisStore {
     async fn account_link(&self, customer_id: &str, instance_id: &str, created_ms: i64) -> Result<(), StoreError> {
-        let mut link = redis::cmd("ZADD");
-        link.arg(self.keys.account(customer_id)).arg("NX").arg(created_ms).arg(instance_id);
+        // An instance is linked once (first link wins), as in the embedded
+        // store: its owner is kept beside its record, and only the owner's
+        // index gets it. Linking again to the owner (a retry) is a no-op.
         let shard = instance_shard(instance_id);
+        let of = self.keys.account_of(shard);
+        let mut claim = redis::cmd("HSETNX");
+        claim.arg(&of).arg(instance_id).arg(customer_id);
+        let mut owner = redis::cmd("HGET");
+        owner.arg(&of).arg(instance_id);
         let mut clear = redis::cmd("ZREM");
         clear.arg(self.keys.account_pending(shard)).arg(instance_id);
-        let _: Vec<i64> = self.query_all(vec![(order_shard(customer_id), link), (shard, clear)]).await?;
+        let replies: Vec<Value> = self.query_all(vec![(shard, claim), (shard, owner), (shard, clear)]).await?;
+        let owner: Option<String> = replies.get(1).map(redis::from_redis_value).transpose()?.flatten();
+        if owner.as_deref() == Some(customer_id) {
+            let mut link = redis::cmd("ZADD");
+            link.arg(self.keys.account(customer_id)).arg("NX").arg(created_ms).arg(instance_id);
+            let _: Vec<i64> = self.query_all(vec![(order_shard(customer_id), link)]).await?;
+        }
         Ok(())
     }
 
     async fn account_pending(&self, instance_id: &str, since_ms: i64) -> Result<(), StoreError> {
+        let shard = instance_shard(instance_id);
         let mut conn = self.conn.clone();
-        let _: i64 = redis::cmd("ZADD")
-            .arg(self.keys.account_pending(instance_shard(instance_id)))
-            .arg("NX")
+        let _: i64 = self
+            .accounts
+            .pending
+            .key(self.keys.account_pending(shard))
+            .key(self.keys.account_of(shard))
             .arg(since_ms)
             .arg(instance_id)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(())
     }

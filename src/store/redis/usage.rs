@@ -162,7 +162,7 @@ impl UsageLedger for RedisStore {
                 decisions[i] = Some(Decision::from_code(&code).ok_or_else(|| protocol(&code))?);
             }
         }
-        let decisions: Vec<Decision> = decisions
+        let mut decisions: Vec<Decision> = decisions
             .into_iter()
             .map(|d| d.ok_or_else(|| protocol("a record without a decision")))
             .collect::<Result<_, _>>()?;
@@ -178,6 +178,28 @@ impl UsageLedger for RedisStore {
             .collect();
         if !release.is_empty() {
             self.register("release", &release).await?;
+        }
+        // Records are decided in order: a record whose sn only an earlier,
+        // refused record of this same request had registered did not meet a
+        // used sn (that record stored nothing). Its claim was given back just
+        // now; decide it again (the embedded store's answer, found by the
+        // stores' differential test).
+        let again: Vec<usize> = (0..records.len())
+            .filter(|&i| {
+                claims[i] == "conflict"
+                    && (0..i).any(|j| {
+                        records[j].metering_sn == records[i].metering_sn
+                            && claims[j] == "new"
+                            && matches!(decisions[j], Decision::Refused(ref r) if *r != Refusal::SnReused)
+                    })
+            })
+            .collect();
+        if !again.is_empty() {
+            let retried: Vec<UsageRecord> = again.iter().map(|&i| records[i].clone()).collect();
+            let redecided = self.usage_accept(&retried, now_ms).await?;
+            for (i, d) in again.into_iter().zip(redecided) {
+                decisions[i] = d;
+            }
         }
         Ok(decisions)
     }
