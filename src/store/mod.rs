@@ -109,8 +109,9 @@ pub trait CallStore {
 /// sequence of each instance, the dead-letter list, and inspection.
 #[async_trait]
 pub trait Outbox {
-    /// Takes up to `max` events from the outbox for `consumer`, oldest first
-    /// per shard. Entries stay in the outbox until settled or acknowledged.
+    /// Takes about `max` events from the outbox for `consumer`, oldest first
+    /// per shard (a sharded store asks each shard for `max / shards`, rounded
+    /// up, so it may hand out a few more than `max`). Entries stay in the outbox until settled or acknowledged.
     /// With `stale`, entries another consumer claimed and left untouched that
     /// long (it died) are taken over first; that scan costs a command per
     /// shard, so callers ask for it only now and then.
@@ -177,8 +178,10 @@ pub trait UsageLedger {
     /// before this returns.
     async fn usage_accept(&self, records: &[UsageRecord], now_ms: i64) -> Result<Vec<Decision>, StoreError>;
 
-    /// Takes up to `max` usage records due by `now_ms` and leases them until
-    /// `now_ms + lease` (another replica takes them over after that).
+    /// Takes about `max` usage records due by `now_ms` (a sharded store may
+    /// hand out a few more, as [`Outbox::outbox_claim`]; the pusher sends them
+    /// in batches of at most `max`) and leases them until `now_ms + lease`
+    /// (another replica takes them over after that).
     async fn usage_claim(&self, max: usize, now_ms: i64, lease: Duration) -> Result<Vec<UsageClaim>, StoreError>;
 
     /// Settles claimed records. Only a still pending record changes.
