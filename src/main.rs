@@ -327,12 +327,10 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
         eprintln!("koogate: warning: {warning}");
     }
     let store = koogate::store::open(&config.store, &config.key_prefix).await.map_err(StartError::Store)?;
-    tokio::time::timeout(Duration::from_secs(5), store.ping())
+    let patience = Duration::from_secs(5);
+    tokio::time::timeout(patience, store.ping())
         .await
-        .map_err(|_| StartError::Setting {
-            setting: "KOOGATE_STORE",
-            problem: "the store did not answer a ping within 5 s".into(),
-        })?
+        .map_err(|_| StartError::StoreSilent(patience))?
         .map_err(StartError::Store)?;
     println!("store: {} answers", store.backend());
     drop(store);
@@ -343,10 +341,11 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     if let Some(url) = &config.billing_url {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         // Any HTTP answer will do: the event POSTs are signed, a bare HEAD is only to see that it answers.
-        let res = client.head(url).send().await.map_err(|e| StartError::Setting {
-            setting: "KOOGATE_BILLING_URL",
-            problem: format!("cannot reach {url}: {} (start the billing core, or fix the URL)", error_text(&e)),
-        })?;
+        let res = client
+            .head(url)
+            .send()
+            .await
+            .map_err(|e| StartError::BillingUnreachable { url: url.clone(), problem: error_text(&e) })?;
         println!("billing core: {url} answers (HTTP {})", res.status().as_u16());
     }
     for (setting, addr) in [("KOOGATE_LISTEN", config.listen), ("KOOGATE_ADMIN_LISTEN", config.admin_listen)] {

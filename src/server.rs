@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -23,12 +24,22 @@ use crate::store::{self, StoreError};
 pub enum StartError {
     #[error("KOOGATE_STORE: cannot open the store: {0} (fix the URL, or start the store it names)")]
     Store(StoreError),
-    #[error("{setting}: cannot listen on {addr}: {problem} (stop what listens there, or choose another address)")]
-    Listen { setting: &'static str, addr: SocketAddr, problem: String },
+    #[error("KOOGATE_STORE: the store did not answer a ping within {} s", .0.as_secs())]
+    StoreSilent(Duration),
+    #[error("{setting}: cannot listen on {addr}: {kind} (stop what listens there, or choose another address)")]
+    Listen { setting: &'static str, addr: SocketAddr, kind: std::io::ErrorKind },
     #[error("{0} (fix the file, or unset KOOGATE_TLS_CERT and KOOGATE_TLS_KEY)")]
     Tls(crate::tls::TlsError),
-    #[error("{setting}: {problem}")]
-    Setting { setting: &'static str, problem: String },
+    #[error("KOOGATE_BILLING_SECRET: {0}")]
+    BillingSecret(crate::delivery::webhook::SignatureError),
+    #[error("KOOGATE_BILLING_URL: cannot build the HTTP client: {0}")]
+    BillingClient(reqwest::Error),
+    #[error("KOOGATE_BILLING_URL: cannot reach {url}: {problem} (start the billing core, or fix the URL)")]
+    BillingUnreachable { url: String, problem: String },
+    #[error("KOOGATE_MARKETPLACE_URL: {0}")]
+    OrderApi(crate::marketplace::order::OrderError),
+    #[error("KOOGATE_MARKETPLACE_URL: {0}")]
+    UsageApi(String),
 }
 
 impl From<StoreError> for StartError {
@@ -45,8 +56,7 @@ impl From<crate::tls::TlsError> for StartError {
 
 /// Binds a listener, naming its setting when that fails (the port is in use, the address is not this host's).
 async fn bind(addr: SocketAddr, setting: &'static str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
-    let fail =
-        |e: std::io::Error| StartError::Listen { setting, addr, problem: std::io::Error::from(e.kind()).to_string() };
+    let fail = |e: std::io::Error| StartError::Listen { setting, addr, kind: e.kind() };
     let listener = http::bind(addr, setting).await.map_err(fail)?;
     let local = listener.local_addr().map_err(fail)?;
     Ok((listener, local))
@@ -152,8 +162,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let target = match (&config.billing_url, &config.billing_secret) {
         (Some(url), Some(secret)) => {
-            let key = crate::delivery::webhook::key_of(secret.expose())
-                .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
+            let key = crate::delivery::webhook::key_of(secret.expose()).map_err(StartError::BillingSecret)?;
             tracing::info!(url = %url, "events are delivered to the billing core");
             Target::Http { url: url.clone(), key }
         }
@@ -172,7 +181,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 m.sk.clone(),
                 m.timeout,
             )
-            .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
+            .map_err(StartError::OrderApi)?;
             tracing::info!(url = %m.url, "V2 purchase, upgrade and order-notify events are completed from KooGallery's order query API before delivery");
             Some(Enricher { api, store: Arc::clone(&store), sku_map: config.sku_map.clone(), cache_ttl: m.cache_ttl })
         }
@@ -194,10 +203,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
         enricher,
     )
-    .map_err(|e| StartError::Setting {
-        setting: "KOOGATE_BILLING_URL",
-        problem: format!("cannot build the HTTP client: {e}"),
-    })?;
+    .map_err(StartError::BillingClient)?;
     tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
     let hosts: Vec<String> = std::iter::once(&config.usage.url)
         .chain(&config.usage.fallback_urls)
@@ -213,7 +219,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config.access_keys.current().clone(),
             config.usage.timeout,
         )
-        .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
+        .map_err(StartError::UsageApi)?;
         if let Some((ak, sk)) = &config.usage.apig {
             api = api.with_apig(ak.clone(), sk.clone());
         }
