@@ -24,18 +24,6 @@ pub struct Schedule {
     pub give_up_after: Duration,
 }
 
-impl Default for Schedule {
-    /// Roughly 5 s → 1 h between attempts; giving up after 24 h or 40 attempts.
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(5),
-            max: Duration::from_secs(3600),
-            max_attempts: 40,
-            give_up_after: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
 impl Schedule {
     /// The capped delay before retry number `attempt` (1-based), without jitter.
     pub fn ceiling(&self, attempt: u32) -> Duration {
@@ -67,9 +55,18 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    /// Roughly 5 s → 1 h between attempts; giving up after 24 h or 40 attempts (the shape of the
+    /// defaults, which live in `config`'s table: `KOOGATE_RETRY_*`).
+    const SHIPPED: Schedule = Schedule {
+        initial: Duration::from_secs(5),
+        max: Duration::from_secs(3600),
+        max_attempts: 40,
+        give_up_after: Duration::from_secs(24 * 3600),
+    };
+
     #[test]
     fn ceilings_double_and_cap() {
-        let s = Schedule::default();
+        let s = SHIPPED;
         let secs: Vec<u64> = (1..=12).map(|a| s.ceiling(a).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600, 3600]);
         assert_eq!(s.ceiling(0), s.ceiling(1));
@@ -78,7 +75,7 @@ mod tests {
 
     #[test]
     fn jitter_stays_under_the_ceiling_and_varies() {
-        let s = Schedule { initial: Duration::from_millis(100), ..Schedule::default() };
+        let s = Schedule { initial: Duration::from_millis(100), ..SHIPPED };
         let delays: Vec<Duration> = (0..200).map(|_| s.delay(3)).collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
@@ -87,7 +84,7 @@ mod tests {
 
     #[test]
     fn gives_up_on_attempts_or_age() {
-        let s = Schedule { max_attempts: 3, give_up_after: Duration::from_secs(60), ..Schedule::default() };
+        let s = Schedule { max_attempts: 3, give_up_after: Duration::from_secs(60), ..SHIPPED };
         assert!(!s.exhausted(2, Duration::from_secs(59)));
         assert!(s.exhausted(3, Duration::ZERO));
         assert!(s.exhausted(1, Duration::from_secs(60)));

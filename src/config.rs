@@ -2,143 +2,405 @@
 //!
 //! Every setting has one name: `KOOGATE_<NAME>` in the environment, `<name>`
 //! (lowercase) in the `--config` file; the environment wins. A bad or missing
-//! value stops start-up with one sentence naming the variable. [`SETTINGS`]
-//! is the documented list (docs/settings.md's table and `koogate serve --help` are checked against it).
+//! value stops start-up with one sentence naming the variable.
+//!
+//! **The table** (`settings!` below) declares each setting once: the part of koogate that reads it
+//! ([`Component`]), what an unset setting means ([`Unset`]: a default value, nothing, or required), the
+//! parser of its values, and its meaning. A default lives only there: the parser reads the declared
+//! default string when the setting is unset, and a unit test parses every declared default.
+//! [`SETTINGS`] lists the table (docs/settings.md's table and `koogate serve --help` are checked against it).
+//!
+//! **Per component**: [`Config`] is one struct per component ([`Listener`], [`AdminListener`],
+//! [`StoreConfig`], [`GatewayConfig`], [`Delivery`], [`Marketplace`], [`Usage`], [`Log`]), each handed
+//! whole to what uses it. Where a component has its own settings struct (`gateway::Settings`,
+//! `metering::push::Settings`, `http::Routes`, `http::ListenerLimits`), config builds that struct.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backoff::Schedule;
 use crate::events::SkuMap;
+use crate::http::{ListenerLimits, Routes};
 use crate::protocol::crypto::EncryptType;
 use crate::protocol::verify::AccessKeys;
 use crate::secret::Secret;
 use crate::store::StoreSpec;
 
-/// (name, default, meaning) of every setting.
-pub const SETTINGS: &[(&str, &str, &str)] = &[
-    ("KOOGATE_LISTEN", "0.0.0.0:8080", "address of the KooGallery listener"),
-    ("KOOGATE_TLS_CERT", "(none: plain HTTP)", "PEM certificate chain: serve KooGallery calls over TLS 1.2+"),
-    ("KOOGATE_TLS_KEY", "(none)", "PEM private key of KOOGATE_TLS_CERT"),
-    ("KOOGATE_ACCESS_KEY", "(required)", "KooGallery access key (or KOOGATE_ACCESS_KEY_FILE)"),
-    ("KOOGATE_PREVIOUS_ACCESS_KEY", "(none)", "previous access key, still accepted during a rotation (or _FILE)"),
-    ("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", "(none: no end)", "RFC 3339 time the previous key stops being accepted"),
-    ("KOOGATE_STORE", "./data", "redis://…, redis+cluster://…, or a directory for the embedded store"),
-    ("KOOGATE_KEY_PREFIX", "koogate:", "prefix of every Redis key"),
-    ("KOOGATE_DATA_DIR", "the store directory, else ./data", "where events.jsonl is written"),
-    ("KOOGATE_BILLING_URL", "(none)", "billing core endpoint for events"),
-    ("KOOGATE_BILLING_SECRET", "(none)", "whsec_… signing secret for events (or _FILE)"),
-    ("KOOGATE_DELIVERY_TIMEOUT_SECS", "10", "per-attempt timeout of a delivery to the billing core"),
-    ("KOOGATE_RETRY_INITIAL_MS", "5000", "largest delay before the first retry (doubling, full jitter)"),
-    ("KOOGATE_RETRY_MAX_MS", "3600000", "largest delay between retries"),
-    ("KOOGATE_RETRY_MAX_ATTEMPTS", "40", "attempts before an event is dead-lettered"),
-    ("KOOGATE_RETRY_GIVE_UP_SECS", "86400", "time after the first attempt when an event is dead-lettered"),
-    ("KOOGATE_DELIVERY_VISIBILITY_SECS", "30", "a claimed event not finished by then is taken over by another replica"),
-    ("KOOGATE_DELIVERY_CONCURRENCY", "32", "deliveries in flight at once (one per instance)"),
-    ("KOOGATE_DELIVERY_ORDER_WAIT_SECS", "300", "longest wait for an instance's earlier event before sending anyway"),
-    ("KOOGATE_ADMIN_LISTEN", "127.0.0.1:9090", "address of the admin listener (/metrics, admin API)"),
-    ("KOOGATE_ADMIN_TOKEN", "(none: admin API off)", "bearer token of the admin API (or _FILE)"),
-    ("KOOGATE_TIMESTAMP_SKEW_SECS", "60", "allowed clock difference of a V2 call's timestamp"),
-    (
-        "KOOGATE_V1_TIMESTAMP_SKEW_SECS",
-        "14400",
-        "allowed age of a V1 call's timeStamp (V1 documents no window; KooGallery retries a purchase for 3 h with the same URL: docs/conformance.md)",
-    ),
-    ("KOOGATE_FRONTEND_URL", "https://frontend.invalid/", "appInfo.frontEndUrl answered to newInstance"),
-    ("KOOGATE_ADMIN_URL", "(none)", "appInfo.adminUrl answered to newInstance"),
-    ("KOOGATE_SKU_MAP", "(none)", "TOML file mapping SKUs to settlement kinds"),
-    (
-        "KOOGATE_MARKETPLACE_URL",
-        "https://mkt.myhuaweicloud.com",
-        "KooGallery open API base URL (order query, usage push)",
-    ),
-    (
-        "KOOGATE_MARKETPLACE_AK",
-        "(none: no enrichment)",
-        "Huawei Cloud access key ID for the order query API (or _FILE)",
-    ),
-    ("KOOGATE_MARKETPLACE_SK", "(none)", "Huawei Cloud secret access key (or _FILE)"),
-    ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "5", "per-call timeout of the order query API"),
-    (
-        "KOOGATE_MARKETPLACE_FALLBACK_URLS",
-        "(https://mkt.myhuaweicloud.cn behind the China and International sites, else none)",
-        "comma-separated base URLs tried in order when the marketplace host cannot be reached (none: no fallback)",
-    ),
-    ("KOOGATE_ORDER_CACHE_SECS", "604800", "how long order query answers are cached in the store"),
-    (
-        "KOOGATE_USAGE_PUSH",
-        "(on when KOOGATE_MARKETPLACE_URL or _AK/_SK are set)",
-        "push accepted usage records to KooGallery (false: keep them until turned on)",
-    ),
-    ("KOOGATE_USAGE_BATCH", "1000", "usage records per push call (at most 1000)"),
-    ("KOOGATE_USAGE_TIMEOUT_MS", "10000", "per-call timeout of the usage push"),
-    ("KOOGATE_USAGE_LEASE_SECS", "60", "a claimed usage record not settled by then is pushed again (same metering_sn)"),
-    ("KOOGATE_USAGE_HOLD_SECS", "60", "how often usage of a frozen instance is looked at again"),
-    ("KOOGATE_USAGE_POLL_MS", "1000", "pause of the usage push when nothing is due"),
-    (
-        "KOOGATE_USAGE_APIG_SIGN",
-        "true",
-        "also sign usage pushes with API Gateway AK/SK signing when KOOGATE_MARKETPLACE_AK/SK are set",
-    ),
-    ("KOOGATE_FORWARD_TEST_EVENTS", "false", "forward events of testFlag=1 calls too"),
-    ("KOOGATE_V2_PATH", "/koogallery/v2", "path of V2 calls (POST)"),
-    ("KOOGATE_V1_PATH", "/koogallery/v1", "path of V1 calls (GET)"),
-    ("KOOGATE_MAX_BODY_BYTES", "65536", "largest accepted request body"),
-    ("KOOGATE_ENCRYPT_TYPE", "1", "encryptType of answers: 1 = AES-256, 2 = AES-128"),
-    ("KOOGATE_ISSUE_CREDENTIALS", "false", "answer newInstance with an encrypted initial user name and password"),
-    ("KOOGATE_MAX_CONNECTIONS", "10000", "open connections at most (more wait in the backlog)"),
-    ("KOOGATE_MAX_INFLIGHT", "1024", "calls handled at once; more are answered 503/000005 at once"),
-    ("KOOGATE_REQUEST_TIMEOUT_SECS", "10", "time to receive a request's headers"),
-    (
-        "KOOGATE_BODY_TIMEOUT_MS",
-        "2000",
-        "time to receive a V2 body, read before a call takes an in-flight slot; the connection is closed after it",
-    ),
-    (
-        "KOOGATE_MAX_CONNS_PER_PEER",
-        "256",
+/// Which part of koogate reads a setting (and which field of [`Config`] holds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    /// [`Config::listener`]: the KooGallery listener, its TLS, paths and limits.
+    Listener,
+    /// [`Config::gateway`]: keys, time windows and answers of the protocol.
+    Gateway,
+    /// [`Config::store`].
+    Store,
+    /// [`Config::delivery`]: events to the billing core, and the retry schedule.
+    Delivery,
+    /// [`Config::admin`]: the admin listener and API.
+    Admin,
+    /// [`Config::marketplace`]: KooGallery's open API (order query).
+    Marketplace,
+    /// [`Config::usage`]: the usage push.
+    Usage,
+    /// [`Config::log`].
+    Logging,
+    /// The command line (`--config`); read by clap, not by [`Config`].
+    CommandLine,
+}
+
+/// What an unset setting means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unset {
+    /// This value, parsed as if it had been given.
+    Value(&'static str),
+    /// No value; the text (shown as the default) says what that means.
+    Absent(&'static str),
+    /// Start-up stops.
+    Required,
+}
+
+/// One setting as documented: its name, component, default and meaning.
+#[derive(Clone, Copy, Debug)]
+pub struct About {
+    pub name: &'static str,
+    pub component: Component,
+    pub unset: Unset,
+    pub help: &'static str,
+}
+
+impl About {
+    /// The default as docs and `--help` show it.
+    pub const fn default_text(&self) -> &'static str {
+        match self.unset {
+            Unset::Value(v) | Unset::Absent(v) => v,
+            Unset::Required => "(required)",
+        }
+    }
+
+    /// The key in the `--config` file: the name without `KOOGATE_`, lowercase.
+    pub fn file_key(&self) -> String {
+        self.name.trim_start_matches("KOOGATE_").to_ascii_lowercase()
+    }
+}
+
+/// A setting: what it is ([`About`]) and how a value of it is read.
+pub struct Setting<T: 'static> {
+    pub about: About,
+    parse: fn(&str, &About) -> Result<T, String>,
+}
+
+/// A setting of any type, as [`SETTINGS`] lists it.
+pub trait Declared: Sync {
+    fn about(&self) -> &About;
+    /// A secret: it may instead be given as a file named by `<NAME>_FILE`.
+    fn is_secret(&self) -> bool;
+    /// Parses the declared default (a bad default in the table fails a test, not a start-up).
+    fn check_default(&self) -> Result<(), String>;
+}
+
+impl<T: 'static> Declared for Setting<T> {
+    fn about(&self) -> &About {
+        &self.about
+    }
+    fn is_secret(&self) -> bool {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<Secret>()
+    }
+    fn check_default(&self) -> Result<(), String> {
+        match self.about.unset {
+            Unset::Value(v) => (self.parse)(v, &self.about).map(drop),
+            Unset::Absent(_) | Unset::Required => Ok(()),
+        }
+    }
+}
+
+/// Declares each setting as a `Setting` constant and lists them all in [`SETTINGS`].
+macro_rules! settings {
+    ($( $(#[$doc:meta])* $name:ident: $ty:ty = $component:ident, $unset:expr, $parse:expr, $help:expr; )*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: Setting<$ty> = Setting {
+                about: About {
+                    name: concat!("KOOGATE_", stringify!($name)),
+                    component: Component::$component,
+                    unset: $unset,
+                    help: $help,
+                },
+                parse: $parse,
+            };
+        )*
+        /// Every setting, in the order docs and `--help` show them.
+        pub const SETTINGS: &[&dyn Declared] = &[$(&$name),*];
+    };
+}
+
+use Unset::{Absent, Required, Value};
+
+settings! {
+    // name: type of a value = component, when unset, parser, meaning;
+    LISTEN: SocketAddr = Listener, Value("0.0.0.0:8080"), socket_addr, "address of the KooGallery listener";
+    TLS_CERT: PathBuf = Listener, Absent("(none: plain HTTP)"), file_path,
+        "PEM certificate chain: serve KooGallery calls over TLS 1.2+";
+    TLS_KEY: PathBuf = Listener, Absent("(none)"), file_path, "PEM private key of KOOGATE_TLS_CERT";
+    ACCESS_KEY: Secret = Gateway, Required, secret, "KooGallery access key (or KOOGATE_ACCESS_KEY_FILE)";
+    PREVIOUS_ACCESS_KEY: Secret = Gateway, Absent("(none)"), secret,
+        "previous access key, still accepted during a rotation (or _FILE)";
+    PREVIOUS_ACCESS_KEY_UNTIL: i64 = Gateway, Absent("(none: no end)"), rfc3339_ms,
+        "RFC 3339 time the previous key stops being accepted";
+    STORE: StoreSpec = Store, Value("./data"), store_spec,
+        "redis://…, redis+cluster://…, or a directory for the embedded store";
+    KEY_PREFIX: String = Store, Value("koogate:"), key_prefix, "prefix of every Redis key";
+    DATA_DIR: PathBuf = Delivery, Absent("the store directory, else ./data"), file_path,
+        "where events.jsonl is written";
+    BILLING_URL: String = Delivery, Absent("(none)"), http_url, "billing core endpoint for events";
+    BILLING_SECRET: Secret = Delivery, Absent("(none)"), secret, "whsec_… signing secret for events (or _FILE)";
+    DELIVERY_TIMEOUT_SECS: Duration = Delivery, Value("10"), secs,
+        "per-attempt timeout of a delivery to the billing core";
+    RETRY_INITIAL_MS: Duration = Delivery, Value("5000"), millis,
+        "largest delay before the first retry (doubling, full jitter)";
+    RETRY_MAX_MS: Duration = Delivery, Value("3600000"), millis, "largest delay between retries";
+    RETRY_MAX_ATTEMPTS: u32 = Delivery, Value("40"), attempts, "attempts before an event is dead-lettered";
+    RETRY_GIVE_UP_SECS: Duration = Delivery, Value("86400"), secs,
+        "time after the first attempt when an event is dead-lettered";
+    DELIVERY_VISIBILITY_SECS: Duration = Delivery, Value("30"), secs,
+        "a claimed event not finished by then is taken over by another replica";
+    DELIVERY_CONCURRENCY: usize = Delivery, Value("32"), count, "deliveries in flight at once (one per instance)";
+    DELIVERY_ORDER_WAIT_SECS: Duration = Delivery, Value("300"), secs,
+        "longest wait for an instance's earlier event before sending anyway";
+    ADMIN_LISTEN: SocketAddr = Admin, Value("127.0.0.1:9090"), socket_addr,
+        "address of the admin listener (/metrics, admin API)";
+    ADMIN_TOKEN: Secret = Admin, Absent("(none: admin API off)"), secret, "bearer token of the admin API (or _FILE)";
+    TIMESTAMP_SKEW_SECS: u64 = Gateway, Value("60"), positive, "allowed clock difference of a V2 call's timestamp";
+    /// 4 hours: Huawei documents no V1 window, and KooGallery retries a failed V1 subscription call for
+    /// 3 hours (renewal and expiry calls for 1 hour); a retry may carry the first URL, so the window
+    /// covers the longest retry period plus an hour of margin. Replays inside it are harmless:
+    /// `authToken` is the V1 nonce and a repeat gets the first answer.
+    V1_TIMESTAMP_SKEW_SECS: u64 = Gateway, Value("14400"), positive,
+        "allowed age of a V1 call's timeStamp (V1 documents no window; KooGallery retries a purchase for 3 h with \
+         the same URL: docs/conformance.md)";
+    FRONTEND_URL: String = Gateway, Value("https://frontend.invalid/"), frontend_url,
+        "appInfo.frontEndUrl answered to newInstance";
+    ADMIN_URL: String = Gateway, Absent("(none)"), text, "appInfo.adminUrl answered to newInstance";
+    SKU_MAP: SkuMap = Gateway, Absent("(none)"), sku_map, "TOML file mapping SKUs to settlement kinds";
+    MARKETPLACE_URL: String = Marketplace, Value("https://mkt.myhuaweicloud.com"), marketplace_url,
+        "KooGallery open API base URL (order query, usage push)";
+    MARKETPLACE_AK: Secret = Marketplace, Absent("(none: no enrichment)"), secret,
+        "Huawei Cloud access key ID for the order query API (or _FILE)";
+    MARKETPLACE_SK: Secret = Marketplace, Absent("(none)"), secret, "Huawei Cloud secret access key (or _FILE)";
+    MARKETPLACE_TIMEOUT_SECS: Duration = Marketplace, Value("5"), secs, "per-call timeout of the order query API";
+    MARKETPLACE_FALLBACK_URLS: Vec<String> = Marketplace,
+        Absent("(https://mkt.myhuaweicloud.cn behind the China and International sites, else none)"), url_list,
+        "comma-separated base URLs tried in order when the marketplace host cannot be reached (none: no fallback)";
+    ORDER_CACHE_SECS: Duration = Marketplace, Value("604800"), secs,
+        "how long order query answers are cached in the store";
+    USAGE_PUSH: bool = Usage, Absent("(on when KOOGATE_MARKETPLACE_URL or _AK/_SK are set)"), flag,
+        "push accepted usage records to KooGallery (false: keep them until turned on)";
+    USAGE_BATCH: usize = Usage, Value("1000"), usage_batch, "usage records per push call (at most 1000)";
+    USAGE_TIMEOUT_MS: Duration = Usage, Value("10000"), millis, "per-call timeout of the usage push";
+    USAGE_LEASE_SECS: Duration = Usage, Value("60"), secs,
+        "a claimed usage record not settled by then is pushed again (same metering_sn)";
+    USAGE_HOLD_SECS: Duration = Usage, Value("60"), secs, "how often usage of a frozen instance is looked at again";
+    USAGE_POLL_MS: Duration = Usage, Value("1000"), millis, "pause of the usage push when nothing is due";
+    USAGE_APIG_SIGN: bool = Usage, Value("true"), flag,
+        "also sign usage pushes with API Gateway AK/SK signing when KOOGATE_MARKETPLACE_AK/SK are set";
+    FORWARD_TEST_EVENTS: bool = Delivery, Value("false"), flag, "forward events of testFlag=1 calls too";
+    V2_PATH: String = Listener, Value("/koogallery/v2"), absolute_path, "path of V2 calls (POST)";
+    V1_PATH: String = Listener, Value("/koogallery/v1"), absolute_path, "path of V1 calls (GET)";
+    MAX_BODY_BYTES: usize = Listener, Value("65536"), count, "largest accepted request body";
+    ENCRYPT_TYPE: EncryptType = Gateway, Value("1"), encrypt_type, "encryptType of answers: 1 = AES-256, 2 = AES-128";
+    ISSUE_CREDENTIALS: bool = Gateway, Value("false"), flag,
+        "answer newInstance with an encrypted initial user name and password";
+    MAX_CONNECTIONS: usize = Listener, Value("10000"), count, "open connections at most (more wait in the backlog)";
+    MAX_INFLIGHT: usize = Listener, Value("1024"), count, "calls handled at once; more are answered 503/000005 at once";
+    REQUEST_TIMEOUT_SECS: Duration = Listener, Value("10"), secs, "time to receive a request's headers";
+    BODY_TIMEOUT_MS: Duration = Listener, Value("2000"), millis,
+        "time to receive a V2 body, read before a call takes an in-flight slot; the connection is closed after it";
+    MAX_CONNS_PER_PEER: usize = Listener, Value("256"), whole,
         "open connections per peer IP address (more are closed at once); 0 = no cap. Behind a load balancer that \
-         presents few addresses, raise it or set 0",
-    ),
-    ("KOOGATE_STORE_TIMEOUT_SECS", "3", "longest wait for the store before answering 000005"),
-    ("KOOGATE_SHUTDOWN_GRACE_SECS", "10", "time in-flight calls get to finish on SIGTERM"),
-    ("KOOGATE_LOG_FORMAT", "text", "text or json"),
-    ("KOOGATE_LOG", "info", "log filter: a level, or comma-separated target=level directives (info,koogate=debug)"),
-    ("KOOGATE_CONFIG", "(none)", "TOML file of settings, the same as --config (the environment wins)"),
-    (
-        "KOOGATE_MARKETPLACE_ALLOW_HTTP",
-        "false",
-        "allow an http:// KOOGATE_MARKETPLACE_URL off loopback (signed traffic in clear)",
-    ),
-];
+         presents few addresses, raise it or set 0";
+    STORE_TIMEOUT_SECS: Duration = Gateway, Value("3"), secs, "longest wait for the store before answering 000005";
+    SHUTDOWN_GRACE_SECS: Duration = Listener, Value("10"), secs, "time in-flight calls get to finish on SIGTERM";
+    LOG_FORMAT: LogFormat = Logging, Value("text"), log_format, "text or json";
+    LOG: String = Logging, Value("info"), log_filter,
+        "log filter: a level, or comma-separated target=level directives (info,koogate=debug)";
+    CONFIG: PathBuf = CommandLine, Absent("(none)"), file_path,
+        "TOML file of settings, the same as --config (the environment wins)";
+    MARKETPLACE_ALLOW_HTTP: bool = Marketplace, Value("false"), flag,
+        "allow an http:// KOOGATE_MARKETPLACE_URL off loopback (signed traffic in clear)";
+}
 
-/// Default V1 `timeStamp` window: 4 hours. Huawei documents no V1 window, and
-/// KooGallery retries a failed V1 subscription call for 3 hours (renewal and
-/// expiry calls for 1 hour); a retry may carry the first URL, so the window
-/// covers the longest retry period plus an hour of margin. Replays inside it
-/// are harmless: `authToken` is the V1 nonce and a repeat gets the first answer.
-pub const DEFAULT_V1_TIMESTAMP_SKEW_SECS: u64 = 4 * 3600;
+// The parsers of the table: a value (given, or the declared default) to its type, or what is wrong with it.
 
-/// Settings whose secret may be given as a file named by `<NAME>_FILE`.
-const FILE_SETTINGS: &[&str] = &[
-    "KOOGATE_ACCESS_KEY",
-    "KOOGATE_PREVIOUS_ACCESS_KEY",
-    "KOOGATE_BILLING_SECRET",
-    "KOOGATE_ADMIN_TOKEN",
-    "KOOGATE_MARKETPLACE_AK",
-    "KOOGATE_MARKETPLACE_SK",
-];
+fn text(v: &str, _: &About) -> Result<String, String> {
+    Ok(v.to_owned())
+}
+
+fn secret(v: &str, _: &About) -> Result<Secret, String> {
+    Ok(Secret::new(v))
+}
+
+fn file_path(v: &str, _: &About) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(v))
+}
+
+fn whole(v: &str, _: &About) -> Result<usize, String> {
+    v.trim().parse().map_err(|_| format!("{v:?} is not a whole number"))
+}
+
+fn positive(v: &str, _: &About) -> Result<u64, String> {
+    let n: u64 = v.trim().parse().map_err(|_| format!("{v:?} is not a whole number"))?;
+    if n == 0 {
+        return Err("must be greater than 0".into());
+    }
+    Ok(n)
+}
+
+fn count(v: &str, about: &About) -> Result<usize, String> {
+    usize::try_from(positive(v, about)?).map_err(|_| "is too large".into())
+}
+
+fn attempts(v: &str, about: &About) -> Result<u32, String> {
+    u32::try_from(positive(v, about)?).map_err(|_| "is too large".into())
+}
+
+fn secs(v: &str, about: &About) -> Result<Duration, String> {
+    positive(v, about).map(Duration::from_secs)
+}
+
+fn millis(v: &str, about: &About) -> Result<Duration, String> {
+    positive(v, about).map(Duration::from_millis)
+}
+
+fn flag(v: &str, _: &About) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "false" | "0" | "no" | "off" => Ok(false),
+        "true" | "1" | "yes" | "on" => Ok(true),
+        v => Err(format!("{v:?} is not true or false")),
+    }
+}
+
+fn socket_addr(v: &str, about: &About) -> Result<SocketAddr, String> {
+    v.trim().parse().map_err(|_| format!("{v:?} is not a socket address such as {}", about.default_text()))
+}
+
+fn rfc3339_ms(v: &str, _: &About) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| format!("{v:?} is not an RFC 3339 time"))
+}
+
+fn store_spec(v: &str, _: &About) -> Result<StoreSpec, String> {
+    Ok(StoreSpec::parse(v))
+}
+
+fn key_prefix(v: &str, _: &About) -> Result<String, String> {
+    if v.contains(['{', '}']) {
+        return Err("must not contain { or } (they would break Redis Cluster hash tags)".into());
+    }
+    Ok(v.to_owned())
+}
+
+fn http_url(v: &str, _: &About) -> Result<String, String> {
+    if !(v.starts_with("http://") || v.starts_with("https://")) {
+        return Err(format!("{v:?} is not an http:// or https:// URL"));
+    }
+    Ok(v.to_owned())
+}
+
+fn frontend_url(v: &str, _: &About) -> Result<String, String> {
+    if v.chars().count() > 512 {
+        return Err("is longer than 512 characters".into());
+    }
+    Ok(v.to_owned())
+}
+
+fn sku_map(v: &str, _: &About) -> Result<SkuMap, String> {
+    SkuMap::load(Path::new(v)).map_err(|e| e.to_string())
+}
+
+fn marketplace_url(v: &str, _: &About) -> Result<String, String> {
+    if !(v.starts_with("https://") || v.starts_with("http://")) {
+        return Err(format!("{v:?} is not an https:// URL"));
+    }
+    Ok(v.to_owned())
+}
+
+/// Comma-separated URLs; `none` is the empty list.
+fn url_list(v: &str, _: &About) -> Result<Vec<String>, String> {
+    if v.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let urls: Vec<String> = v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+    match urls
+        .iter()
+        .find(|u| !(u.starts_with("https://") || u.starts_with("http://")) || reqwest::Url::parse(u).is_err())
+    {
+        Some(bad) => Err(format!("{bad:?} is not an https:// URL")),
+        None => Ok(urls),
+    }
+}
+
+fn usage_batch(v: &str, about: &About) -> Result<usize, String> {
+    let n = count(v, about)?;
+    if n > crate::marketplace::usage::MAX_BATCH {
+        return Err("must be at most 1000 (KooGallery's limit)".into());
+    }
+    Ok(n)
+}
+
+fn absolute_path(v: &str, _: &About) -> Result<String, String> {
+    if !v.starts_with('/') || v.contains(['?', '#', ' ']) {
+        return Err(format!("{v:?} is not an absolute path"));
+    }
+    Ok(v.to_owned())
+}
+
+fn encrypt_type(v: &str, _: &About) -> Result<EncryptType, String> {
+    EncryptType::parse(v).ok_or_else(|| format!("{v:?} is not 1 or 2"))
+}
+
+fn log_format(v: &str, _: &About) -> Result<LogFormat, String> {
+    match v {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        v => Err(format!("{v:?} is not text or json")),
+    }
+}
+
+/// A `KOOGATE_LOG` filter: every directive is a level or `target=level`.
+fn log_filter(filter: &str, _: &About) -> Result<String, String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("{directive:?} is not a level (off, error, warn, info, debug, trace) or target=level"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("{filter:?}: {e}"))?;
+    Ok(filter.to_owned())
+}
+
+fn find(name: &str) -> Option<&'static dyn Declared> {
+    SETTINGS.iter().copied().find(|s| s.about().name == name)
+}
 
 fn is_known(name: &str) -> bool {
-    SETTINGS.iter().any(|(n, _, _)| *n == name)
-        || name.strip_suffix("_FILE").is_some_and(|base| FILE_SETTINGS.contains(&base))
+    find(name).is_some() || name.strip_suffix("_FILE").and_then(find).is_some_and(|s| s.is_secret())
+}
+
+/// Every name a variable may have: the settings, and `<NAME>_FILE` of the secrets.
+fn known_names() -> impl Iterator<Item = String> {
+    SETTINGS.iter().flat_map(|s| {
+        let name = s.about().name;
+        std::iter::once(name.to_owned()).chain(s.is_secret().then(|| format!("{name}_FILE")))
+    })
 }
 
 /// The known setting closest to a misspelt one, if any is close.
 fn did_you_mean(name: &str) -> Option<String> {
-    let known = SETTINGS.iter().map(|(n, _, _)| n.to_string()).chain(FILE_SETTINGS.iter().map(|n| format!("{n}_FILE")));
-    known
+    known_names()
         .map(|k| (strsim::levenshtein(name, &k), k))
         .filter(|(d, k)| *d <= 3 && *d * 4 < k.len())
         .min_by_key(|(d, _)| *d)
@@ -160,27 +422,12 @@ pub fn unknown_variables<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec
 /// The settings table as `koogate serve --help` prints it.
 pub fn settings_help() -> String {
     let mut out = String::from("Settings (environment, or lowercase without KOOGATE_ in the --config file):\n");
-    for (name, default, meaning) in SETTINGS {
-        out.push_str(&format!("  {name}\n      {meaning} [default: {default}]\n"));
+    for s in SETTINGS {
+        let a = s.about();
+        out.push_str(&format!("  {}\n      {} [default: {}]\n", a.name, a.help, a.default_text()));
     }
     out.push_str("Secrets (access keys, tokens, SK) may instead be given as a file path in <NAME>_FILE.");
     out
-}
-
-/// Checks a `KOOGATE_LOG` filter: every directive is a level or `target=level`.
-pub fn check_log_filter(filter: &str) -> Result<(), ConfigError> {
-    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
-    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
-        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(problem(
-                "KOOGATE_LOG",
-                format!("{directive:?} is not a level (off, error, warn, info, debug, trace) or target=level"),
-            ));
-        }
-    }
-    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| problem("KOOGATE_LOG", format!("{filter:?}: {e}")))?;
-    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,52 +447,95 @@ pub enum LogFormat {
     Json,
 }
 
+/// Every setting of `serve`, one struct per component.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    /// Certificate chain and key files for TLS on the KooGallery listener.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    pub access_keys: AccessKeys,
-    pub store: StoreSpec,
-    pub key_prefix: String,
-    pub data_dir: PathBuf,
-    pub billing_url: Option<String>,
-    pub billing_secret: Option<Secret>,
-    pub admin_listen: SocketAddr,
-    pub admin_token: Option<Secret>,
-    pub timestamp_skew_secs: u64,
-    /// V1 `timeStamp` window (docs/conformance.md, "V1 timestamp window").
-    pub v1_timestamp_skew_secs: u64,
-    pub frontend_url: String,
-    pub frontend_url_is_default: bool,
-    pub admin_url: Option<String>,
-    pub sku_map: SkuMap,
-    pub forward_test_events: bool,
-    pub v2_path: String,
-    pub v1_path: String,
-    pub max_body_bytes: usize,
-    pub encrypt_type: EncryptType,
-    pub issue_credentials: bool,
-    pub max_connections: usize,
-    pub max_inflight: usize,
-    pub request_timeout: Duration,
-    pub body_timeout: Duration,
-    /// Open connections per peer IP address; 0 = no cap.
-    pub max_conns_per_peer: usize,
-    pub store_timeout: Duration,
-    pub shutdown_grace: Duration,
-    pub log_format: LogFormat,
-    /// `KOOGATE_LOG`, checked.
-    pub log_filter: String,
-    /// Said once at start-up (unknown `KOOGATE_*` variables).
-    pub warnings: Vec<String>,
-    pub delivery_timeout: Duration,
-    pub retry: crate::backoff::Schedule,
-    pub delivery_visibility: Duration,
-    pub delivery_concurrency: usize,
-    pub delivery_order_wait: Duration,
+    pub listener: Listener,
+    pub admin: AdminListener,
+    pub store: StoreConfig,
+    pub gateway: GatewayConfig,
+    pub delivery: Delivery,
+    /// The order query API; `None` without `KOOGATE_MARKETPLACE_AK/SK` (no enrichment).
     pub marketplace: Option<Marketplace>,
     pub usage: Usage,
+    pub log: Log,
+    /// Said once at start-up (unknown `KOOGATE_*` variables).
+    pub warnings: Vec<String>,
+}
+
+/// The KooGallery listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// Paths, body cap and body timeout of calls.
+    pub routes: Routes,
+    /// Calls handled at once.
+    pub max_inflight: usize,
+    /// Connections, header timeout, per-peer cap and shutdown grace (the admin listener has the same).
+    pub limits: ListenerLimits,
+}
+
+/// Certificate chain and key files for TLS on the KooGallery listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The admin listener and API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminListener {
+    pub addr: SocketAddr,
+    /// `None`: the admin API is off (`/metrics` and `/healthz` stay on).
+    pub token: Option<Secret>,
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub spec: StoreSpec,
+    pub key_prefix: String,
+}
+
+/// What the gateway (the protocol) needs: the keys calls are signed with, and its settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub keys: AccessKeys,
+    pub settings: crate::gateway::Settings,
+}
+
+impl GatewayConfig {
+    /// `appInfo.frontEndUrl` is still the placeholder.
+    pub fn frontend_url_is_default(&self) -> bool {
+        Some(self.settings.frontend_url.as_str()) == value_of(&FRONTEND_URL)
+    }
+}
+
+/// Delivery of events: where they go (the sink) and how the worker moves them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub sink: Target,
+    /// The delivery worker's settings, handed over whole.
+    pub worker: crate::delivery::Settings,
+}
+
+/// Where events go: the billing core over HTTP when it is set, else
+/// `<data_dir>/events.jsonl` (`server::build_sink` picks the sink).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub billing: Option<Billing>,
+    /// Where `events.jsonl` is written (without a billing core).
+    pub data_dir: PathBuf,
+    /// Per-attempt timeout of an HTTP delivery.
+    pub attempt_timeout: Duration,
+}
+
+/// The billing core's endpoint and signing secret (`whsec_…`, checked).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Billing {
+    pub url: String,
+    pub secret: Secret,
 }
 
 /// The usage push (protocol §10): where, how much at once, how often.
@@ -257,20 +547,18 @@ pub struct Usage {
     pub push_reason: &'static str,
     /// Base URL of KooGallery's open API (`KOOGATE_MARKETPLACE_URL`).
     pub url: String,
-    pub batch: usize,
-    pub timeout: Duration,
-    pub lease: Duration,
-    pub hold: Duration,
-    pub poll: Duration,
     /// Tried in order when the host cannot be reached (`KOOGATE_MARKETPLACE_FALLBACK_URLS`).
     pub fallback_urls: Vec<String>,
+    pub timeout: Duration,
     /// API Gateway AK/SK signing of every push (`KOOGATE_MARKETPLACE_AK/SK`, unless
     /// `KOOGATE_USAGE_APIG_SIGN=false`).
     pub apig: Option<(Secret, Secret)>,
+    /// Batch, lease, hold, poll and retry schedule of the push worker.
+    pub pusher: crate::metering::push::Settings,
 }
 
 /// The order query API's address and credentials.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Marketplace {
     pub url: String,
     pub fallback_urls: Vec<String>,
@@ -278,6 +566,22 @@ pub struct Marketplace {
     pub sk: Secret,
     pub timeout: Duration,
     pub cache_ttl: Duration,
+}
+
+/// Log lines: format and filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// `KOOGATE_LOG`, checked.
+    pub filter: String,
+}
+
+/// The declared default value of a setting, if it has one.
+fn value_of<T>(setting: &Setting<T>) -> Option<&'static str> {
+    match setting.about.unset {
+        Unset::Value(v) => Some(v),
+        Unset::Absent(_) | Unset::Required => None,
+    }
 }
 
 /// Where values come from: the environment over the file. The verbs other than `serve`
@@ -298,17 +602,28 @@ impl Source {
         Ok(Self { env, file })
     }
 
-    pub fn get(&self, setting: &str) -> Option<String> {
-        let file_key = setting.trim_start_matches("KOOGATE_").to_ascii_lowercase();
-        self.env.get(setting).or_else(|| self.file.get(&file_key)).filter(|v| !v.is_empty()).cloned()
+    /// A value given for `name` (environment, else file); empty counts as not given.
+    fn given(&self, name: &str) -> Option<String> {
+        let file_key = name.trim_start_matches("KOOGATE_").to_ascii_lowercase();
+        self.env.get(name).or_else(|| self.file.get(&file_key)).filter(|v| !v.is_empty()).cloned()
     }
 
-    /// A secret given directly or as `<NAME>_FILE` (a path whose content is the value).
-    pub fn secret(&self, setting: &str) -> Result<Option<Secret>, ConfigError> {
-        let file_setting = format!("{setting}_FILE");
-        match (self.get(setting), self.get(&file_setting)) {
-            (Some(_), Some(_)) => Err(problem(setting, format!("set either {setting} or {file_setting}, not both"))),
-            (Some(v), None) => Ok(Some(Secret::new(v))),
+    /// The setting (or for a secret its `_FILE`) is given.
+    pub fn is_set<T>(&self, setting: &Setting<T>) -> bool {
+        let name = setting.about.name;
+        self.given(name).is_some() || (setting.is_secret() && self.given(&format!("{name}_FILE")).is_some())
+    }
+
+    /// The value given, as text; a secret also as `<NAME>_FILE` (a path whose content is the value).
+    fn given_text<T>(&self, setting: &Setting<T>) -> Result<Option<String>, ConfigError> {
+        let name = setting.about.name;
+        if !setting.is_secret() {
+            return Ok(self.given(name));
+        }
+        let file_setting = format!("{name}_FILE");
+        match (self.given(name), self.given(&file_setting)) {
+            (Some(_), Some(_)) => Err(problem(name, format!("set either {name} or {file_setting}, not both"))),
+            (Some(v), None) => Ok(Some(v)),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| problem(&file_setting, format!("cannot read {path}: {e}")))?;
@@ -316,25 +631,28 @@ impl Source {
                 if value.is_empty() {
                     return Err(problem(&file_setting, format!("{path} is empty")));
                 }
-                Ok(Some(Secret::new(value)))
+                Ok(Some(value))
             }
             (None, None) => Ok(None),
         }
     }
 
-    fn parsed<T: std::str::FromStr>(&self, setting: &str, default: T, what: &str) -> Result<T, ConfigError> {
-        match self.get(setting) {
-            None => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| problem(setting, format!("{v:?} is not {what}"))),
-        }
+    /// The value as text, unparsed: given, else the declared default.
+    pub fn text<T>(&self, setting: &Setting<T>) -> Result<Option<String>, ConfigError> {
+        Ok(self.given_text(setting)?.or_else(|| value_of(setting).map(str::to_owned)))
     }
 
-    fn flag(&self, setting: &str) -> Result<bool, ConfigError> {
-        match self.get(setting).as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("false" | "0" | "no" | "off") => Ok(false),
-            Some("true" | "1" | "yes" | "on") => Ok(true),
-            Some(v) => Err(problem(setting, format!("{v:?} is not true or false"))),
-        }
+    /// The value: given, else the declared default; an unset setting without one is required.
+    pub fn value<T>(&self, setting: &Setting<T>) -> Result<T, ConfigError> {
+        let about = &setting.about;
+        let v = self.text(setting)?.ok_or_else(|| problem(about.name, "is required"))?;
+        (setting.parse)(&v, about).map_err(|p| problem(about.name, p))
+    }
+
+    /// The value if given (settings without a default, or whose unset meaning is worked out from others).
+    pub fn optional<T>(&self, setting: &Setting<T>) -> Result<Option<T>, ConfigError> {
+        let about = &setting.about;
+        self.given_text(setting)?.map(|v| (setting.parse)(&v, about).map_err(|p| problem(about.name, p))).transpose()
     }
 }
 
@@ -359,8 +677,7 @@ fn file_values(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
             ),
         )
     })?;
-    let known: Vec<String> =
-        SETTINGS.iter().map(|(name, _, _)| name.trim_start_matches("KOOGATE_").to_ascii_lowercase()).collect();
+    let known: Vec<String> = SETTINGS.iter().map(|s| s.about().file_key()).collect();
     let mut out = BTreeMap::new();
     for (key, value) in table {
         let base = key.trim_end_matches("_file");
@@ -403,252 +720,186 @@ impl Config {
             None => BTreeMap::new(),
         };
         let src = Source { env, file };
+        let gateway = GatewayConfig::from_source(&src)?;
+        let store = StoreConfig { spec: src.value(&STORE)?, key_prefix: src.value(&KEY_PREFIX)? };
+        let delivery = Delivery::from_source(&src, &store.spec)?;
+        let listener = Listener::from_source(&src)?;
+        let log = Log::from_source(&src)?;
+        let (marketplace, usage) = marketplace_and_usage(&src, delivery.worker.schedule)?;
+        let admin = AdminListener { addr: src.value(&ADMIN_LISTEN)?, token: src.optional(&ADMIN_TOKEN)? };
+        Ok(Self { listener, admin, store, gateway, delivery, marketplace, usage, log, warnings: Vec::new() })
+    }
+}
 
-        let current = src.secret("KOOGATE_ACCESS_KEY")?.ok_or_else(|| {
-            problem("KOOGATE_ACCESS_KEY", "is required: the access key from the KooGallery seller console")
+impl GatewayConfig {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let current = src.optional(&ACCESS_KEY)?.ok_or_else(|| {
+            problem(ACCESS_KEY.about.name, "is required: the access key from the KooGallery seller console")
         })?;
-        let mut access_keys = AccessKeys::new(current);
-        if let Some(previous) = src.secret("KOOGATE_PREVIOUS_ACCESS_KEY")? {
-            let until = match src.get("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL") {
-                None => None,
-                Some(v) => Some(
-                    chrono::DateTime::parse_from_rfc3339(&v)
-                        .map_err(|_| {
-                            problem("KOOGATE_PREVIOUS_ACCESS_KEY_UNTIL", format!("{v:?} is not an RFC 3339 time"))
-                        })?
-                        .timestamp_millis(),
-                ),
-            };
-            access_keys = access_keys.with_previous(previous, until);
+        let mut keys = AccessKeys::new(current);
+        if let Some(previous) = src.optional(&PREVIOUS_ACCESS_KEY)? {
+            keys = keys.with_previous(previous, src.optional(&PREVIOUS_ACCESS_KEY_UNTIL)?);
         }
-
-        let store = StoreSpec::parse(&src.get("KOOGATE_STORE").unwrap_or_else(|| "./data".into()));
-        let key_prefix = src.get("KOOGATE_KEY_PREFIX").unwrap_or_else(|| "koogate:".into());
-        if key_prefix.contains(['{', '}']) {
-            return Err(problem(
-                "KOOGATE_KEY_PREFIX",
-                "must not contain { or } (they would break Redis Cluster hash tags)",
-            ));
-        }
-        let data_dir = match (src.get("KOOGATE_DATA_DIR"), &store) {
-            (Some(dir), _) => PathBuf::from(dir),
-            (None, StoreSpec::Embedded(dir)) => dir.clone(),
-            (None, _) => PathBuf::from("./data"),
+        let settings = crate::gateway::Settings {
+            window_secs: src.value(&TIMESTAMP_SKEW_SECS)?,
+            v1_window_secs: src.value(&V1_TIMESTAMP_SKEW_SECS)?,
+            frontend_url: src.value(&FRONTEND_URL)?,
+            admin_url: src.optional(&ADMIN_URL)?,
+            encrypt_type: src.value(&ENCRYPT_TYPE)?,
+            issue_credentials: src.value(&ISSUE_CREDENTIALS)?,
+            sku_map: src.optional(&SKU_MAP)?.unwrap_or_default(),
+            store_timeout: src.value(&STORE_TIMEOUT_SECS)?,
         };
+        Ok(Self { keys, settings })
+    }
+}
 
-        let billing_url = src.get("KOOGATE_BILLING_URL");
-        if let Some(url) = &billing_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(problem("KOOGATE_BILLING_URL", format!("{url:?} is not an http:// or https:// URL")));
-            }
+impl Delivery {
+    fn from_source(src: &Source, store: &StoreSpec) -> Result<Self, ConfigError> {
+        let data_dir = match (src.optional(&DATA_DIR)?, store) {
+            (Some(dir), _) => dir,
+            (None, StoreSpec::Embedded(dir)) => dir.clone(),
+            (None, _) => PathBuf::from(value_of(&STORE).unwrap_or_default()),
+        };
+        let url = src.optional(&BILLING_URL)?;
+        let secret = src.optional(&BILLING_SECRET)?;
+        let name = BILLING_SECRET.about.name;
+        if url.is_some() && secret.is_none() {
+            return Err(problem(name, "is required when KOOGATE_BILLING_URL is set (events are signed)"));
         }
-        let billing_secret = src.secret("KOOGATE_BILLING_SECRET")?;
-        if billing_url.is_some() && billing_secret.is_none() {
-            return Err(problem(
-                "KOOGATE_BILLING_SECRET",
-                "is required when KOOGATE_BILLING_URL is set (events are signed)",
-            ));
-        }
-        if let Some(secret) = &billing_secret {
+        if let Some(secret) = &secret {
             use base64::Engine;
             let ok = secret
                 .expose()
                 .strip_prefix("whsec_")
                 .is_some_and(|b64| base64::engine::general_purpose::STANDARD.decode(b64).is_ok_and(|k| !k.is_empty()));
             if !ok {
-                return Err(problem("KOOGATE_BILLING_SECRET", "must be whsec_ followed by Base64 of the signing key"));
+                return Err(problem(name, "must be whsec_ followed by Base64 of the signing key"));
             }
         }
-
-        let frontend = src.get("KOOGATE_FRONTEND_URL");
-        let frontend_url_is_default = frontend.is_none();
-        let frontend_url = frontend.unwrap_or_else(|| "https://frontend.invalid/".into());
-        if frontend_url.chars().count() > 512 {
-            return Err(problem("KOOGATE_FRONTEND_URL", "is longer than 512 characters"));
-        }
-        let admin_url = src.get("KOOGATE_ADMIN_URL");
-
-        let sku_map = match src.get("KOOGATE_SKU_MAP") {
-            None => SkuMap::default(),
-            Some(path) => SkuMap::load(Path::new(&path)).map_err(|e| problem("KOOGATE_SKU_MAP", e.to_string()))?,
-        };
-
-        let path = |setting: &str, default: &str| -> Result<String, ConfigError> {
-            let p = src.get(setting).unwrap_or_else(|| default.into());
-            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
-                return Err(problem(setting, format!("{p:?} is not an absolute path")));
-            }
-            Ok(p)
-        };
-        let v2_path = path("KOOGATE_V2_PATH", "/koogallery/v2")?;
-        let v1_path = path("KOOGATE_V1_PATH", "/koogallery/v1")?;
-        if v1_path == v2_path {
-            return Err(problem("KOOGATE_V1_PATH", "must differ from KOOGATE_V2_PATH"));
-        }
-
-        let encrypt_type = match src.get("KOOGATE_ENCRYPT_TYPE") {
-            None => EncryptType::Aes256,
-            Some(v) => {
-                EncryptType::parse(&v).ok_or_else(|| problem("KOOGATE_ENCRYPT_TYPE", format!("{v:?} is not 1 or 2")))?
-            }
-        };
-        let log_format = match src.get("KOOGATE_LOG_FORMAT").as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(v) => return Err(problem("KOOGATE_LOG_FORMAT", format!("{v:?} is not text or json"))),
-        };
-        let log_filter = src.get("KOOGATE_LOG").unwrap_or_else(|| "info".into());
-        check_log_filter(&log_filter)?;
-        let positive = |setting: &str, default: u64| -> Result<u64, ConfigError> {
-            let v: u64 = src.parsed(setting, default, "a whole number")?;
-            if v == 0 {
-                return Err(problem(setting, "must be greater than 0"));
-            }
-            Ok(v)
-        };
-
-        let marketplace_url_is_explicit = src.get("KOOGATE_MARKETPLACE_URL").is_some();
-        let marketplace_url =
-            src.get("KOOGATE_MARKETPLACE_URL").unwrap_or_else(|| "https://mkt.myhuaweicloud.com".into());
-        if !(marketplace_url.starts_with("https://") || marketplace_url.starts_with("http://")) {
-            return Err(problem("KOOGATE_MARKETPLACE_URL", format!("{marketplace_url:?} is not an https:// URL")));
-        }
-        let fallback_urls: Vec<String> = match src.get("KOOGATE_MARKETPLACE_FALLBACK_URLS") {
-            None => crate::marketplace::default_fallbacks(&marketplace_url),
-            Some(v) if v.trim().eq_ignore_ascii_case("none") => Vec::new(),
-            Some(v) => v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
-        };
-        if let Some(bad) = fallback_urls
-            .iter()
-            .find(|u| !(u.starts_with("https://") || u.starts_with("http://")) || reqwest::Url::parse(u).is_err())
-        {
-            return Err(problem("KOOGATE_MARKETPLACE_FALLBACK_URLS", format!("{bad:?} is not an https:// URL")));
-        }
-        if marketplace_url.starts_with("http://")
-            && !is_loopback_url(&marketplace_url)
-            && !src.flag("KOOGATE_MARKETPLACE_ALLOW_HTTP")?
-        {
-            return Err(problem(
-                "KOOGATE_MARKETPLACE_URL",
-                format!(
-                    "{marketplace_url:?} is plain http:// (signed order queries and usage in clear): use https://, \
-                     or set KOOGATE_MARKETPLACE_ALLOW_HTTP=true"
-                ),
-            ));
-        }
-        let usage_batch = positive("KOOGATE_USAGE_BATCH", 1000)? as usize;
-        if usage_batch > crate::marketplace::usage::MAX_BATCH {
-            return Err(problem("KOOGATE_USAGE_BATCH", "must be at most 1000 (KooGallery's limit)"));
-        }
-        let credentials_given = src.get("KOOGATE_MARKETPLACE_AK").is_some()
-            || src.get("KOOGATE_MARKETPLACE_AK_FILE").is_some()
-            || src.get("KOOGATE_MARKETPLACE_SK").is_some()
-            || src.get("KOOGATE_MARKETPLACE_SK_FILE").is_some();
-        // A first run (nothing but an access key) must not push to the production usage API.
-        let (push, push_reason) = match src.get("KOOGATE_USAGE_PUSH") {
-            Some(_) if src.flag("KOOGATE_USAGE_PUSH")? => (true, "KOOGATE_USAGE_PUSH is true"),
-            Some(_) => (false, "KOOGATE_USAGE_PUSH is false"),
-            None if marketplace_url_is_explicit => (true, "KOOGATE_MARKETPLACE_URL is set"),
-            None if credentials_given => (true, "KOOGATE_MARKETPLACE_AK/SK are set"),
-            None => (false, "neither KOOGATE_MARKETPLACE_URL nor KOOGATE_MARKETPLACE_AK/SK is set"),
-        };
-        let usage = Usage {
-            push,
-            push_reason,
-            url: marketplace_url.clone(),
-            batch: usage_batch,
-            timeout: Duration::from_millis(positive("KOOGATE_USAGE_TIMEOUT_MS", 10_000)?),
-            lease: Duration::from_secs(positive("KOOGATE_USAGE_LEASE_SECS", 60)?),
-            hold: Duration::from_secs(positive("KOOGATE_USAGE_HOLD_SECS", 60)?),
-            poll: Duration::from_millis(positive("KOOGATE_USAGE_POLL_MS", 1000)?),
-            fallback_urls: fallback_urls.clone(),
-            apig: None,
-        };
-        let apig_sign = src.get("KOOGATE_USAGE_APIG_SIGN").is_none() || src.flag("KOOGATE_USAGE_APIG_SIGN")?;
-        let mut usage = usage;
-        let marketplace = match (src.secret("KOOGATE_MARKETPLACE_AK")?, src.secret("KOOGATE_MARKETPLACE_SK")?) {
-            (Some(ak), Some(sk)) => Some(Marketplace {
-                url: marketplace_url,
-                fallback_urls,
-                ak,
-                sk,
-                timeout: Duration::from_secs(positive("KOOGATE_MARKETPLACE_TIMEOUT_SECS", 5)?),
-                cache_ttl: Duration::from_secs(positive("KOOGATE_ORDER_CACHE_SECS", 604_800)?),
-            }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(problem("KOOGATE_MARKETPLACE_SK", "is required when KOOGATE_MARKETPLACE_AK is set"))
-            }
-            (None, Some(_)) => {
-                return Err(problem("KOOGATE_MARKETPLACE_AK", "is required when KOOGATE_MARKETPLACE_SK is set"))
-            }
-        };
-        if apig_sign {
-            usage.apig = marketplace.as_ref().map(|m| (m.ak.clone(), m.sk.clone()));
-        }
-        let tls = match (src.get("KOOGATE_TLS_CERT"), src.get("KOOGATE_TLS_KEY")) {
-            (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
-            (None, None) => None,
-            (Some(_), None) => return Err(problem("KOOGATE_TLS_KEY", "is required when KOOGATE_TLS_CERT is set")),
-            (None, Some(_)) => return Err(problem("KOOGATE_TLS_CERT", "is required when KOOGATE_TLS_KEY is set")),
-        };
-
         Ok(Self {
-            tls,
-            listen: src.parsed(
-                "KOOGATE_LISTEN",
-                ([0, 0, 0, 0], 8080).into(),
-                "a socket address such as 0.0.0.0:8080",
-            )?,
-            access_keys,
-            store,
-            key_prefix,
-            data_dir,
-            billing_url,
-            billing_secret,
-            admin_listen: src.parsed(
-                "KOOGATE_ADMIN_LISTEN",
-                ([127, 0, 0, 1], 9090).into(),
-                "a socket address such as 127.0.0.1:9090",
-            )?,
-            admin_token: src.secret("KOOGATE_ADMIN_TOKEN")?,
-            timestamp_skew_secs: positive("KOOGATE_TIMESTAMP_SKEW_SECS", 60)?,
-            v1_timestamp_skew_secs: positive("KOOGATE_V1_TIMESTAMP_SKEW_SECS", DEFAULT_V1_TIMESTAMP_SKEW_SECS)?,
-            frontend_url,
-            frontend_url_is_default,
-            admin_url,
-            sku_map,
-            forward_test_events: src.flag("KOOGATE_FORWARD_TEST_EVENTS")?,
-            v2_path,
-            v1_path,
-            max_body_bytes: positive("KOOGATE_MAX_BODY_BYTES", 65_536)? as usize,
-            encrypt_type,
-            issue_credentials: src.flag("KOOGATE_ISSUE_CREDENTIALS")?,
-            max_connections: positive("KOOGATE_MAX_CONNECTIONS", 10_000)? as usize,
-            max_inflight: positive("KOOGATE_MAX_INFLIGHT", 1024)? as usize,
-            request_timeout: Duration::from_secs(positive("KOOGATE_REQUEST_TIMEOUT_SECS", 10)?),
-            body_timeout: Duration::from_millis(positive("KOOGATE_BODY_TIMEOUT_MS", 2000)?),
-            max_conns_per_peer: src.parsed("KOOGATE_MAX_CONNS_PER_PEER", 256u64, "a whole number")? as usize,
-            store_timeout: Duration::from_secs(positive("KOOGATE_STORE_TIMEOUT_SECS", 3)?),
-            shutdown_grace: Duration::from_secs(positive("KOOGATE_SHUTDOWN_GRACE_SECS", 10)?),
-            log_format,
-            log_filter,
-            warnings: Vec::new(),
-            delivery_timeout: Duration::from_secs(positive("KOOGATE_DELIVERY_TIMEOUT_SECS", 10)?),
-            retry: crate::backoff::Schedule {
-                initial: Duration::from_millis(positive("KOOGATE_RETRY_INITIAL_MS", 5000)?),
-                max: Duration::from_millis(positive("KOOGATE_RETRY_MAX_MS", 3_600_000)?),
-                max_attempts: u32::try_from(positive("KOOGATE_RETRY_MAX_ATTEMPTS", 40)?)
-                    .map_err(|_| problem("KOOGATE_RETRY_MAX_ATTEMPTS", "is too large"))?,
-                give_up_after: Duration::from_secs(positive("KOOGATE_RETRY_GIVE_UP_SECS", 86_400)?),
+            sink: Target {
+                billing: url.zip(secret).map(|(url, secret)| Billing { url, secret }),
+                data_dir,
+                attempt_timeout: src.value(&DELIVERY_TIMEOUT_SECS)?,
             },
-            delivery_visibility: Duration::from_secs(positive("KOOGATE_DELIVERY_VISIBILITY_SECS", 30)?),
-            delivery_concurrency: positive("KOOGATE_DELIVERY_CONCURRENCY", 32)? as usize,
-            usage,
-            delivery_order_wait: Duration::from_secs(positive("KOOGATE_DELIVERY_ORDER_WAIT_SECS", 300)?),
-            marketplace,
+            worker: crate::delivery::Settings {
+                forward_test: src.value(&FORWARD_TEST_EVENTS)?,
+                schedule: Schedule {
+                    initial: src.value(&RETRY_INITIAL_MS)?,
+                    max: src.value(&RETRY_MAX_MS)?,
+                    max_attempts: src.value(&RETRY_MAX_ATTEMPTS)?,
+                    give_up_after: src.value(&RETRY_GIVE_UP_SECS)?,
+                },
+                visibility: src.value(&DELIVERY_VISIBILITY_SECS)?,
+                concurrency: src.value(&DELIVERY_CONCURRENCY)?,
+                order_wait: src.value(&DELIVERY_ORDER_WAIT_SECS)?,
+            },
         })
     }
+}
+
+impl Listener {
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let routes = Routes {
+            v2_path: src.value(&V2_PATH)?,
+            v1_path: src.value(&V1_PATH)?,
+            max_body_bytes: src.value(&MAX_BODY_BYTES)?,
+            body_timeout: src.value(&BODY_TIMEOUT_MS)?,
+        };
+        if routes.v1_path == routes.v2_path {
+            return Err(problem(V1_PATH.about.name, "must differ from KOOGATE_V2_PATH"));
+        }
+        let tls = match (src.optional(&TLS_CERT)?, src.optional(&TLS_KEY)?) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(problem(TLS_KEY.about.name, "is required when KOOGATE_TLS_CERT is set")),
+            (None, Some(_)) => return Err(problem(TLS_CERT.about.name, "is required when KOOGATE_TLS_KEY is set")),
+        };
+        Ok(Self {
+            addr: src.value(&LISTEN)?,
+            tls,
+            routes,
+            max_inflight: src.value(&MAX_INFLIGHT)?,
+            limits: ListenerLimits {
+                max_connections: src.value(&MAX_CONNECTIONS)?,
+                header_timeout: src.value(&REQUEST_TIMEOUT_SECS)?,
+                max_conns_per_peer: src.value(&MAX_CONNS_PER_PEER)?,
+                shutdown_grace: src.value(&SHUTDOWN_GRACE_SECS)?,
+            },
+        })
+    }
+}
+
+impl Log {
+    /// `KOOGATE_LOG_FORMAT` and `KOOGATE_LOG` (the tools read them too).
+    pub fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        Ok(Self { format: src.value(&LOG_FORMAT)?, filter: src.value(&LOG)? })
+    }
+}
+
+/// The order query (with AK/SK) and the usage push: one base URL and fallbacks, shared credentials.
+fn marketplace_and_usage(src: &Source, schedule: Schedule) -> Result<(Option<Marketplace>, Usage), ConfigError> {
+    let url = src.value(&MARKETPLACE_URL)?;
+    let url_is_explicit = src.is_set(&MARKETPLACE_URL);
+    let fallback_urls = match src.optional(&MARKETPLACE_FALLBACK_URLS)? {
+        Some(urls) => urls,
+        None => crate::marketplace::default_fallbacks(&url),
+    };
+    if url.starts_with("http://") && !is_loopback_url(&url) && !src.value(&MARKETPLACE_ALLOW_HTTP)? {
+        return Err(problem(
+            MARKETPLACE_URL.about.name,
+            format!(
+                "{url:?} is plain http:// (signed order queries and usage in clear): use https://, \
+                 or set KOOGATE_MARKETPLACE_ALLOW_HTTP=true"
+            ),
+        ));
+    }
+    let pusher = crate::metering::push::Settings {
+        batch: src.value(&USAGE_BATCH)?,
+        lease: src.value(&USAGE_LEASE_SECS)?,
+        hold: src.value(&USAGE_HOLD_SECS)?,
+        poll: src.value(&USAGE_POLL_MS)?,
+        schedule,
+    };
+    let credentials_given = src.is_set(&MARKETPLACE_AK) || src.is_set(&MARKETPLACE_SK);
+    // A first run (nothing but an access key) must not push to the production usage API.
+    let (push, push_reason) = match src.optional(&USAGE_PUSH)? {
+        Some(true) => (true, "KOOGATE_USAGE_PUSH is true"),
+        Some(false) => (false, "KOOGATE_USAGE_PUSH is false"),
+        None if url_is_explicit => (true, "KOOGATE_MARKETPLACE_URL is set"),
+        None if credentials_given => (true, "KOOGATE_MARKETPLACE_AK/SK are set"),
+        None => (false, "neither KOOGATE_MARKETPLACE_URL nor KOOGATE_MARKETPLACE_AK/SK is set"),
+    };
+    let usage_timeout = src.value(&USAGE_TIMEOUT_MS)?;
+    let apig_sign = src.value(&USAGE_APIG_SIGN)?;
+    let marketplace = match (src.optional(&MARKETPLACE_AK)?, src.optional(&MARKETPLACE_SK)?) {
+        (Some(ak), Some(sk)) => Some(Marketplace {
+            url: url.clone(),
+            fallback_urls: fallback_urls.clone(),
+            ak,
+            sk,
+            timeout: src.value(&MARKETPLACE_TIMEOUT_SECS)?,
+            cache_ttl: src.value(&ORDER_CACHE_SECS)?,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(problem(MARKETPLACE_SK.about.name, "is required when KOOGATE_MARKETPLACE_AK is set"))
+        }
+        (None, Some(_)) => {
+            return Err(problem(MARKETPLACE_AK.about.name, "is required when KOOGATE_MARKETPLACE_SK is set"))
+        }
+    };
+    let usage = Usage {
+        push,
+        push_reason,
+        url,
+        fallback_urls,
+        timeout: usage_timeout,
+        apig: marketplace.as_ref().filter(|_| apig_sign).map(|m| (m.ak.clone(), m.sk.clone())),
+        pusher,
+    };
+    Ok((marketplace, usage))
 }
 
 /// `http://127.0.0.1:…`, `http://localhost…`, `http://[::1]…`: traffic that never leaves the machine.
@@ -672,16 +923,167 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    fn defaults() -> Config {
+        Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "ak")]), None).unwrap()
+    }
+
     #[test]
-    fn defaults_need_only_the_access_key() {
-        let c = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "ak")]), None).unwrap();
-        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.store, StoreSpec::Embedded("./data".into()));
-        assert_eq!(c.timestamp_skew_secs, 60);
-        assert_eq!(c.v1_timestamp_skew_secs, 14_400);
-        assert_eq!(c.max_body_bytes, 65_536);
-        assert!(c.frontend_url_is_default);
+    fn every_declared_default_parses_with_its_own_parser() {
+        for s in SETTINGS {
+            let a = s.about();
+            assert!(s.check_default().is_ok(), "{}: default {:?}: {:?}", a.name, a.default_text(), s.check_default());
+        }
+        // and the check can fail: a bad default is caught.
+        let bad: Setting<Duration> = Setting {
+            about: About { unset: Value("ten"), ..DELIVERY_TIMEOUT_SECS.about },
+            parse: DELIVERY_TIMEOUT_SECS.parse,
+        };
+        assert_eq!(bad.check_default(), Err("\"ten\" is not a whole number".to_owned()));
+    }
+
+    #[test]
+    fn the_table_names_each_setting_once() {
+        let names: std::collections::BTreeSet<&str> = SETTINGS.iter().map(|s| s.about().name).collect();
+        assert_eq!(names.len(), SETTINGS.len());
+        assert!(names.iter().all(|n| n.starts_with("KOOGATE_") && !n.ends_with("_FILE")));
+        let secrets: Vec<&str> = SETTINGS.iter().filter(|s| s.is_secret()).map(|s| s.about().name).collect();
+        assert_eq!(
+            secrets,
+            [
+                "KOOGATE_ACCESS_KEY",
+                "KOOGATE_PREVIOUS_ACCESS_KEY",
+                "KOOGATE_BILLING_SECRET",
+                "KOOGATE_ADMIN_TOKEN",
+                "KOOGATE_MARKETPLACE_AK",
+                "KOOGATE_MARKETPLACE_SK"
+            ]
+        );
+    }
+
+    /// The default column of docs/settings.md shows each declared default value (in backticks).
+    #[test]
+    fn the_docs_show_the_declared_defaults() {
+        let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/settings.md")).unwrap();
+        for s in SETTINGS {
+            let a = s.about();
+            let Unset::Value(v) = a.unset else { continue };
+            let row = docs.lines().find(|l| l.starts_with(&format!("| `{}` |", a.name)));
+            let row = row.unwrap_or_else(|| panic!("{} has no row in docs/settings.md", a.name));
+            let column = row.split(" | ").nth(1).unwrap_or("");
+            assert_eq!(column, format!("`{v}`"), "{}: docs/settings.md shows another default", a.name);
+        }
+    }
+
+    /// Each component from an empty environment (but the required access key) is what docs/settings.md documents.
+    #[test]
+    fn each_component_from_an_empty_environment_is_the_documented_default() {
+        let c = defaults();
+        assert_eq!(
+            c.listener,
+            Listener {
+                addr: "0.0.0.0:8080".parse().unwrap(),
+                tls: None,
+                routes: Routes {
+                    v2_path: "/koogallery/v2".into(),
+                    v1_path: "/koogallery/v1".into(),
+                    max_body_bytes: 65_536,
+                    body_timeout: Duration::from_millis(2000),
+                },
+                max_inflight: 1024,
+                limits: ListenerLimits {
+                    max_connections: 10_000,
+                    header_timeout: Duration::from_secs(10),
+                    max_conns_per_peer: 256,
+                    shutdown_grace: Duration::from_secs(10),
+                },
+            }
+        );
+        assert_eq!(c.admin, AdminListener { addr: "127.0.0.1:9090".parse().unwrap(), token: None });
+        assert_eq!(c.store, StoreConfig { spec: StoreSpec::Embedded("./data".into()), key_prefix: "koogate:".into() });
+        assert_eq!(c.gateway.keys.current().expose(), "ak");
+        assert_eq!(
+            c.gateway.settings,
+            crate::gateway::Settings {
+                window_secs: 60,
+                v1_window_secs: 14_400,
+                frontend_url: "https://frontend.invalid/".into(),
+                admin_url: None,
+                encrypt_type: EncryptType::Aes256,
+                issue_credentials: false,
+                sku_map: SkuMap::default(),
+                store_timeout: Duration::from_secs(3),
+            }
+        );
+        assert!(c.gateway.frontend_url_is_default());
+        assert_eq!(
+            c.delivery,
+            Delivery {
+                sink: Target { billing: None, data_dir: "./data".into(), attempt_timeout: Duration::from_secs(10) },
+                worker: crate::delivery::Settings {
+                    forward_test: false,
+                    schedule: Schedule {
+                        initial: Duration::from_millis(5000),
+                        max: Duration::from_millis(3_600_000),
+                        max_attempts: 40,
+                        give_up_after: Duration::from_secs(86_400),
+                    },
+                    visibility: Duration::from_secs(30),
+                    concurrency: 32,
+                    order_wait: Duration::from_secs(300),
+                },
+            }
+        );
+        assert_eq!(c.marketplace, None);
+        let u = &c.usage;
+        assert!(!u.push, "the first run does not push: {}", u.push_reason);
+        assert_eq!(u.url, "https://mkt.myhuaweicloud.com");
+        assert_eq!(u.fallback_urls, ["https://mkt.myhuaweicloud.cn"]);
+        assert_eq!(u.timeout, Duration::from_millis(10_000));
+        assert!(u.apig.is_none());
+        assert_eq!(
+            u.pusher,
+            crate::metering::push::Settings {
+                batch: 1000,
+                lease: Duration::from_secs(60),
+                hold: Duration::from_secs(60),
+                poll: Duration::from_millis(1000),
+                schedule: c.delivery.worker.schedule,
+            }
+        );
+        assert_eq!(c.log, Log { format: LogFormat::Text, filter: "info".into() });
         assert!(!format!("{c:?}").contains("\"ak\""), "secrets never print");
+    }
+
+    #[test]
+    fn components_take_what_is_given() {
+        let c = Config::from_parts(
+            env(&[
+                ("KOOGATE_ACCESS_KEY", "a"),
+                ("KOOGATE_STORE", "redis://127.0.0.1:6379"),
+                ("KOOGATE_BILLING_URL", "https://billing.example.com/events"),
+                ("KOOGATE_BILLING_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                ("KOOGATE_RETRY_MAX_ATTEMPTS", "3"),
+                ("KOOGATE_MARKETPLACE_AK", "mak"),
+                ("KOOGATE_MARKETPLACE_SK", "msk"),
+                ("KOOGATE_MARKETPLACE_TIMEOUT_SECS", "7"),
+                ("KOOGATE_TLS_CERT", "/c.pem"),
+                ("KOOGATE_TLS_KEY", "/k.pem"),
+                ("KOOGATE_MAX_CONNS_PER_PEER", "0"),
+                ("KOOGATE_LOG_FORMAT", "json"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.delivery.sink.data_dir, PathBuf::from("./data"), "not the store: it is Redis");
+        assert_eq!(c.delivery.sink.billing.as_ref().map(|b| b.url.as_str()), Some("https://billing.example.com/events"));
+        assert_eq!(c.delivery.worker.schedule.max_attempts, 3);
+        assert_eq!(c.usage.pusher.schedule.max_attempts, 3, "the usage push retries on the same schedule");
+        let m = c.marketplace.as_ref().unwrap();
+        assert_eq!((m.ak.expose(), m.timeout), ("mak", Duration::from_secs(7)));
+        assert!(c.usage.push && c.usage.apig.is_some());
+        assert_eq!(c.listener.tls, Some(TlsFiles { cert: "/c.pem".into(), key: "/k.pem".into() }));
+        assert_eq!(c.listener.limits.max_conns_per_peer, 0);
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]
@@ -699,11 +1101,9 @@ mod tests {
         assert!(c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "none")]).usage.fallback_urls.is_empty());
         let two = c(&[("KOOGATE_MARKETPLACE_FALLBACK_URLS", "http://a:1, https://b")]);
         assert_eq!(two.usage.fallback_urls, ["http://a:1", "https://b"]);
-        assert_eq!(
-            two.usage.fallback_urls,
-            two.marketplace.map(|m| m.fallback_urls).unwrap_or(two.usage.fallback_urls.clone())
-        );
         let keys = [("KOOGATE_MARKETPLACE_AK", "ak"), ("KOOGATE_MARKETPLACE_SK", "sk")];
+        let both = c(&keys);
+        assert_eq!(both.usage.fallback_urls, both.marketplace.map(|m| m.fallback_urls).unwrap_or_default());
         assert!(c(&keys).usage.apig.is_some());
         let mut off = keys.to_vec();
         off.push(("KOOGATE_USAGE_APIG_SIGN", "false"));
@@ -719,9 +1119,31 @@ mod tests {
     fn bad_values_name_their_variable() {
         let err = |pairs: &[(&str, &str)]| Config::from_parts(env(pairs), None).unwrap_err().to_string();
         assert!(err(&[]).starts_with("KOOGATE_ACCESS_KEY: is required"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_LISTEN", "nope")]).starts_with("KOOGATE_LISTEN:"));
-        assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_TIMESTAMP_SKEW_SECS", "-1")])
-            .starts_with("KOOGATE_TIMESTAMP_SKEW_SECS:"));
+        // (variable, value, the whole message)
+        let exact = [
+            ("KOOGATE_LISTEN", "nope", "KOOGATE_LISTEN: \"nope\" is not a socket address such as 0.0.0.0:8080"),
+            (
+                "KOOGATE_ADMIN_LISTEN",
+                "nope",
+                "KOOGATE_ADMIN_LISTEN: \"nope\" is not a socket address such as 127.0.0.1:9090",
+            ),
+            ("KOOGATE_TIMESTAMP_SKEW_SECS", "-1", "KOOGATE_TIMESTAMP_SKEW_SECS: \"-1\" is not a whole number"),
+            ("KOOGATE_DELIVERY_TIMEOUT_SECS", "0", "KOOGATE_DELIVERY_TIMEOUT_SECS: must be greater than 0"),
+            ("KOOGATE_RETRY_MAX_ATTEMPTS", "4294967296", "KOOGATE_RETRY_MAX_ATTEMPTS: is too large"),
+            ("KOOGATE_USAGE_BATCH", "1001", "KOOGATE_USAGE_BATCH: must be at most 1000 (KooGallery's limit)"),
+            ("KOOGATE_V1_PATH", "/koogallery/v2", "KOOGATE_V1_PATH: must differ from KOOGATE_V2_PATH"),
+            ("KOOGATE_TLS_CERT", "/c.pem", "KOOGATE_TLS_KEY: is required when KOOGATE_TLS_CERT is set"),
+            (
+                "KOOGATE_BILLING_URL",
+                "http://b",
+                "KOOGATE_BILLING_SECRET: is required when KOOGATE_BILLING_URL is set (events are signed)",
+            ),
+            ("KOOGATE_MARKETPLACE_AK", "x", "KOOGATE_MARKETPLACE_SK: is required when KOOGATE_MARKETPLACE_AK is set"),
+            ("KOOGATE_ENCRYPT_TYPE", "3", "KOOGATE_ENCRYPT_TYPE: \"3\" is not 1 or 2"),
+        ];
+        for (variable, value, message) in exact {
+            assert_eq!(err(&[("KOOGATE_ACCESS_KEY", "a"), (variable, value)]), message);
+        }
         assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_BILLING_SECRET", "nope")])
             .starts_with("KOOGATE_BILLING_SECRET:"));
         assert!(err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_KEY_PREFIX", "x{y}")]).starts_with("KOOGATE_KEY_PREFIX:"));
@@ -730,8 +1152,25 @@ mod tests {
         assert!(
             err(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ACCESS_KEY_FILE", "/x")]).starts_with("KOOGATE_ACCESS_KEY:")
         );
-        let msg = err(&[("KOOGATE_ACCESS_KEY", "topsecret"), ("KOOGATE_FORWARD_TEST_EVENTS", "maybe")]);
-        assert!(msg.starts_with("KOOGATE_FORWARD_TEST_EVENTS:") && !msg.contains("topsecret"));
+        let msg = err(&[("KOOGATE_ACCESS_KEY", "topsecret"), ("KOOGATE_FORWARD_TEST_EVENTS", "Maybe")]);
+        assert_eq!(msg, "KOOGATE_FORWARD_TEST_EVENTS: \"maybe\" is not true or false");
+    }
+
+    #[test]
+    fn secrets_may_be_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0k\r\n").unwrap();
+        let path = token.display().to_string();
+        let c =
+            Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ADMIN_TOKEN_FILE", path.as_str())]), None)
+                .unwrap();
+        assert_eq!(c.admin.token.as_ref().map(Secret::expose), Some("t0k"));
+        std::fs::write(&token, "\n").unwrap();
+        let err = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_ADMIN_TOKEN_FILE", &path)]), None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, format!("KOOGATE_ADMIN_TOKEN_FILE: {path} is empty"));
     }
 
     #[test]
@@ -742,38 +1181,46 @@ mod tests {
         let path = dir.path().join("koogate.toml");
         std::fs::write(
             &path,
-            format!("access_key_file = {:?}\nlisten = \"127.0.0.1:1\"\ntimestamp_skew_secs = 30\nstore = \"redis://127.0.0.1:6379\"\n", key_file),
+            format!("access_key_file = {:?}\nlisten = \"127.0.0.1:1\"\ntimestamp_skew_secs = 30\nstore = \"redis://127.0.0.1:6379\"\nusage_apig_sign = false\n", key_file),
         )
         .unwrap();
         let c = Config::from_parts(env(&[("KOOGATE_LISTEN", "127.0.0.1:2")]), Some(&path)).unwrap();
-        assert_eq!(c.access_keys.current().expose(), "from-file");
-        assert_eq!(c.listen.to_string(), "127.0.0.1:2");
-        assert_eq!(c.timestamp_skew_secs, 30);
-        assert_eq!(c.store, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
+        assert_eq!(c.gateway.keys.current().expose(), "from-file");
+        assert_eq!(c.listener.addr.to_string(), "127.0.0.1:2", "the environment wins");
+        assert_eq!(c.gateway.settings.window_secs, 30, "the file beats the default");
+        assert_eq!(c.store.spec, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
+        let c = Config::from_parts(env(&[("KOOGATE_TIMESTAMP_SKEW_SECS", "45")]), Some(&path)).unwrap();
+        assert_eq!(c.gateway.settings.window_secs, 45);
         std::fs::write(&path, "bogus = 1\n").unwrap();
         assert!(Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path))
             .unwrap_err()
             .to_string()
             .contains("unknown key"));
+        std::fs::write(&path, "admin_lsten = \"x\"\n").unwrap();
+        let err = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), Some(&path)).unwrap_err().to_string();
+        assert!(err.ends_with("has an unknown key \"admin_lsten\": did you mean \"admin_listen\"?"), "{err}");
     }
 
     #[test]
     fn unknown_variables_get_a_did_you_mean() {
         let names = ["KOOGATE_BILING_URL", "KOOGATE_ACCESS_KEY", "KOOGATE_ADMIN_TOKEN_FILE", "KOOGATE_ZZZ", "PATH"];
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        names.push("KOOGATE_LISTEN_FILE".into());
         let w = unknown_variables(&names);
-        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w.len(), 3, "{w:?}");
         assert!(w[0].contains("KOOGATE_BILING_URL") && w[0].contains("did you mean KOOGATE_BILLING_URL?"), "{w:?}");
         assert!(w[1].starts_with("KOOGATE_ZZZ") && !w[1].contains("did you mean"), "{w:?}");
+        assert!(w[2].starts_with("KOOGATE_LISTEN_FILE"), "only secrets have a _FILE: {w:?}");
         assert_eq!(did_you_mean("KOOGATE_ACESS_KEY_FILE").as_deref(), Some("KOOGATE_ACCESS_KEY_FILE"));
     }
 
     #[test]
     fn log_filters_are_checked() {
-        assert!(check_log_filter("info").is_ok());
-        assert!(check_log_filter("warn,koogate=debug").is_ok());
-        assert!(check_log_filter("verbose").unwrap_err().to_string().starts_with("KOOGATE_LOG:"));
-        assert!(check_log_filter("koogate=loud").is_err());
+        let log = |filter: &str| Source { env: env(&[("KOOGATE_LOG", filter)]), file: BTreeMap::new() }.value(&LOG);
+        assert!(log("info").is_ok());
+        assert!(log("warn,koogate=debug").is_ok());
+        assert!(log("verbose").unwrap_err().to_string().starts_with("KOOGATE_LOG:"));
+        assert!(log("koogate=loud").is_err());
     }
 
     #[test]
@@ -794,8 +1241,7 @@ mod tests {
 
     #[test]
     fn the_first_run_does_not_push_usage() {
-        let c = Config::from_parts(env(&[("KOOGATE_ACCESS_KEY", "a")]), None).unwrap();
-        assert!(!c.usage.push, "{}", c.usage.push_reason);
+        assert!(!defaults().usage.push);
         let c = Config::from_parts(
             env(&[("KOOGATE_ACCESS_KEY", "a"), ("KOOGATE_MARKETPLACE_URL", "https://mkt.example.com")]),
             None,

@@ -30,7 +30,7 @@ use crate::domain::field;
 use crate::domain::status::{ACTIVE, EXPIRED, FROZEN, RELEASED};
 
 /// Settings the gateway's decisions depend on.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Allowed |now − timestamp| of a V2 call, seconds.
     pub window_secs: u64,

@@ -41,19 +41,25 @@ pub type Body = Full<Bytes>;
 /// What the KooGallery listener needs.
 pub struct App {
     pub gateway: Gateway,
-    pub v2_path: String,
-    pub v1_path: String,
-    pub max_body_bytes: usize,
-    /// Time to receive a V2 body (before an in-flight slot is taken).
-    pub body_timeout: Duration,
+    pub routes: Routes,
     /// Calls handled at once; `try_acquire` failing means "overloaded".
     pub inflight: Semaphore,
     /// Set on shutdown: readiness fails so load balancers stop sending.
     pub draining: AtomicBool,
 }
 
+/// Where KooGallery calls arrive, and how much of a call is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routes {
+    pub v2_path: String,
+    pub v1_path: String,
+    pub max_body_bytes: usize,
+    /// Time to receive a V2 body (before an in-flight slot is taken).
+    pub body_timeout: Duration,
+}
+
 /// Limits of one listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
@@ -184,9 +190,9 @@ impl App {
     async fn route(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let path = req.uri().path();
-        let generation = if path == self.v2_path {
+        let generation = if path == self.routes.v2_path {
             "v2"
-        } else if path == self.v1_path {
+        } else if path == self.routes.v1_path {
             "v1"
         } else {
             return match (req.method(), path) {
@@ -245,7 +251,7 @@ impl App {
     /// Reads a V2 body within the size and time limits.
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, BodyRefused> {
         let refused = |rejection| BodyRefused { rejection, timed_out: false };
-        let limit = self.max_body_bytes;
+        let limit = self.routes.max_body_bytes;
         if let Some(ct) = req.headers().get(CONTENT_TYPE) {
             let ok = ct.to_str().is_ok_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
             if !ok {
@@ -260,10 +266,11 @@ impl App {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(refused(Rejection::BodyTooLarge { limit }));
         }
-        let collected = tokio::time::timeout(self.body_timeout, Limited::new(req.into_body(), limit).collect()).await;
+        let collected =
+            tokio::time::timeout(self.routes.body_timeout, Limited::new(req.into_body(), limit).collect()).await;
         match collected {
             Err(_) => Err(BodyRefused {
-                rejection: Rejection::MalformedJson(format!("body not received within {:?}", self.body_timeout)),
+                rejection: Rejection::MalformedJson(format!("body not received within {:?}", self.routes.body_timeout)),
                 timed_out: true,
             }),
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {

@@ -33,8 +33,10 @@
 //!   `delivery::Sink` (the billing core over HTTP with Standard Webhooks
 //!   signatures, or a JSONL file), completing them from KooGallery's orders
 //!   first (`delivery::enrich`).
-//! - [`config`]: settings from the environment and an optional TOML file.
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
+//! - [`config`]: settings from the environment and an optional TOML file: one
+//!   table declaring each setting once (default, parser, meaning, component),
+//!   read into one struct per component.
 //! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
 //!

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use koogate::config::{Config, ConfigError, LogFormat, Source};
+use koogate::config::{self, Config, ConfigError, LogFormat, Source};
 use koogate::server::StartError;
 use koogate::tools::client::KooClient;
 
@@ -147,9 +147,9 @@ struct ReplayArgs {
     /// Send as V1 (query parameters) even outside a `v1` folder.
     #[arg(long)]
     v1: bool,
-    #[arg(long, default_value = "/koogallery/v2")]
+    #[arg(long, default_value = config::V2_PATH.about.default_text())]
     v2_path: String,
-    #[arg(long, default_value = "/koogallery/v1")]
+    #[arg(long, default_value = config::V1_PATH.about.default_text())]
     v1_path: String,
     /// Send each fixture this many times (KooGallery retrying: watch the dedup).
     #[arg(long, default_value_t = 1)]
@@ -199,9 +199,9 @@ struct SimulateArgs {
     /// default: KOOGATE_ACCESS_KEY, also from --config).
     #[arg(long)]
     key: Option<String>,
-    #[arg(long, default_value = "/koogallery/v2")]
+    #[arg(long, default_value = config::V2_PATH.about.default_text())]
     v2_path: String,
-    #[arg(long, default_value = "/koogallery/v1")]
+    #[arg(long, default_value = config::V1_PATH.about.default_text())]
     v1_path: String,
     /// Run only this scenario (repeatable); default: all.
     #[arg(long = "scenario")]
@@ -285,13 +285,14 @@ enum DlqAction {
 }
 
 /// Logs to stderr; colour only when stderr is a terminal.
-fn init_logs(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+fn init_logs(log: &config::Log) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&log.filter).unwrap_or_else(|_| config::LOG.about.default_text().into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
+    match log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
@@ -314,11 +315,9 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-/// A `KOOGATE_LOG` for the tools (sink, simulate): checked like the gateway's.
-fn log_filter(src: &Source) -> Result<String, ConfigError> {
-    let filter = src.get("KOOGATE_LOG").unwrap_or_else(|| "info".into());
-    koogate::config::check_log_filter(&filter)?;
-    Ok(filter)
+/// Text logs for the tools (sink, simulate), with a `KOOGATE_LOG` checked like the gateway's.
+fn tool_log(src: &Source) -> Result<config::Log, ConfigError> {
+    Ok(config::Log { format: LogFormat::Text, filter: src.value(&config::LOG)? })
 }
 
 /// `check-config`: everything `serve` would fail on, without serving.
@@ -326,30 +325,31 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     for warning in &config.warnings {
         eprintln!("koogate: warning: {warning}");
     }
-    let store = koogate::store::open(&config.store, &config.key_prefix).await.map_err(StartError::Store)?;
-    tokio::time::timeout(Duration::from_secs(5), store.ping())
+    let store = koogate::store::open(&config.store.spec, &config.store.key_prefix).await.map_err(StartError::Store)?;
+    let patience = Duration::from_secs(5);
+    tokio::time::timeout(patience, store.ping())
         .await
-        .map_err(|_| StartError::Setting {
-            setting: "KOOGATE_STORE",
-            problem: "the store did not answer a ping within 5 s".into(),
-        })?
+        .map_err(|_| StartError::StoreSilent(patience))?
         .map_err(StartError::Store)?;
     println!("store: {} answers", store.backend());
     drop(store);
-    if let Some((cert, key)) = &config.tls {
-        koogate::tls::acceptor(cert, key).map_err(StartError::Tls)?;
+    if let Some(files) = &config.listener.tls {
+        koogate::tls::acceptor(&files.cert, &files.key).map_err(StartError::Tls)?;
         println!("tls: certificate and key load");
     }
-    if let Some(url) = &config.billing_url {
+    if let Some(url) = config.delivery.sink.billing.as_ref().map(|b| &b.url) {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         // Any HTTP answer will do: the event POSTs are signed, a bare HEAD is only to see that it answers.
-        let res = client.head(url).send().await.map_err(|e| StartError::Setting {
-            setting: "KOOGATE_BILLING_URL",
-            problem: format!("cannot reach {url}: {} (start the billing core, or fix the URL)", error_text(&e)),
-        })?;
+        let res = client
+            .head(url)
+            .send()
+            .await
+            .map_err(|e| StartError::BillingUnreachable { url: url.clone(), problem: error_text(&e) })?;
         println!("billing core: {url} answers (HTTP {})", res.status().as_u16());
     }
-    for (setting, addr) in [("KOOGATE_LISTEN", config.listen), ("KOOGATE_ADMIN_LISTEN", config.admin_listen)] {
+    for (setting, addr) in
+        [(config::LISTEN.about.name, config.listener.addr), (config::ADMIN_LISTEN.about.name, config.admin.addr)]
+    {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             // A running gateway holds it: not an error of the configuration, but `serve` would stop on it now.
             eprintln!(
@@ -388,9 +388,9 @@ impl AdminApi {
     fn connect(admin: &AdminArgs, src: &Source, timeout: Duration) -> anyhow::Result<Self> {
         let base = match &admin.admin {
             Some(url) => url.clone(),
-            None => format!("http://{}", src.get("KOOGATE_ADMIN_LISTEN").unwrap_or_else(|| "127.0.0.1:9090".into())),
+            None => format!("http://{}", src.text(&config::ADMIN_LISTEN)?.unwrap_or_default()),
         };
-        let token = match src.secret("KOOGATE_ADMIN_TOKEN")? {
+        let token = match src.optional(&config::ADMIN_TOKEN)? {
             Some(t) => t.expose().trim().to_owned(),
             None => bail!("KOOGATE_ADMIN_TOKEN: must be set (or KOOGATE_ADMIN_TOKEN_FILE, in the environment or --config) to use the admin API"),
         };
@@ -633,7 +633,7 @@ async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
     use koogate::tools::replay;
     let key = match args.key.clone() {
         Some(k) => k,
-        None => match src.secret("KOOGATE_ACCESS_KEY")? {
+        None => match src.optional(&config::ACCESS_KEY)? {
             Some(k) => k.expose().to_owned(),
             None => bail!("KOOGATE_ACCESS_KEY: give --key, or set it in the environment or --config"),
         },
@@ -726,16 +726,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve => {
             let config = Config::load(config_file)?;
-            init_logs(config.log_format, &config.log_filter);
+            init_logs(&config.log);
             let running = koogate::server::start(config).await?;
             running.wait(shutdown_signal()).await;
         }
         Command::Sink(args) => {
             let src = Source::load(config_file)?;
-            init_logs(LogFormat::Text, &log_filter(&src)?);
+            init_logs(&tool_log(&src)?);
             let secret = match args.secret {
                 Some(s) => s,
-                None => match src.secret("KOOGATE_BILLING_SECRET")? {
+                None => match src.optional(&config::BILLING_SECRET)? {
                     Some(s) => s.expose().to_owned(),
                     None => bail!("KOOGATE_BILLING_SECRET: give --secret, or set it in the environment or --config"),
                 },
@@ -773,16 +773,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Simulate(a) => {
             let src = Source::load(config_file)?;
-            init_logs(LogFormat::Text, &log_filter(&src)?);
-            let from = |given: Option<String>, setting: &str| -> Result<Option<String>, ConfigError> {
+            init_logs(&tool_log(&src)?);
+            let from = |given: Option<String>,
+                        setting: &config::Setting<koogate::secret::Secret>|
+             -> Result<Option<String>, ConfigError> {
                 Ok(match given {
                     Some(v) => Some(v),
-                    None => src.secret(setting)?.map(|s| s.expose().to_owned()),
+                    None => src.optional(setting)?.map(|s| s.expose().to_owned()),
                 })
             };
-            let ak = from(a.ak, "KOOGATE_MARKETPLACE_AK")?
+            let ak = from(a.ak, &config::MARKETPLACE_AK)?
                 .unwrap_or_else(|| koogate::tools::simulate::market::DEFAULT_AK.to_owned());
-            let sk = from(a.sk, "KOOGATE_MARKETPLACE_SK")?
+            let sk = from(a.sk, &config::MARKETPLACE_SK)?
                 .unwrap_or_else(|| koogate::tools::simulate::market::DEFAULT_SK.to_owned());
             let opts = koogate::tools::simulate::CliOptions {
                 listen: a.listen,
@@ -791,7 +793,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sk: koogate::secret::Secret::new(sk),
                 fail_share: a.fail_share,
                 gateway: a.gateway,
-                key: from(a.key, "KOOGATE_ACCESS_KEY")?.map(koogate::secret::Secret::new),
+                key: from(a.key, &config::ACCESS_KEY)?.map(koogate::secret::Secret::new),
                 v2_path: a.v2_path,
                 v1_path: a.v1_path,
                 scenarios: a.scenarios,
@@ -807,7 +809,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 usage_delay_share: a.usage_delay_share,
                 refuse_instances: a.refuse_instances,
                 admin: a.admin,
-                admin_token: from(a.admin_token, "KOOGATE_ADMIN_TOKEN")?.map(koogate::secret::Secret::new),
+                admin_token: from(a.admin_token, &config::ADMIN_TOKEN)?.map(koogate::secret::Secret::new),
                 usage_wait_secs: a.usage_wait_secs,
                 usage_api: a.usage_api,
             };

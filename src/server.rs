@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -10,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::config::Target;
 use crate::delivery;
 use crate::delivery::enrich::Enricher;
 use crate::delivery::jsonl::JsonlSink;
 use crate::delivery::webhook::WebhookSink;
 use crate::delivery::Sink;
-use crate::gateway::{Gateway, Settings};
-use crate::http::{self, App, ListenerLimits};
+use crate::gateway::Gateway;
+use crate::http::{self, App};
 use crate::store::{self, StoreError};
 
 /// Why the gateway did not start: one line naming the setting and the fix. Each message carries its
@@ -25,12 +27,22 @@ use crate::store::{self, StoreError};
 pub enum StartError {
     #[error("KOOGATE_STORE: cannot open the store: {0} (fix the URL, or start the store it names)")]
     Store(StoreError),
-    #[error("{setting}: cannot listen on {addr}: {problem} (stop what listens there, or choose another address)")]
-    Listen { setting: &'static str, addr: SocketAddr, problem: String },
+    #[error("KOOGATE_STORE: the store did not answer a ping within {} s", .0.as_secs())]
+    StoreSilent(Duration),
+    #[error("{setting}: cannot listen on {addr}: {kind} (stop what listens there, or choose another address)")]
+    Listen { setting: &'static str, addr: SocketAddr, kind: std::io::ErrorKind },
     #[error("{0} (fix the file, or unset KOOGATE_TLS_CERT and KOOGATE_TLS_KEY)")]
     Tls(crate::tls::TlsError),
-    #[error("{setting}: {problem}")]
-    Setting { setting: &'static str, problem: String },
+    #[error("KOOGATE_BILLING_SECRET: {0}")]
+    BillingSecret(crate::delivery::webhook::SignatureError),
+    #[error("KOOGATE_BILLING_URL: cannot build the HTTP client: {0}")]
+    BillingClient(reqwest::Error),
+    #[error("KOOGATE_BILLING_URL: cannot reach {url}: {problem} (start the billing core, or fix the URL)")]
+    BillingUnreachable { url: String, problem: String },
+    #[error("KOOGATE_MARKETPLACE_URL: {0}")]
+    OrderApi(crate::marketplace::order::OrderError),
+    #[error("KOOGATE_MARKETPLACE_URL: {0}")]
+    UsageApi(String),
 }
 
 impl From<StoreError> for StartError {
@@ -47,8 +59,7 @@ impl From<crate::tls::TlsError> for StartError {
 
 /// Binds a listener, naming its setting when that fails (the port is in use, the address is not this host's).
 async fn bind(addr: SocketAddr, setting: &'static str) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
-    let fail =
-        |e: std::io::Error| StartError::Listen { setting, addr, problem: std::io::Error::from(e.kind()).to_string() };
+    let fail = |e: std::io::Error| StartError::Listen { setting, addr, kind: e.kind() };
     let listener = http::bind(addr, setting).await.map_err(fail)?;
     let local = listener.local_addr().map_err(fail)?;
     Ok((listener, local))
@@ -83,54 +94,40 @@ impl Running {
     }
 }
 
-/// Opens the store, binds the listeners and starts serving.
+/// Opens the store, binds the listeners and starts serving. Each component gets its part of `config`.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let Config { listener, admin, store, gateway, delivery, marketplace, usage, log: _, warnings } = config;
     crate::metrics::install();
-    for warning in &config.warnings {
+    for warning in &warnings {
         tracing::warn!("{warning}");
     }
-    let store = store::open(&config.store, &config.key_prefix).await?;
+    let store = store::open(&store.spec, &store.key_prefix).await?;
     tracing::info!(backend = store.backend(), "store opened");
     crate::metrics::store_opened(store.backend());
-    if config.frontend_url_is_default {
+    if gateway.frontend_url_is_default() {
         tracing::warn!(
-            "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder https://frontend.invalid/"
+            "KOOGATE_FRONTEND_URL is not set: newInstance answers carry the placeholder {}",
+            gateway.settings.frontend_url
         );
     }
-
-    let settings = Settings {
-        window_secs: config.timestamp_skew_secs,
-        v1_window_secs: config.v1_timestamp_skew_secs,
-        frontend_url: config.frontend_url.clone(),
-        admin_url: config.admin_url.clone(),
-        encrypt_type: config.encrypt_type,
-        issue_credentials: config.issue_credentials,
-        sku_map: config.sku_map.clone(),
-        store_timeout: config.store_timeout,
-    };
+    let sku_map = gateway.settings.sku_map.clone();
+    let access_key = gateway.keys.current().clone();
     let app = Arc::new(App {
-        gateway: Gateway::new(config.access_keys.clone(), Arc::clone(&store), settings),
-        v2_path: config.v2_path.clone(),
-        v1_path: config.v1_path.clone(),
-        max_body_bytes: config.max_body_bytes,
-        body_timeout: config.body_timeout,
-        inflight: Semaphore::new(config.max_inflight),
+        gateway: Gateway::new(gateway.keys, Arc::clone(&store), gateway.settings),
+        routes: listener.routes,
+        inflight: Semaphore::new(listener.max_inflight),
         draining: AtomicBool::new(false),
     });
 
-    let (listener, addr) = bind(config.listen, "KOOGATE_LISTEN").await?;
-    let (admin, admin_addr) = bind(config.admin_listen, "KOOGATE_ADMIN_LISTEN").await?;
-    let limits = ListenerLimits {
-        max_connections: config.max_connections,
-        header_timeout: config.request_timeout,
-        max_conns_per_peer: config.max_conns_per_peer,
-        shutdown_grace: config.shutdown_grace,
-    };
+    let (koogallery, addr) = bind(listener.addr, "KOOGATE_LISTEN").await?;
+    let (admin_listener, admin_addr) = bind(admin.addr, "KOOGATE_ADMIN_LISTEN").await?;
+    let limits = listener.limits;
+    let grace = limits.shutdown_grace;
 
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+    let tls = match &listener.tls {
+        Some(files) => Some(crate::tls::acceptor(&files.cert, &files.key)?),
         None => None,
     };
     tracing::info!(
@@ -138,22 +135,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         "KooGallery listener {}",
         if tls.is_some() { "terminates TLS" } else { "speaks plain HTTP (terminate TLS in front)" }
     );
-    tasks.spawn(http::serve_tls(listener, tls, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
-    let admin_api = Arc::new(Admin {
-        store: Arc::clone(&store),
-        token: config.admin_token.clone(),
-        enrichment: config.marketplace.is_some(),
-    });
-    if config.admin_token.is_none() {
+    tasks.spawn(http::serve_tls(koogallery, tls, limits, shutdown.clone(), http::koogallery_handler(Arc::clone(&app))));
+    if admin.token.is_none() {
         tracing::info!("KOOGATE_ADMIN_TOKEN is not set: the admin API is off (/metrics and /healthz stay on)");
     }
-    tasks.spawn(http::serve(admin, limits, shutdown.clone(), move |req| {
+    let admin_api =
+        Arc::new(Admin { store: Arc::clone(&store), token: admin.token, enrichment: marketplace.is_some() });
+    tasks.spawn(http::serve(admin_listener, limits, shutdown.clone(), move |req| {
         let admin_api = Arc::clone(&admin_api);
         async move { admin_api.route(req).await }
     }));
 
-    let sink = build_sink(&config)?;
-    let enricher = match &config.marketplace {
+    let sink = build_sink(&delivery.sink)?;
+    let enricher = match &marketplace {
         Some(m) => {
             let api = crate::marketplace::order::OrderApi::with_fallbacks(
                 &m.url,
@@ -162,86 +156,61 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 m.sk.clone(),
                 m.timeout,
             )
-            .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
+            .map_err(StartError::OrderApi)?;
             tracing::info!(url = %m.url, "V2 purchase, upgrade and order-notify events are completed from KooGallery's order query API before delivery");
-            Some(Enricher { api, store: Arc::clone(&store), sku_map: config.sku_map.clone(), cache_ttl: m.cache_ttl })
+            Some(Enricher { api, store: Arc::clone(&store), sku_map, cache_ttl: m.cache_ttl })
         }
         None => {
             tracing::warn!("KOOGATE_MARKETPLACE_AK/SK are not set: V2 events go out with only what the call carried (\"enriched\": false: no buyer account id, SKU or card count)");
             None
         }
     };
-    let worker = delivery::Worker::new(
-        Arc::clone(&store),
-        sink,
-        delivery::Settings {
-            forward_test: config.forward_test_events,
-            schedule: config.retry,
-            visibility: config.delivery_visibility,
-            concurrency: config.delivery_concurrency,
-            order_wait: config.delivery_order_wait,
-        },
-        enricher,
-    );
-    tasks.spawn(worker.run(shutdown.clone(), config.shutdown_grace));
-    let hosts: Vec<String> = std::iter::once(&config.usage.url)
-        .chain(&config.usage.fallback_urls)
+    let worker = delivery::Worker::new(Arc::clone(&store), sink, delivery.worker, enricher);
+    tasks.spawn(worker.run(shutdown.clone(), grace));
+    let hosts: Vec<String> = std::iter::once(&usage.url)
+        .chain(&usage.fallback_urls)
         .filter_map(|u| reqwest::Url::parse(u).ok())
         .map(|u| crate::marketplace::host_label(&u))
         .collect();
     crate::metrics::marketplace_hosts(&hosts);
-    if config.usage.push {
-        tracing::info!(url = %config.usage.url, "usage push is on ({}): accepted usage records are pushed to KooGallery", config.usage.push_reason);
+    if usage.push {
+        tracing::info!(url = %usage.url, "usage push is on ({}): accepted usage records are pushed to KooGallery", usage.push_reason);
         let mut api = crate::marketplace::usage::UsageApi::with_fallbacks(
-            &config.usage.url,
-            &config.usage.fallback_urls,
-            config.access_keys.current().clone(),
-            config.usage.timeout,
+            &usage.url,
+            &usage.fallback_urls,
+            access_key,
+            usage.timeout,
         )
-        .map_err(|e| StartError::Setting { setting: "KOOGATE_MARKETPLACE_URL", problem: e.to_string() })?;
-        if let Some((ak, sk)) = &config.usage.apig {
-            api = api.with_apig(ak.clone(), sk.clone());
+        .map_err(StartError::UsageApi)?;
+        if let Some((ak, sk)) = usage.apig {
+            api = api.with_apig(ak, sk);
         }
-        let pusher = crate::metering::push::Pusher::new(
-            Arc::clone(&store),
-            api,
-            crate::metering::push::Settings {
-                batch: config.usage.batch,
-                lease: config.usage.lease,
-                hold: config.usage.hold,
-                poll: config.usage.poll,
-                schedule: config.retry,
-            },
-        );
-        tasks.spawn(pusher.run(shutdown.clone(), config.shutdown_grace));
+        let pusher = crate::metering::push::Pusher::new(Arc::clone(&store), api, usage.pusher);
+        tasks.spawn(pusher.run(shutdown.clone(), grace));
     } else {
         tracing::info!(
             "usage push is off ({}): usage records are accepted and kept, not pushed (set KOOGATE_USAGE_PUSH=true to push)",
-            config.usage.push_reason
+            usage.push_reason
         );
     }
     tasks.spawn(watch_readiness(Arc::clone(&store), shutdown.clone()));
-    tracing::info!(%addr, v2 = %config.v2_path, v1 = %config.v1_path, %admin_addr, "koogate is listening");
+    tracing::info!(%addr, v2 = %app.routes.v2_path, v1 = %app.routes.v1_path, %admin_addr, "koogate is listening");
     Ok(Running { addr, admin_addr, store, app, shutdown, tasks })
 }
 
 /// Where events go: the one place that chooses the delivery [`Sink`] (a new
 /// target is one arm here; see `delivery::sink`).
-fn build_sink(config: &Config) -> Result<Arc<dyn Sink>, StartError> {
-    Ok(match (&config.billing_url, &config.billing_secret) {
-        (Some(url), Some(secret)) => {
-            let key = crate::delivery::webhook::key_of(secret.expose())
-                .map_err(|e| StartError::Setting { setting: "KOOGATE_BILLING_SECRET", problem: e.to_string() })?;
-            tracing::info!(url = %url, "events are delivered to the billing core");
-            let sink =
-                WebhookSink::new(url.clone(), key, config.delivery_timeout).map_err(|e| StartError::Setting {
-                    setting: "KOOGATE_BILLING_URL",
-                    problem: format!("cannot build the HTTP client: {e}"),
-                })?;
+fn build_sink(target: &Target) -> Result<Arc<dyn Sink>, StartError> {
+    Ok(match &target.billing {
+        Some(billing) => {
+            let key = crate::delivery::webhook::key_of(billing.secret.expose()).map_err(StartError::BillingSecret)?;
+            tracing::info!(url = %billing.url, "events are delivered to the billing core");
+            let sink = WebhookSink::new(billing.url.clone(), key, target.attempt_timeout)
+                .map_err(StartError::BillingClient)?;
             Arc::new(sink)
         }
-        _ => {
-            let path = config.data_dir.join("events.jsonl");
+        None => {
+            let path = target.data_dir.join("events.jsonl");
             tracing::info!(path = %path.display(), "KOOGATE_BILLING_URL is not set: events are appended to a JSONL file");
             Arc::new(JsonlSink::start(path))
         }

@@ -119,7 +119,7 @@ fn docs_document_every_setting() {
         .map(|name| format!("KOOGATE_{name}"))
         .collect();
     let code: std::collections::BTreeSet<String> =
-        koogate::config::SETTINGS.iter().map(|(n, _, _)| n.to_string()).collect();
+        koogate::config::SETTINGS.iter().map(|s| s.about().name.to_string()).collect();
     assert_eq!(table, code, "docs/settings.md table and config::SETTINGS differ");
 }
 
@@ -208,7 +208,8 @@ fn serve_help_lists_every_setting_with_default_and_meaning() {
     let out = koogate().args(["serve", "--help"]).output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for (name, default, meaning) in koogate::config::SETTINGS {
+    for s in koogate::config::SETTINGS {
+        let (name, default, meaning) = (s.about().name, s.about().default_text(), s.about().help);
         let at = help.find(&format!("  {name}\n")).unwrap_or_else(|| panic!("{name} missing from serve --help"));
         let entry = &help[at..];
         assert!(entry.contains(meaning) && entry.contains(&format!("[default: {default}]")), "{name}");

@@ -51,7 +51,7 @@ use enrich::Enricher;
 pub use sink::{Message, Sink, SinkError};
 
 /// How delivery behaves (where events go is the [`Sink`]).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     pub forward_test: bool,
     pub schedule: Schedule,

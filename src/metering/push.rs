@@ -26,7 +26,7 @@ use crate::store::{Store, StoreError, UsageLedger};
 use crate::usage::{StoredUsage, UsageRecord, UsageSettle};
 
 /// How the push worker behaves.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Records per push call (at most 1000).
     pub batch: usize,
