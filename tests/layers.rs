@@ -412,3 +412,31 @@ fn the_layout_docs_list_every_module_in_layer_order() {
         .collect();
     assert!(upward.is_empty(), "modules listed above what they import: {upward:?}");
 }
+
+/// The crate docs' "Layout" list names every module of `src/` (nested ones
+/// as `a::b`, one line each) and nothing that is not a module.
+#[test]
+fn the_layout_docs_name_every_module_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).expect("read lib.rs");
+    let listed: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| {
+            let item = l.strip_prefix("//!")?.trim_start().strip_prefix("- ")?;
+            let item = item.strip_prefix('[').unwrap_or(item);
+            item.strip_prefix('`')?.split('`').next().map(str::to_owned)
+        })
+        .collect();
+    let src = root.join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let modules: BTreeSet<String> = files
+        .iter()
+        .map(|f| module_path(f.strip_prefix(&src).expect("under src")).join("::"))
+        .filter(|m| m != "lib" && m != "main")
+        .collect();
+    let missing: Vec<&String> = modules.difference(&listed).collect();
+    let stray: Vec<&String> = listed.difference(&modules).collect();
+    assert!(missing.is_empty(), "modules the Layout list does not name: {missing:?}");
+    assert!(stray.is_empty(), "Layout entries that are no module: {stray:?}");
+}
