@@ -2,13 +2,11 @@
 //! `metering_sn` registry under racing requests, admin paths, log abuse.
 //! (The slow-body load test is tests/slow_body.rs: it needs the machine alone.)
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -253,7 +251,7 @@ async fn racing_registrations_single_redis() {
 
 #[tokio::test]
 async fn racing_registrations_redis_cluster() {
-    let cluster = common::cluster::Cluster::start();
+    let cluster = crate::common::cluster::Cluster::start();
     racing_registrations(&cluster.url(), "race-cluster").await;
 }
 

@@ -1,15 +1,13 @@
 //! Delivery to a real billing-core HTTP server: nothing lost, each id once,
 //! ordered per instance, retried, dead-lettered, redriven.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::billing::{ok, Arrival, Billing, SECRET};
-use common::*;
+use crate::common::billing::{ok, Arrival, Billing, SECRET};
+use crate::common::*;
 use hyper::Method;
 
 const TOKEN: &str = "admin-token-for-tests-7f3a";

@@ -2,8 +2,7 @@
 //! scenario against real gateways on both stores, violations detected, the
 //! KooGallery retry behaviour, and the binary.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

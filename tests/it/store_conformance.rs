@@ -1,13 +1,11 @@
 //! Both stores interpret plans alike: the same calls, applied directly
 //! through the `Store` trait, give the same outcomes, records and events.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use koogate::events::{assemble, SkuMap};
 use koogate::gateway::{Planner, Settings};
 use koogate::protocol::call::parse_v2;

@@ -3,13 +3,11 @@
 //! usage dead-letter list, queryInstance's usageInfo. Real Redis and the
 //! embedded store, real sockets.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::kooapi::{self, e4, UsageApi};
-use common::{Backend, TestGateway};
+use crate::common::kooapi::{self, e4, UsageApi};
+use crate::common::{Backend, TestGateway};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "usage-admin-token-0123456789";
@@ -490,7 +488,7 @@ async fn freeze_and_release_rules_embedded() {
 /// restart the leased records are pushed again with the same metering_sns,
 /// KooGallery counts each once, and the ledger ends with nothing unpushed.
 async fn killed_mid_push(backend: Backend) {
-    use common::process::Proc;
+    use crate::common::process::Proc;
     let api = UsageApi::start(|n, _| {
         let mut r = kooapi::taken();
         if n == 1 {
@@ -500,15 +498,19 @@ async fn killed_mid_push(backend: Backend) {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let prefix = common::unique_prefix("usage-kill");
-    let mut env = common::base_env(backend, &prefix, dir.path(), common::REDIS_URL);
+    let prefix = crate::common::unique_prefix("usage-kill");
+    let mut env = crate::common::base_env(backend, &prefix, dir.path(), crate::common::REDIS_URL);
     for (k, v) in env_of(&api.url()) {
         env.insert(k.into(), v);
     }
     let mut gw = Proc::gateway(&env).await;
     let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
     let body = json!({"activity":"newInstance","businessId":"b-kill","orderId":"CSUSAGEKILL","orderLineId":"CSUSAGEKILL-1","testFlag":"0"});
-    let res = gw.client.v2("/koogallery/v2", common::AK, body.to_string().as_bytes(), common::now_ms()).await.unwrap();
+    let res = gw
+        .client
+        .v2("/koogallery/v2", crate::common::AK, body.to_string().as_bytes(), crate::common::now_ms())
+        .await
+        .unwrap();
     let inst = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     let mut accepted = 0;
     for chunk in 0..3u32 {
@@ -561,7 +563,7 @@ async fn killed_mid_push(backend: Backend) {
     );
     drop(gw);
     if backend == Backend::Redis {
-        common::delete_prefix(common::REDIS_URL, &prefix).await;
+        crate::common::delete_prefix(crate::common::REDIS_URL, &prefix).await;
     }
     api.stop();
 }
@@ -749,7 +751,7 @@ async fn pushes_carry_the_api_gateway_signature() {
 async fn falls_back_when_the_host_cannot_be_reached(backend: Backend) {
     let api = UsageApi::start(|_, _| kooapi::taken()).await;
     let fallback = api.url();
-    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let closed = format!("http://127.0.0.1:{}", crate::common::free_port());
     let gw = TestGateway::start_with(
         backend,
         "usage-fallback",

@@ -1,12 +1,10 @@
 //! Order enrichment against the simulator's order query API (real sockets,
 //! AK/SK checked as API Gateway does).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::billing::{ok, Billing, SECRET};
-use common::*;
+use crate::common::billing::{ok, Billing, SECRET};
+use crate::common::*;
 use hyper::Method;
 use koogate::marketplace::order::{CredentialFault, OrderApi, OrderError};
 use koogate::secret::Secret;
