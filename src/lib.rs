@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! From the bottom up; a module imports only modules listed above it (no
-//! cycles, checked by `tests/layers.rs`), and no product module imports the
+//! cycles, checked by `tests/it/layers.rs`), and no product module imports the
 //! tooling at the end.
 //! - [`domain`]: the vocabulary: instance [`domain::Status`], record field names.
 //! - [`secret`]: secrets that never print.

@@ -162,7 +162,7 @@ fn the_orders_fixture_is_the_generated_book() {
     let loaded = OrderBook::load(&path).unwrap();
     assert_eq!(
         loaded, generated,
-        "fixtures/orders.json is stale: KOOGATE_WRITE_FIXTURES=1 cargo test --test simulate the_orders_fixture"
+        "fixtures/orders.json is stale: KOOGATE_WRITE_FIXTURES=1 cargo test --test it simulate::the_orders_fixture"
     );
 }
 
