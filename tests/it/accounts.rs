@@ -39,11 +39,8 @@ async fn gateway(backend: Backend, market: &MarketServer, name: &str) -> TestGat
 }
 
 async fn admin(gw: &TestGateway, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let body = body.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::from(b.to_string()));
-    let res = gw.admin.send(method, path, &headers, body).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 async fn account(gw: &TestGateway, customer: &str) -> (u16, Value) {

@@ -144,13 +144,7 @@ async fn admin(
     body: &str,
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body.to_owned())).await.unwrap();
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null))
+    gw.admin_json(method, path, token, body.to_owned()).await
 }
 
 // Multi-threaded: the CLI runs as a blocking child process while the gateway serves it.

@@ -8,14 +8,9 @@ use crate::common::*;
 use hyper::Method;
 use koogate::marketplace::order::{CredentialFault, OrderApi, OrderError};
 use koogate::secret::Secret;
-use koogate::tools::simulate::{MarketConfig, MarketServer};
 
 const BUYER: &str = "459bbbec25d24749b2eb83be37b602a8";
 const TOKEN: &str = "enrich-admin-token";
-
-async fn market() -> MarketServer {
-    MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
-}
 
 #[tokio::test]
 async fn the_order_query_client_against_the_simulator() {

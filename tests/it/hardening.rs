@@ -258,10 +258,7 @@ async fn racing_registrations_redis_cluster() {
 const TOKEN: &str = "admin-token-hardening-5d1e";
 
 async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body)).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 /// Admin paths are percent-decoded per segment; an oversized admin body is answered 413.

@@ -17,17 +17,11 @@ use koogate::marketplace::apig;
 use koogate::store::keys::instance_id_for;
 use koogate::tools::simulate::market::ORDER_QUERY_PATH;
 use koogate::tools::simulate::orders::{line_id, run_order_id};
-use koogate::tools::simulate::{
-    run_scenarios, GatewayTarget, MarketConfig, MarketServer, OrderBook, Report, RetryPolicy, RunOptions,
-};
+use koogate::tools::simulate::{run_scenarios, GatewayTarget, OrderBook, Report, RetryPolicy, RunOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 const SCENARIO_CALLS: usize = 35;
-
-async fn market() -> MarketServer {
-    MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
-}
 
 /// A GET of the order query API signed as `koogate`'s client signs it.
 async fn order_query(

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::common::kooapi::{self, e4, UsageApi};
-use crate::common::{Backend, TestGateway};
+use crate::common::{sample, Backend, TestGateway};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "usage-admin-token-0123456789";
@@ -25,11 +25,8 @@ fn env<'a>(api: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
 }
 
 async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let body = if body.is_null() { bytes::Bytes::new() } else { bytes::Bytes::from(body.to_string()) };
-    let res = gw.admin.send(method, path, &headers, body).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 async fn post_usage(gw: &TestGateway, records: Vec<Value>) -> (u16, Value) {
@@ -73,9 +70,7 @@ fn rec(instance: &str, h: u32, value: &str, sn: &str) -> Value {
 
 /// A sample's value (metrics are process-wide: tests running beside this one add to them).
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no sample {series}"))
+    sample(text, series).unwrap_or_else(|| panic!("no sample {series}"))
 }
 
 fn statuses(answer: &Value) -> Vec<String> {
