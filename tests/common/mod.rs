@@ -238,6 +238,15 @@ impl TestGateway {
     }
 }
 
+/// Asks `done` every 20 ms until it holds; fails saying `what` did not happen once `within` has passed.
+pub async fn wait_until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of one series of a Prometheus exposition (`name` or `name{labels}`, written as exported).
 pub fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition

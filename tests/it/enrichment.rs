@@ -207,11 +207,7 @@ async fn debug_probes_enrich_from_mock_orders_and_revive_a_released_mock_instanc
         created["data"]["settlement"]["cards"], 50,
         "the mock order's SKU is a card SKU in fixtures/sku-map.toml"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.events().len() < 6 {
-        assert!(Instant::now() < deadline, "{:?}", gw.events().len());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("fewer than 6 events written", Duration::from_secs(5), async || gw.events().len() >= 6).await;
     gw.stop().await;
     m.stop().await;
 }

@@ -459,11 +459,10 @@ async fn the_binary_serves_the_order_api_until_sigterm() {
         .spawn()
         .unwrap();
     let addr: SocketAddr = listen.parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("http://{addr}/healthz")).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "simulate --serve-only did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("simulate --serve-only did not start", Duration::from_secs(20), async || {
+        reqwest::get(format!("http://{addr}/healthz")).await.is_ok()
+    })
+    .await;
     let (status, body) =
         order_query(addr, "MOCKMONTYRENEW", Some("MOCKMONTYRENEW-000001"), "my-ak", "my-sk", chrono::Utc::now()).await;
     assert_eq!((status, body["orderInfo"]["orderType"].as_str()), (200, Some("RENEW")));

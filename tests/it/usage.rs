@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::common::kooapi::{self, e4, UsageApi};
-use crate::common::{sample, Backend, TestGateway};
+use crate::common::{sample, wait_until, Backend, TestGateway};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "usage-admin-token-0123456789";
@@ -452,11 +452,8 @@ async fn freeze_and_release_rules(backend: Backend) {
     // Accepted while KooGallery is down, then the instance is released: still pushed.
     down.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(statuses(&post_usage(&gw, vec![rec(&inst, 1, "4", "f-1")]).await.1), ["accepted"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls().iter().filter(|c| c.status == 500).count() == 0 {
-        assert!(Instant::now() < deadline, "no failed push seen");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("no failed push seen", Duration::from_secs(10), async || api.calls().iter().any(|c| c.status == 500))
+        .await;
     call(&gw, json!({"activity":"releaseInstance","instanceId":inst})).await;
     let (_, after) = post_usage(&gw, vec![rec(&inst, 2, "5", "f-2")]).await;
     assert_eq!(statuses(&after), ["rejected"]);
@@ -525,11 +522,7 @@ async fn killed_mid_push(backend: Backend) {
         accepted += answer["accepted"].as_u64().unwrap();
     }
     assert_eq!(accepted, 1500);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls().is_empty() {
-        assert!(Instant::now() < deadline, "no push started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("no push started", Duration::from_secs(10), async || !api.calls().is_empty()).await;
     gw.kill9(); // KooGallery has the first batch and has not answered
     let in_flight = api.calls()[0].sns.len();
     let gw = Proc::gateway(&env).await;
@@ -655,11 +648,10 @@ async fn answers_as_documented(backend: Backend) {
     let before = api.calls().len();
     let held: Vec<Value> = (0..3).map(|i| rec(&inst, 20 + i, "2", &format!("c-{i}"))).collect();
     assert_eq!(post_usage(&gw, held).await.1["accepted"], 3);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls()[before..].iter().filter(|c| c.status == 400).count() < 2 {
-        assert!(Instant::now() < deadline, "the records were not pushed again after the hold interval");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("the records were not pushed again after the hold interval", Duration::from_secs(10), async || {
+        api.calls()[before..].iter().filter(|c| c.status == 400).count() >= 2
+    })
+    .await;
     for i in 0..3 {
         let r = record_status(&gw, &format!("c-{i}")).await;
         assert_eq!(r["status"], "pending", "{r}");
@@ -717,11 +709,10 @@ async fn pushes_carry_the_api_gateway_signature() {
     ];
     gw.restart(&env(&url, &wrong)).await;
     assert_eq!(post_usage(&gw, vec![rec(&inst, 2, "1", "g-2")]).await.1["accepted"], 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.calls().iter().any(|c| c.apig == Some(false)) {
-        assert!(Instant::now() < deadline, "no push with the wrong SK");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("no push with the wrong SK", Duration::from_secs(10), async || {
+        api.calls().iter().any(|c| c.apig == Some(false))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = record_status(&gw, "g-2").await;
     assert_eq!(r["status"], "pending", "{r}");
