@@ -36,25 +36,10 @@ pub const MAX_PAGE: u64 = 500;
 /// judged on its newest ones).
 pub const VERIFY_SCAN: u64 = 1000;
 
-/// Record fields shown as they are, in this order.
-const FIELDS: &[&str] = &[
-    "status",
-    "customer_id",
-    "customer_name",
-    "product_id",
-    "sku_code",
-    "charging_mode",
-    "period_type",
-    "period_number",
-    "quantity",
-    "order_id",
-    "order_line_id",
-    "protocol",
-    "created_at",
-    "updated_at",
-    "expire_time",
-    "released_at",
-];
+/// Record fields shown as they are, in this order: the status, the order's facts
+/// ([`field::ORDER_FACTS`]), then these.
+const MORE_FIELDS: &[&str] =
+    &["order_id", "order_line_id", "protocol", "created_at", "updated_at", "expire_time", "released_at"];
 
 fn flag(record: &Record, field: &str) -> bool {
     record.get(field).map(String::as_str) == Some("1")
@@ -66,7 +51,7 @@ pub fn instance_view(instance_id: &str, record: &Record) -> Value {
     let mut v = Map::new();
     v.insert("instance_id".into(), json!(instance_id));
     v.insert("resource_id".into(), json!(instance_id));
-    for field in FIELDS {
+    for field in std::iter::once(&field::STATUS).chain(field::ORDER_FACTS).chain(MORE_FIELDS) {
         v.insert((*field).into(), record.get(*field).map_or(Value::Null, |s| json!(s)));
     }
     v.insert("trial".into(), json!(flag(record, "trial")));

@@ -1075,7 +1075,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.delivery.sink.data_dir, PathBuf::from("./data"), "not the store: it is Redis");
-        assert_eq!(c.delivery.sink.billing.as_ref().map(|b| b.url.as_str()), Some("https://billing.example.com/events"));
+        assert_eq!(
+            c.delivery.sink.billing.as_ref().map(|b| b.url.as_str()),
+            Some("https://billing.example.com/events")
+        );
         assert_eq!(c.delivery.worker.schedule.max_attempts, 3);
         assert_eq!(c.usage.pusher.schedule.max_attempts, 3, "the usage push retries on the same schedule");
         let m = c.marketplace.as_ref().unwrap();

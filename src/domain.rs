@@ -67,6 +67,18 @@ pub mod field {
     /// beside `usage_unpushed_e4:<item>` per metering item: added at intake
     /// and redrive, taken off when a record is pushed or dies.
     pub const USAGE_UNPUSHED_E4: &str = "usage_unpushed_e4";
+    /// The customer and product facts an order gives an instance (by the call, or by the order query
+    /// API through enrichment): shown by the account views, refreshed into events once enriched.
+    pub const ORDER_FACTS: &[&str] = &[
+        CUSTOMER_ID,
+        "customer_name",
+        "product_id",
+        "sku_code",
+        "charging_mode",
+        "period_type",
+        "period_number",
+        "quantity",
+    ];
 }
 
 /// The instance record fields of the pushed usage of one metering item

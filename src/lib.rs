@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! From the bottom up, one line per module; a top-level module imports only
-//! modules listed above it (no cycles, checked by `tests/layers.rs`, which
+//! modules listed above it (no cycles, checked by `tests/it/layers.rs`, which
 //! also checks that this list names every module), and no product module
 //! imports the tooling at the end. The paths through them are drawn in
 //! `docs/architecture.md`.

@@ -253,11 +253,12 @@ async fn produce_usage_push() {
     let second = post(vec![rec(0, "dash-u-0"), usage(5, 4, "dash-u-backwards")]).await.expect("answered");
     assert_eq!(second.status, 200, "{}", String::from_utf8_lossy(&second.body));
     api.wait_records(2, Duration::from_secs(15)).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !gw.metrics().await.contains("koogate_usage_refused_total{") {
-        assert!(Instant::now() < deadline, "the refused usage record never reached the usage dead-letter list");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the refused usage record never reached the usage dead-letter list",
+        Duration::from_secs(15),
+        async || gw.metrics().await.contains("koogate_usage_refused_total{"),
+    )
+    .await;
     tokio::time::timeout(Duration::from_secs(20), gw.stop()).await.expect("the usage gateway stops");
     api.stop();
 }

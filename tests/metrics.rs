@@ -5,12 +5,7 @@ mod common;
 use common::*;
 
 fn value(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    sample(exposition, series).unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -42,19 +42,9 @@ pub struct Enricher<S: ?Sized = dyn Store> {
     pub cache_ttl: Duration,
 }
 
-/// Instance facts that come from orders and hold until the next order changes them.
-const FACTS: &[&str] = &[
-    "customer_id",
-    "customer_name",
-    "product_id",
-    "sku_code",
-    "charging_mode",
-    "period_type",
-    "period_number",
-    "quantity",
-    "settlement",
-    "enriched",
-];
+/// Instance facts that come from orders and hold until the next order changes them: the order's
+/// facts ([`field::ORDER_FACTS`]) and these.
+const MORE_FACTS: &[&str] = &["settlement", "enriched"];
 
 fn text(entry: &OutboxEntry, field: &str) -> Option<String> {
     entry.change.get(field).and_then(Value::as_str).map(str::to_owned)
@@ -91,7 +81,7 @@ impl<S: CallStore + OrderCache + Sync + ?Sized> Enricher<S> {
         if current.get("enriched").map(String::as_str) != Some("1") {
             return Ok(());
         }
-        for field in FACTS {
+        for field in field::ORDER_FACTS.iter().chain(MORE_FACTS) {
             if let Some(v) = current.get(*field) {
                 entry.record.insert((*field).to_owned(), v.clone());
             }

@@ -8,7 +8,7 @@
 //! outbox and keep the answer. The Redis store runs a plan in one Lua script
 //! (one round trip); the embedded store runs it in one write transaction.
 //! Both interpret the same plan with the same rules, and a differential test
-//! (tests/differential.rs: seeded random calls, delivery, ledger and usage
+//! (tests/it/differential.rs: seeded random calls, delivery, ledger and usage
 //! steps through both stores, every answer and record field compared) holds
 //! them to it.
 

@@ -1,6 +1,6 @@
 //! The tooling wing: stand-ins and drivers used by the binary's tool verbs,
 //! the benchmark and the tests. Nothing in the product imports it
-//! (`tests/layers.rs` checks).
+//! (`tests/it/layers.rs` checks).
 //!
 //! - [`client`]: calling a gateway as KooGallery does (signed V2 and V1 requests).
 //! - [`replay`]: `koogate replay`, re-sending recorded calls.

@@ -122,7 +122,7 @@ pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
     let handler_state = Arc::clone(&state);
     let handler = move |req: Request<Incoming>| {
         let state = Arc::clone(&handler_state);
-        async move { handle(&state, req).await }
+        async move { handle(state, req).await }
     };
     let task = tokio::spawn(http::serve(listener, limits, shutdown.clone(), handler));
     Ok(RunningSink { addr, state, shutdown, task })
@@ -135,7 +135,7 @@ fn reply(status: StatusCode, body: Value) -> Response<Body> {
     res
 }
 
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let stats = &state.stats;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/stats") => {
@@ -181,26 +181,45 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         Ok(v) => v,
         Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": format!("not JSON: {e}")})),
     };
-    {
-        let mut accepted = state.accepted.lock().await;
-        if accepted.0.contains(&id) {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            drop(accepted);
+    // Stored by a task of its own: a caller that hangs up (its attempt timed out) must not cancel the
+    // store half-way, with the event written but its id not yet counted as seen: the retry would store it again.
+    match tokio::spawn(store(Arc::clone(&state), id, event, body)).await {
+        Ok(Stored::New) => {}
+        Ok(Stored::Duplicate) => {
             tokio::time::sleep(state.config.delay).await;
             return reply(StatusCode::OK, json!({"status": "duplicate"}));
         }
-        if let Some(path) = &state.config.out {
-            if let Err(e) = append(path, &body).await {
-                tracing::error!(error = %e, "sink: cannot write");
-                return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "cannot store"}));
-            }
+        Ok(Stored::Failed) | Err(_) => {
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "cannot store"}))
         }
-        accepted.0.insert(id);
-        accepted.1.push(event);
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
     }
     tokio::time::sleep(state.config.delay).await;
     reply(StatusCode::OK, json!({"status": "accepted"}))
+}
+
+enum Stored {
+    New,
+    Duplicate,
+    Failed,
+}
+
+/// Appends an event not seen before and counts its id as seen, both or neither.
+async fn store(state: Arc<State>, id: String, event: Value, body: Bytes) -> Stored {
+    let mut accepted = state.accepted.lock().await;
+    if accepted.0.contains(&id) {
+        state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        return Stored::Duplicate;
+    }
+    if let Some(path) = &state.config.out {
+        if let Err(e) = append(path, &body).await {
+            tracing::error!(error = %e, "sink: cannot write");
+            return Stored::Failed;
+        }
+    }
+    accepted.0.insert(id);
+    accepted.1.push(event);
+    state.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    Stored::New
 }
 
 async fn append(path: &PathBuf, body: &[u8]) -> std::io::Result<()> {

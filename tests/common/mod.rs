@@ -210,6 +210,24 @@ impl TestGateway {
         String::from_utf8(res.body.to_vec()).unwrap()
     }
 
+    /// A request to the admin API: `token` as the bearer, `body` as JSON (none when empty); the status
+    /// and the answer as JSON (`Null` when it is not JSON).
+    pub async fn admin_json(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        token: Option<&str>,
+        body: impl Into<bytes::Bytes>,
+    ) -> (u16, Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("authorization", auth.as_str()));
+        }
+        let res = self.admin.send(method, path, &headers, body.into()).await.expect("admin API answers");
+        (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await;
@@ -218,6 +236,30 @@ impl TestGateway {
             delete_prefix(&self.redis_url, &self.prefix).await;
         }
     }
+}
+
+/// Asks `done` every 20 ms until it holds; fails saying `what` did not happen once `within` has passed.
+pub async fn wait_until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one series of a Prometheus exposition (`name` or `name{labels}`, written as exported).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The simulator's KooGallery APIs (order query, usage) on a free loopback port.
+pub async fn market() -> koogate::tools::simulate::MarketServer {
+    use koogate::tools::simulate::{MarketConfig, MarketServer};
+    MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
 }
 
 /// Serves HTTP/1.1 on `listener` with `handle` for every request, until the task is aborted.

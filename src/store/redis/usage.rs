@@ -38,8 +38,9 @@ impl Scripts {
             register: Script::new(include_str!("usage_register.lua")),
             accept: Script::new(include_str!("usage_accept.lua")),
             claim: Script::new(include_str!("usage_claim.lua")),
-            settle: Script::new(include_str!("usage_settle.lua")),
-            redrive: Script::new(include_str!("usage_redrive.lua")),
+            // Both share usage_unpushed.lua, put in front: still one script (one EVALSHA) each.
+            settle: Script::new(concat!(include_str!("usage_unpushed.lua"), include_str!("usage_settle.lua"))),
+            redrive: Script::new(concat!(include_str!("usage_unpushed.lua"), include_str!("usage_redrive.lua"))),
         }
     }
 }

@@ -6,24 +6,13 @@
 --   pushed: -           retry: attempts, due, error
 --   hold:   due         dead:  code, message
 local p, now = ARGV[1], ARGV[2]
--- a record leaves the instance's unpushed usage (pushed or dead)
-local function unpushed_off(rk)
-  local ik = p .. 'inst:' .. redis.call('HGET', rk, 'instance')
-  if redis.call('EXISTS', ik) == 1 then
-    local v = -tonumber(redis.call('HGET', rk, 'value_e4'))
-    redis.call('HINCRBY', ik, 'usage_unpushed_e4', v)
-    local item = redis.call('HGET', rk, 'item')
-    if item and item ~= '' then
-      redis.call('HINCRBY', ik, 'usage_unpushed_e4:' .. item, v)
-    end
-  end
-end
+-- a record leaves the instance's unpushed usage when pushed or dead: unpushed() of usage_unpushed.lua
 for i = 3, #ARGV, 5 do
   local sn, kind, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local rk = p .. 'usage:r:' .. sn
   if redis.call('HGET', rk, 'state') == 'pending' then
     if kind == 'pushed' then
-      unpushed_off(rk)
+      unpushed(p, rk, true)
       redis.call('HSET', rk, 'state', 'pushed', 'pushed_ms', now, 'held', '')
       redis.call('ZREM', KEYS[1], sn)
       redis.call('ZREM', KEYS[2], sn)
@@ -52,7 +41,7 @@ for i = 3, #ARGV, 5 do
       redis.call('HSET', rk, 'held', '1')
       redis.call('ZADD', KEYS[1], a, sn)
     elseif kind == 'dead' then
-      unpushed_off(rk)
+      unpushed(p, rk, true)
       redis.call('HSET', rk, 'state', 'dead', 'code', a, 'msg', b, 'dead_ms', now, 'held', '')
       redis.call('ZREM', KEYS[1], sn)
       redis.call('ZREM', KEYS[2], sn)

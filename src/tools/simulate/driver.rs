@@ -183,6 +183,14 @@ pub async fn run_scenarios(opts: &RunOptions) -> Result<Report, SimulateError> {
     Ok(Report { run_id: opts.run_id.clone(), gateway: opts.target.url.clone(), scenarios, skipped })
 }
 
+/// Where a scenario's calls go and how they are retried (as KooGallery retries).
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    client: &'a KooClient,
+    target: &'a GatewayTarget,
+    retry: RetryPolicy,
+}
+
 /// One scenario, call after call (and its usage step, see [`usage_flow`]).
 async fn run_one(
     client: &KooClient,
@@ -191,6 +199,7 @@ async fn run_one(
     usage: Option<(&reqwest::Client, &UsageTarget)>,
     scenario: &Scenario,
 ) -> ScenarioReport {
+    let caller = Caller { client, target, retry };
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut answers: Vec<Option<Bytes>> = Vec::new();
     let mut calls: Vec<CallRecord> = Vec::new();
@@ -224,8 +233,8 @@ async fn run_one(
         }
         let n = calls.len() + 1;
         let (mut record, body) = match usage_deadline.filter(|_| !step.expect_usage.is_empty()) {
-            Some(until) => call_until_usage(client, target, retry, step, &vars, n, until).await,
-            None => call(client, target, retry, step, &vars, n).await,
+            Some(until) => call_until_usage(caller, step, &vars, n, until).await,
+            None => call(caller, step, &vars, n).await,
         };
         if let (Some(var), Some(id), Some("000000")) =
             (&step.capture, record.instance_id.clone(), record.result_code.as_deref())
@@ -267,11 +276,8 @@ async fn run_one(
 /// `until`) while its totals are not all there: the gateway adds a record to
 /// an instance's usage only once KooGallery's answer to the push came back.
 /// The record counts every attempt.
-#[allow(clippy::too_many_arguments)]
 async fn call_until_usage(
-    client: &KooClient,
-    target: &GatewayTarget,
-    retry: RetryPolicy,
+    caller: Caller<'_>,
     step: &Step,
     vars: &BTreeMap<String, String>,
     n: usize,
@@ -279,7 +285,7 @@ async fn call_until_usage(
 ) -> (CallRecord, Option<Bytes>) {
     let mut attempts = 0;
     loop {
-        let (mut record, body) = call(client, target, retry, step, vars, n).await;
+        let (mut record, body) = call(caller, step, vars, n).await;
         attempts += record.attempts;
         let json: Option<Value> = body.as_deref().and_then(|b| serde_json::from_slice(b).ok());
         let settled = json.as_ref().is_none_or(|j| usage_mismatches(step, vars, j).is_empty());
@@ -370,13 +376,12 @@ fn snippet(body: &[u8]) -> String {
 
 /// One call with its retries; the record and the last answer's body.
 async fn call(
-    client: &KooClient,
-    target: &GatewayTarget,
-    retry: RetryPolicy,
+    caller: Caller<'_>,
     step: &Step,
     vars: &BTreeMap<String, String>,
     n: usize,
 ) -> (CallRecord, Option<Bytes>) {
+    let Caller { client, target, retry } = caller;
     let mut record = CallRecord {
         step: n,
         generation: step.generation.as_str(),

@@ -3,13 +3,11 @@
 //! usage dead-letter list, queryInstance's usageInfo. Real Redis and the
 //! embedded store, real sockets.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::kooapi::{self, e4, UsageApi};
-use common::{Backend, TestGateway};
+use crate::common::kooapi::{self, e4, UsageApi};
+use crate::common::{sample, wait_until, Backend, TestGateway};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "usage-admin-token-0123456789";
@@ -27,11 +25,8 @@ fn env<'a>(api: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
 }
 
 async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let body = if body.is_null() { bytes::Bytes::new() } else { bytes::Bytes::from(body.to_string()) };
-    let res = gw.admin.send(method, path, &headers, body).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 async fn post_usage(gw: &TestGateway, records: Vec<Value>) -> (u16, Value) {
@@ -75,9 +70,7 @@ fn rec(instance: &str, h: u32, value: &str, sn: &str) -> Value {
 
 /// A sample's value (metrics are process-wide: tests running beside this one add to them).
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no sample {series}"))
+    sample(text, series).unwrap_or_else(|| panic!("no sample {series}"))
 }
 
 fn statuses(answer: &Value) -> Vec<String> {
@@ -459,11 +452,8 @@ async fn freeze_and_release_rules(backend: Backend) {
     // Accepted while KooGallery is down, then the instance is released: still pushed.
     down.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(statuses(&post_usage(&gw, vec![rec(&inst, 1, "4", "f-1")]).await.1), ["accepted"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls().iter().filter(|c| c.status == 500).count() == 0 {
-        assert!(Instant::now() < deadline, "no failed push seen");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("no failed push seen", Duration::from_secs(10), async || api.calls().iter().any(|c| c.status == 500))
+        .await;
     call(&gw, json!({"activity":"releaseInstance","instanceId":inst})).await;
     let (_, after) = post_usage(&gw, vec![rec(&inst, 2, "5", "f-2")]).await;
     assert_eq!(statuses(&after), ["rejected"]);
@@ -490,7 +480,7 @@ async fn freeze_and_release_rules_embedded() {
 /// restart the leased records are pushed again with the same metering_sns,
 /// KooGallery counts each once, and the ledger ends with nothing unpushed.
 async fn killed_mid_push(backend: Backend) {
-    use common::process::Proc;
+    use crate::common::process::Proc;
     let api = UsageApi::start(|n, _| {
         let mut r = kooapi::taken();
         if n == 1 {
@@ -500,15 +490,19 @@ async fn killed_mid_push(backend: Backend) {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let prefix = common::unique_prefix("usage-kill");
-    let mut env = common::base_env(backend, &prefix, dir.path(), common::REDIS_URL);
+    let prefix = crate::common::unique_prefix("usage-kill");
+    let mut env = crate::common::base_env(backend, &prefix, dir.path(), crate::common::REDIS_URL);
     for (k, v) in env_of(&api.url()) {
         env.insert(k.into(), v);
     }
     let mut gw = Proc::gateway(&env).await;
     let admin = koogate::tools::client::KooClient::new(&format!("http://127.0.0.1:{}", gw.admin_port));
     let body = json!({"activity":"newInstance","businessId":"b-kill","orderId":"CSUSAGEKILL","orderLineId":"CSUSAGEKILL-1","testFlag":"0"});
-    let res = gw.client.v2("/koogallery/v2", common::AK, body.to_string().as_bytes(), common::now_ms()).await.unwrap();
+    let res = gw
+        .client
+        .v2("/koogallery/v2", crate::common::AK, body.to_string().as_bytes(), crate::common::now_ms())
+        .await
+        .unwrap();
     let inst = res.json().unwrap()["instanceId"].as_str().unwrap().to_owned();
     let mut accepted = 0;
     for chunk in 0..3u32 {
@@ -528,11 +522,7 @@ async fn killed_mid_push(backend: Backend) {
         accepted += answer["accepted"].as_u64().unwrap();
     }
     assert_eq!(accepted, 1500);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls().is_empty() {
-        assert!(Instant::now() < deadline, "no push started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("no push started", Duration::from_secs(10), async || !api.calls().is_empty()).await;
     gw.kill9(); // KooGallery has the first batch and has not answered
     let in_flight = api.calls()[0].sns.len();
     let gw = Proc::gateway(&env).await;
@@ -561,7 +551,7 @@ async fn killed_mid_push(backend: Backend) {
     );
     drop(gw);
     if backend == Backend::Redis {
-        common::delete_prefix(common::REDIS_URL, &prefix).await;
+        crate::common::delete_prefix(crate::common::REDIS_URL, &prefix).await;
     }
     api.stop();
 }
@@ -658,11 +648,10 @@ async fn answers_as_documented(backend: Backend) {
     let before = api.calls().len();
     let held: Vec<Value> = (0..3).map(|i| rec(&inst, 20 + i, "2", &format!("c-{i}"))).collect();
     assert_eq!(post_usage(&gw, held).await.1["accepted"], 3);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.calls()[before..].iter().filter(|c| c.status == 400).count() < 2 {
-        assert!(Instant::now() < deadline, "the records were not pushed again after the hold interval");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("the records were not pushed again after the hold interval", Duration::from_secs(10), async || {
+        api.calls()[before..].iter().filter(|c| c.status == 400).count() >= 2
+    })
+    .await;
     for i in 0..3 {
         let r = record_status(&gw, &format!("c-{i}")).await;
         assert_eq!(r["status"], "pending", "{r}");
@@ -720,11 +709,10 @@ async fn pushes_carry_the_api_gateway_signature() {
     ];
     gw.restart(&env(&url, &wrong)).await;
     assert_eq!(post_usage(&gw, vec![rec(&inst, 2, "1", "g-2")]).await.1["accepted"], 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.calls().iter().any(|c| c.apig == Some(false)) {
-        assert!(Instant::now() < deadline, "no push with the wrong SK");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until("no push with the wrong SK", Duration::from_secs(10), async || {
+        api.calls().iter().any(|c| c.apig == Some(false))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = record_status(&gw, "g-2").await;
     assert_eq!(r["status"], "pending", "{r}");
@@ -749,7 +737,7 @@ async fn pushes_carry_the_api_gateway_signature() {
 async fn falls_back_when_the_host_cannot_be_reached(backend: Backend) {
     let api = UsageApi::start(|_, _| kooapi::taken()).await;
     let fallback = api.url();
-    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let closed = format!("http://127.0.0.1:{}", crate::common::free_port());
     let gw = TestGateway::start_with(
         backend,
         "usage-fallback",

@@ -2,12 +2,10 @@
 //! view and the binding check, against the simulator's order query and usage
 //! APIs on loopback. Real Redis and the embedded store, real sockets.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{fixture_params, Backend, TestGateway, AK};
+use crate::common::{fixture_params, Backend, TestGateway, AK};
 use hyper::Method;
 use koogate::secret::Secret;
 use koogate::tools::simulate::orders::{new_run_id, run_order_id, SIM_BUYER};
@@ -41,11 +39,8 @@ async fn gateway(backend: Backend, market: &MarketServer, name: &str) -> TestGat
 }
 
 async fn admin(gw: &TestGateway, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let body = body.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::from(b.to_string()));
-    let res = gw.admin.send(method, path, &headers, body).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 async fn account(gw: &TestGateway, customer: &str) -> (u16, Value) {
@@ -250,9 +245,9 @@ async fn binding_on_embedded() {
 /// never touches the account index; the look-up reads the index once.
 #[tokio::test]
 async fn redis_work_of_a_call_and_of_a_lookup() {
-    let redis = common::OwnRedis::start();
+    let redis = crate::common::OwnRedis::start();
     // Delivery fails once and waits 10 minutes: the account link is written at that first attempt.
-    let dead_billing = format!("http://127.0.0.1:{}/events", common::free_port());
+    let dead_billing = format!("http://127.0.0.1:{}/events", crate::common::free_port());
     let gw = TestGateway::start_on(
         Backend::Redis,
         "accounts-commandstats",
@@ -260,7 +255,7 @@ async fn redis_work_of_a_call_and_of_a_lookup() {
         &[
             ("KOOGATE_ADMIN_TOKEN", TOKEN),
             ("KOOGATE_BILLING_URL", &dead_billing),
-            ("KOOGATE_BILLING_SECRET", common::billing::SECRET),
+            ("KOOGATE_BILLING_SECRET", crate::common::billing::SECRET),
             ("KOOGATE_RETRY_INITIAL_MS", "600000"),
         ],
     )
@@ -272,7 +267,7 @@ async fn redis_work_of_a_call_and_of_a_lookup() {
     account_until(&gw, customer, "its instance", |s, v| s == 200 && v["total"] == 1).await;
 
     let url = redis.url();
-    let stats = || common::commandstats(&url);
+    let stats = || crate::common::commandstats(&url);
     let before = stats().await;
     let calls = ["v2/01-newInstance.json", "v2/02-newInstance-stored-value-cards.json", "v2/01-newInstance.json"];
     for rel in calls {

@@ -1,15 +1,13 @@
 //! Secrets never leave: a full run's every output is searched for each secret.
 //! Access key rotation without downtime.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::billing::SECRET;
-use common::process::Proc;
-use common::*;
+use crate::common::billing::SECRET;
+use crate::common::process::Proc;
+use crate::common::*;
 
 const SECRETS: &[(&str, &str)] = &[
     ("KOOGATE_ACCESS_KEY", "ak-current-0f9e8d7c6b5a"),

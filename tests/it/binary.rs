@@ -1,11 +1,9 @@
 //! The `koogate` binary as an operator runs it.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn koogate() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_koogate"));

@@ -1,10 +1,8 @@
 //! TLS termination with a self-signed certificate made here.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio_rustls::rustls::{self, pki_types::ServerName, ClientConfig, RootCertStore};

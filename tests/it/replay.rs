@@ -1,10 +1,8 @@
 //! `koogate replay` against running gateways: every fixture, both generations.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn replay(gw: &TestGateway, key: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_koogate"))

@@ -2,15 +2,13 @@
 //! ordered per instance, retried, dead-lettered, redriven; and the `Sink`
 //! contract, the same for the HTTP and the JSONL sink (`sink_contract`).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::billing::{ok, Arrival, Billing, SECRET};
-use common::*;
+use crate::common::billing::{ok, Arrival, Billing, SECRET};
+use crate::common::*;
 use hyper::Method;
 
 const TOKEN: &str = "admin-token-for-tests-7f3a";
@@ -147,13 +145,7 @@ async fn admin(
     body: &str,
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body.to_owned())).await.unwrap();
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null))
+    gw.admin_json(method, path, token, body.to_owned()).await
 }
 
 // Multi-threaded: the CLI runs as a blocking child process while the gateway serves it.
@@ -533,8 +525,8 @@ mod sink_contract {
     use koogate::store::{self, Outcome, Store, StoreSpec};
     use tokio_util::sync::CancellationToken;
 
-    use super::common::billing::{ok, Billing, SECRET};
-    use super::common::{fixture, fixture_files, AK};
+    use crate::common::billing::{ok, Billing, SECRET};
+    use crate::common::{fixture, fixture_files, AK};
 
     /// Calls whose events fill the outbox: the V2 lifecycle fixtures, then four
     /// instances bought, renewed, frozen, unfrozen and released.

@@ -17,14 +17,12 @@
 //! length); a failure prints the seed, the step, the operation, the
 //! difference and the command that replays it.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use koogate::events::SkuMap;
 use koogate::gateway::{linked_usage, v1_replay_guard, Planner, Settings};
 use koogate::protocol::call::{parse_v1, parse_v2};
@@ -167,7 +165,7 @@ struct Run {
 
 fn replay_command(seed: u64, ops: usize) -> String {
     format!(
-        "KOOGATE_DIFF_SEED={seed} KOOGATE_DIFF_OPS={ops} cargo test --test differential -- --nocapture stores_agree"
+        "KOOGATE_DIFF_SEED={seed} KOOGATE_DIFF_OPS={ops} cargo test --test it differential::stores_agree -- --nocapture"
     )
 }
 

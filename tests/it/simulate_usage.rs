@@ -3,8 +3,7 @@
 //! and lost answers on purpose; and the `account-settlement-usage` scenario
 //! against real gateways (a day of hourly usage of 3 workspaces).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

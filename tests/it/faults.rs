@@ -1,14 +1,12 @@
 //! Fault tests with real processes: gateways killed with SIGKILL mid-stream,
 //! the reference sink as the billing core. Each prints its figures.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::billing::SECRET;
-use common::process::{jsonl_ids, Proc};
-use common::*;
+use crate::common::billing::SECRET;
+use crate::common::process::{jsonl_ids, Proc};
+use crate::common::*;
 use std::process::{Command, Stdio};
 
 fn purchase(tag: &str, n: usize) -> Vec<u8> {

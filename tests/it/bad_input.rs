@@ -1,9 +1,7 @@
 //! Bad input: each case gets its code and a reason, and writes nothing.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use hyper::Method;
 use koogate::tools::client::{v1_query, v2_query, CallResponse};
 

@@ -7,7 +7,7 @@
 //! string literals are skipped. `main.rs` (the binary, which wires product and
 //! tooling verbs together) and `lib.rs` (the list of modules) are not nodes.
 //!
-//! `cargo test --test layers -- --nocapture` prints the edges.
+//! `cargo test --test it layers:: -- --nocapture` prints the edges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,12 +1,10 @@
 //! A real local Redis Cluster (3 masters, started here): the Lua script, the
 //! outbox and the ledger work, and the keys of one order share one slot.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
-use common::*;
+use crate::common::cluster::Cluster;
+use crate::common::*;
 
 #[tokio::test]
 async fn the_gateway_runs_on_a_redis_cluster() {

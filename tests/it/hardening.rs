@@ -2,13 +2,11 @@
 //! `metering_sn` registry under racing requests, admin paths, log abuse.
 //! (The slow-body load test is tests/slow_body.rs: it needs the machine alone.)
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -253,17 +251,14 @@ async fn racing_registrations_single_redis() {
 
 #[tokio::test]
 async fn racing_registrations_redis_cluster() {
-    let cluster = common::cluster::Cluster::start();
+    let cluster = crate::common::cluster::Cluster::start();
     racing_registrations(&cluster.url(), "race-cluster").await;
 }
 
 const TOKEN: &str = "admin-token-hardening-5d1e";
 
 async fn admin(gw: &TestGateway, method: hyper::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-    let res = gw.admin.send(method, path, &headers, bytes::Bytes::from(body)).await.expect("admin API answers");
-    (res.status, serde_json::from_slice(&res.body).unwrap_or(Value::Null))
+    gw.admin_json(method, path, Some(TOKEN), body).await
 }
 
 /// Admin paths are percent-decoded per segment; an oversized admin body is answered 413.

@@ -2,11 +2,9 @@
 //! every item over real sockets, on both stores where the store is involved.
 //! The matrix in docs/conformance.md points at these tests.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -274,7 +272,7 @@ fn usage_of<'a>(info: &'a [Value], id: &str) -> &'a Vec<Value> {
 /// array: one entry per billing item, `statisticalTime` in every entry (the
 /// query time while nothing was pushed), a package-linked item naming the package.
 async fn v1_query_usage_info(backend: Backend) {
-    let api = common::kooapi::UsageApi::start(|_, _| common::kooapi::taken()).await;
+    let api = crate::common::kooapi::UsageApi::start(|_, _| crate::common::kooapi::taken()).await;
     let url = api.url();
     let env = [
         ("KOOGATE_ADMIN_TOKEN", ADMIN_TOKEN),

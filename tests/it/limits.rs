@@ -1,10 +1,8 @@
 //! Server limits: slow-loris headers and bodies, the in-flight cap.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

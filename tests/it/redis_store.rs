@@ -1,11 +1,9 @@
 //! Redis specifics: one EVALSHA per call, script reload after SCRIPT FLUSH,
 //! and duplicate storms on both stores.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn one_evalsha_per_accepted_call_and_reload_after_script_flush() {
@@ -18,7 +16,7 @@ async fn one_evalsha_per_accepted_call_and_reload_after_script_flush() {
         &redis.url(),
         &[
             ("KOOGATE_BILLING_URL", &dead_billing),
-            ("KOOGATE_BILLING_SECRET", common::billing::SECRET),
+            ("KOOGATE_BILLING_SECRET", crate::common::billing::SECRET),
             ("KOOGATE_RETRY_INITIAL_MS", "600000"),
         ],
     )

@@ -1,8 +1,6 @@
 //! Every activity of both generations, on both stores, over real HTTP.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const V2_INSTANCE: &str = "028e3b0c-7d93-5e10-9156-f940561c8e6a";

@@ -2,8 +2,7 @@
 //! scenario against real gateways on both stores, violations detected, the
 //! KooGallery retry behaviour, and the binary.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,17 +17,11 @@ use koogate::marketplace::apig;
 use koogate::store::keys::instance_id_for;
 use koogate::tools::simulate::market::ORDER_QUERY_PATH;
 use koogate::tools::simulate::orders::{line_id, run_order_id};
-use koogate::tools::simulate::{
-    run_scenarios, GatewayTarget, MarketConfig, MarketServer, OrderBook, Report, RetryPolicy, RunOptions,
-};
+use koogate::tools::simulate::{run_scenarios, GatewayTarget, OrderBook, Report, RetryPolicy, RunOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 const SCENARIO_CALLS: usize = 35;
-
-async fn market() -> MarketServer {
-    MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
-}
 
 /// A GET of the order query API signed as `koogate`'s client signs it.
 async fn order_query(
@@ -163,7 +156,7 @@ fn the_orders_fixture_is_the_generated_book() {
     let loaded = OrderBook::load(&path).unwrap();
     assert_eq!(
         loaded, generated,
-        "fixtures/orders.json is stale: KOOGATE_WRITE_FIXTURES=1 cargo test --test simulate the_orders_fixture"
+        "fixtures/orders.json is stale: KOOGATE_WRITE_FIXTURES=1 cargo test --test it simulate::the_orders_fixture"
     );
 }
 
@@ -466,11 +459,10 @@ async fn the_binary_serves_the_order_api_until_sigterm() {
         .spawn()
         .unwrap();
     let addr: SocketAddr = listen.parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("http://{addr}/healthz")).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "simulate --serve-only did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("simulate --serve-only did not start", Duration::from_secs(20), async || {
+        reqwest::get(format!("http://{addr}/healthz")).await.is_ok()
+    })
+    .await;
     let (status, body) =
         order_query(addr, "MOCKMONTYRENEW", Some("MOCKMONTYRENEW-000001"), "my-ak", "my-sk", chrono::Utc::now()).await;
     assert_eq!((status, body["orderInfo"]["orderType"].as_str()), (200, Some("RENEW")));

@@ -1,23 +1,16 @@
 //! Order enrichment against the simulator's order query API (real sockets,
 //! AK/SK checked as API Gateway does).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::billing::{ok, Billing, SECRET};
-use common::*;
+use crate::common::billing::{ok, Billing, SECRET};
+use crate::common::*;
 use hyper::Method;
 use koogate::marketplace::order::{CredentialFault, OrderApi, OrderError};
 use koogate::secret::Secret;
-use koogate::tools::simulate::{MarketConfig, MarketServer};
 
 const BUYER: &str = "459bbbec25d24749b2eb83be37b602a8";
 const TOKEN: &str = "enrich-admin-token";
-
-async fn market() -> MarketServer {
-    MarketServer::start(MarketConfig::new("127.0.0.1:0".parse().unwrap())).await.unwrap()
-}
 
 #[tokio::test]
 async fn the_order_query_client_against_the_simulator() {
@@ -214,11 +207,7 @@ async fn debug_probes_enrich_from_mock_orders_and_revive_a_released_mock_instanc
         created["data"]["settlement"]["cards"], 50,
         "the mock order's SKU is a card SKU in fixtures/sku-map.toml"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.events().len() < 6 {
-        assert!(Instant::now() < deadline, "{:?}", gw.events().len());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("fewer than 6 events written", Duration::from_secs(5), async || gw.events().len() >= 6).await;
     gw.stop().await;
     m.stop().await;
 }
