@@ -69,10 +69,12 @@ class Checker:
         return names, hists
 
     def settings(self) -> set[str]:
+        # The table: `settings! { NAME: Type = Component, …; … }`, one setting per entry, named KOOGATE_<NAME>.
         text = (self.root / "src/config.rs").read_text()
-        names = set(re.findall(r'\("(KOOGATE_[A-Z0-9_]+)",', text))
+        block = re.search(r"^settings! \{\n(.*?)^\}", text, re.S | re.M)
+        names = {"KOOGATE_" + n for n in re.findall(r"^\s+([A-Z0-9_]+):\s*[^=;]+=\s*[A-Za-z]+,", block.group(1), re.M)} if block else set()
         if not names:
-            self.fail("src/config.rs: no SETTINGS entries found")
+            self.fail("src/config.rs: no entries found in the settings! table")
         return names
 
     def is_setting(self, name: str, settings: set[str]) -> bool:
