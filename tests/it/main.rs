@@ -10,6 +10,7 @@ mod common;
 mod accounts;
 mod bad_input;
 mod binary;
+mod catalogue;
 mod cluster;
 mod conformance;
 mod delivery;
