@@ -21,6 +21,7 @@ mod hardening;
 mod layers;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod readme;
 mod redis_store;
 mod replay;
