@@ -18,6 +18,9 @@
 //! | `GET /v1/accounts/{customer_id}?offset=&limit=` | the instances a Huawei Cloud account holds, newest first |
 //! | `POST /v1/accounts/{customer_id}/verify` | `{"instance_id"?}`: does it hold an active subscription (404/409 why not) |
 //! | `GET /v1/instances/{instance_id}` | one instance (resource id): account, order lines, event ids |
+//!
+//! The router serves exactly [`ROUTES`]; `docs/openapi.yaml` documents them (OpenAPI 3.1), and
+//! tests/it/openapi.rs checks the two against each other and against a running gateway.
 
 use std::sync::Arc;
 

@@ -157,7 +157,9 @@ impl EventType {
             Self::RenewalCancelled => {
                 "The customer unsubscribed a renewal period: refreshInstance with scene UNSUBSCRIBE_RENEWAL_PERIOD."
             }
-            Self::Changed => "The subscription changed: upgradeInstance (V1 upgrade) or refreshInstance RENEWAL_CHANGE.",
+            Self::Changed => {
+                "The subscription changed: upgradeInstance (V1 upgrade) or refreshInstance RENEWAL_CHANGE."
+            }
             Self::Frozen => "The instance was frozen (V2 FREEZE, V1 instanceStatus FREEZE).",
             Self::Unfrozen => "The instance was unfrozen (V2 UNFREEZE, V1 instanceStatus NORMAL).",
             Self::Expired => "The instance expired: V1 expireInstance.",

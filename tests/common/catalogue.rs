@@ -40,8 +40,7 @@ fn validators() -> &'static BTreeMap<&'static str, jsonschema::Validator> {
 pub fn check_event(event: &Value) -> Result<(), String> {
     let kind = event["type"].as_str().ok_or_else(|| format!("event without a type: {event}"))?;
     let validator = validators().get(kind).ok_or_else(|| format!("no schema for event type {kind:?}"))?;
-    let errors: Vec<String> =
-        validator.iter_errors(event).map(|e| format!("{e} (at {})", e.instance_path())).collect();
+    let errors: Vec<String> = validator.iter_errors(event).map(|e| format!("{e} (at {})", e.instance_path())).collect();
     if errors.is_empty() {
         return Ok(());
     }

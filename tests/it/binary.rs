@@ -354,7 +354,9 @@ fn verbs() -> Vec<String> {
 fn completions_for_bash_zsh_and_fish_name_every_verb() {
     let verbs = verbs();
     assert!(verbs.len() >= 10 && verbs.iter().any(|v| v == "completions"), "{verbs:?}");
-    for (shell, marker) in [("bash", "complete -F _koogate"), ("zsh", "#compdef koogate"), ("fish", "complete -c koogate")] {
+    for (shell, marker) in
+        [("bash", "complete -F _koogate"), ("zsh", "#compdef koogate"), ("fish", "complete -c koogate")]
+    {
         let out = koogate().args(["completions", shell]).output().unwrap();
         assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
         let script = String::from_utf8(out.stdout).unwrap();

@@ -11,6 +11,9 @@ use serde_json::Value;
 use crate::common::catalogue::{check_event, schema, schema_path};
 use crate::common::{fixture_files, Backend, TestGateway};
 
+/// A named way to spoil a valid event.
+type Break = (&'static str, fn(&mut Value));
+
 #[test]
 fn the_schema_files_are_generated_from_the_event_types() {
     let bless = std::env::var_os("KOOGATE_BLESS").is_some();
@@ -26,10 +29,7 @@ fn the_schema_files_are_generated_from_the_event_types() {
             stale.push(path.display().to_string());
         }
     }
-    assert!(
-        stale.is_empty(),
-        "out of date with src/events.rs (rerun with KOOGATE_BLESS=1 and commit): {stale:?}"
-    );
+    assert!(stale.is_empty(), "out of date with src/events.rs (rerun with KOOGATE_BLESS=1 and commit): {stale:?}");
     // Nothing else in docs/events/: a schema of a type that is gone would mislead.
     let dir = schema_path(EventType::Created).parent().unwrap().to_owned();
     let files: BTreeSet<String> =
@@ -62,7 +62,8 @@ fn every_schema_names_every_field_an_event_serializes() {
         assert_eq!(top, documented, "{}: envelope keys", kind.as_str());
         let data_ref = schema["properties"]["data"]["$ref"].as_str().unwrap().trim_start_matches("#/$defs/");
         let data: BTreeSet<&String> = event["data"].as_object().unwrap().keys().collect();
-        let documented: BTreeSet<&String> = schema["$defs"][data_ref]["properties"].as_object().unwrap().keys().collect();
+        let documented: BTreeSet<&String> =
+            schema["$defs"][data_ref]["properties"].as_object().unwrap().keys().collect();
         assert_eq!(data, documented, "{}: data keys", kind.as_str());
         event["type"] = Value::String(kind.as_str().into());
         check_event(&event).unwrap();
@@ -82,7 +83,7 @@ fn the_schemas_refuse_what_an_event_is_not() {
     )
     .unwrap();
     check_event(&good).unwrap();
-    let broken: [(&str, fn(&mut Value)); 6] = [
+    let broken: [Break; 6] = [
         ("a key every event has is missing", |e| drop(e["data"].as_object_mut().unwrap().remove("customer_id"))),
         ("a boolean is a string", |e| e["data"]["test"] = "0".into()),
         ("a count is negative", |e| e["data"]["period_number"] = (-1).into()),
