@@ -210,6 +210,15 @@ async fn live(backend: Backend, doc: &Value) {
         assert_eq!(status, success(&op), "{at} ({url}) with its examples: {answer}");
         let (schema, _) = response(doc, &op, status).unwrap();
         fit(doc, &schema, &answer).unwrap_or_else(|e| panic!("{at} {status}: the answer does not fit: {e}: {answer}"));
+        // The events the admin API shows fit the event catalogue too.
+        let shown = answer["dead_letters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(answer["events"].as_array().into_iter().flatten());
+        for event in shown.chain([&answer]).map(|v| &v["event"]).filter(|e| e.is_object()) {
+            crate::common::catalogue::assert_event(event);
+        }
     }
     gw.stop().await;
     billing.stop();
