@@ -1,7 +1,8 @@
 //! docs/openapi.yaml against the admin API: the document lists exactly the routes the router serves
 //! (`koogate::admin::ROUTES`, which the router matches requests against), its examples fit its schemas, and
 //! on a running gateway (both stores) every documented operation, called with its examples, answers its
-//! documented success status with a body that fits the documented schema, and 401 without the token.
+//! documented success status with a body that fits the documented schema, and 401 without the token; an
+//! unknown id in the path answers a documented 404 and a body that is not JSON a documented 400, each fitting.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -205,11 +206,34 @@ async fn live(backend: Backend, doc: &Value) {
         let (schema, _) = response(doc, &op, 401).unwrap();
         fit(doc, &schema, &answer).unwrap_or_else(|e| panic!("{at} 401: {e}: {answer}"));
 
-        let (status, answer) = gw.admin_json(verb, &url, Some(TOKEN), body).await;
+        let (status, answer) = gw.admin_json(verb, &url, Some(TOKEN), body.clone()).await;
         assert!(status != 404 && status != 405, "{at} ({url}) is not served: {status} {answer}");
         assert_eq!(status, success(&op), "{at} ({url}) with its examples: {answer}");
         let (schema, _) = response(doc, &op, status).unwrap();
         fit(doc, &schema, &answer).unwrap_or_else(|e| panic!("{at} {status}: the answer does not fit: {e}: {answer}"));
+        // The documented errors, reached: an unknown id in the path, a body that is not JSON.
+        let mut errors = Vec::new();
+        if op["parameters"].as_array().into_iter().flatten().any(|p| p["in"] == "path") {
+            let mut unknown = op.clone();
+            for p in unknown["parameters"].as_array_mut().unwrap() {
+                if p["in"] == "path" {
+                    p["example"] = json!("evt_unknown-0_9");
+                }
+            }
+            errors.push((404, example_request(&unknown, &path)));
+        }
+        if op.get("requestBody").is_some() {
+            errors.push((400, (url.clone(), "{\"records\":".to_owned())));
+        }
+        for (expected, (url, body)) in errors {
+            let (schema, _) = response(doc, &op, expected)
+                .unwrap_or_else(|| panic!("{at}: answers {expected} but does not document it"));
+            let verb = Method::from_bytes(method.as_bytes()).unwrap();
+            let (status, answer) = gw.admin_json(verb, &url, Some(TOKEN), body).await;
+            assert_eq!(status, expected, "{at} ({url}): {answer}");
+            fit(doc, &schema, &answer)
+                .unwrap_or_else(|e| panic!("{at} {status}: the answer does not fit: {e}: {answer}"));
+        }
         // The events the admin API shows fit the event catalogue too.
         let shown = answer["dead_letters"]
             .as_array()
