@@ -18,6 +18,9 @@
 //! | `GET /v1/accounts/{customer_id}?offset=&limit=` | the instances a Huawei Cloud account holds, newest first |
 //! | `POST /v1/accounts/{customer_id}/verify` | `{"instance_id"?}`: does it hold an active subscription (404/409 why not) |
 //! | `GET /v1/instances/{instance_id}` | one instance (resource id): account, order lines, event ids |
+//!
+//! The router serves exactly [`ROUTES`]; `docs/openapi.yaml` documents them (OpenAPI 3.1), and
+//! tests/it/openapi.rs checks the two against each other and against a running gateway.
 
 use std::sync::Arc;
 
@@ -202,6 +205,49 @@ struct RedeemBody {
     redeemed_by: String,
 }
 
+/// Every admin API route the router serves, as `(method, path template)`: the
+/// router matches a request against this list first (a route missing here is
+/// not served), and `docs/openapi.yaml` documents exactly these
+/// (tests/it/openapi.rs checks both ways).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/events"),
+    ("GET", "/v1/events/{id}"),
+    ("GET", "/v1/dlq"),
+    ("GET", "/v1/dlq/{id}"),
+    ("POST", "/v1/dlq/redrive"),
+    ("GET", "/v1/orders/{order_id}"),
+    ("POST", "/v1/orders/{order_id}/redeem"),
+    ("POST", "/v1/usage"),
+    ("GET", "/v1/usage"),
+    ("GET", "/v1/usage/records/{metering_sn}"),
+    ("GET", "/v1/usage/dlq"),
+    ("POST", "/v1/usage/dlq/redrive"),
+    ("GET", "/v1/accounts/{customer_id}"),
+    ("POST", "/v1/accounts/{customer_id}/verify"),
+    ("GET", "/v1/instances/{instance_id}"),
+];
+
+/// The route of [`ROUTES`] a request takes (by its method and its decoded
+/// path segments after `/v1/`), with the values of the route's `{…}`
+/// segments in order. Pure.
+fn find_route<'a>(method: &Method, segments: &[&'a str]) -> Option<(&'static str, &'static str, Vec<&'a str>)> {
+    ROUTES.iter().find_map(|&(m, template)| {
+        let parts: Vec<&str> = template.trim_start_matches("/v1/").split('/').collect();
+        if m != method.as_str() || parts.len() != segments.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (part, segment) in parts.iter().zip(segments) {
+            if part.starts_with('{') {
+                params.push(*segment);
+            } else if part != segment {
+                return None;
+            }
+        }
+        Some((m, template, params))
+    })
+}
+
 impl Admin {
     pub async fn route(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
@@ -242,69 +288,72 @@ impl Admin {
             return error(StatusCode::BAD_REQUEST, "bad_path", "a path segment is not percent-encoded UTF-8");
         };
         let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
-        let result = match (req.method().clone(), segments.as_slice()) {
-            (Method::GET, ["events"]) => {
+        let Some((verb, route, params)) = find_route(req.method(), &segments) else {
+            return error(StatusCode::NOT_FOUND, "not_found", "no such path or method");
+        };
+        let result = match (verb, route, params.as_slice()) {
+            ("GET", "/v1/events", []) => {
                 let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
                 self.list_events(instance.as_deref(), order.as_deref()).await
             }
-            (Method::GET, ["events", id]) => self.show_event(id).await,
-            (Method::GET, ["dlq"]) => {
+            ("GET", "/v1/events/{id}", [id]) => self.show_event(id).await,
+            ("GET", "/v1/dlq", []) => {
                 self.store.dlq_list().await.map(|d| {
                     respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
                 })
             }
-            (Method::GET, ["dlq", id]) => {
+            ("GET", "/v1/dlq/{id}", [id]) => {
                 self.store.dlq_list().await.map(|d| match d.iter().find(|d| d.entry.id == *id) {
                     Some(d) => respond(StatusCode::OK, dead_view(d)),
                     None => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter {id}")),
                 })
             }
-            (Method::POST, ["dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+            ("POST", "/v1/dlq/redrive", []) => match read_json::<RedriveBody>(req).await {
                 Ok(body) => self.redrive(body).await,
                 Err(res) => return res,
             },
-            (Method::GET, ["orders", order_id]) => match query_param(&req, "customer_id") {
+            ("GET", "/v1/orders/{order_id}", [order_id]) => match query_param(&req, "customer_id") {
                 Some(customer) => self.order(order_id, &customer).await,
                 None => return error(StatusCode::BAD_REQUEST, "missing_customer_id", "customer_id is required"),
             },
-            (Method::POST, ["orders", order_id, "redeem"]) => {
+            ("POST", "/v1/orders/{order_id}/redeem", [order_id]) => {
                 let order_id = (*order_id).to_owned();
                 match read_json::<RedeemBody>(req).await {
                     Ok(body) => self.redeem(&order_id, body).await,
                     Err(res) => return res,
                 }
             }
-            (Method::POST, ["usage"]) => return self.usage_intake(req).await,
-            (Method::GET, ["usage"]) => self.store.usage_stats().await.map(|s| {
+            ("POST", "/v1/usage", []) => return self.usage_intake(req).await,
+            ("GET", "/v1/usage", []) => self.store.usage_stats().await.map(|s| {
                 let oldest = s.oldest_unpushed_ms.map_or(Value::Null, ms_time);
                 respond(StatusCode::OK, json!({"unpushed": s.unpushed, "oldest_unpushed_at": oldest, "dead": s.dead}))
             }),
-            (Method::GET, ["usage", "records", sn]) => self.store.usage_get(sn).await.map(|u| match u {
+            ("GET", "/v1/usage/records/{metering_sn}", [sn]) => self.store.usage_get(sn).await.map(|u| match u {
                 Some(u) => respond(StatusCode::OK, usage_view(&u)),
                 None => error(StatusCode::NOT_FOUND, "not_found", format!("no usage record with metering_sn {sn}")),
             }),
-            (Method::GET, ["usage", "dlq"]) => self.store.usage_dead().await.map(|d| {
+            ("GET", "/v1/usage/dlq", []) => self.store.usage_dead().await.map(|d| {
                 respond(StatusCode::OK, json!({"dead_letters": d.iter().map(usage_view).collect::<Vec<_>>()}))
             }),
-            (Method::POST, ["usage", "dlq", "redrive"]) => match read_json::<RedriveBody>(req).await {
+            ("POST", "/v1/usage/dlq/redrive", []) => match read_json::<RedriveBody>(req).await {
                 Ok(body) => self.usage_redrive(body).await,
                 Err(res) => return res,
             },
-            (Method::GET, ["accounts", customer]) => {
+            ("GET", "/v1/accounts/{customer_id}", [customer]) => {
                 let page = match Page::of(&req) {
                     Ok(page) => page,
                     Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_query", msg),
                 };
                 self.account(customer, page).await
             }
-            (Method::POST, ["accounts", customer, "verify"]) => {
+            ("POST", "/v1/accounts/{customer_id}/verify", [customer]) => {
                 let customer = (*customer).to_owned();
                 match read_optional_json::<VerifyBody>(req).await {
                     Ok(body) => self.verify(&customer, body.instance_id.as_deref()).await,
                     Err(res) => return res,
                 }
             }
-            (Method::GET, ["instances", id]) => self.resource(id).await,
+            ("GET", "/v1/instances/{instance_id}", [id]) => self.resource(id).await,
             _ => return error(StatusCode::NOT_FOUND, "not_found", "no such path or method"),
         };
         result.unwrap_or_else(|e| store_error(&e))
@@ -654,4 +703,30 @@ async fn read_limited(req: Request<Incoming>, limit: usize, what: &str) -> Resul
         return Err(too_large());
     }
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_find_their_route_and_its_parameters() {
+        let route = |m: Method, path: &'static str| {
+            let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+            find_route(&m, &segments).map(|(verb, template, params)| (verb, template, params.join(",")))
+        };
+        assert_eq!(route(Method::GET, "/v1/events"), Some(("GET", "/v1/events", String::new())));
+        assert_eq!(route(Method::GET, "/v1/dlq/evt_a_1"), Some(("GET", "/v1/dlq/{id}", "evt_a_1".into())));
+        assert_eq!(route(Method::POST, "/v1/dlq/redrive"), Some(("POST", "/v1/dlq/redrive", String::new())));
+        assert_eq!(route(Method::POST, "/v1/usage"), Some(("POST", "/v1/usage", String::new())));
+        assert_eq!(route(Method::GET, "/v1/usage"), Some(("GET", "/v1/usage", String::new())));
+        assert_eq!(
+            route(Method::POST, "/v1/orders/CS1/redeem"),
+            Some(("POST", "/v1/orders/{order_id}/redeem", "CS1".into()))
+        );
+        assert_eq!(route(Method::POST, "/v1/dlq/evt_a_1"), None);
+        assert_eq!(route(Method::DELETE, "/v1/events"), None);
+        assert_eq!(route(Method::GET, "/v1/orders/CS1/redeem/x"), None);
+        assert_eq!(route(Method::GET, "/v1/nothing"), None);
+    }
 }

@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::domain::field;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Event types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum EventType {
     #[serde(rename = "subscription.created")]
     Created,
@@ -73,7 +74,7 @@ impl EventType {
 }
 
 /// How the purchase settles, from the SKU map.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Settlement {
     StoredValueCard {
@@ -86,7 +87,7 @@ pub enum Settlement {
 }
 
 /// One normalized event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     pub id: String,
     #[serde(rename = "type")]
@@ -97,7 +98,7 @@ pub struct Event {
 
 /// The event's facts. Every key is always present (`null` when unknown), so
 /// consumers see one stable shape.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct EventData {
     pub instance_id: Option<String>,
@@ -146,7 +147,47 @@ pub struct EventData {
     pub product_info: Option<Value>,
 }
 
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+impl EventType {
+    /// When the gateway emits this type (the catalogue's description).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Self::Created => "A new instance: newInstance (V1 and V2).",
+            Self::Renewed => "The instance was renewed: refreshInstance with scene RENEWAL.",
+            Self::Converted => "A trial became a paid subscription: refreshInstance with scene TRIAL_TO_FORMAL.",
+            Self::RenewalCancelled => {
+                "The customer unsubscribed a renewal period: refreshInstance with scene UNSUBSCRIBE_RENEWAL_PERIOD."
+            }
+            Self::Changed => {
+                "The subscription changed: upgradeInstance (V1 upgrade) or refreshInstance RENEWAL_CHANGE."
+            }
+            Self::Frozen => "The instance was frozen (V2 FREEZE, V1 instanceStatus FREEZE).",
+            Self::Unfrozen => "The instance was unfrozen (V2 UNFREEZE, V1 instanceStatus NORMAL).",
+            Self::Expired => "The instance expired: V1 expireInstance.",
+            Self::Released => "The instance was released (deleted, refunded): releaseInstance.",
+            Self::OrderUpdated => "KooGallery notified an order change: orderNotify.",
+        }
+    }
+
+    /// This type's JSON Schema (draft 2020-12), generated from [`Event`] as it
+    /// is serialized, with `type` fixed to this type: what
+    /// `docs/events/<type>.schema.json` holds (tests/it/catalogue.rs checks it).
+    pub fn schema(self) -> Value {
+        let generator = schemars::generate::SchemaSettings::draft2020_12().for_serialize().into_generator();
+        let mut schema = generator.into_root_schema_for::<Event>().to_value();
+        schema["title"] = Value::String(self.as_str().to_owned());
+        schema["description"] = Value::String(format!(
+            "{} Delivered as one Standard Webhooks request; deduplicate by `id` (also the webhook-id header).",
+            self.meaning()
+        ));
+        schema["properties"]["type"] = serde_json::json!({ "const": self.as_str() });
+        if let Some(defs) = schema.get_mut("$defs").and_then(Value::as_object_mut) {
+            defs.remove("EventType");
+        }
+        schema
+    }
+}
+
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Credentials {
     pub user_name: String,
     pub password: String,
@@ -158,7 +199,7 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Contact {
     pub mobile_phone: Option<String>,
     pub email: Option<String>,

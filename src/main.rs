@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use koogate::config::{self, Config, ConfigError, LogFormat, Source};
 use koogate::server::StartError;
 use koogate::tools::client::KooClient;
@@ -68,6 +68,11 @@ enum Command {
         admin: AdminArgs,
         #[command(subcommand)]
         action: InstancesAction,
+    },
+    /// Print a shell completion script, e.g. `koogate completions bash > /etc/bash_completion.d/koogate`.
+    Completions {
+        /// bash, zsh or fish (also elvish, powershell).
+        shell: clap_complete::Shell,
     },
 }
 
@@ -766,6 +771,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Instances { admin, action: InstancesAction::Show { instance_id, json } } => {
             let src = Source::load(config_file)?;
             return instance(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, &instance_id, json).await;
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "koogate", &mut std::io::stdout());
         }
         Command::Replay(args) => {
             let src = Source::load(config_file)?;

@@ -97,8 +97,11 @@ impl Billing {
         format!("http://{}/billing/events", self.addr)
     }
 
+    /// Every request so far; each signed one's event checked against its schema in docs/events/.
     pub fn arrivals(&self) -> Vec<Arrival> {
-        self.arrivals.lock().unwrap().clone()
+        let arrivals = self.arrivals.lock().unwrap().clone();
+        arrivals.iter().filter(|a| a.signature_ok).for_each(|a| super::catalogue::assert_event(&a.event));
+        arrivals
     }
 
     /// Ids answered 2xx, in order of arrival.

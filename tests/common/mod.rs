@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod billing;
+pub mod catalogue;
 pub mod cluster;
 pub mod kooapi;
 pub mod process;
@@ -168,12 +169,14 @@ impl TestGateway {
         self.dir.path().join("data").join("events.jsonl")
     }
 
-    /// Events written so far.
+    /// Events written so far, each checked against its schema in docs/events/.
     pub fn events(&self) -> Vec<Value> {
-        match std::fs::read_to_string(self.events_path()) {
+        let events: Vec<Value> = match std::fs::read_to_string(self.events_path()) {
             Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("events.jsonl line is JSON")).collect(),
             Err(_) => Vec::new(),
-        }
+        };
+        events.iter().for_each(catalogue::assert_event);
+        events
     }
 
     /// Waits until the outbox is empty (everything forwarded).

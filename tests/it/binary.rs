@@ -334,3 +334,45 @@ async fn dlq_and_replay_as_an_operator_uses_them() {
     assert_eq!(json["answers"][0]["fixture"], "v2/01-newInstance.json");
     assert_eq!(json["answers"][0]["ok"], true);
 }
+
+/// The verbs `koogate --help` lists (its `Commands:` section), `help` aside.
+fn verbs() -> Vec<String> {
+    let out = koogate().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let section = help.split("Commands:").nth(1).unwrap_or_else(|| panic!("no Commands: in {help}"));
+    section
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_name_every_verb() {
+    let verbs = verbs();
+    assert!(verbs.len() >= 10 && verbs.iter().any(|v| v == "completions"), "{verbs:?}");
+    for (shell, marker) in
+        [("bash", "complete -F _koogate"), ("zsh", "#compdef koogate"), ("fish", "complete -c koogate")]
+    {
+        let out = koogate().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: no {marker:?}");
+        let missing: Vec<&String> = verbs.iter().filter(|v| !script.contains(v.as_str())).collect();
+        assert!(missing.is_empty(), "{shell} completions do not name {missing:?}");
+        // Nested verbs and flags too, not only the top level.
+        assert!(script.contains("redrive") && script.contains("admin-token"), "{shell}: nested verbs or flags missing");
+        if shell == "bash" {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("koogate.bash");
+            std::fs::write(&file, &script).unwrap();
+            let check = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            assert!(check.status.success(), "bash -n refuses the script: {}", String::from_utf8_lossy(&check.stderr));
+        }
+    }
+    let out = koogate().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
+}
