@@ -123,9 +123,9 @@ pub struct Worker<S: ?Sized = dyn Store> {
     /// Entries that left the outbox here and are not settled in the store
     /// yet: settled together, in one batch, before the next round.
     to_settle: Vec<(OutboxEntry, Option<DeadLetter>)>,
-    /// The delivered sequence of instances as this worker last settled it (a
-    /// lower bound of the store's, which never goes back): an event right
-    /// after it may go without asking the store.
+    /// The delivered sequence of instances as this worker last settled or
+    /// read it (a lower bound of the store's, which never goes back): an
+    /// event right after it may go without asking the store.
     settled: HashMap<String, u64>,
 }
 
@@ -312,7 +312,17 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         let ask: Vec<&str> =
             heads.iter().zip(&known).filter(|(_, k)| k.is_none()).map(|(s, _)| s.as_str()).collect();
         if !ask.is_empty() {
-            let mut asked = self.store.delivered_seq(&ask).await?.into_iter();
+            let asked = self.store.delivered_seq(&ask).await?;
+            // What the store said is a lower bound too: remembered, the next
+            // round does not ask again for a head that waited for a free slot.
+            if self.settled.len() + asked.len() > SETTLED_CACHE {
+                self.settled.clear();
+            }
+            for (subject, &done) in ask.iter().zip(&asked) {
+                let known = self.settled.entry((*subject).to_owned()).or_default();
+                *known = (*known).max(done);
+            }
+            let mut asked = asked.into_iter();
             for k in known.iter_mut().filter(|k| k.is_none()) {
                 *k = asked.next();
             }
