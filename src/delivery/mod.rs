@@ -309,8 +309,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 }
             })
             .collect();
-        let ask: Vec<&str> =
-            heads.iter().zip(&known).filter(|(_, k)| k.is_none()).map(|(s, _)| s.as_str()).collect();
+        let ask: Vec<&str> = heads.iter().zip(&known).filter(|(_, k)| k.is_none()).map(|(s, _)| s.as_str()).collect();
         if !ask.is_empty() {
             let asked = self.store.delivered_seq(&ask).await?;
             // What the store said is a lower bound too: remembered, the next
