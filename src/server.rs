@@ -43,6 +43,8 @@ pub enum StartError {
     OrderApi(crate::marketplace::order::OrderError),
     #[error("KOOGATE_MARKETPLACE_URL: {0}")]
     UsageApi(String),
+    #[error("cannot start the delivery thread: {0}")]
+    DeliveryThread(std::io::Error),
 }
 
 impl From<StoreError> for StartError {
@@ -92,6 +94,37 @@ impl Running {
         }
         self.stop().await;
     }
+}
+
+/// Runs the delivery worker on a thread of its own, with a one-thread Tokio
+/// runtime: delivery catching up with a backlog gets one thread's share of
+/// the machine beside the call path's runtime, and its bursts of work
+/// (building, signing and sending events) do not queue on the threads that
+/// answer calls. A task of the main runtime waits for it, so stopping waits
+/// for delivery's grace period as before.
+fn spawn_delivery(
+    tasks: &mut JoinSet<()>,
+    worker: delivery::Worker,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("koogate-delivery")
+        .build()
+        .map_err(StartError::DeliveryThread)?;
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("koogate-delivery".into())
+        .spawn(move || {
+            runtime.block_on(worker.run(shutdown, grace));
+            let _ = done.send(());
+        })
+        .map_err(StartError::DeliveryThread)?;
+    tasks.spawn(async move {
+        let _ = finished.await;
+    });
+    Ok(())
 }
 
 /// Opens the store, binds the listeners and starts serving. Each component gets its part of `config`.
@@ -166,7 +199,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     };
     let worker = delivery::Worker::new(Arc::clone(&store), sink, delivery.worker, enricher);
-    tasks.spawn(worker.run(shutdown.clone(), grace));
+    spawn_delivery(&mut tasks, worker, shutdown.clone(), grace)?;
     let hosts: Vec<String> = std::iter::once(&usage.url)
         .chain(&usage.fallback_urls)
         .filter_map(|u| reqwest::Url::parse(u).ok())

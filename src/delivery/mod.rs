@@ -35,7 +35,7 @@ pub mod jsonl;
 pub mod sink;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ use crate::accounts;
 use crate::backoff::Schedule;
 use crate::events;
 use crate::metrics as m;
-use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Store, StoreError};
+use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Settle, Store, StoreError};
 use enrich::Enricher;
 pub use sink::{Message, Sink, SinkError};
 
@@ -120,12 +120,22 @@ pub struct Worker<S: ?Sized = dyn Store> {
     last_takeover: Option<Instant>,
     /// Where the next scan for due instances starts.
     scan_from: Option<String>,
+    /// Entries that left the outbox here and are not settled in the store
+    /// yet: settled together, in one batch, before the next round.
+    to_settle: Vec<(OutboxEntry, Option<DeadLetter>)>,
+    /// The delivered sequence of instances as this worker last settled or
+    /// read it (a lower bound of the store's, which never goes back): an
+    /// event right after it may go without asking the store.
+    settled: HashMap<String, u64>,
 }
 
 const CLAIM_BATCH: usize = 256;
 const MAX_HELD: usize = 1024;
 const TICK: Duration = Duration::from_millis(50);
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// Instances whose delivered sequence the worker remembers at most (then it
+/// forgets them all and asks the store again).
+const SETTLED_CACHE: usize = 65_536;
 
 impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     pub fn new(store: Arc<S>, sink: Arc<dyn Sink>, settings: Settings, enricher: Option<Enricher>) -> Self {
@@ -140,6 +150,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             last_claim: None,
             last_takeover: None,
             scan_from: None,
+            to_settle: Vec::new(),
+            settled: HashMap::new(),
         }
     }
 
@@ -160,7 +172,9 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             if shutdown.is_cancelled() {
                 break;
             }
+            self.flush_settles().await;
             let round = self.round(&mut inflight).await;
+            self.flush_settles().await;
             let pause = match round {
                 Ok(()) => {
                     store_backoff = TICK;
@@ -187,8 +201,13 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    if let Ok((entry, attempt, took)) = done {
-                        self.finish(entry, attempt, took).await;
+                    // Every delivery that is done by now, settled together next round.
+                    let mut done = Some(done);
+                    while let Some(next) = done {
+                        if let Ok((entry, attempt, took)) = next {
+                            self.finish(entry, attempt, took).await;
+                        }
+                        done = inflight.try_join_next();
                     }
                 }
                 _ = tokio::time::sleep(pause) => {}
@@ -209,6 +228,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 }
             }
         }
+        self.flush_settles().await;
         tracing::info!("delivery stopped");
     }
 
@@ -273,10 +293,42 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         if heads.is_empty() {
             return Ok(());
         }
-        let refs: Vec<&str> = heads.iter().map(String::as_str).collect();
-        let delivered = self.store.delivered_seq(&refs).await?;
+        // The store is asked only for heads this worker's own settles do not
+        // place: a redrive goes anyway; an event right after the last one
+        // settled here may go; one at or before it was settled already.
+        let mut known: Vec<Option<u64>> = heads
+            .iter()
+            .map(|s| {
+                let queue = self.held.get(s)?;
+                let (&seq, head) = queue.iter().next()?;
+                let settled = self.settled.get(s).copied();
+                if head.entry.redrive {
+                    Some(0)
+                } else {
+                    settled.filter(|&done| seq <= done + 1)
+                }
+            })
+            .collect();
+        let ask: Vec<&str> = heads.iter().zip(&known).filter(|(_, k)| k.is_none()).map(|(s, _)| s.as_str()).collect();
+        if !ask.is_empty() {
+            let asked = self.store.delivered_seq(&ask).await?;
+            // What the store said is a lower bound too: remembered, the next
+            // round does not ask again for a head that waited for a free slot.
+            if self.settled.len() + asked.len() > SETTLED_CACHE {
+                self.settled.clear();
+            }
+            for (subject, &done) in ask.iter().zip(&asked) {
+                let known = self.settled.entry((*subject).to_owned()).or_default();
+                *known = (*known).max(done);
+            }
+            let mut asked = asked.into_iter();
+            for k in known.iter_mut().filter(|k| k.is_none()) {
+                *k = asked.next();
+            }
+        }
         let mut started = 0;
-        for (subject, done) in heads.into_iter().zip(delivered) {
+        for (subject, done) in heads.into_iter().zip(known) {
+            let done = done.unwrap_or_default();
             if started >= free {
                 break;
             }
@@ -286,7 +338,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 // Settled before (a stale claim of an event another replica finished).
                 let entry = head.entry.clone();
                 queue.remove(&seq);
-                self.store.settle(&entry, None).await?;
+                self.to_settle.push((entry, None));
                 continue;
             }
             if !head.entry.redrive && seq > done + 1 {
@@ -305,7 +357,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 if queue.is_empty() {
                     self.held.remove(&subject);
                 }
-                self.store.settle(&entry, None).await?;
+                self.to_settle.push((entry, None));
                 m::delivery_attempt("skipped_test");
                 continue;
             }
@@ -361,7 +413,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                     m::delivery_lag(Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
                 }
                 tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
-                self.store.settle(&entry, None).await
+                self.to_settle.push((entry.clone(), None));
+                Ok(())
             }
             Err(SinkError::Permanent(error)) => {
                 m::delivery_attempt("failed_permanent");
@@ -403,7 +456,38 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         m::delivery_attempt("dead_lettered");
         tracing::error!(event_id = %entry.id, attempts = attempts.attempts, last_error = attempts.last_error.as_deref().unwrap_or(""), "event dead-lettered");
         let dead = DeadLetter { entry: entry.clone(), attempts, dead_at_ms: now_ms() };
-        self.store.settle(entry, Some(&dead)).await
+        self.to_settle.push((entry.clone(), Some(dead)));
+        Ok(())
+    }
+
+    /// Settles what left the outbox since the last call, in one batch, and
+    /// remembers each instance's delivered sequence. On failure the entries
+    /// stay in the outbox, claimed: they are tried again after the
+    /// visibility timeout (as when a single settle failed).
+    async fn flush_settles(&mut self) {
+        if self.to_settle.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_settle);
+        let settles: Vec<Settle<'_>> =
+            batch.iter().map(|(entry, dead)| Settle { entry, dead: dead.as_ref() }).collect();
+        match self.store.settle(&settles).await {
+            Ok(()) => {
+                if self.settled.len() + batch.len() > SETTLED_CACHE {
+                    self.settled.clear();
+                }
+                for (entry, _) in &batch {
+                    let (subject, seq) = entry.subject_seq();
+                    let done = self.settled.entry(subject.to_owned()).or_default();
+                    *done = (*done).max(seq);
+                }
+            }
+            Err(e) => {
+                for (entry, _) in &batch {
+                    tracing::error!(event_id = %entry.id, error = %e, "delivery: could not record the outcome; the event will be tried again");
+                }
+            }
+        }
     }
 
     async fn update_gauges(&self) {

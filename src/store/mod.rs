@@ -138,9 +138,11 @@ pub trait Outbox {
     /// Records a failed attempt and when to try again.
     async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError>;
 
-    /// The entry left the outbox: delivered (`dead` = None) or dead-lettered.
-    /// Atomically advances its instance's delivered sequence and removes it.
-    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError>;
+    /// Entries left the outbox: delivered (`dead` = None) or dead-lettered.
+    /// For each, atomically advances its instance's delivered sequence and
+    /// removes it. One batch costs a round trip (a script per shard on Redis,
+    /// one transaction embedded), whatever its size.
+    async fn settle(&self, settles: &[Settle<'_>]) -> Result<(), StoreError>;
 
     /// The highest delivered (or dead-lettered) sequence of each instance.
     async fn delivered_seq(&self, subjects: &[&str]) -> Result<Vec<u64>, StoreError>;
@@ -242,6 +244,20 @@ pub trait AccountIndex {
     /// The records of several instances, in the order asked (an unknown id
     /// gives an empty record).
     async fn instance_records(&self, instance_ids: &[String]) -> Result<Vec<Record>, StoreError>;
+}
+
+/// One entry leaving the outbox ([`Outbox::settle`]): delivered (`dead` =
+/// None) or dead-lettered with this letter.
+#[derive(Clone, Copy, Debug)]
+pub struct Settle<'a> {
+    pub entry: &'a OutboxEntry,
+    pub dead: Option<&'a DeadLetter>,
+}
+
+impl<'a> Settle<'a> {
+    pub fn delivered(entry: &'a OutboxEntry) -> Self {
+        Self { entry, dead: None }
+    }
 }
 
 /// Opens the store a `KOOGATE_STORE` value names.

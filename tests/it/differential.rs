@@ -29,7 +29,7 @@ use koogate::protocol::call::{parse_v1, parse_v2};
 use koogate::protocol::crypto::{self, EncryptType};
 use koogate::secret::Secret;
 use koogate::store::keys::{instance_id_for, instance_id_for_item};
-use koogate::store::{self, Attempts, DeadLetter, OutboxEntry, Outcome, Record, Store, StoreSpec};
+use koogate::store::{self, Attempts, DeadLetter, OutboxEntry, Outcome, Record, Settle, Store, StoreSpec};
 use koogate::usage::{StoredUsage, UsageRecord, UsageSettle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -523,23 +523,42 @@ impl Run {
                 self.embedded.record_attempt(&self.entries(std::slice::from_ref(id), 1)[0], &attempts).await.unwrap();
             }
             7 | 8 => {
+                // A batch, as the worker settles: delivered and dead-lettered mixed.
                 let from_seen = self.chance(0.15);
                 let ids = self.entry_ids(from_seen);
-                let Some(id) = ids.first().cloned() else { return };
-                let dead = self.chance(0.4);
+                if ids.is_empty() {
+                    return;
+                }
+                let dead: Vec<bool> = ids.iter().map(|_| self.chance(0.4)).collect();
                 let attempts = Attempts {
                     attempts: 12,
                     first_attempt_ms: self.clock - 90_000,
                     next_attempt_ms: 0,
                     last_error: Some("410 Gone".into()),
                 };
-                self.op = format!("settle({id}, dead={dead})");
+                self.op = format!("settle({ids:?}, dead={dead:?})");
                 for (store, s) in [(0, Arc::clone(&self.redis)), (1, Arc::clone(&self.embedded))] {
-                    let entry = self.entries(std::slice::from_ref(&id), store).remove(0);
-                    let letter =
-                        DeadLetter { entry: entry.clone(), attempts: attempts.clone(), dead_at_ms: self.clock };
-                    s.settle(&entry, dead.then_some(&letter)).await.unwrap();
-                    self.claimed[store].remove(&id);
+                    let entries = self.entries(&ids, store);
+                    let letters: Vec<Option<DeadLetter>> = entries
+                        .iter()
+                        .zip(&dead)
+                        .map(|(entry, &dead)| {
+                            dead.then(|| DeadLetter {
+                                entry: entry.clone(),
+                                attempts: attempts.clone(),
+                                dead_at_ms: self.clock,
+                            })
+                        })
+                        .collect();
+                    let settles: Vec<Settle<'_>> = entries
+                        .iter()
+                        .zip(&letters)
+                        .map(|(entry, dead)| Settle { entry, dead: dead.as_ref() })
+                        .collect();
+                    s.settle(&settles).await.unwrap();
+                    for id in &ids {
+                        self.claimed[store].remove(id);
+                    }
                 }
             }
             9 => {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{err, get_json, get_record, put_json, put_record, unexpected, EmbeddedStore, Reply, INSTANCES, META};
-use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, Record, StoreError};
+use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
 
 pub(super) const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 pub(super) const ATTEMPTS: TableDefinition<&str, &str> = TableDefinition::new("attempts");
@@ -151,11 +151,24 @@ impl Outbox for EmbeddedStore {
         Ok(())
     }
 
-    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
-        let (e, d) = (entry.clone(), dead.cloned());
-        self.write(move |txn| settle_in(txn, &e, d.as_ref()).map(|()| (Reply::Done, true))).await?;
-        if let Ok(seq) = entry.cursor.parse::<u64>() {
-            self.claims.lock().map_err(|_| err("claims lock poisoned"))?.inflight.remove(&seq);
+    async fn settle(&self, settles: &[Settle<'_>]) -> Result<(), StoreError> {
+        if settles.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<(OutboxEntry, Option<DeadLetter>)> =
+            settles.iter().map(|s| (s.entry.clone(), s.dead.cloned())).collect();
+        self.write(move |txn| {
+            for (entry, dead) in &batch {
+                settle_in(txn, entry, dead.as_ref())?;
+            }
+            Ok((Reply::Done, true))
+        })
+        .await?;
+        let mut claims = self.claims.lock().map_err(|_| err("claims lock poisoned"))?;
+        for s in settles {
+            if let Ok(seq) = s.entry.cursor.parse::<u64>() {
+                claims.inflight.remove(&seq);
+            }
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use redis::{Script, Value};
 use super::{bytes, record_of, Conn, RedisStore};
 use crate::domain::field;
 use crate::store::keys::instance_shard;
+use crate::store::plan::event_id;
 use crate::store::{CallStore, Outcome, Plan, Record, Redeem, StoreError};
 
 pub(super) struct Scripts {
@@ -23,22 +24,81 @@ impl Scripts {
     }
 }
 
-/// Turns the script's reply into an [`Outcome`].
-fn outcome_of(reply: Vec<Value>) -> Result<Outcome, StoreError> {
+/// The plan as `apply.lua`'s flat arguments (the layout is described at the
+/// top of the script): no JSON for the script to decode, and each branch's
+/// field lists in the order `HSET` takes them.
+fn plan_args(plan: &Plan) -> Vec<Vec<u8>> {
+    let mut args: Vec<Vec<u8>> = Vec::with_capacity(8 + plan.branches.len() * 16);
+    args.push(plan.nonce.clone().unwrap_or_default().into_bytes());
+    args.push(plan.nonce_ttl_secs.to_string().into_bytes());
+    let dedup = match (&plan.dedup, &plan.dedup_legacy) {
+        (None, _) => "0",
+        (Some(_), None) => "1",
+        (Some(_), Some(_)) => "2",
+    };
+    args.push(dedup.into());
+    args.push(if plan.read.is_empty() { "0" } else { "1" }.into());
+    args.push(plan.subject.clone().into_bytes());
+    args.push(plan.branches.len().to_string().into_bytes());
+    for (status, branch) in &plan.branches {
+        args.push(status.clone().into_bytes());
+        let kept = if branch.keep { format!("{}{}", branch.code, branch.answer) } else { String::new() };
+        args.push(kept.into_bytes());
+        let extra = usize::from(branch.event.is_some());
+        args.push((branch.set.len() + extra).to_string().into_bytes());
+        for (k, v) in &branch.set {
+            args.push(k.clone().into_bytes());
+            args.push(v.clone().into_bytes());
+        }
+        if extra == 1 {
+            // Filled in by the script with the new sequence number.
+            args.push(b"seq".to_vec());
+            args.push(Vec::new());
+        }
+        args.push(branch.order_set.len().to_string().into_bytes());
+        for (k, v) in &branch.order_set {
+            args.push(k.clone().into_bytes());
+            args.push(v.clone().into_bytes());
+        }
+        match &branch.event {
+            None => args.push(b"0".to_vec()),
+            Some(event) => {
+                args.push(b"1".to_vec());
+                args.push(event.kind.clone().into_bytes());
+                args.push(event.occurred_at.clone().into_bytes());
+                args.push(if event.test { "1" } else { "0" }.into());
+                args.push(event.change.clone().into_bytes());
+            }
+        }
+    }
+    args
+}
+
+/// Turns the script's reply into an [`Outcome`]; an applied branch's answer
+/// comes from the plan (the script names the branch by its number).
+fn outcome_of(plan: &Plan, reply: Vec<Value>) -> Result<Outcome, StoreError> {
     let bad = || StoreError::Protocol(format!("unexpected script reply {reply:?}"));
     let tag = reply.first().and_then(bytes).ok_or_else(bad)?;
     let text = |i: usize| reply.get(i).and_then(bytes).ok_or_else(bad);
+    let int = |i: usize| reply.get(i).and_then(|v| redis::from_redis_value::<u64>(v).ok()).ok_or_else(bad);
     Ok(match tag.as_str() {
         "replay" => Outcome::Replay,
-        "kept" => Outcome::Kept { code: text(1)?, answer: text(2)? },
+        "kept" => {
+            let kept = text(1)?;
+            let cut = if kept.is_char_boundary(6) { 6 } else { kept.len() };
+            let (code, answer) = kept.split_at(cut.min(kept.len()));
+            Outcome::Kept { code: code.to_owned(), answer: answer.to_owned() }
+        }
         "read" => Outcome::Read { records: reply[1..].iter().map(record_of).collect() },
         "applied" => {
-            let event_id = text(3)?;
+            let number = usize::try_from(int(1)?).map_err(|_| bad())?;
+            let branch = number.checked_sub(1).and_then(|i| plan.branches.values().nth(i)).ok_or_else(bad)?;
+            let seq = int(2)?;
             Outcome::Applied {
-                code: text(1)?,
-                answer: text(2)?,
-                event_id: (!event_id.is_empty()).then_some(event_id),
-                prior_status: text(4)?,
+                code: branch.code.clone(),
+                answer: branch.answer.clone(),
+                event_id: (seq > 0).then(|| event_id(&plan.subject, seq)),
+                prior_status: text(3)?,
             }
         }
         _ => return Err(bad()),
@@ -48,7 +108,6 @@ fn outcome_of(reply: Vec<Value>) -> Result<Outcome, StoreError> {
 #[async_trait]
 impl CallStore for RedisStore {
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError> {
-        let json = serde_json::to_string(plan).map_err(|e| StoreError::Protocol(e.to_string()))?;
         let shard = plan.shard;
         let mut invocation = self.calls.apply.prepare_invoke();
         invocation
@@ -73,10 +132,12 @@ impl CallStore for RedisStore {
         for id in &here {
             invocation.key(self.keys.instance(id));
         }
-        invocation.arg(json);
+        for arg in plan_args(plan) {
+            invocation.arg(arg);
+        }
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
-        match outcome_of(reply)? {
+        match outcome_of(plan, reply)? {
             Outcome::Read { records } if !elsewhere.is_empty() => {
                 let others = self.read_instances(elsewhere.iter().map(|id| id.as_str())).await?;
                 let (mut here_records, mut other_records) = (records.into_iter(), others.into_iter());

@@ -3,7 +3,7 @@
 //! `settle.lua` and `redrive.lua` move an entry out of (or back into) its
 //! stream atomically.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +12,10 @@ use redis::{Script, Value};
 
 use super::{every_shard, RedisStore, GROUP};
 use crate::store::keys::{instance_shard, SHARDS};
-use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, StoreError};
+use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
+
+/// Events per settle.lua run at most (Lua's `unpack` has a limit).
+const SETTLE_CHUNK: usize = 256;
 
 pub(super) struct Scripts {
     settle: Script,
@@ -65,7 +68,20 @@ fn field(id: &StreamId, name: &str) -> Option<String> {
 /// skipped with a log line (they cannot have come from `apply.lua`).
 fn entry_from_stream(shard: u8, id: &StreamId) -> Option<OutboxEntry> {
     let parse = || -> Option<OutboxEntry> {
-        let record: HashMap<String, String> = serde_json::from_str(&field(id, "record")?).ok()?;
+        // `fields`: the record as HGETALL's flat list (apply.lua); `record`: a
+        // JSON object (redrive.lua, and entries written before `fields`).
+        let record: Record = match field(id, "fields") {
+            Some(flat) => {
+                let flat: Vec<String> = serde_json::from_str(&flat).ok()?;
+                let mut pairs = flat.into_iter();
+                let mut record = Record::new();
+                while let (Some(k), Some(v)) = (pairs.next(), pairs.next()) {
+                    record.insert(k, v);
+                }
+                record
+            }
+            None => serde_json::from_str(&field(id, "record")?).ok()?,
+        };
         let change = match serde_json::from_str(&field(id, "change")?).ok()? {
             serde_json::Value::Object(map) => map,
             _ => return None,
@@ -77,7 +93,7 @@ fn entry_from_stream(shard: u8, id: &StreamId) -> Option<OutboxEntry> {
             kind: field(id, "type")?,
             occurred_at: field(id, "occurred_at")?,
             test: field(id, "test")? == "1",
-            record: record.into_iter().collect(),
+            record,
             change,
             redrive: field(id, "redrive").as_deref() == Some("1"),
         })
@@ -166,16 +182,30 @@ impl Outbox for RedisStore {
     }
 
     async fn attempts(&self, entries: &[OutboxEntry]) -> Result<Vec<Option<Attempts>>, StoreError> {
-        let cmds = entries
+        // One HMGET per shard for the whole batch.
+        let mut by_shard: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            by_shard.entry(e.shard).or_default().push(i);
+        }
+        let cmds = by_shard
             .iter()
-            .map(|e| {
-                let mut cmd = redis::cmd("HGET");
-                cmd.arg(self.keys.attempts(e.shard)).arg(&e.id);
-                (e.shard, cmd)
+            .map(|(&shard, idx)| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(self.keys.attempts(shard));
+                for &i in idx {
+                    cmd.arg(&entries[i].id);
+                }
+                (shard, cmd)
             })
             .collect();
-        let raw: Vec<Option<String>> = self.query_all(cmds).await?;
-        Ok(raw.into_iter().map(|r| r.and_then(|json| serde_json::from_str(&json).ok())).collect())
+        let raw: Vec<Vec<Option<String>>> = self.query_all(cmds).await?;
+        let mut out = vec![None; entries.len()];
+        for (idx, values) in by_shard.values().zip(raw) {
+            for (&i, value) in idx.iter().zip(values) {
+                out[i] = value.and_then(|json| serde_json::from_str(&json).ok());
+            }
+        }
+        Ok(out)
     }
 
     async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError> {
@@ -190,27 +220,36 @@ impl Outbox for RedisStore {
         Ok(())
     }
 
-    async fn settle(&self, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
-        let (subject, seq) = entry.subject_seq();
-        let dead = match dead {
-            Some(d) => serde_json::to_string(d).map_err(|e| StoreError::Protocol(e.to_string()))?,
-            None => String::new(),
-        };
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .outbox
-            .settle
-            .key(self.keys.instance(subject))
-            .key(self.keys.outbox(entry.shard))
-            .key(self.keys.attempts(entry.shard))
-            .key(self.keys.dlq(entry.shard))
-            .arg(&entry.id)
-            .arg(seq)
-            .arg(&entry.cursor)
-            .arg(GROUP)
-            .arg(dead)
-            .invoke_async(&mut conn)
-            .await?;
+    async fn settle(&self, settles: &[Settle<'_>]) -> Result<(), StoreError> {
+        // One settle.lua per shard (a script's keys must share a slot), at most
+        // SETTLE_CHUNK events each, all sent at once.
+        let mut by_shard: BTreeMap<u8, Vec<&Settle<'_>>> = BTreeMap::new();
+        for s in settles {
+            by_shard.entry(s.entry.shard).or_default().push(s);
+        }
+        let mut runs = Vec::new();
+        for (shard, group) in by_shard {
+            for chunk in group.chunks(SETTLE_CHUNK) {
+                let mut invocation = self.outbox.settle.prepare_invoke();
+                invocation.key(self.keys.outbox(shard)).key(self.keys.attempts(shard)).key(self.keys.dlq(shard));
+                invocation.arg(GROUP);
+                for s in chunk {
+                    let (subject, seq) = s.entry.subject_seq();
+                    let dead = match s.dead {
+                        Some(d) => serde_json::to_string(d).map_err(|e| StoreError::Protocol(e.to_string()))?,
+                        None => String::new(),
+                    };
+                    invocation.key(self.keys.instance(subject));
+                    invocation.arg(&s.entry.id).arg(seq).arg(&s.entry.cursor).arg(dead);
+                }
+                runs.push(invocation);
+            }
+        }
+        let calls = runs.iter().map(|invocation| {
+            let mut conn = self.conn.clone();
+            async move { invocation.invoke_async::<i64>(&mut conn).await }
+        });
+        futures::future::try_join_all(calls).await?;
         Ok(())
     }
 

@@ -1,16 +1,29 @@
--- koogate: an event left the outbox, delivered or dead-lettered.
--- KEYS[1] instance record  KEYS[2] outbox stream  KEYS[3] attempts hash  KEYS[4] dead-letter hash
--- ARGV[1] event id  ARGV[2] seq  ARGV[3] stream entry id  ARGV[4] group
--- ARGV[5] dead letter JSON ('' when delivered)
-local seq = tonumber(ARGV[2])
-local done = tonumber(redis.call('HGET', KEYS[1], 'delivered_seq') or '0')
-if seq > done then
-  redis.call('HSET', KEYS[1], 'delivered_seq', seq)
+-- koogate: events left the outbox, delivered or dead-lettered (a batch of one shard).
+-- KEYS[1] outbox stream  KEYS[2] attempts hash  KEYS[3] dead-letter hash
+-- KEYS[3 + i] the instance record of the i-th event
+-- ARGV[1] group, then four per event: event id, seq, stream entry id,
+-- dead letter JSON ('' when delivered)
+-- Per event: the instance's delivered_seq advances (never goes back) and a
+-- dead letter is kept; then one HDEL, XACK and XDEL for the whole batch.
+local ids, cursors = {}, {}
+local n = (#ARGV - 1) / 4
+for i = 1, n do
+  local a = 2 + (i - 1) * 4
+  local key = KEYS[3 + i]
+  local seq = tonumber(ARGV[a + 1])
+  local done = tonumber(redis.call('HGET', key, 'delivered_seq') or '0')
+  if seq > done then
+    redis.call('HSET', key, 'delivered_seq', seq)
+  end
+  if ARGV[a + 3] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 3])
+  end
+  ids[i] = ARGV[a]
+  cursors[i] = ARGV[a + 2]
 end
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+if n > 0 then
+  redis.call('HDEL', KEYS[2], unpack(ids))
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(cursors))
+  redis.call('XDEL', KEYS[1], unpack(cursors))
 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
-redis.call('XDEL', KEYS[2], ARGV[3])
-return 1
+return n
