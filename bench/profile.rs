@@ -206,7 +206,7 @@ fn summarize(folded: &str) -> Profile {
     }
     let share = |n: u64| if total == 0 { 0.0 } else { n as f64 / total as f64 };
     let mut top: Vec<(String, u64)> = by_leaf.into_iter().collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     Profile {
         svg: String::new(),
         call_graph: String::new(),
