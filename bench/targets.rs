@@ -328,6 +328,9 @@ pub fn koogate_env(kind: TargetKind, s: &Settings) -> BTreeMap<String, String> {
         ("KOOGATE_KEY_PREFIX".into(), s.prefix_of(kind)),
         ("KOOGATE_DATA_DIR".into(), dir.join("data").display().to_string()),
         ("KOOGATE_MAX_INFLIGHT".into(), "100000".into()),
+        // Every connection of the bench comes from 127.0.0.1: the per-peer cap (256 by default)
+        // would close most of the 1,000 idle connections at once.
+        ("KOOGATE_MAX_CONNS_PER_PEER".into(), "0".into()),
         ("KOOGATE_FRONTEND_URL".into(), "https://bench.invalid/koogallery".into()),
         ("KOOGATE_LOG_FORMAT".into(), "json".into()),
         ("KOOGATE_SHUTDOWN_GRACE_SECS".into(), "2".into()),
