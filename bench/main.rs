@@ -14,8 +14,10 @@
 //! ```
 
 mod delivery;
+mod http_sink;
 mod load;
 mod probe;
+mod profile;
 mod report;
 mod targets;
 mod usage;
@@ -129,6 +131,13 @@ struct RunArgs {
     /// Fail (exit 1) when any phase of any target has more errors than this share.
     #[arg(long, default_value_t = 0.01)]
     max_error_rate: f64,
+    /// Profile each koogate target with `perf` in an extra peak-load phase (after the measured ones) and
+    /// draw a flame graph beside the results (bench/results/flame-<target>.svg); skipped when perf is unavailable.
+    #[arg(long)]
+    flamegraph: bool,
+    /// `perf record --call-graph` mode of --flamegraph (`dwarf` unwinds code built without frame pointers).
+    #[arg(long, default_value = "dwarf,16384")]
+    perf_call_graph: String,
 }
 
 /// The run's parameters after defaults and `--smoke`.
@@ -144,6 +153,8 @@ struct Ctx {
     max_error_rate: f64,
     out: PathBuf,
     settings: Settings,
+    /// `--flamegraph`: the `perf record --call-graph` mode.
+    flamegraph: Option<String>,
 }
 
 impl Ctx {
@@ -279,6 +290,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         settle: Duration::from_millis(if smoke { 50 } else { 300 }),
         ticks: probe::clock_ticks(),
         max_error_rate: args.max_error_rate,
+        flamegraph: args.flamegraph.then(|| args.perf_call_graph.clone()),
         out,
         settings: Settings {
             redis_url: redis_url.clone(),
@@ -324,6 +336,30 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let delivery_http = if redis_error.is_none() && kinds_have_redis(&reports) {
+        eprintln!("== delivery at peak: koogate (redis) -> koogate sink over HTTP");
+        let max_drain = Duration::from_secs(if smoke { 5 } else { 30 });
+        match http_sink::measure(&ctx.settings, ctx.warmup, connections, ctx.peak(), mix, max_drain).await {
+            Ok(d) => {
+                eprintln!(
+                    "   {} calls at {:.0}/s created {} events; delivered {:.0} events/s under load, drained {} after the load stopped ({:.0} events/s in all)",
+                    d.calls,
+                    d.calls_per_sec,
+                    d.events_created,
+                    d.events_per_sec_under_load,
+                    d.drain_secs.map_or_else(|| format!("NOT within {max_drain:?} ({} left)", d.left), |s| format!("in {s:.2} s")),
+                    d.events_per_sec
+                );
+                Some(d)
+            }
+            Err(e) => {
+                eprintln!("   HTTP delivery phase failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let usage = if redis_error.is_none() && needs_redis {
         eprintln!("== usage push: ledger -> simulated KooGallery usage API");
         let (instances, per_instance) = if smoke { (2, 100) } else { (20, 1000) };
@@ -357,8 +393,18 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     info.total_secs = started.elapsed().as_secs_f64();
     let mut summary = report::build(&info, &reports);
     summary["delivery"] = serde_json::to_value(&delivery)?;
+    summary["delivery_http"] = serde_json::to_value(&delivery_http)?;
     summary["usage"] = serde_json::to_value(&usage)?;
     println!("{}", report::table(&info, &reports, &summary));
+    if let Some(d) = &delivery_http {
+        println!(
+            "delivery at peak to koogate sink (HTTP): {:.0} calls/s, {:.0} events/s delivered under load, outbox drained {} after the load ({:.0} events/s sustained)\n",
+            d.calls_per_sec,
+            d.events_per_sec_under_load,
+            d.drain_secs.map_or_else(|| format!("NOT ({} left)", d.left), |s| format!("in {s:.2} s")),
+            d.events_per_sec
+        );
+    }
     report::write(&ctx.out, &summary)?;
     println!("results written to {} ({:.1} s in all)", ctx.out.display(), info.total_secs);
 
@@ -461,8 +507,17 @@ async fn measure(
     };
     let cpu_before = CpuSnapshot::take(t.pid, redis_pid, ctx.ticks);
 
+    let stages_before = match t.admin_addr {
+        Some(admin) => probe::call_stages(admin).await,
+        None => None,
+    };
     let peak = load::closed_loop(t.addr, &workload, conns, Limit::Time(ctx.peak())).await?;
     progress("peak", &peak);
+    if let (Some(admin), Some(before)) = (t.admin_addr, &stages_before) {
+        if let Some(after) = probe::call_stages(admin).await {
+            report.stages_usec_per_call = Some(probe::stages_per_call(before, &after));
+        }
+    }
     anyhow::ensure!(peak.rps > 0.0, "no call was answered in the peak phase: {:?}", peak.error_samples);
     report.phases.peak = Some(peak.clone());
     drain(t, ctx, report, "peak").await;
@@ -512,6 +567,17 @@ async fn measure(
             report.redis_memory = Some(memory);
         }
     }
+    if let Some(call_graph) = ctx.flamegraph.as_deref().filter(|_| t.kind.is_koogate()) {
+        match profile_peak(t, ctx, &workload, call_graph).await {
+            Ok(Some((stats, profile))) => {
+                eprintln!("   flame graph: {} (sample weight {})", profile.svg, profile.weight);
+                report.phases.profiled_peak = Some(stats);
+                report.profile = Some(profile);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("   flame graph failed: {e:#}"),
+        }
+    }
     let rss_after_load = t.pid.and_then(probe::rss_mib);
 
     // … and after the load (the heap grown under load stays: a steady-state figure).
@@ -539,6 +605,47 @@ async fn measure(
         });
     }
     Ok(())
+}
+
+/// Does the run have koogate on Redis (for the HTTP delivery phase)?
+fn kinds_have_redis(reports: &BTreeMap<TargetKind, TargetReport>) -> bool {
+    reports.contains_key(&TargetKind::Redis)
+}
+
+/// Where the flame graph of a target goes: beside the results file
+/// (`flame-redis.svg`; `.svg.tmp` beside a `.tmp` results file, as the smoke's).
+fn flame_path(ctx: &Ctx, kind: TargetKind) -> PathBuf {
+    let name = kind.key().trim_start_matches("koogate_");
+    let tmp = ctx.out.extension().is_some_and(|e| e == "tmp");
+    ctx.out.with_file_name(format!("flame-{name}.svg{}", if tmp { ".tmp" } else { "" }))
+}
+
+/// `--flamegraph`: an extra closed loop at peak load under `perf record`,
+/// after the measured phases (perf's overhead disturbs none of them).
+async fn profile_peak(
+    t: &Target,
+    ctx: &Ctx,
+    workload: &Arc<Workload>,
+    call_graph: &str,
+) -> anyhow::Result<Option<(PhaseStats, profile::Profile)>> {
+    let Some(pid) = t.pid else {
+        eprintln!("   flame graph skipped: koogate runs inside the bench (--in-process)");
+        return Ok(None);
+    };
+    if let Err(why) = profile::available().await {
+        eprintln!("   flame graph skipped: {why}");
+        return Ok(None);
+    }
+    let data = ctx.settings.work_dir.join(format!("perf-{}.data", t.kind.key()));
+    let recording = profile::start(pid, ctx.info.peak_secs, &data, call_graph)?;
+    // perf attaches to every thread first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = load::closed_loop(t.addr, workload, ctx.info.connections, Limit::Time(ctx.peak())).await?;
+    progress("profiled peak", &stats);
+    let title = format!("koogate-bench: {} at peak load, {:.0} calls/s (perf -F 999)", t.kind.label(), stats.rps);
+    let profile = recording.finish(&flame_path(ctx, t.kind), &title).await?;
+    drain(t, ctx, &mut TargetReport::new(t.kind), "profiled peak").await;
+    Ok(Some((stats, profile)))
 }
 
 /// A short closed-loop run under `MONITOR` (after the measured phases: MONITOR

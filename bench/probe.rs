@@ -318,6 +318,14 @@ pub struct RedisCommands {
     pub forwarder_commands_per_call: f64,
     /// Mean time Redis spent in one EVALSHA, all scripts (including the commands they ran).
     pub evalsha_usec: f64,
+    /// Redis time (`INFO commandstats` usec) per call, every command of the window.
+    pub usec_per_call: f64,
+    /// The call-path script's share of it: the EVALSHA time times the share of
+    /// EVALSHA runs that were the call's script (the audit tells; assumes both
+    /// kinds of script take the same mean time), per call.
+    pub call_script_usec_per_call: f64,
+    /// The rest: the outbox forwarder's commands and scripts (delivery), per call.
+    pub delivery_usec_per_call: f64,
     /// redis-server CPU (user + system) per 10k accepted calls, when Redis runs here.
     pub redis_cpu_secs_per_10k_calls: Option<f64>,
     /// Delta of every command's count over the measured phases.
@@ -358,6 +366,14 @@ impl RedisCommands {
             a.usec.saturating_sub(b.usec)
         };
         let own: u64 = OWN_COMMANDS.iter().map(|c| delta(c)).sum();
+        let own_usec: u64 = OWN_COMMANDS.iter().map(|c| usec(c)).sum();
+        let all_usec: u64 = w
+            .after
+            .iter()
+            .map(|(name, a)| a.usec.saturating_sub(w.before.get(name).copied().unwrap_or_default().usec))
+            .sum::<u64>()
+            .saturating_sub(own_usec);
+        let script_usec = usec("evalsha") + usec("eval");
         let total = per_command.values().sum::<u64>().saturating_sub(own);
         let evalsha = delta("evalsha") + delta("eval");
         let accepted = w.accepted_calls;
@@ -374,6 +390,9 @@ impl RedisCommands {
             }
         };
         let all = per(total as f64);
+        // The call script's runs among all EVALSHA runs (1 without an audit: every script is the call's).
+        let call_share = if evalsha > 0 { (round_trips * accepted as f64 / evalsha as f64).min(1.0) } else { 0.0 };
+        let call_script_usec = per(script_usec as f64 * call_share);
         let (audit, audit_calls) = match w.audit {
             Some((m, n)) => (Some(m), n),
             None => (None, 0),
@@ -389,6 +408,9 @@ impl RedisCommands {
             forwarder_commands_per_call: (all - commands_per_call).max(0.0),
             evalsha_usec: if delta("evalsha") > 0 { usec("evalsha") as f64 / delta("evalsha") as f64 } else { 0.0 },
             redis_cpu_secs_per_10k_calls: w.redis_cpu_secs.map(|s| per_10k(s, accepted)),
+            usec_per_call: per(all_usec as f64),
+            call_script_usec_per_call: call_script_usec,
+            delivery_usec_per_call: (per(all_usec as f64) - call_script_usec).max(0.0),
             per_command,
             audit,
             audit_calls,
@@ -539,6 +561,49 @@ impl Monitor {
 }
 
 // ---------------------------------------------------------------- /metrics
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(admin: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = load::get(admin, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of one series (`name` or `name{labels}` exactly as exported).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `koogate_call_stage_seconds_total` by stage, plus `request` (the
+/// `koogate_request_duration_seconds_sum` of V2 calls) and `calls` (their count).
+pub async fn call_stages(admin: SocketAddr) -> Option<BTreeMap<String, f64>> {
+    let text = metrics_text(admin).await.ok()?;
+    let mut out: BTreeMap<String, f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("koogate_call_stage_seconds_total{stage=\"")?;
+            let (stage, value) = rest.split_once("\"} ")?;
+            Some((stage.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect();
+    if out.is_empty() {
+        return None;
+    }
+    out.insert("request".into(), sample(&text, r#"koogate_request_duration_seconds_sum{generation="v2"}"#)?);
+    out.insert("calls".into(), sample(&text, r#"koogate_request_duration_seconds_count{generation="v2"}"#)?);
+    Some(out)
+}
+
+/// Microseconds per call by stage between two [`call_stages`] snapshots;
+/// `request` is the whole time from arrival to answer (the log line comes after it).
+pub fn stages_per_call(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let calls = after.get("calls").copied().unwrap_or(0.0) - before.get("calls").copied().unwrap_or(0.0);
+    after
+        .iter()
+        .filter(|(k, _)| k.as_str() != "calls" && calls > 0.0)
+        .map(|(k, v)| (k.clone(), (v - before.get(k).copied().unwrap_or(0.0)) / calls * 1e6))
+        .collect()
+}
 
 /// `koogate_outbox_depth` from the admin listener.
 pub async fn outbox_depth(admin: SocketAddr) -> Option<f64> {

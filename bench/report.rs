@@ -44,6 +44,8 @@ pub struct Phases {
     /// Open loop at half the peak rate.
     pub at_half_peak: Option<PhaseStats>,
     pub idle_connections: Option<PhaseStats>,
+    /// `--flamegraph`: the extra closed loop at peak load under `perf record`.
+    pub profiled_peak: Option<PhaseStats>,
 }
 
 impl Phases {
@@ -55,6 +57,7 @@ impl Phases {
             &self.at_peak,
             &self.at_half_peak,
             &self.idle_connections,
+            &self.profiled_peak,
         ]
         .into_iter()
         .flatten()
@@ -76,6 +79,11 @@ pub struct TargetReport {
     pub cpu: Option<probe::CpuWindow>,
     /// koogate: the waits for the outbox to drain after each phase (bounded).
     pub outbox_drains: Vec<probe::Drain>,
+    /// koogate: µs per call by stage over the peak phase (`koogate_call_stage_seconds_total`),
+    /// and `request` (arrival to answer, the log line excluded).
+    pub stages_usec_per_call: Option<BTreeMap<String, f64>>,
+    /// `--flamegraph`: the profile summary and the flame graph's path.
+    pub profile: Option<crate::profile::Profile>,
 }
 
 impl TargetReport {
@@ -187,6 +195,19 @@ pub fn build(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>) -> Val
     let round_trips = redis.map(|r| r.round_trips_per_call);
     let p99_p50 = kg.and_then(TargetReport::p99_over_p50_at_half_peak);
     let rss_idle = process.map(|p| p.rss_idle_conns_mib);
+    let embedded_kg = get(TargetKind::Embedded);
+    let embedded_process = embedded_kg.and_then(|r| r.process.as_ref());
+    let redis_usec = redis.map(|r| {
+        json!({
+            "call_script": r.call_script_usec_per_call,
+            "delivery": r.delivery_usec_per_call,
+            "all": r.usec_per_call,
+            "redis_cpu": r.redis_cpu_secs_per_10k_calls.map(|s| s / 10_000.0 * 1e6),
+        })
+    });
+    let profile_groups = |r: Option<&TargetReport>| {
+        r.and_then(|r| r.profile.as_ref()).map(|p| json!({ "svg": p.svg, "weight": p.weight, "groups": p.groups }))
+    };
     let targets: serde_json::Map<String, Value> = reports.iter().map(|(k, r)| (k.key().to_owned(), r.json())).collect();
     json!({
         "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -212,6 +233,13 @@ pub fn build(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>) -> Val
         "idle_connections": process.map(|p| p.idle_connections),
         "cpu_secs_per_10k_calls": process.map(|p| p.cpu_secs_per_10k_calls),
         "redis_bytes_per_order": kg.and_then(|r| r.redis_memory.as_ref()).map(|m| m.bytes_per_order),
+        "redis_usec_per_call": redis_usec,
+        "stage_usec_per_call": kg.and_then(|r| r.stages_usec_per_call.clone()),
+        "stage_usec_per_call_embedded": embedded_kg.and_then(|r| r.stages_usec_per_call.clone()),
+        "rss_peak_mib_embedded": embedded_process.map(|p| p.rss_peak_mib),
+        "rss_1000_idle_conns_mib_embedded": embedded_process.map(|p| p.rss_idle_conns_mib),
+        "profile": profile_groups(kg),
+        "profile_embedded": profile_groups(embedded_kg),
         "goals": {
             "throughput_vs_baseline_b": goal(ratio_b, ">=", 0.6),
             "redis_round_trips_per_call": goal(round_trips, "==", 1.0),
@@ -220,6 +248,7 @@ pub fn build(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>) -> Val
             "embedded_vs_redis": goal(embedded, ">=", 0.3),
         },
         "delivery": null,
+        "delivery_http": null,
     })
 }
 
@@ -326,6 +355,29 @@ pub fn table(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>, summar
             format!("   goal {g}: {}", goal_met(goal_key))
         };
         out.push_str(&format!("{what:<46} {value:>16}{status}\n"));
+    }
+    if let Some(r) = reports.get(&TargetKind::Redis).and_then(|r| r.redis.as_ref()) {
+        out.push_str(&format!(
+            "{:<46} {:>16}\n",
+            "Redis µs per call: call script / delivery",
+            format!("{:.1} / {:.1}", r.call_script_usec_per_call, r.delivery_usec_per_call)
+        ));
+    }
+    for kind in [TargetKind::Redis, TargetKind::Embedded] {
+        let Some(stages) = reports.get(&kind).and_then(|r| r.stages_usec_per_call.as_ref()) else { continue };
+        let order = ["verify", "parse", "plan", "store", "sign", "log", "request"];
+        let text: Vec<String> = order.iter().filter_map(|s| stages.get(*s).map(|v| format!("{} {v:.1}", s))).collect();
+        out.push_str(&format!("µs per call by stage, {}: {}\n", kind.label(), text.join(", ")));
+    }
+    for r in reports.values() {
+        let Some(p) = &r.profile else { continue };
+        out.push_str(&format!("profile of {} ({}), share of samples:\n", r.label, p.svg));
+        for (group, share) in &p.groups {
+            out.push_str(&format!("  {group:<56} {:>5.1} %\n", share * 100.0));
+        }
+        for (f, share) in p.top_self.iter().take(10) {
+            out.push_str(&format!("    self {:>5.1} %  {f}\n", share * 100.0));
+        }
     }
     if let Some(m) = reports.get(&TargetKind::Redis).and_then(|r| r.redis_memory.as_ref()) {
         out.push_str(&format!(

@@ -135,8 +135,22 @@ impl Target {
     pub async fn start(kind: TargetKind, s: &Settings) -> anyhow::Result<Self> {
         let target = match kind {
             TargetKind::A | TargetKind::B => start_baseline(kind, s).await?,
-            TargetKind::Redis | TargetKind::Embedded => start_koogate(kind, s).await?,
+            TargetKind::Redis | TargetKind::Embedded => start_koogate(kind, s, kind.key(), BTreeMap::new()).await?,
         };
+        target.wait_ready().await?;
+        Ok(target)
+    }
+
+    /// A koogate target with its own directory `name` under the run's and
+    /// more settings (`extra` overrides the target's defaults).
+    pub async fn start_with(
+        kind: TargetKind,
+        s: &Settings,
+        name: &str,
+        extra: BTreeMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(kind.is_koogate(), "{} is not koogate", kind.label());
+        let target = start_koogate(kind, s, name, extra).await?;
         target.wait_ready().await?;
         Ok(target)
     }
@@ -314,14 +328,30 @@ pub fn koogate_env(kind: TargetKind, s: &Settings) -> BTreeMap<String, String> {
         ("KOOGATE_KEY_PREFIX".into(), s.prefix_of(kind)),
         ("KOOGATE_DATA_DIR".into(), dir.join("data").display().to_string()),
         ("KOOGATE_MAX_INFLIGHT".into(), "100000".into()),
+        // Every connection of the bench comes from 127.0.0.1: the per-peer cap (256 by default)
+        // would close most of the 1,000 idle connections at once.
+        ("KOOGATE_MAX_CONNS_PER_PEER".into(), "0".into()),
         ("KOOGATE_FRONTEND_URL".into(), "https://bench.invalid/koogallery".into()),
         ("KOOGATE_LOG_FORMAT".into(), "json".into()),
         ("KOOGATE_SHUTDOWN_GRACE_SECS".into(), "2".into()),
     ])
 }
 
-async fn start_koogate(kind: TargetKind, s: &Settings) -> anyhow::Result<Target> {
-    let env = koogate_env(kind, s);
+async fn start_koogate(
+    kind: TargetKind,
+    s: &Settings,
+    name: &str,
+    extra: BTreeMap<String, String>,
+) -> anyhow::Result<Target> {
+    let mut env = koogate_env(kind, s);
+    let dir = s.work_dir.join(name);
+    if name != kind.key() {
+        env.insert("KOOGATE_DATA_DIR".into(), dir.join("data").display().to_string());
+        if kind == TargetKind::Embedded {
+            env.insert("KOOGATE_STORE".into(), dir.join("store").display().to_string());
+        }
+    }
+    env.extend(extra);
     let config = koogate::config::Config::from_parts(env.clone(), None)
         .map_err(|e| anyhow::anyhow!("the bench's koogate settings are invalid: {e}"))?;
     if s.in_process {
@@ -329,7 +359,6 @@ async fn start_koogate(kind: TargetKind, s: &Settings) -> anyhow::Result<Target>
         let (addr, admin_addr) = (running.addr, running.admin_addr);
         return Ok(Target { kind, addr, admin_addr: Some(admin_addr), pid: None, handle: Handle::InProcess(running) });
     }
-    let dir = s.work_dir.join(kind.key());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let log_path = dir.join("koogate.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;

@@ -106,11 +106,16 @@ impl Gateway {
     /// A V2 call: `POST` with a JSON body and `signature`/`timestamp`/`nonce`.
     pub async fn handle_v2(&self, raw_query: &str, body: &[u8], now_ms: i64) -> Reply {
         let mut log = CallLog { generation: "v2", activity: "unknown", ..CallLog::default() };
-        let verified = match verify_v2(&self.keys, raw_query, body, now_ms, self.settings.window_secs) {
+        let started = Instant::now();
+        let verified = verify_v2(&self.keys, raw_query, body, now_ms, self.settings.window_secs);
+        let started = m::stage_since(m::Stage::Verify, started);
+        let verified = match verified {
             Ok(v) => v,
             Err(rejection) => return self.reject(self.keys.current(), peek_v2(log, body), &rejection),
         };
-        let call = match call::parse_v2(body) {
+        let parsed = call::parse_v2(body);
+        m::stage_since(m::Stage::Parse, started);
+        let call = match parsed {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, peek_v2(log, body), &rejection),
         };
@@ -120,14 +125,19 @@ impl Gateway {
     /// A V1 call: `GET` with everything in the query string.
     pub async fn handle_v1(&self, raw_query: &str, now_ms: i64) -> Reply {
         let mut log = CallLog { generation: "v1", activity: "unknown", ..CallLog::default() };
-        let verified = match verify_v1(&self.keys, raw_query, now_ms, self.settings.v1_window_secs) {
+        let started = Instant::now();
+        let verified = verify_v1(&self.keys, raw_query, now_ms, self.settings.v1_window_secs);
+        let started = m::stage_since(m::Stage::Verify, started);
+        let verified = match verified {
             Ok(v) => v,
             Err(rejection) => {
                 let params = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
                 return self.reject(self.keys.current(), peek(log, &params), &rejection);
             }
         };
-        let call = match call::parse_v1(&verified.params, verified.key.expose(), self.settings.encrypt_type) {
+        let parsed = call::parse_v1(&verified.params, verified.key.expose(), self.settings.encrypt_type);
+        m::stage_since(m::Stage::Parse, started);
+        let call = match parsed {
             Ok(call) => call,
             Err(rejection) => return self.reject(verified.key, peek(log, &verified.params), &rejection),
         };
@@ -177,16 +187,19 @@ impl Gateway {
         log.order_id = call.activity.order_id().map(str::to_owned);
         log.instance_id = call.activity.instance_id().map(str::to_owned);
         log.test = call.test;
+        let planned = Instant::now();
         let planner = Planner { settings: &self.settings, key, now_ms };
         let mut plan = planner.plan(call, nonce);
         if let Some(token) = v1_auth_token {
             v1_replay_guard(&mut plan, token);
         }
         log.instance_id = log.instance_id.take().or_else(|| Some(plan.subject.clone()));
+        let started = m::stage_since(m::Stage::Plan, planned);
 
-        let started = Instant::now();
         let applied = tokio::time::timeout(self.settings.store_timeout, self.store.apply(&plan)).await;
-        m::store_latency(self.store.backend(), started.elapsed());
+        let elapsed = started.elapsed();
+        m::stage(m::Stage::Store, elapsed);
+        m::store_latency(self.store.backend(), elapsed);
         let outcome = match applied {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
@@ -320,7 +333,9 @@ impl<'k> Pending<'k> {
 
 fn signed(key: &Secret, http_status: u16, body: String, code: ResultCode, log: CallLog) -> Reply {
     m::call(log.generation, log.activity, code.as_str());
+    let started = Instant::now();
     let body_sign = body_sign(key.expose(), body.as_bytes());
+    m::stage_since(m::Stage::Sign, started);
     Reply { http_status, body, body_sign, code, log }
 }
 

@@ -142,8 +142,23 @@ fn signed_response(reply: &Reply) -> Response<Body> {
 
 /// One log line per call: what it was, what we answered, how long it took.
 /// Caller-supplied strings are cleaned ([`logfmt::clean`]); refusals are
-/// logged at most [`logfmt::PER_SECOND`] per result code per second.
+/// logged at most [`logfmt::PER_SECOND`] per result code per second. Nothing
+/// is formatted or cleaned for a line the log filter leaves out; the line is
+/// handed to the non-blocking log writer (main.rs), never written here.
 fn log_call(reply: &Reply, elapsed: Duration) {
+    let started = Instant::now();
+    write_call_line(reply, elapsed);
+    m::stage(m::Stage::Log, started.elapsed());
+}
+
+fn write_call_line(reply: &Reply, elapsed: Duration) {
+    let enabled = match reply.log.reason {
+        None => tracing::enabled!(tracing::Level::INFO),
+        Some(_) => tracing::enabled!(tracing::Level::WARN),
+    };
+    if !enabled {
+        return;
+    }
     let CallLog { generation, activity, order_id, instance_id, test, reason, dedup, event_id } = &reply.log;
     // Microsecond precision: latency_ms=0.021, not 0.020661000000000002.
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
