@@ -18,7 +18,21 @@ use serde::Serialize;
 use crate::load;
 use crate::targets::{koogate_env, Settings, TargetKind};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The signing secret shared by koogate and the reference sink in the delivery phases.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// The reference sink as the delivery phases run it: accepts everything at once, keeps nothing on disk.
+pub fn reference_sink(listen: std::net::SocketAddr) -> koogate::tools::sink::SinkConfig {
+    koogate::tools::sink::SinkConfig {
+        listen,
+        secret: SECRET.into(),
+        out: None,
+        fail_share: 0.0,
+        fail_status: 500,
+        delay: Duration::ZERO,
+        tolerance_secs: 300,
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Delivery {
@@ -129,16 +143,7 @@ pub async fn measure(s: &Settings, backlog: usize, steady: usize, steady_rate: f
 
     let outcome = async {
         send(&client, "DLVB", backlog, 32, None).await?;
-        let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
-            listen: format!("127.0.0.1:{port}").parse()?,
-            secret: SECRET.into(),
-            out: None,
-            fail_share: 0.0,
-            fail_status: 500,
-            delay: Duration::ZERO,
-            tolerance_secs: 300,
-        })
-        .await?;
+        let sink = koogate::tools::sink::start(reference_sink(format!("127.0.0.1:{port}").parse()?)).await?;
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(90);
         while (sink.stats().accepted.load(Ordering::Relaxed) as usize) < backlog {

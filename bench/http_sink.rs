@@ -18,11 +18,10 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
+use crate::delivery::{reference_sink, SECRET};
 use crate::load::{self, Limit, Mix, Workload};
 use crate::probe;
 use crate::targets::{Settings, Target, TargetKind};
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct HttpSink {
@@ -54,16 +53,7 @@ enum Sink {
 
 async fn start_sink(s: &Settings, addr: SocketAddr) -> anyhow::Result<Sink> {
     if s.in_process || !s.koogate_bin.is_file() {
-        let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
-            listen: addr,
-            secret: SECRET.into(),
-            out: None,
-            fail_share: 0.0,
-            fail_status: 500,
-            delay: Duration::ZERO,
-            tolerance_secs: 300,
-        })
-        .await?;
+        let sink = koogate::tools::sink::start(reference_sink(addr)).await?;
         return Ok(Sink::InProcess(sink));
     }
     let mut cmd = Command::new(&s.koogate_bin);
