@@ -767,15 +767,9 @@ impl Delivery {
         if url.is_some() && secret.is_none() {
             return Err(problem(name, "is required when KOOGATE_BILLING_URL is set (events are signed)"));
         }
-        if let Some(secret) = &secret {
-            use base64::Engine;
-            let ok = secret
-                .expose()
-                .strip_prefix("whsec_")
-                .is_some_and(|b64| base64::engine::general_purpose::STANDARD.decode(b64).is_ok_and(|k| !k.is_empty()));
-            if !ok {
-                return Err(problem(name, "must be whsec_ followed by Base64 of the signing key"));
-            }
+        // The rule is the signer's own (`webhook::key_of`), checked here so a bad secret stops `check-config` too.
+        if secret.as_ref().is_some_and(|s| crate::delivery::webhook::key_of(s.expose()).is_err()) {
+            return Err(problem(name, "must be whsec_ followed by Base64 of the signing key"));
         }
         Ok(Self {
             sink: Target {
