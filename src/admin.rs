@@ -13,6 +13,7 @@
 //! | `POST /v1/usage` | `{"records":[…]}`: usage to push to KooGallery, a verdict per record |
 //! | `GET /v1/usage` | the usage ledger's gauges (unpushed, oldest, dead) |
 //! | `GET /v1/usage/records/{metering_sn}` | one usage record and where its push stands |
+//! | `GET /v1/usage/instances/{instance_id}?limit=` | an instance's usage: counts by state, totals, newest records |
 //! | `GET /v1/usage/dlq` | usage records KooGallery refused (or that were given up on) |
 //! | `POST /v1/usage/dlq/redrive` | `{"ids":[metering_sn…]}` or `{"all":true}`: push them again |
 //! | `GET /v1/accounts/{customer_id}?offset=&limit=` | the instances a Huawei Cloud account holds, newest first |
@@ -43,7 +44,8 @@ use crate::protocol::sign::constant_time_eq;
 use crate::secret::Secret;
 use crate::store::plan::parse_event_id;
 use crate::store::{DeadLetter, OutboxEntry, Record, Redeem, Store, StoreError};
-use crate::usage::StoredUsage;
+use crate::usage::record::format_e4;
+use crate::usage::{StoredUsage, UsageState};
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -135,6 +137,42 @@ fn usage_view(u: &StoredUsage) -> Value {
     })
 }
 
+/// How many of an instance's newest usage records the per-instance view
+/// counts and totals (`counted` < `total` says the oldest were left out).
+const USAGE_COUNTED: usize = 10_000;
+
+/// Counts by state and value sums (units of 0.0001) of usage records.
+#[derive(Debug, Default, PartialEq)]
+struct UsageTally {
+    pending: u64,
+    pushed: u64,
+    held: u64,
+    dead: u64,
+    accepted_e4: i64,
+    pushed_e4: i64,
+}
+
+impl UsageTally {
+    /// A held record counts as held, not pending; every record counts in `accepted_e4`.
+    fn of(records: &[StoredUsage]) -> Self {
+        let mut t = Self::default();
+        for u in records {
+            let value = u.record.value_e4;
+            t.accepted_e4 = t.accepted_e4.saturating_add(value);
+            match u.state {
+                UsageState::Pending if u.held => t.held += 1,
+                UsageState::Pending => t.pending += 1,
+                UsageState::Pushed => {
+                    t.pushed += 1;
+                    t.pushed_e4 = t.pushed_e4.saturating_add(value);
+                }
+                UsageState::Dead => t.dead += 1,
+            }
+        }
+        t
+    }
+}
+
 /// Says how many purchases' accounts are not known yet: they may belong to the account asked for.
 fn pending_note(res: &mut Value, pending: u64) {
     res["enrichment_pending"] = json!(pending);
@@ -220,6 +258,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/usage"),
     ("GET", "/v1/usage"),
     ("GET", "/v1/usage/records/{metering_sn}"),
+    ("GET", "/v1/usage/instances/{instance_id}"),
     ("GET", "/v1/usage/dlq"),
     ("POST", "/v1/usage/dlq/redrive"),
     ("GET", "/v1/accounts/{customer_id}"),
@@ -332,6 +371,10 @@ impl Admin {
                 Some(u) => respond(StatusCode::OK, usage_view(&u)),
                 None => error(StatusCode::NOT_FOUND, "not_found", format!("no usage record with metering_sn {sn}")),
             }),
+            ("GET", "/v1/usage/instances/{instance_id}", [id]) => match Page::of(&req) {
+                Ok(page) => self.instance_usage(id, page.limit).await,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_query", msg),
+            },
             ("GET", "/v1/usage/dlq", []) => self.store.usage_dead().await.map(|d| {
                 respond(StatusCode::OK, json!({"dead_letters": d.iter().map(usage_view).collect::<Vec<_>>()}))
             }),
@@ -572,6 +615,29 @@ impl Admin {
 
     /// `GET /v1/instances/{instance_id}`: one instance (resource id) with its
     /// account, its purchase order's lines and the ids of its events.
+    /// One instance's usage: records by state and value totals over its
+    /// newest [`USAGE_COUNTED`] records, and the newest `limit` of them.
+    async fn instance_usage(&self, id: &str, limit: u64) -> Result<Response<Body>, StoreError> {
+        let (records, total) = self.store.usage_of_instance(id, USAGE_COUNTED).await?;
+        if total == 0 && self.store.instance(id).await?.get(field::STATUS).is_none_or(String::is_empty) {
+            return Ok(error(StatusCode::NOT_FOUND, "not_found", format!("no instance {id}")));
+        }
+        let tally = UsageTally::of(&records);
+        let shown: Vec<Value> =
+            records.iter().take(usize::try_from(limit).unwrap_or(usize::MAX)).map(usage_view).collect();
+        Ok(respond(
+            StatusCode::OK,
+            json!({
+                "instance_id": id,
+                "total": total,
+                "counted": records.len(),
+                "counts": {"pending": tally.pending, "pushed": tally.pushed, "held": tally.held, "dead": tally.dead},
+                "totals": {"accepted": format_e4(tally.accepted_e4), "pushed": format_e4(tally.pushed_e4)},
+                "records": shown,
+            }),
+        ))
+    }
+
     async fn resource(&self, id: &str) -> Result<Response<Body>, StoreError> {
         let record = self.store.instance(id).await?;
         if record.get(field::STATUS).is_none_or(String::is_empty) {

@@ -117,6 +117,7 @@ impl EmbeddedStore {
                 usage::USAGE_PENDING,
                 usage::USAGE_UNPUSHED,
                 usage::USAGE_DLQ,
+                usage::USAGE_BY_INSTANCE,
             ] {
                 txn.open_table(table).map_err(err)?;
             }

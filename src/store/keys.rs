@@ -223,6 +223,11 @@ impl Keys {
     pub fn usage_record(&self, instance_id: &str, metering_sn: &str) -> String {
         self.key(instance_shard(instance_id), "usage:r", metering_sn)
     }
+    /// The usage records of an instance (sorted set: metering_sn → accepted
+    /// at, UNIX ms), beside the records, in the instance's shard.
+    pub fn usage_by_instance(&self, instance_id: &str) -> String {
+        self.key(instance_shard(instance_id), "usage:i", instance_id)
+    }
     /// Which record holds a metering_sn (hash: metering_sn → record content), in
     /// the metering_sn's own shard: it makes the sn unique across all instances.
     pub fn usage_sn_registry(&self, metering_sn: &str) -> (u8, String) {

@@ -206,6 +206,11 @@ pub trait UsageLedger {
     /// their usage of it. Linked when a record is accepted (and again when it
     /// is pushed, so a crash between the steps loses no link).
     async fn usage_package_links(&self, package_id: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The usage records accepted for an instance, newest acceptance first
+    /// (ties: greater `metering_sn` first), at most `max`, and how many it has
+    /// in all (the admin API's per-instance usage view).
+    async fn usage_of_instance(&self, instance_id: &str, max: usize) -> Result<(Vec<StoredUsage>, u64), StoreError>;
 }
 
 /// One page of an account's instances (see [`AccountIndex::account_instances`]).

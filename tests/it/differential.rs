@@ -789,6 +789,11 @@ impl Run {
         let r = self.redis.instance_records(&instances).await.unwrap();
         let e = self.embedded.instance_records(&instances).await.unwrap();
         self.same("instance_records(pool)", r, e);
+        for id in &instances {
+            let r = self.redis.usage_of_instance(id, 5).await.unwrap();
+            let e = self.embedded.usage_of_instance(id, 5).await.unwrap();
+            self.same(&format!("usage_of_instance({id}, 5)"), r, e);
+        }
         for id in self.pool.orders.clone() {
             let r = self.redis.order(&id).await.unwrap();
             let e = self.embedded.order(&id).await.unwrap();

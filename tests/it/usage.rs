@@ -377,6 +377,22 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
     let (_, dlq) = admin(&gw, hyper::Method::GET, "/v1/usage/dlq", Value::Null).await;
     let letters = dlq["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{dlq}");
+    // The instance's usage view: counts by state, totals, newest first (one
+    // acceptance time: ties go to the greater metering_sn).
+    let (status, view) =
+        admin(&gw, hyper::Method::GET, &format!("/v1/usage/instances/{inst}?limit=3"), Value::Null).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["counts"], json!({"pending": 0, "pushed": 9, "held": 0, "dead": 1}), "{view}");
+    assert_eq!(view["totals"], json!({"accepted": "23", "pushed": "18"}), "{view}");
+    assert_eq!((view["total"].clone(), view["counted"].clone()), (json!(10), json!(10)), "{view}");
+    let shown: Vec<&str> =
+        view["records"].as_array().unwrap().iter().map(|r| r["metering_sn"].as_str().unwrap()).collect();
+    assert_eq!(shown, ["r-bad", "r-8", "r-7"], "{view}");
+    let (status, bad) =
+        admin(&gw, hyper::Method::GET, &format!("/v1/usage/instances/{inst}?limit=0"), Value::Null).await;
+    assert_eq!((status, bad["error"].as_str()), (400, Some("bad_query")), "{bad}");
+    let (status, _) = admin(&gw, hyper::Method::GET, "/v1/usage/instances/no-such-instance", Value::Null).await;
+    assert_eq!(status, 404);
     assert_eq!(letters[0]["metering_sn"], "r-bad");
     let metrics = gw.metrics().await;
     assert!(metric(&metrics, "koogate_usage_refused_total{reason=\"refused\"}") >= 1.0, "{metrics}");
@@ -445,6 +461,9 @@ async fn freeze_and_release_rules(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(api.calls().is_empty(), "usage of a frozen instance was pushed");
     assert_eq!(record_status(&gw, "f-0").await["status"], "held");
+    let (_, view) = admin(&gw, hyper::Method::GET, &format!("/v1/usage/instances/{inst}"), Value::Null).await;
+    assert_eq!(view["counts"], json!({"pending": 0, "pushed": 0, "held": 1, "dead": 0}), "{view}");
+    assert_eq!(view["totals"], json!({"accepted": "3", "pushed": "0"}), "{view}");
 
     call(&gw, json!({"activity":"updateInstanceStatus","instanceId":inst,"status":"UNFREEZE"})).await;
     wait_status(&gw, "f-0", "pushed", Duration::from_secs(10)).await;

@@ -28,6 +28,15 @@ pub(super) const USAGE_UNPUSHED: TableDefinition<&str, &str> = TableDefinition::
 /// `<dead ms:020>\t<sn>` of dead records.
 pub(super) const USAGE_DLQ: TableDefinition<&str, &str> = TableDefinition::new("usage_dlq");
 
+/// `<len>:<instance id>\t<accepted at, 20 digits>\t<metering_sn>` → "": the usage records of an instance.
+pub(super) const USAGE_BY_INSTANCE: TableDefinition<&str, &str> = TableDefinition::new("usage_by_instance");
+
+/// The key range of one instance's usage records: `[start, end)`.
+fn instance_range(instance_id: &str) -> (String, String) {
+    let base = format!("{}:{instance_id}", instance_id.len());
+    (format!("{base}\t"), format!("{base}\n"))
+}
+
 /// `<len>:<package id>\t<instance id>` → "": the instances whose usage named a package.
 pub(super) const PACKAGE_LINKS: TableDefinition<&str, &str> = TableDefinition::new("package_links");
 
@@ -123,6 +132,8 @@ fn accept_in(
             txn.open_table(USAGE_PERIODS).map_err(err)?.insert(key.as_str(), value.as_str()).map_err(err)?;
             insert(txn, USAGE_PENDING, &at(now_ms, &r.metering_sn))?;
             insert(txn, USAGE_UNPUSHED, &at(now_ms, &r.metering_sn))?;
+            let by_instance = format!("{}{}", instance_range(&r.instance_id).0, at(now_ms, &r.metering_sn));
+            insert(txn, USAGE_BY_INSTANCE, &by_instance)?;
             count_unpushed(txn, &fields, 1)?;
             wrote = true;
         }
@@ -318,6 +329,28 @@ impl UsageLedger for EmbeddedStore {
             }
         }
         Ok(out)
+    }
+
+    async fn usage_of_instance(&self, instance_id: &str, max: usize) -> Result<(Vec<StoredUsage>, u64), StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let index = txn.open_table(USAGE_BY_INSTANCE).map_err(err)?;
+        let usage = txn.open_table(USAGE).map_err(err)?;
+        let (start, end) = instance_range(instance_id);
+        let mut out = Vec::new();
+        let mut total = 0;
+        for row in index.range(start.as_str()..end.as_str()).map_err(err)?.rev() {
+            let (key, _) = row.map_err(err)?;
+            total += 1;
+            if out.len() >= max {
+                continue;
+            }
+            let Some((_, sn)) = key.value().rsplit_once('\t') else { continue };
+            if let Some(raw) = usage.get(sn).map_err(err)? {
+                let fields: Fields = serde_json::from_str(raw.value()).map_err(err)?;
+                out.extend(StoredUsage::from_fields(&fields));
+            }
+        }
+        Ok((out, total))
     }
 
     async fn usage_redrive(&self, sn: &str, now_ms: i64) -> Result<bool, StoreError> {

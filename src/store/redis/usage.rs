@@ -312,6 +312,29 @@ impl UsageLedger for RedisStore {
         Ok(out)
     }
 
+    async fn usage_of_instance(&self, instance_id: &str, max: usize) -> Result<(Vec<StoredUsage>, u64), StoreError> {
+        let index = self.keys.usage_by_instance(instance_id);
+        let mut conn = self.conn.clone();
+        let (sns, total): (Vec<String>, u64) = redis::pipe()
+            .cmd("ZREVRANGE")
+            .arg(&index)
+            .arg(0)
+            .arg(max.saturating_sub(1))
+            .cmd("ZCARD")
+            .arg(&index)
+            .query_async(&mut conn)
+            .await?;
+        if max == 0 || sns.is_empty() {
+            return Ok((Vec::new(), total));
+        }
+        let mut reads = redis::pipe();
+        for sn in &sns {
+            reads.cmd("HGETALL").arg(self.keys.usage_record(instance_id, sn));
+        }
+        let maps: Vec<BTreeMap<String, String>> = reads.query_async(&mut conn).await?;
+        Ok((maps.iter().filter_map(StoredUsage::from_fields).collect(), total))
+    }
+
     async fn usage_redrive(&self, metering_sn: &str, now_ms: i64) -> Result<bool, StoreError> {
         let Some((shard, _)) = self.usage_shard_of(metering_sn).await? else { return Ok(false) };
         let mut conn = self.conn.clone();

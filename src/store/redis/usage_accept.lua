@@ -39,6 +39,7 @@ for i = 3, #ARGV, 8 do
         redis.call('ZADD', pk, b, e .. ':' .. sn)
         redis.call('ZADD', KEYS[1], now, sn)
         redis.call('ZADD', KEYS[2], now, sn)
+        redis.call('ZADD', p .. 'usage:i:' .. inst, now, sn) -- keys::usage_by_instance
         -- the instance's unpushed usage, in all and per metering item (usage::FIELD_USAGE_UNPUSHED_E4)
         redis.call('HINCRBY', p .. 'inst:' .. inst, 'usage_unpushed_e4', v)
         if item ~= '' then
