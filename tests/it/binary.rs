@@ -376,3 +376,33 @@ fn completions_for_bash_zsh_and_fish_name_every_verb() {
     let out = koogate().args(["completions", "tcsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
+
+/// `rust-version` in Cargo.toml is the oldest Rust that builds the locked
+/// dependencies: none of them asks for a newer one (a user on the stated
+/// version would otherwise meet a dependency's error instead of Cargo's).
+#[test]
+fn rust_version_covers_every_locked_dependency() {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // "1.89" is "1.89.0".
+    let version = |v: &str| -> Vec<u64> {
+        let mut parts: Vec<u64> = v.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+        parts.resize(3, 0);
+        parts
+    };
+    let packages = meta["packages"].as_array().unwrap();
+    let ours = packages.iter().find(|p| p["name"] == "koogate").unwrap();
+    let stated = version(ours["rust_version"].as_str().expect("Cargo.toml states rust-version"));
+    let newer: Vec<String> = packages
+        .iter()
+        .filter_map(|p| Some((p["name"].as_str()?, p["version"].as_str()?, p["rust_version"].as_str()?)))
+        .filter(|(_, _, needs)| version(needs) > stated)
+        .map(|(name, v, needs)| format!("{name} {v} needs Rust {needs}"))
+        .collect();
+    assert!(newer.is_empty(), "rust-version {stated:?} is older than the locked dependencies ask: {newer:?}");
+}
