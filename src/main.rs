@@ -63,6 +63,13 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Look up events (pending, dead and delivered, with their attempts) and recover dead ones, through a running gateway's admin API.
+    Events {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Account settlement binding: what a Huawei Cloud account holds, through a running gateway's admin API.
     Accounts {
         #[command(flatten)]
@@ -111,10 +118,58 @@ enum AccountsAction {
 }
 
 #[derive(Subcommand)]
+enum EventsAction {
+    /// Events matching every filter given: pending first, then dead letters, then delivered ones (newest first).
+    List {
+        /// Only events of this instance (resource id).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only events of this order.
+        #[arg(long)]
+        order: Option<String>,
+        /// Only events of the instances this Huawei Cloud account holds.
+        #[arg(long)]
+        customer: Option<String>,
+        /// pending, dead or delivered.
+        #[arg(long)]
+        status: Option<String>,
+        /// From this time on (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event: its status, the event itself and every delivery attempt.
+    Show { id: String },
+    /// Redrive every event dead-lettered since a time (RFC 3339), e.g. after the billing core was fixed.
+    Recover {
+        #[arg(long)]
+        since: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum InstancesAction {
     /// One instance (the "Resource ID" a customer sees): its account, status, order lines, usage and events.
     Show {
         instance_id: String,
+        /// Print the admin API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An instance's usage records: how many are pending, pushed, held and dead, totals, the newest ones.
+    Usage {
+        instance_id: String,
+        /// How many of the newest records to list (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
         /// Print the admin API's JSON instead of a summary.
         #[arg(long)]
         json: bool,
@@ -629,6 +684,100 @@ async fn instance(api: AdminApi, id: &str, json: bool) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+async fn instance_usage(api: AdminApi, id: &str, limit: u32, json: bool) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/usage/instances/{}?limit={limit}", encode_segment(id));
+    let (status, view) = api.send(hyper::Method::GET, &path, String::new()).await?;
+    if status >= 400 {
+        eprintln!("koogate instances usage: HTTP {status}: {}", text(&view["message"]));
+        return Ok(ExitCode::from(1));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts = &view["counts"];
+    println!(
+        "records:  {} ({} counted): pending {}, held {}, pushed {}, dead {}",
+        view["total"], view["counted"], counts["pending"], counts["held"], counts["pushed"], counts["dead"]
+    );
+    println!("usage:    accepted {}, pushed {}", text(&view["totals"]["accepted"]), text(&view["totals"]["pushed"]));
+    println!("{:<40} {:<18} {:<18} {:>14} {:<8}  ACCEPTED AT", "METERING SN", "BEGIN", "END", "VALUE", "STATUS");
+    for r in view["records"].as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:<18} {:<18} {:>14} {:<8}  {}",
+            text(&r["metering_sn"]),
+            text(&r["begin_time"]),
+            text(&r["end_time"]),
+            text(&r["usage_value"]),
+            text(&r["status"]),
+            text(&r["accepted_at"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn events(api: AdminApi, action: EventsAction) -> anyhow::Result<ExitCode> {
+    let (method, path) = match &action {
+        EventsAction::List { instance, order, customer, status, since, until, limit, .. } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            let filters = [
+                ("instance_id", instance),
+                ("order_id", order),
+                ("customer_id", customer),
+                ("status", status),
+                ("since", since),
+                ("until", until),
+            ];
+            for (name, value) in filters {
+                if let Some(value) = value {
+                    query.append_pair(name, value);
+                }
+            }
+            query.append_pair("limit", &limit.to_string());
+            (hyper::Method::GET, format!("/v1/events?{}", query.finish()))
+        }
+        EventsAction::Show { id } => (hyper::Method::GET, format!("/v1/events/{}", encode_segment(id))),
+        EventsAction::Recover { since } => {
+            let query = form_urlencoded::Serializer::new(String::new()).append_pair("since", since).finish();
+            (hyper::Method::POST, format!("/v1/events/recover?{query}"))
+        }
+    };
+    let (status, json) = api.send(method, &path, String::new()).await?;
+    if status >= 400 {
+        eprintln!("koogate events: HTTP {status}: {}", text(&json["message"]));
+        return Ok(ExitCode::from(1));
+    }
+    match action {
+        EventsAction::List { json: false, .. } => {
+            let events = json["events"].as_array().cloned().unwrap_or_default();
+            println!("{:<56} {:<28} {:<9} {:>8}  {:<24}  LAST ERROR", "EVENT ID", "TYPE", "STATUS", "ATTEMPTS", "AT");
+            for e in &events {
+                let at = [&e["delivered_at"], &e["dead_at"], &e["occurred_at"]]
+                    .into_iter()
+                    .find(|v| v.is_string())
+                    .map_or_else(|| "-".to_owned(), |v| text(v));
+                println!(
+                    "{:<56} {:<28} {:<9} {:>8}  {:<24}  {}",
+                    text(&e["id"]),
+                    text(&e["type"]),
+                    text(&e["status"]),
+                    e["attempts"],
+                    at,
+                    text(&e["last_error"])
+                );
+            }
+            println!("{} event(s)", events.len());
+        }
+        EventsAction::Recover { since } => {
+            println!("redriven: {} (dead-lettered since {since})", json["count"]);
+        }
+        EventsAction::List { json: true, .. } | EventsAction::Show { .. } => {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A path segment, percent-encoded (ids are caller-controlled).
 fn encode_segment(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
@@ -791,13 +940,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let src = Source::load(config_file)?;
             return dlq(admin, usage, action, &src).await;
         }
+        Command::Events { admin, action } => {
+            let src = Source::load(config_file)?;
+            let timeout = if matches!(action, EventsAction::Recover { .. }) { 600 } else { 30 };
+            return events(AdminApi::connect(&admin, &src, Duration::from_secs(timeout))?, action).await;
+        }
         Command::Accounts { admin, action } => {
             let src = Source::load(config_file)?;
             return accounts(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, action).await;
         }
-        Command::Instances { admin, action: InstancesAction::Show { instance_id, json } } => {
+        Command::Instances { admin, action } => {
             let src = Source::load(config_file)?;
-            return instance(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, &instance_id, json).await;
+            let api = AdminApi::connect(&admin, &src, Duration::from_secs(30))?;
+            return match action {
+                InstancesAction::Show { instance_id, json } => instance(api, &instance_id, json).await,
+                InstancesAction::Usage { instance_id, limit, json } => {
+                    instance_usage(api, &instance_id, limit, json).await
+                }
+            };
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "koogate", &mut std::io::stdout());

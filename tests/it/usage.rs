@@ -415,6 +415,12 @@ async fn refused_records_are_dead_lettered_and_redriven(backend: Backend) {
         "{listed}"
     );
     assert!(cli(&["dlq", "--usage", "show", "r-bad"]).contains("\"status\": \"dead\""));
+    let usage = cli(&["instances", "usage", &inst, "--limit", "2"]);
+    assert!(
+        usage.contains("pending 0, held 0, pushed 9, dead 1") && usage.contains("accepted 23, pushed 18"),
+        "{usage}"
+    );
+    assert!(usage.contains("r-bad") && usage.contains("r-8") && !usage.contains("r-7"), "{usage}");
     accept_bad.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(cli(&["dlq", "--usage", "redrive", "r-bad"]).contains("redriven: 1"));
     let (status, redriven) = admin(&gw, hyper::Method::POST, "/v1/usage/dlq/redrive", json!({"ids": ["r-nope"]})).await;
