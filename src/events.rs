@@ -383,7 +383,7 @@ fn cards_from_amount(amount: &str, face: u64) -> Option<u64> {
         return None;
     }
     let yuan: u64 = int.parse().ok()?;
-    (yuan % face == 0).then_some(yuan / face)
+    yuan.is_multiple_of(face).then_some(yuan / face)
 }
 
 #[cfg(test)]

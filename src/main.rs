@@ -755,7 +755,7 @@ async fn events(api: AdminApi, action: EventsAction) -> anyhow::Result<ExitCode>
                 let at = [&e["delivered_at"], &e["dead_at"], &e["occurred_at"]]
                     .into_iter()
                     .find(|v| v.is_string())
-                    .map_or_else(|| "-".to_owned(), |v| text(v));
+                    .map_or_else(|| "-".to_owned(), text);
                 println!(
                     "{:<56} {:<28} {:<9} {:>8}  {:<24}  {}",
                     text(&e["id"]),
