@@ -64,6 +64,11 @@ function text(v) {
   return String(v);
 }
 
+/** Long free text (errors, messages) in a table cell: wraps in a narrower column. */
+function long(v) {
+  return el("span", { class: "long" }, text(v));
+}
+
 function badge(status) {
   return el("span", { class: "badge badge-" + String(status || "unknown").replace(/[^a-z_]/g, "") }, text(status));
 }
@@ -106,11 +111,11 @@ function table(columns, rows, opts) {
   return el("div", { class: "table-wrap" }, rows.length ? t : el("p", { class: "empty" }, o.empty || "Nothing."));
 }
 
-function input(name, label, value, extra) {
+function input(name, label, value, extra, wide) {
   const id = "f-" + name;
   return el(
     "div",
-    { class: "field" },
+    { class: wide ? "field wide" : "field" },
     el("label", { for: id }, label),
     el("input", Object.assign({ id, name, value: value || "" }, extra || {})),
   );
@@ -216,7 +221,7 @@ function eventColumns() {
     ["order", (e) => text(e.order_id)],
     ["occurred", (e) => text(e.occurred_at)],
     ["attempts", (e) => text(e.attempts)],
-    ["last error", (e) => text(e.last_error)],
+    ["last error", (e) => long(e.last_error)],
     ["next / dead / delivered", (e) => text(e.next_attempt_at || e.dead_at || e.delivered_at)],
   ];
 }
@@ -230,9 +235,9 @@ async function pageEvents(view, q) {
   const form = searchForm(
     "events",
     [
-      input("order_id", "Order id", q.get("order_id")),
-      input("instance_id", "Instance id", q.get("instance_id")),
-      input("customer_id", "Customer id", q.get("customer_id")),
+      input("order_id", "Order id", q.get("order_id"), null, true),
+      input("instance_id", "Instance id", q.get("instance_id"), null, true),
+      input("customer_id", "Customer id", q.get("customer_id"), null, true),
       el("div", { class: "field" }, el("label", { for: "f-status" }, "Status"), status),
       input("since", "Since", toLocalInput(q.get("since")), { type: "datetime-local" }),
       input("until", "Until", toLocalInput(q.get("until")), { type: "datetime-local" }),
@@ -309,7 +314,7 @@ async function pageEvent(view, id) {
 async function pageDead(view) {
   append(view, el("h1", null, "Dead letters"));
   const recover = el("form", { class: "card search", id: "recover-form" },
-    input("since", "Recover every event that died since", "", { type: "datetime-local", required: true }),
+    input("since", "Recover every event that died since", "", { type: "datetime-local", required: true }, true),
     el("button", { type: "submit" }, "Recover since"));
   const outcome = el("div", { id: "dead-outcome" });
   recover.addEventListener("submit", async (e) => {
@@ -361,7 +366,7 @@ async function pageOrders(view, q) {
   append(view, [
     el("h1", null, "Orders"),
     searchForm("orders", [input("order_id", "Order id", q.get("order_id"), { required: true }),
-      input("customer_id", "Customer id", q.get("customer_id"), { required: true })], "Look up"),
+      input("customer_id", "Customer id", q.get("customer_id"), { required: true }, true)], "Look up"),
   ]);
   const order = q.get("order_id"), customer = q.get("customer_id");
   if (!order || !customer) return view.append(message("note", "An order is shown to its own customer only: give both ids."));
@@ -406,7 +411,7 @@ function instanceColumns() {
 async function pageAccounts(view, q) {
   append(view, [
     el("h1", null, "Accounts"),
-    searchForm("accounts", [input("customer_id", "Huawei Cloud account (customer id)", q.get("customer_id"), { required: true }),
+    searchForm("accounts", [input("customer_id", "Huawei Cloud account (customer id)", q.get("customer_id"), { required: true }, true),
       input("limit", "Per page", q.get("limit") || "20", { type: "number", min: "1", max: "100" })], "Look up"),
   ]);
   const customer = q.get("customer_id");
@@ -472,11 +477,10 @@ function usageColumns(boxes) {
     ["instance", (u) => instanceLink(u.instance_id)],
     ["status", (u) => badge(u.status)],
     ["value", (u) => text(u.usage_value)],
-    ["begin", (u) => text(u.begin_time)],
-    ["end", (u) => text(u.end_time)],
+    ["period", (u) => el("span", { class: "period" }, text(u.begin_time), " → ", text(u.end_time))],
     ["attempts", (u) => text(u.attempts)],
     ["code", (u) => text(u.code)],
-    ["error / message", (u) => text(u.message || u.last_error)],
+    ["error / message", (u) => long(u.message || u.last_error)],
   ];
   if (boxes) {
     cols.unshift(["", (u) => {
@@ -502,8 +506,8 @@ async function pageUsage(view, q) {
   } else view.append(apiError(stats, "GET /v1/usage"));
 
   append(view, [
-    searchForm("usage", [input("instance_id", "Instance id", q.get("instance_id"))], "Usage of instance", "usage-instance-form"),
-    searchForm("usage", [input("sn", "metering_sn", q.get("sn"))], "Find record", "usage-record-form"),
+    searchForm("usage", [input("instance_id", "Instance id", q.get("instance_id"), null, true)], "Usage of instance", "usage-instance-form"),
+    searchForm("usage", [input("sn", "metering_sn", q.get("sn"), null, true)], "Find record", "usage-record-form"),
   ]);
   const sn = q.get("sn");
   if (sn) {
