@@ -88,6 +88,12 @@ function fields(obj, keys) {
   return dl;
 }
 
+/** The keys of `obj`: those of `first` that it has, in that order, then the others. */
+function ordered(obj, first) {
+  const keys = Object.keys(obj || {});
+  return first.filter((k) => keys.includes(k)).concat(keys.filter((k) => !first.includes(k)));
+}
+
 /**
  * A table: columns are [title, row => cell content]; rows scroll sideways on small screens.
  * `rowId` names each row (data-id) for tests and for row clicks.
@@ -365,7 +371,7 @@ async function pageDead(view) {
 async function pageOrders(view, q) {
   append(view, [
     el("h1", null, "Orders"),
-    searchForm("orders", [input("order_id", "Order id", q.get("order_id"), { required: true }),
+    searchForm("orders", [input("order_id", "Order id", q.get("order_id"), { required: true }, true),
       input("customer_id", "Customer id", q.get("customer_id"), { required: true }, true)], "Look up"),
   ]);
   const order = q.get("order_id"), customer = q.get("customer_id");
@@ -447,7 +453,9 @@ async function pageInstance(view, id) {
     el("a", { class: "button-link", href: route(["usage"], { instance_id: id }) }, "usage of this instance"),
     account ? el("a", { class: "button-link", href: route(["accounts"], { customer_id: account }) }, "account " + account) : null);
   if (i.account_note) view.append(message("note", i.account_note));
-  const facts = Object.keys(i).filter((k) => !["order_lines", "event_ids", "usage", "account"].includes(k));
+  const facts = ordered(i, ["instance_id", "status", "order_id", "order_line_id", "product_id", "sku_code", "charging_mode",
+    "period_type", "period_number", "quantity", "created_at", "updated_at", "expire_time", "released_at"])
+    .filter((k) => !["order_lines", "event_ids", "usage", "account"].includes(k));
   append(view, [
     links,
     el("section", { class: "card" }, el("h2", null, "Facts"), fields(i, facts)),
@@ -513,7 +521,8 @@ async function pageUsage(view, q) {
   if (sn) {
     const r = await api("GET", v1(["usage", "records", sn]));
     view.append(r.ok
-      ? el("section", { class: "card", id: "usage-record" }, el("h2", null, "Record ", el("span", { class: "mono" }, sn)), fields(r.data))
+      ? el("section", { class: "card", id: "usage-record" }, el("h2", null, "Record ", el("span", { class: "mono" }, sn)), fields(r.data, ordered(r.data, ["metering_sn", "status", "instance_id", "relate_pkg_instance", "usage_value",
+        "begin_time", "end_time", "record_time", "accepted_at", "pushed_at", "dead_at", "attempts", "code", "message", "last_error"])))
       : apiError(r, "GET /v1/usage/records/{metering_sn}"));
   }
   const instance = q.get("instance_id");
