@@ -83,7 +83,7 @@ function fields(obj, keys) {
   for (const key of keys || Object.keys(obj || {})) {
     const v = obj ? obj[key] : undefined;
     const value = v !== null && typeof v === "object" ? json(v) : text(v);
-    append(dl, [el("dt", null, key), el("dd", null, value)]);
+    append(dl, [el("dt", null, key), el("dd", { "data-key": key }, value)]);
   }
   return dl;
 }
@@ -283,9 +283,9 @@ async function pageEvent(view, id) {
       const r = await api("POST", "/v1/dlq/redrive", { ids: [id] });
       if (!r.ok) {
         button.disabled = false;
-        return actions.append(apiError(r, "redrive"));
+        return flash(apiError(r, "redrive"));
       }
-      actions.append(message("ok", "Redriven: back in the outbox."));
+      flash(message("ok", "Redriven: back in the outbox."));
       setTimeout(refreshIfCurrent, 500);
     });
     actions.append(button);
@@ -322,12 +322,11 @@ async function pageDead(view) {
   const recover = el("form", { class: "card search", id: "recover-form" },
     input("since", "Recover every event that died since", "", { type: "datetime-local", required: true }, true),
     el("button", { type: "submit" }, "Recover since"));
-  const outcome = el("div", { id: "dead-outcome" });
   recover.addEventListener("submit", async (e) => {
     e.preventDefault();
     const since = toRfc3339(new FormData(recover).get("since"));
     const r = await api("POST", v1(["events", "recover"], { since }));
-    outcome.replaceChildren(r.ok ? message("ok", `Recovered ${text(r.data && r.data.count)} event(s).`) : apiError(r, "recover"));
+    flash(r.ok ? message("ok", `Recovered ${text(r.data && r.data.count)} event(s).`) : apiError(r, "recover"));
     if (r.ok) setTimeout(refreshIfCurrent, 800);
   });
   const res = await api("GET", "/v1/dlq");
@@ -338,7 +337,7 @@ async function pageDead(view) {
   selectAll.addEventListener("change", () => boxes.forEach((b) => (b.checked = selectAll.checked)));
   const redrive = async (body) => {
     const r = await api("POST", "/v1/dlq/redrive", body);
-    outcome.replaceChildren(r.ok
+    flash(r.ok
       ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}; missing: ${text((r.data.missing || []).length)}.`)
       : apiError(r, "redrive"));
     if (r.ok) setTimeout(refreshIfCurrent, 800);
@@ -347,7 +346,7 @@ async function pageDead(view) {
   selected.addEventListener("click", () => {
     const ids = boxes.filter((b) => b.checked).map((b) => b.value);
     if (ids.length) redrive({ ids });
-    else outcome.replaceChildren(message("note", "Select dead letters first."));
+    else flash(message("note", "Select dead letters first."));
   });
   const all = el("button", { type: "button", id: "redrive-all", class: "secondary" }, "Redrive all");
   all.addEventListener("click", () => redrive({ all: true }));
@@ -362,7 +361,6 @@ async function pageDead(view) {
   append(view, [
     recover,
     el("div", { class: "actions" }, selected, all),
-    outcome,
     el("p", { class: "count" }, `${dead.length} dead letter(s)`),
     table(columns, dead, { class: "dead", rowId: (d) => d.id, empty: "No dead letter." }),
   ]);
@@ -540,24 +538,23 @@ async function pageUsage(view, q) {
   }
 
   const boxes = [];
-  const outcome = el("div", { id: "usage-outcome" });
   const redrive = async (body) => {
     const r = await api("POST", "/v1/usage/dlq/redrive", body);
-    outcome.replaceChildren(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}.`) : apiError(r, "redrive"));
+    flash(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}.`) : apiError(r, "redrive"));
     if (r.ok) setTimeout(refreshIfCurrent, 800);
   };
   const selected = el("button", { type: "button", id: "usage-redrive-selected" }, "Redrive selected");
   selected.addEventListener("click", () => {
     const ids = boxes.filter((b) => b.checked).map((b) => b.value);
     if (ids.length) redrive({ ids });
-    else outcome.replaceChildren(message("note", "Select records first."));
+    else flash(message("note", "Select records first."));
   });
   const all = el("button", { type: "button", id: "usage-redrive-all", class: "secondary" }, "Redrive all");
   all.addEventListener("click", () => redrive({ all: true }));
   const section = el("section", { class: "card" }, el("h2", null, "Dead usage records"));
   if (dead.ok) {
     const letters = Array.isArray(dead.data && dead.data.dead_letters) ? dead.data.dead_letters : [];
-    append(section, [el("div", { class: "actions" }, selected, all), outcome,
+    append(section, [el("div", { class: "actions" }, selected, all),
       table(usageColumns(boxes), letters, { class: "usage-dead", rowId: (x) => x.metering_sn, empty: "No dead usage record." })]);
   } else section.append(apiError(dead, "GET /v1/usage/dlq"));
   view.append(section);
@@ -589,6 +586,11 @@ function parseHash() {
 let generation = 0;
 let rendered = "";
 
+/** The outcome of an action, kept above the page until the operator moves to another page. */
+function flash(node) {
+  $("flash").replaceChildren(node);
+}
+
 function showLogin(why) {
   $("view").hidden = true;
   $("nav").hidden = true;
@@ -600,6 +602,7 @@ function showLogin(why) {
 
 async function render() {
   const mine = ++generation;
+  if (location.hash !== rendered) $("flash").replaceChildren();
   rendered = location.hash;
   if (!sessionStorage.getItem(TOKEN_KEY)) return showLogin("");
   const { page, rest, q } = parseHash();
@@ -608,7 +611,7 @@ async function render() {
   $("login").hidden = true;
   $("nav").hidden = false;
   $("logout").hidden = false;
-  const view = el("section", { id: "view", "data-page": show, "data-hash": rendered, "aria-busy": "true" });
+  const view = el("section", { id: "view", "data-page": show, "data-hash": rendered, "data-generation": mine, "aria-busy": "true" });
   $("status").textContent = "Loading…";
   try {
     await PAGES[show](view, rest, q);
@@ -656,6 +659,7 @@ function logout() {
   sessionStorage.removeItem(TOKEN_KEY);
   generation++;
   $("view").replaceChildren();
+  $("flash").replaceChildren();
   showLogin("Logged out.");
 }
 
