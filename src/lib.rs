@@ -53,8 +53,8 @@
 //!   - [`delivery::jsonl`]: the JSONL file target (group commit, rotation).
 //!   - [`delivery::enrich`]: completing events from KooGallery's order query before delivery.
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
-//! - [`config`]: one table declaring each setting once, read into one struct per component.
 //! - [`console`]: the operator web console, static files embedded, served on the admin listener.
+//! - [`config`]: one table declaring each setting once, read into one struct per component.
 //! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
 //!
