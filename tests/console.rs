@@ -115,6 +115,12 @@ async fn go(c: &Client, hash: &str) {
     wait_rendered(c, hash.as_str().unwrap_or("")).await;
 }
 
+/// Waits until the page the browser is on now (after a click on a link) is rendered.
+async fn wait_current(c: &Client) {
+    let hash = js(c, "return location.hash;", vec![]).await;
+    wait_rendered(c, hash.as_str().unwrap_or("")).await;
+}
+
 /// Waits until the view shows the page of `hash`, loaded.
 async fn wait_rendered(c: &Client, hash: &str) {
     let script = "const v = document.getElementById('view'); \
@@ -399,7 +405,9 @@ async fn drive(c: &Client, w: &World) -> Vec<(PathBuf, &'static str)> {
     shots.push((shot(c, "04-event-delivered-desktop", 1280).await, "the same event after Redrive: delivered"));
 
     // Dead letters: the two events whose order ids carry markup, shown as text.
-    go(c, "#/dead").await;
+    // From the navigation bar, as an operator would.
+    click(c, "#nav a[data-page=dead]").await;
+    wait_current(c).await;
     let listed = wait_text(c, "table.dead tbody", ORDER_SCRIPT).await;
     assert!(listed.contains(ORDER_IMG) && !listed.contains(ORDER_DEAD), "{listed}");
     assert_eq!(
@@ -463,6 +471,14 @@ async fn drive(c: &Client, w: &World) -> Vec<(PathBuf, &'static str)> {
     let account = wait_text(c, "table.instances tbody", &w.instance_ok).await;
     assert!(account.contains(ORDER_OK) && account.contains(ORDER_DEAD), "both delivered purchases: {account}");
     shots.push((shot(c, "08-accounts-desktop", 1280).await, "an account: its instances, newest first, with paging"));
+    // Two a page: the second page has the two oldest purchases.
+    go(c, &format!("#/accounts?customer_id={CUSTOMER}&limit=2")).await;
+    wait_text(c, "#view .count", "instances 1–2 of 4").await;
+    click(c, "#next").await;
+    wait_current(c).await;
+    let older = wait_text(c, "#view", "instances 3–4 of 4").await;
+    assert!(older.contains(ORDER_OK) && older.contains(ORDER_DEAD) && !older.contains(ORDER_IMG), "{older}");
+    assert!(c.find(Locator::Css("#prev")).await.is_ok(), "a link back to the newer page");
     go(c, &format!("#/instances/{}", w.instance_ok)).await;
     wait_text(c, "#view", ORDER_OK).await;
     shots.push((
