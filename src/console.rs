@@ -138,6 +138,9 @@ mod tests {
         assert_eq!(html.matches("<script").count(), 1, "one external script, no inline one");
         assert!(!html.contains("<style") && !html.contains("style="), "{html}");
         assert_eq!(handler_attribute(html), None, "no event-handler attribute");
+        // Submitted without the script, the sign-in form sends nothing in a URL (and the field is unnamed).
+        assert!(html.contains(r#"<form id="login" class="card login" method="post""#), "{html}");
+        assert!(html.contains(r#"<input id="token" type="password" required>"#), "{html}");
         let js = std::str::from_utf8(file("/console/app.js").map(|f| f.1).unwrap_or_default()).unwrap_or_default();
         for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"] {
             assert!(!js.contains(sink), "app.js uses {sink}");
