@@ -567,6 +567,8 @@ async fn the_console_works_in_a_real_browser_and_shows_caller_strings_as_text() 
         w.gw.stop().await;
         return;
     };
+    // A failure screenshot from an earlier run would only mislead.
+    let _ = std::fs::remove_file(screenshots_dir().join("failure.png"));
     let driver = Driver::start(&chromedriver);
     let profile = tempfile::tempdir().expect("a profile dir");
     let c = browser(&driver, &chromium, profile.path()).await;
