@@ -69,6 +69,11 @@ function long(v) {
   return el("span", { class: "long" }, text(v));
 }
 
+/** A time: never broken across lines. */
+function when(v) {
+  return el("span", { class: "time" }, text(v));
+}
+
 function badge(status) {
   return el("span", { class: "badge badge-" + String(status || "unknown").replace(/[^a-z_]/g, "") }, text(status));
 }
@@ -217,18 +222,17 @@ function instanceLink(id) {
   return id ? el("a", { href: route(["instances", id]), class: "mono" }, text(id)) : "—";
 }
 
+/** The columns of an event list (the id names the instance and the sequence number already). */
 function eventColumns() {
   return [
     ["id", (e) => eventLink(e.id)],
     ["type", (e) => text(e.type)],
     ["status", (e) => badge(e.status)],
-    ["instance", (e) => instanceLink(e.instance_id)],
-    ["seq", (e) => text(e.seq)],
     ["order", (e) => text(e.order_id)],
-    ["occurred", (e) => text(e.occurred_at)],
+    ["occurred", (e) => when(e.occurred_at)],
     ["attempts", (e) => text(e.attempts)],
     ["last error", (e) => long(e.last_error)],
-    ["next / dead / delivered", (e) => text(e.next_attempt_at || e.dead_at || e.delivered_at)],
+    ["next / dead / delivered", (e) => when(e.next_attempt_at || e.dead_at || e.delivered_at)],
   ];
 }
 
@@ -304,7 +308,7 @@ async function pageEvent(view, id) {
     el("section", { class: "card" }, el("h2", null, "Attempts"),
       table(
         [
-          ["at", (a) => text(a.at)],
+          ["at", (a) => when(a.at)],
           ["HTTP status", (a) => text(a.status)],
           ["duration (ms)", (a) => text(a.duration_ms)],
           ["response", (a) => (a.response ? el("pre", { class: "response" }, String(a.response)) : "—")],
@@ -404,8 +408,8 @@ function instanceColumns() {
     ["order", (i) => text(i.order_id)],
     ["SKU", (i) => text(i.sku_code)],
     ["product", (i) => text(i.product_id)],
-    ["created", (i) => text(i.created_at)],
-    ["expires", (i) => text(i.expire_time)],
+    ["created", (i) => when(i.created_at)],
+    ["expires", (i) => when(i.expire_time)],
     ["usage pushed", (i) => text(i.usage && i.usage.pushed)],
     ["usage unpushed", (i) => text(i.usage && i.usage.unpushed)],
     ["events", (i) => el("a", { href: route(["events"], { instance_id: i.instance_id }) }, "events")],
