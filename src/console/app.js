@@ -601,6 +601,7 @@ function showLogin(why) {
   $("logout").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = why || "";
+  $("status").textContent = "";
   $("token").focus();
 }
 
