@@ -20,6 +20,8 @@
 //! | `POST /v1/accounts/{customer_id}/verify` | `{"instance_id"?}`: does it hold an active subscription (404/409 why not) |
 //! | `GET /v1/instances/{instance_id}` | one instance (resource id): account, order lines, event ids |
 //!
+//! `/console` is the operator console over this API (static files, no token: [`crate::console`]).
+//!
 //! The router serves exactly [`ROUTES`]; `docs/openapi.yaml` documents them (OpenAPI 3.1), and
 //! tests/it/openapi.rs checks the two against each other and against a running gateway.
 
@@ -298,6 +300,9 @@ impl Admin {
             }
             (&Method::GET, "/healthz") => return respond(StatusCode::OK, json!({"status": "ok"})),
             _ => {}
+        }
+        if crate::console::is_console(&path) {
+            return crate::console::serve(req.method(), &path);
         }
         if !path.starts_with("/v1/") {
             return error(StatusCode::NOT_FOUND, "not_found", "no such path");

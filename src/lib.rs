@@ -53,6 +53,7 @@
 //!   - [`delivery::jsonl`]: the JSONL file target (group commit, rotation).
 //!   - [`delivery::enrich`]: completing events from KooGallery's order query before delivery.
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
+//! - [`console`]: the operator web console, static files embedded, served on the admin listener.
 //! - [`config`]: one table declaring each setting once, read into one struct per component.
 //! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
@@ -77,6 +78,7 @@ pub mod accounts;
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod domain;
 pub mod events;

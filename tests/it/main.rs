@@ -2,7 +2,8 @@
 //! compiled `tests/common` and linked koogate again. Run one module with `cargo test --test it lifecycle::`.
 //! Apart, in binaries of their own: `tests/slow_body.rs` (needs the machine alone), `tests/metrics.rs` and
 //! `tests/dashboards.rs` (they read the process-wide metrics recorder: other tests in the process would
-//! change the counts, or export a series the dashboard test must produce itself).
+//! change the counts, or export a series the dashboard test must produce itself), and `tests/console.rs`
+//! (it drives a browser).
 
 #[path = "../common/mod.rs"]
 mod common;
