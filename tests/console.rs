@@ -11,7 +11,7 @@
 //! to check they show as text and nothing of them runs.
 //!
 //! Without chromium or chromedriver the test says so loudly and passes, unless
-//! `KOOGATE_REQUIRE_BROWSER` is set (scripts/test sets it once it has installed them): then it fails.
+//! `REQUIRE_BROWSER_TEST` is set (scripts/test sets it once it has installed them): then it fails.
 //! Its own binary (not tests/it): it needs a browser and takes a while.
 
 mod common;
@@ -551,7 +551,7 @@ fn urlencode(s: &str) -> String {
 async fn the_console_works_in_a_real_browser_and_shows_caller_strings_as_text() {
     let w = world().await;
     check_headers(&w.gw).await;
-    let required = std::env::var("KOOGATE_REQUIRE_BROWSER").is_ok_and(|v| !v.is_empty() && v != "0");
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| !v.is_empty() && v != "0");
     let (Some(chromium), Some(chromedriver)) =
         (on_path(&["chromium", "chromium-browser", "google-chrome"]), on_path(&["chromedriver"]))
     else {
@@ -563,7 +563,7 @@ async fn the_console_works_in_a_real_browser_and_shows_caller_strings_as_text() 
             "\n{banner}\n!! tests/console.rs: chromium or chromedriver is not installed: the browser test of\n\
              !! the operator console DID NOT RUN (apt-get install chromium chromium-driver; scripts/test does).\n{banner}\n"
         );
-        assert!(!required, "KOOGATE_REQUIRE_BROWSER is set but chromium/chromedriver are missing");
+        assert!(!required, "REQUIRE_BROWSER_TEST is set but chromium/chromedriver are missing");
         w.gw.stop().await;
         return;
     };
