@@ -357,7 +357,9 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     for warning in &config.warnings {
         eprintln!("koogate: warning: {warning}");
     }
-    let store = koogate::store::open(&config.store.spec, &config.store.key_prefix).await.map_err(StartError::Store)?;
+    let store = koogate::store::open(&config.store.spec, &config.store.key_prefix, config.delivery.retention)
+        .await
+        .map_err(StartError::Store)?;
     let patience = Duration::from_secs(5);
     tokio::time::timeout(patience, store.ping())
         .await

@@ -560,7 +560,7 @@ mod sink_contract {
     /// An embedded store whose outbox holds the events of [`calls`], at fixed
     /// times (so two stores hold the same entries); the ids the worker must send.
     async fn filled_store(dir: &Path) -> (Arc<dyn Store>, BTreeSet<String>) {
-        let store = store::open(&StoreSpec::Embedded(dir.to_path_buf()), "").await.unwrap();
+        let store = store::open(&StoreSpec::Embedded(dir.to_path_buf()), "", Duration::from_secs(3600)).await.unwrap();
         let settings = Settings {
             window_secs: 60,
             v1_window_secs: 14_400,
