@@ -18,6 +18,7 @@ mod differential;
 mod enrichment;
 mod faults;
 mod hardening;
+mod history;
 mod layers;
 mod lifecycle;
 mod limits;
