@@ -13,6 +13,11 @@
 //! - **then the dead-letter queue**: permanent refusals (4xx other than
 //!   408/429) at once, others when the schedule is exhausted. A redriven
 //!   event is delivered again under its own id.
+//! - **with an attempt log**: each attempt (when, how long, the receiver's
+//!   status and the start of its answer from the sink's [`Report`], the
+//!   error) goes into the event's [`Attempts`] (the most recent 20); a
+//!   delivered event is settled with it and kept in the store's history
+//!   ([`crate::store::History`]) for the retention.
 //!
 //! The worker hands each event to a [`Sink`] (`Arc<dyn Sink>`), which owns
 //! only the transport and says whether a failure is permanent or transient;

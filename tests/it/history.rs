@@ -156,12 +156,12 @@ async fn kept_with_attempts(backend: Backend) {
 
     // Look-ups: by instance (newest first), order, account, window, status, limit.
     assert_eq!(event_ids(&gw, &format!("instance_id={V1_INSTANCE}")).await, [v1_renewed.clone(), v1_created.clone()]);
-    assert_eq!(event_ids(&gw, &format!("order_id={V1_RENEWAL_ORDER}")).await, [v1_renewed.clone()]);
-    assert_eq!(event_ids(&gw, "order_id=CS2211181819B4LVS").await, [v2_created.clone()]);
+    assert_eq!(event_ids(&gw, &format!("order_id={V1_RENEWAL_ORDER}")).await, [v1_renewed.as_str()]);
+    assert_eq!(event_ids(&gw, "order_id=CS2211181819B4LVS").await, [v2_created.as_str()]);
     assert_eq!(event_ids(&gw, &format!("customer_id={CUSTOMER}")).await, [v1_renewed.clone(), v1_created.clone()]);
     assert_eq!(
         event_ids(&gw, &format!("customer_id={CUSTOMER}&order_id={V1_RENEWAL_ORDER}")).await,
-        [v1_renewed.clone()]
+        [v1_renewed.as_str()]
     );
     assert!(event_ids(&gw, "customer_id=nobody-at-all").await.is_empty());
     let all = event_ids(&gw, "status=delivered").await;
@@ -203,7 +203,7 @@ async fn kept_events_expire_with_the_retention() {
         let id = format!("evt_{instance}_1");
         let kept = until_status(&gw, &id, "delivered").await;
         assert_eq!(kept["attempt_log"].as_array().map(Vec::len), Some(1), "{backend:?}: kept at first: {kept}");
-        assert_eq!(event_ids(&gw, "status=delivered").await, [id.clone()]);
+        assert_eq!(event_ids(&gw, "status=delivered").await, [id.as_str()]);
         tokio::time::sleep(Duration::from_millis(1300)).await;
         // Past the retention: the old minimal answer, from the delivered sequence.
         let (status, view) = get(&gw, &format!("/v1/events/{id}")).await;
