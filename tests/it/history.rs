@@ -383,3 +383,69 @@ async fn used(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
 fn all(limit: usize) -> koogate::store::HistoryQuery {
     koogate::store::HistoryQuery { index: koogate::store::HistoryIndex::All, since_ms: None, until_ms: None, limit }
 }
+
+/// A kept event as `settle` gets it, delivered at `at_ms`.
+fn delivered(instance: &str, seq: u64, at_ms: i64) -> koogate::store::Delivered {
+    let entry = koogate::store::OutboxEntry {
+        cursor: "0-1".into(), // a stream id never added: settling it acknowledges nothing
+        shard: koogate::store::keys::instance_shard(instance),
+        id: koogate::store::plan::event_id(instance, seq),
+        kind: "subscription.created".into(),
+        occurred_at: rfc3339(at_ms - 5),
+        test: false,
+        record: [("order_id".to_owned(), format!("CSPRUNE{seq}"))].into_iter().collect(),
+        change: serde_json::Map::new(),
+        redrive: false,
+    };
+    koogate::store::Delivered { entry, attempts: Default::default(), delivered_at_ms: at_ms }
+}
+
+/// What is past the retention is pruned, not only hidden: embedded in the
+/// settle transaction and at open, Redis from the indexes as they are written.
+#[tokio::test]
+async fn history_past_the_retention_is_pruned() {
+    use koogate::store::{self, HistoryIndex, Settle, StoreSpec};
+    let (old, fresh) = (delivered("a0prune", 1, now_ms() - 60_000), delivered("a0prune", 2, now_ms()));
+    let half_a_minute = Duration::from_secs(30);
+    let month = Duration::from_secs(2_592_000);
+    // Embedded.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StoreSpec::Embedded(dir.path().to_owned());
+    let s = store::open(&spec, "", half_a_minute).await.unwrap();
+    s.settle(&[Settle::delivered(&old), Settle::delivered(&fresh)]).await.unwrap();
+    assert_eq!(s.history_list(&all(10)).await.unwrap(), std::slice::from_ref(&fresh));
+    drop(s);
+    let s = store::open(&spec, "", month).await.unwrap();
+    assert_eq!(s.history_get(&old.entry.id).await.unwrap(), None, "pruned in the settle transaction");
+    assert_eq!(s.history_get(&fresh.entry.id).await.unwrap().as_ref(), Some(&fresh));
+    let by_order = koogate::store::HistoryQuery { index: HistoryIndex::Order("CSPRUNE2".into()), ..all(10) };
+    assert_eq!(s.history_list(&by_order).await.unwrap(), std::slice::from_ref(&fresh));
+    drop(s);
+    drop(store::open(&spec, "", Duration::ZERO).await.unwrap()); // keeps none: prunes all at open
+    let s = store::open(&spec, "", month).await.unwrap();
+    assert!(s.history_list(&all(10)).await.unwrap().is_empty(), "pruned at open");
+    assert_eq!(s.history_get(&fresh.entry.id).await.unwrap(), None);
+    drop(s);
+    // Redis: the old event never enters an index (trimmed in the same script).
+    let prefix = unique_prefix("prune");
+    let s = store::open(&StoreSpec::Redis(REDIS_URL.into()), &prefix, half_a_minute).await.unwrap();
+    s.settle(&[Settle::delivered(&old), Settle::delivered(&fresh)]).await.unwrap();
+    assert_eq!(s.history_list(&all(10)).await.unwrap(), std::slice::from_ref(&fresh));
+    let keys = koogate::store::keys::Keys::new(&prefix);
+    let mut conn = redis_conn(REDIS_URL).await;
+    let shard = fresh.entry.shard;
+    let fresh_id = vec![fresh.entry.id.clone()];
+    for index in
+        [keys.history_by_time(shard), keys.history_by_instance("a0prune"), keys.history_by_order(shard, "CSPRUNE2")]
+    {
+        let members: Vec<String> =
+            redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        assert_eq!(members, fresh_id, "{index}");
+        let ttl: i64 = redis::cmd("PTTL").arg(&index).query_async(&mut conn).await.unwrap();
+        assert!(index.ends_with(":hist:time") || (1..=30_000).contains(&ttl), "{index} expires: {ttl}");
+    }
+    let emptied = keys.history_by_order(shard, "CSPRUNE1");
+    let exists: i64 = redis::cmd("EXISTS").arg(&emptied).query_async(&mut conn).await.unwrap();
+    assert_eq!(exists, 0, "the old event's order index was trimmed away");
+    delete_prefix(REDIS_URL, &prefix).await;
+}
