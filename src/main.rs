@@ -290,8 +290,11 @@ enum DlqAction {
     /// Put dead letters back into the outbox (with --usage: push them to KooGallery again).
     Redrive {
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["ids", "since"])]
         all: bool,
+        /// Every dead letter that died at or after this RFC 3339 time (`POST /v1/events/recover`; not with --usage).
+        #[arg(long, conflicts_with = "ids")]
+        since: Option<String>,
         /// Event ids (with --usage: metering_sn).
         ids: Vec<String>,
     },
@@ -457,9 +460,17 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
     let (method, path, body) = match &action {
         DlqAction::List { .. } => (hyper::Method::GET, list.to_owned(), String::new()),
         DlqAction::Show { id } => (hyper::Method::GET, format!("{show}/{id}"), String::new()),
-        DlqAction::Redrive { all, ids } => {
+        DlqAction::Redrive { since: Some(since), .. } => {
+            if usage {
+                bail!("--since recovers dead events; usage records are redriven by metering_sn or --all");
+            }
+            eprintln!("redriving every dead letter since {since} in one request…");
+            let since: String = form_urlencoded::byte_serialize(since.as_bytes()).collect();
+            (hyper::Method::POST, format!("/v1/events/recover?since={since}"), String::new())
+        }
+        DlqAction::Redrive { all, ids, since: None } => {
             if !all && ids.is_empty() {
-                bail!("give ids or --all");
+                bail!("give ids, --all or --since");
             }
             let what = if *all { "every dead letter".to_owned() } else { format!("{} id(s)", ids.len()) };
             eprintln!("redriving {what} in one request…");

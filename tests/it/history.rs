@@ -265,6 +265,18 @@ async fn recover_since(backend: Backend) {
     assert_eq!(delivered["attempt_log"][0]["status"], 200, "{delivered}");
     let (_, still) = get(&gw, &format!("/v1/events/{earlier}")).await;
     assert_eq!(still["status"], "dead", "died before `since`: not recovered");
+    // The same from the command line, with an offset (its `+` encoded by the CLI): the earlier one now.
+    let from = chrono::DateTime::from_timestamp_millis(since - 60_000).unwrap();
+    let from = from.with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap()).to_rfc3339();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
+        .args(["dlq", "redrive", "--since", &from, "--admin", &format!("http://{}", gw.running().admin_addr)])
+        .env("KOOGATE_ADMIN_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("redriven: 1"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    until_status(&gw, &earlier, "delivered").await;
 
     // Bad parameters: 400 with a code saying which.
     for (method, path, code) in [
