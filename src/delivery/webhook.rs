@@ -73,7 +73,11 @@ impl Sink for WebhookSink {
         let mut body = Vec::new();
         while body.len() < RESPONSE_EXCERPT_MAX {
             match res.chunk().await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(Some(chunk)) => {
+                    // Keep one byte past the limit: enough to know the body was cut.
+                    let room = (RESPONSE_EXCERPT_MAX + 1).saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
