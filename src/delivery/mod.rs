@@ -565,3 +565,33 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_record_says_when_it_started_what_was_answered_and_why_it_failed() {
+        let failed = Report::answered(
+            Err(SinkError::transient("billing core answered HTTP 503")),
+            Answer { status: 503, body: "busy".into() },
+        );
+        let r = attempt_record(&failed, 10_000, Duration::from_millis(250));
+        assert_eq!(
+            r,
+            AttemptRecord {
+                at_ms: 9_750,
+                status: Some(503),
+                duration_ms: 250,
+                response: Some("busy".into()),
+                error: Some("billing core answered HTTP 503".into()),
+            }
+        );
+        let ok = Report::answered(Ok(()), Answer { status: 204, body: String::new() });
+        let r = attempt_record(&ok, 10_000, Duration::ZERO);
+        assert_eq!((r.status, r.response, r.error), (Some(204), None, None), "an empty body is not kept");
+        let refused: Report = Err(SinkError::transient("request failed: connection refused")).into();
+        let r = attempt_record(&refused, 10_000, Duration::from_millis(3));
+        assert_eq!((r.status, r.error.as_deref()), (None, Some("request failed: connection refused")));
+    }
+}

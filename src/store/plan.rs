@@ -213,3 +213,26 @@ pub enum Redeem {
     /// Redeemed now.
     Redeemed(Record),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_log_keeps_the_most_recent_twenty() {
+        let mut a = Attempts::default();
+        for i in 0..25 {
+            a.attempts += 1;
+            a.log_attempt(AttemptRecord { at_ms: i, ..AttemptRecord::default() });
+        }
+        assert_eq!((a.attempts, a.log.len()), (25, ATTEMPT_LOG_MAX));
+        assert_eq!(a.log.first().map(|r| r.at_ms), Some(5), "the oldest ones went");
+        assert_eq!(a.log.last().map(|r| r.at_ms), Some(24));
+        // Bookkeeping written before the log reads as an empty log, and an empty log is not written.
+        let old: Attempts =
+            serde_json::from_str(r#"{"attempts":3,"first_attempt_ms":1,"next_attempt_ms":2,"last_error":null}"#)
+                .unwrap();
+        assert!(old.log.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("log"));
+    }
+}
