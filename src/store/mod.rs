@@ -160,7 +160,7 @@ pub trait Outbox {
     /// When the oldest event still in the outbox was accepted (UNIX ms).
     async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError>;
 
-    /// Every dead letter.
+    /// Every dead letter, oldest first (ties: by event id).
     async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Puts a dead letter back into the outbox; false when there is none with that id.

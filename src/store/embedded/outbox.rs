@@ -237,7 +237,7 @@ impl Outbox for EmbeddedStore {
             let (_, v) = item.map_err(err)?;
             out.push(serde_json::from_str::<DeadLetter>(v.value()).map_err(err)?);
         }
-        out.sort_by_key(|d| d.dead_at_ms);
+        out.sort_by(|a, b| (a.dead_at_ms, &a.entry.id).cmp(&(b.dead_at_ms, &b.entry.id)));
         Ok(out)
     }
 

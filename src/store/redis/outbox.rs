@@ -320,7 +320,7 @@ impl Outbox for RedisStore {
         let replies: Vec<Vec<String>> = self.query_all(cmds).await?;
         let mut out: Vec<DeadLetter> =
             replies.iter().flatten().filter_map(|json| serde_json::from_str(json).ok()).collect();
-        out.sort_by_key(|d| d.dead_at_ms);
+        out.sort_by(|a, b| (a.dead_at_ms, &a.entry.id).cmp(&(b.dead_at_ms, &b.entry.id)));
         Ok(out)
     }
 
