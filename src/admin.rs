@@ -538,9 +538,16 @@ impl Admin {
         }
         if f.wants(EventStatus::Delivered) && events.len() < f.limit {
             let room = f.limit - events.len();
-            let query = |index| HistoryQuery { index, since_ms: f.since_ms, until_ms: f.until_ms, limit: room };
-            let mut kept: Vec<Delivered> = match (&account, instance, order) {
-                (Some(ids), _, _) => {
+            // The narrowest index given (an order's events, an instance's, an account's, all), read
+            // newest first; when other filters still apply, read up to the largest page to filter.
+            let narrowed =
+                usize::from(order.is_some()) + usize::from(instance.is_some()) + usize::from(account.is_some());
+            let read = if narrowed > 1 { EVENTS_MAX_LIMIT } else { room };
+            let query = |index| HistoryQuery { index, since_ms: f.since_ms, until_ms: f.until_ms, limit: read };
+            let mut kept: Vec<Delivered> = match (order, instance, &account) {
+                (Some(o), _, _) => self.store.history_list(&query(HistoryIndex::Order(o.to_owned()))).await?,
+                (None, Some(i), _) => self.store.history_list(&query(HistoryIndex::Instance(i.to_owned()))).await?,
+                (None, None, Some(ids)) => {
                     let queries: Vec<HistoryQuery> =
                         ids.iter().map(|i| query(HistoryIndex::Instance(i.clone()))).collect();
                     let lists =
@@ -549,8 +556,6 @@ impl Admin {
                     all.sort_by(|a, b| (b.delivered_at_ms, &b.entry.id).cmp(&(a.delivered_at_ms, &a.entry.id)));
                     all
                 }
-                (None, Some(i), _) => self.store.history_list(&query(HistoryIndex::Instance(i.to_owned()))).await?,
-                (None, None, Some(o)) => self.store.history_list(&query(HistoryIndex::Order(o.to_owned()))).await?,
                 (None, None, None) => self.store.history_list(&query(HistoryIndex::All)).await?,
             };
             kept.retain(|d| selected(&d.entry));
