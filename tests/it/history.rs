@@ -457,3 +457,62 @@ async fn history_past_the_retention_is_pruned() {
     assert_eq!(exists, 0, "the old event's order index was trimmed away");
     delete_prefix(REDIS_URL, &prefix).await;
 }
+
+/// The reference billing-core sink (`koogate sink`) failing half its requests
+/// with 503: every event ends delivered, and its log holds each failed answer
+/// (the sink's own body) then the accepted one; the 503s logged are the 503s
+/// the sink sent.
+#[tokio::test]
+async fn the_reference_sink_failing_half_the_time_shows_in_every_log() {
+    use koogate::tools::sink::{start as start_sink, SinkConfig};
+    for backend in BACKENDS {
+        let sink = start_sink(SinkConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            secret: SECRET.into(),
+            out: None,
+            fail_share: 0.5,
+            fail_status: 503,
+            delay: Duration::ZERO,
+            tolerance_secs: 300,
+        })
+        .await
+        .unwrap();
+        let url = format!("http://{}/events", sink.addr);
+        let gw = start(backend, "refsink", &url, &[]).await;
+        let n = 20;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let order = format!("CSREFSINK{i:04}");
+            let body = format!(
+                r#"{{"activity":"newInstance","businessId":"b-{i}","orderId":"{order}","orderLineId":"{order}-1","testFlag":"0"}}"#
+            );
+            assert_eq!(gw.v2(body.as_bytes()).await.result_code().as_deref(), Some("000000"));
+            ids.push(format!("evt_{}_1", instance_id_for(&order, Some(&format!("{order}-1")))));
+        }
+        let (mut failed, mut attempts) = (0, 0);
+        for id in &ids {
+            let view = until_status(&gw, id, "delivered").await;
+            let log = view["attempt_log"].as_array().unwrap();
+            assert_eq!(view["attempts"].as_u64(), Some(log.len() as u64), "{backend:?} {id}: every attempt logged");
+            let (last, before) = log.split_last().unwrap();
+            assert_eq!(
+                (last["status"].as_u64(), last["response"].as_str()),
+                (Some(200), Some(r#"{"status":"accepted"}"#))
+            );
+            for a in before {
+                assert_eq!(a["status"], 503, "{view}");
+                assert_eq!(a["response"], r#"{"error":"failing on purpose (--fail-share)"}"#, "{view}");
+                assert_eq!(a["error"], "billing core answered HTTP 503");
+            }
+            failed += before.len() as u64;
+            attempts += log.len();
+        }
+        let sent = sink.stats().failed_on_purpose.load(Ordering::Relaxed);
+        println!("{backend:?}: {n} events through the reference sink in {attempts} attempts; {failed} 503s logged, {sent} sent");
+        assert_eq!(failed, sent, "{backend:?}: the logs hold every 503 the sink sent");
+        assert!(failed > 0, "half the requests fail");
+        assert_eq!(sink.events().await.len(), n, "each event accepted once");
+        gw.stop().await;
+        sink.stop().await;
+    }
+}
