@@ -62,8 +62,8 @@
 //! Some(topic) => Arc::new(QueueSink::connect(&config.queue_url, topic)?),
 //! ```
 //!
-//! Ordering, retries, the dead-letter queue, redrive, the admin API, metrics
-//! and enrichment then work for it unchanged. The two existing targets are
+//! Ordering, retries, the dead-letter queue, redrive, the attempt log and the
+//! history, the admin API, metrics and enrichment then work for it unchanged. The two existing targets are
 //! [`super::webhook::WebhookSink`] (the billing core over HTTP, Standard
 //! Webhooks signatures) and [`super::jsonl::JsonlSink`] (`events.jsonl`).
 
