@@ -3,8 +3,9 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /v1/events?instance_id=&order_id=` | events not yet delivered and dead letters |
-//! | `GET /v1/events/{id}` | one event: pending, dead, delivered or unknown |
+//! | `GET /v1/events?instance_id=&order_id=&customer_id=&status=&since=&until=&limit=` | pending events, dead letters and delivered events kept in the history (newest first) |
+//! | `GET /v1/events/{id}` | one event: pending, dead, delivered or unknown; with its attempt log and body |
+//! | `POST /v1/events/recover?since=` | redrives every dead letter that died since a time (RFC 3339) |
 //! | `GET /v1/dlq` | dead letters |
 //! | `GET /v1/dlq/{id}` | one dead letter |
 //! | `POST /v1/dlq/redrive` | `{"ids":[…]}` or `{"all":true}`: back into the outbox |
@@ -45,7 +46,9 @@ use crate::metrics as m;
 use crate::protocol::sign::constant_time_eq;
 use crate::secret::Secret;
 use crate::store::plan::parse_event_id;
-use crate::store::{DeadLetter, OutboxEntry, Record, Redeem, Store, StoreError};
+use crate::store::{
+    Attempts, DeadLetter, Delivered, HistoryIndex, HistoryQuery, OutboxEntry, Record, Redeem, Store, StoreError,
+};
 use crate::usage::record::format_e4;
 use crate::usage::{StoredUsage, UsageState};
 
@@ -102,19 +105,146 @@ fn event_view(entry: &OutboxEntry, status: &str, attempts: Option<&crate::store:
     })
 }
 
+/// The event an entry becomes, as delivered (`null` when it cannot be built).
+fn assembled(entry: &OutboxEntry) -> Value {
+    crate::events::assemble(entry).ok().and_then(|e| serde_json::to_value(e).ok()).unwrap_or(Value::Null)
+}
+
 fn dead_view(d: &DeadLetter) -> Value {
     let mut v = event_view(&d.entry, "dead", Some(&d.attempts));
     v["dead_at"] = ms_time(d.dead_at_ms);
-    v["event"] =
-        crate::events::assemble(&d.entry).ok().and_then(|e| serde_json::to_value(e).ok()).unwrap_or(Value::Null);
+    v["event"] = assembled(&d.entry);
     v
 }
 
+/// A delivered event kept in the history; with `detail`, its body and attempt log.
+fn delivered_view(d: &Delivered, detail: bool) -> Value {
+    let mut v = event_view(&d.entry, "delivered", Some(&d.attempts));
+    v["next_attempt_at"] = Value::Null;
+    v["delivered_at"] = ms_time(d.delivered_at_ms);
+    if detail {
+        v["event"] = assembled(&d.entry);
+        v["attempt_log"] = attempt_log(Some(&d.attempts));
+    }
+    v
+}
+
+/// The attempt log as the admin API shows it, oldest first.
+fn attempt_log(attempts: Option<&Attempts>) -> Value {
+    let log = attempts.map(|a| a.log.as_slice()).unwrap_or_default();
+    Value::Array(
+        log.iter()
+            .map(|r| {
+                json!({
+                    "at": ms_time(r.at_ms),
+                    "status": r.status,
+                    "duration_ms": r.duration_ms,
+                    "response": r.response,
+                    "error": r.error,
+                })
+            })
+            .collect(),
+    )
+}
+
 fn matches(entry: &OutboxEntry, instance: Option<&str>, order: Option<&str>) -> bool {
-    let event_order = entry.change.get("order_id").and_then(Value::as_str);
     instance.is_none_or(|i| entry.subject_seq().0 == i)
-        && order
-            .is_none_or(|o| event_order == Some(o) || entry.record.get(field::ORDER_ID).map(String::as_str) == Some(o))
+        && order.is_none_or(|o| crate::store::plan::entry_order_ids(entry).contains(&o))
+}
+
+/// `status=` of `GET /v1/events`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventStatus {
+    Pending,
+    Dead,
+    Delivered,
+}
+
+/// Events `GET /v1/events` answers by default, and at most.
+const EVENTS_DEFAULT_LIMIT: usize = 100;
+const EVENTS_MAX_LIMIT: usize = 1000;
+
+/// The filters of `GET /v1/events`, read from its query string.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct EventFilter {
+    instance: Option<String>,
+    order: Option<String>,
+    customer: Option<String>,
+    /// `None`: every status.
+    status: Option<EventStatus>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    limit: usize,
+}
+
+/// An RFC 3339 time as UNIX ms. A `+` of the offset that arrived as a space
+/// (an unencoded `+` in a query string) is read as `+`.
+fn parse_time(name: &str, value: &str) -> Result<i64, (&'static str, String)> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .or_else(|e| {
+            if value.contains(' ') {
+                chrono::DateTime::parse_from_rfc3339(&value.replace(' ', "+"))
+            } else {
+                Err(e)
+            }
+        })
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| ("bad_time", format!("{name} must be an RFC 3339 time (2026-12-01T00:00:00Z), not {value:?}")))
+}
+
+impl EventFilter {
+    /// The filters of a query string, or the error code and message of a 400. Pure.
+    fn parse(query: &str) -> Result<Self, (&'static str, String)> {
+        let mut f = Self { limit: EVENTS_DEFAULT_LIMIT, ..Self::default() };
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let value = value.into_owned();
+            match name.as_ref() {
+                "instance_id" => f.instance = Some(value),
+                "order_id" => f.order = Some(value),
+                "customer_id" => f.customer = Some(value),
+                "status" => {
+                    f.status = Some(match value.as_str() {
+                        "pending" => EventStatus::Pending,
+                        "dead" => EventStatus::Dead,
+                        "delivered" => EventStatus::Delivered,
+                        _ => {
+                            return Err((
+                                "bad_status",
+                                format!("status must be pending, dead or delivered, not {value:?}"),
+                            ))
+                        }
+                    });
+                }
+                "since" => f.since_ms = Some(parse_time("since", &value)?),
+                "until" => f.until_ms = Some(parse_time("until", &value)?),
+                "limit" => {
+                    f.limit = value.parse::<usize>().ok().filter(|n| (1..=EVENTS_MAX_LIMIT).contains(n)).ok_or_else(
+                        || {
+                            (
+                                "bad_limit",
+                                format!("limit must be a whole number from 1 to {EVENTS_MAX_LIMIT}, not {value:?}"),
+                            )
+                        },
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(since), Some(until)) = (f.since_ms, f.until_ms) {
+            if since > until {
+                return Err(("bad_window", "since must not be after until".to_owned()));
+            }
+        }
+        Ok(f)
+    }
+
+    fn wants(&self, status: EventStatus) -> bool {
+        self.status.is_none_or(|s| s == status)
+    }
+
+    fn in_window(&self, ms: i64) -> bool {
+        self.since_ms.is_none_or(|s| ms >= s) && self.until_ms.is_none_or(|u| ms <= u)
+    }
 }
 
 /// One usage record as the admin API shows it.
@@ -252,6 +382,7 @@ struct RedeemBody {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("GET", "/v1/events/{id}"),
+    ("POST", "/v1/events/recover"),
     ("GET", "/v1/dlq"),
     ("GET", "/v1/dlq/{id}"),
     ("POST", "/v1/dlq/redrive"),
@@ -336,11 +467,18 @@ impl Admin {
             return error(StatusCode::NOT_FOUND, "not_found", "no such path or method");
         };
         let result = match (verb, route, params.as_slice()) {
-            ("GET", "/v1/events", []) => {
-                let (instance, order) = (query_param(&req, "instance_id"), query_param(&req, "order_id"));
-                self.list_events(instance.as_deref(), order.as_deref()).await
-            }
+            ("GET", "/v1/events", []) => match EventFilter::parse(req.uri().query().unwrap_or("")) {
+                Ok(filter) => self.list_events(&filter).await,
+                Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+            },
             ("GET", "/v1/events/{id}", [id]) => self.show_event(id).await,
+            ("POST", "/v1/events/recover", []) => match query_param(&req, "since") {
+                None => return error(StatusCode::BAD_REQUEST, "missing_since", "since (an RFC 3339 time) is required"),
+                Some(since) => match parse_time("since", &since) {
+                    Ok(since_ms) => self.recover(since_ms).await,
+                    Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+                },
+            },
             ("GET", "/v1/dlq", []) => {
                 self.store.dlq_list().await.map(|d| {
                     respond(StatusCode::OK, json!({"dead_letters": d.iter().map(dead_view).collect::<Vec<_>>()}))
@@ -407,15 +545,87 @@ impl Admin {
         result.unwrap_or_else(|e| store_error(&e))
     }
 
-    async fn list_events(&self, instance: Option<&str>, order: Option<&str>) -> Result<Response<Body>, StoreError> {
-        let pending: Vec<OutboxEntry> =
-            self.store.outbox_entries().await?.into_iter().filter(|e| matches(e, instance, order)).collect();
-        let attempts = self.store.attempts(&pending).await?;
-        let mut events: Vec<Value> =
-            pending.iter().zip(&attempts).map(|(e, a)| event_view(e, "pending", a.as_ref())).collect();
-        events
-            .extend(self.store.dlq_list().await?.iter().filter(|d| matches(&d.entry, instance, order)).map(dead_view));
+    /// `GET /v1/events`: pending events (oldest first), dead letters (by
+    /// dead_at), then delivered events kept in the history (newest first), at
+    /// most `limit` in all. The window applies to when each happened:
+    /// occurred_at, dead_at, delivered_at.
+    async fn list_events(&self, f: &EventFilter) -> Result<Response<Body>, StoreError> {
+        // An account is the instances it holds (the account index), then each of them.
+        let account: Option<Vec<String>> = match &f.customer {
+            Some(customer) => {
+                let page = self.store.account_instances(customer, 0, accounts::VERIFY_SCAN).await?;
+                Some(page.instance_ids.into_iter().filter(|i| f.instance.as_ref().is_none_or(|x| x == i)).collect())
+            }
+            None => None,
+        };
+        let (instance, order) = (f.instance.as_deref(), f.order.as_deref());
+        let selected = |e: &OutboxEntry| {
+            matches(e, instance, order) && account.as_ref().is_none_or(|ids| ids.iter().any(|i| i == e.subject_seq().0))
+        };
+        let mut events: Vec<Value> = Vec::new();
+        if f.wants(EventStatus::Pending) {
+            let pending: Vec<OutboxEntry> = self
+                .store
+                .outbox_entries()
+                .await?
+                .into_iter()
+                .filter(|e| selected(e))
+                .filter(|e| {
+                    chrono::DateTime::parse_from_rfc3339(&e.occurred_at)
+                        .is_ok_and(|t| f.in_window(t.timestamp_millis()))
+                })
+                .take(f.limit)
+                .collect();
+            let attempts = self.store.attempts(&pending).await?;
+            events.extend(pending.iter().zip(&attempts).map(|(e, a)| event_view(e, "pending", a.as_ref())));
+        }
+        if f.wants(EventStatus::Dead) && events.len() < f.limit {
+            let dead = self.store.dlq_list().await?;
+            let shown = dead.iter().filter(|d| selected(&d.entry) && f.in_window(d.dead_at_ms)).map(dead_view);
+            events.extend(shown.take(f.limit - events.len()));
+        }
+        if f.wants(EventStatus::Delivered) && events.len() < f.limit {
+            let room = f.limit - events.len();
+            // The narrowest index given (an order's events, an instance's, an account's, all), read
+            // newest first; when other filters still apply, read up to the largest page to filter.
+            let narrowed =
+                usize::from(order.is_some()) + usize::from(instance.is_some()) + usize::from(account.is_some());
+            let read = if narrowed > 1 { EVENTS_MAX_LIMIT } else { room };
+            let query = |index| HistoryQuery { index, since_ms: f.since_ms, until_ms: f.until_ms, limit: read };
+            let mut kept: Vec<Delivered> = match (order, instance, &account) {
+                (Some(o), _, _) => self.store.history_list(&query(HistoryIndex::Order(o.to_owned()))).await?,
+                (None, Some(i), _) => self.store.history_list(&query(HistoryIndex::Instance(i.to_owned()))).await?,
+                (None, None, Some(ids)) => {
+                    let queries: Vec<HistoryQuery> =
+                        ids.iter().map(|i| query(HistoryIndex::Instance(i.clone()))).collect();
+                    let lists =
+                        futures::future::try_join_all(queries.iter().map(|q| self.store.history_list(q))).await?;
+                    let mut all: Vec<Delivered> = lists.into_iter().flatten().collect();
+                    all.sort_by(|a, b| (b.delivered_at_ms, &b.entry.id).cmp(&(a.delivered_at_ms, &a.entry.id)));
+                    all
+                }
+                (None, None, None) => self.store.history_list(&query(HistoryIndex::All)).await?,
+            };
+            kept.retain(|d| selected(&d.entry));
+            events.extend(kept.iter().take(room).map(|d| delivered_view(d, false)));
+        }
         Ok(respond(StatusCode::OK, json!({ "events": events })))
+    }
+
+    /// `POST /v1/events/recover?since=`: every dead letter that died at or
+    /// after `since_ms` goes back into the outbox.
+    async fn recover(&self, since_ms: i64) -> Result<Response<Body>, StoreError> {
+        let ids: Vec<String> =
+            self.store.dlq_list().await?.into_iter().filter(|d| d.dead_at_ms >= since_ms).map(|d| d.entry.id).collect();
+        let mut moved = Vec::with_capacity(ids.len());
+        for id in &ids {
+            moved.push(self.store.dlq_redrive(id).await?);
+        }
+        let count = moved.iter().filter(|m| **m).count();
+        tracing::info!(count, since = %ms_time(since_ms), "dead letters recovered");
+        let (redriven, missing): (Vec<_>, Vec<_>) = ids.into_iter().zip(moved).partition(|(_, m)| *m);
+        let ids = |v: Vec<(String, bool)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        Ok(respond(StatusCode::OK, json!({"redriven": ids(redriven), "missing": ids(missing), "count": count})))
     }
 
     async fn show_event(&self, id: &str) -> Result<Response<Body>, StoreError> {
@@ -423,14 +633,21 @@ impl Admin {
             return Ok(error(StatusCode::NOT_FOUND, "not_found", format!("{id} is not an event id")));
         };
         if let Some(d) = self.store.dlq_list().await?.iter().find(|d| d.entry.id == id) {
-            return Ok(respond(StatusCode::OK, dead_view(d)));
+            let mut v = dead_view(d);
+            v["attempt_log"] = attempt_log(Some(&d.attempts));
+            return Ok(respond(StatusCode::OK, v));
         }
         if let Some(e) = self.store.outbox_entries().await?.into_iter().find(|e| e.id == id) {
             let attempts = self.store.attempts(std::slice::from_ref(&e)).await?;
-            let mut v = event_view(&e, "pending", attempts.first().and_then(Option::as_ref));
-            v["event"] =
-                crate::events::assemble(&e).ok().and_then(|ev| serde_json::to_value(ev).ok()).unwrap_or(Value::Null);
+            let attempts = attempts.first().and_then(Option::as_ref);
+            let mut v = event_view(&e, "pending", attempts);
+            v["event"] = assembled(&e);
+            v["attempt_log"] = attempt_log(attempts);
             return Ok(respond(StatusCode::OK, v));
+        }
+        // Kept in the history; past the retention, only what the delivered sequence says.
+        if let Some(d) = self.store.history_get(id).await? {
+            return Ok(respond(StatusCode::OK, delivered_view(&d, true)));
         }
         let delivered = self.store.delivered_seq(&[subject]).await?.first().copied().unwrap_or(0);
         if seq >= 1 && seq <= delivered {
@@ -799,5 +1016,39 @@ mod tests {
         assert_eq!(route(Method::DELETE, "/v1/events"), None);
         assert_eq!(route(Method::GET, "/v1/orders/CS1/redeem/x"), None);
         assert_eq!(route(Method::GET, "/v1/nothing"), None);
+        assert_eq!(route(Method::POST, "/v1/events/recover"), Some(("POST", "/v1/events/recover", String::new())));
+        assert_eq!(route(Method::GET, "/v1/events/recover"), Some(("GET", "/v1/events/{id}", "recover".into())));
+    }
+
+    #[test]
+    fn event_filters_are_read_or_refused_with_a_code() {
+        let f = EventFilter::parse("").unwrap();
+        assert_eq!(f, EventFilter { limit: 100, ..EventFilter::default() });
+        let f = EventFilter::parse(
+            "instance_id=i1&order_id=CS1&customer_id=c1&status=delivered&since=2026-12-01T00:00:00Z\
+             &until=2026-12-01T01:00:00%2B01:00&limit=1000",
+        )
+        .unwrap();
+        assert_eq!(
+            (f.instance.as_deref(), f.order.as_deref(), f.customer.as_deref()),
+            (Some("i1"), Some("CS1"), Some("c1"))
+        );
+        assert_eq!(f.status, Some(EventStatus::Delivered));
+        assert_eq!((f.since_ms, f.until_ms, f.limit), (Some(1_796_083_200_000), Some(1_796_083_200_000), 1000));
+        // An unencoded `+` arrives as a space.
+        assert_eq!(EventFilter::parse("since=2026-12-01T01:00:00+01:00").unwrap().since_ms, Some(1_796_083_200_000));
+        for (query, code) in [
+            ("status=gone", "bad_status"),
+            ("since=yesterday", "bad_time"),
+            ("until=2026-13-01T00:00:00Z", "bad_time"),
+            ("limit=0", "bad_limit"),
+            ("limit=1001", "bad_limit"),
+            ("limit=ten", "bad_limit"),
+            ("since=2026-12-02T00:00:00Z&until=2026-12-01T00:00:00Z", "bad_window"),
+        ] {
+            assert_eq!(EventFilter::parse(query).map_err(|(c, _)| c), Err(code), "{query}");
+        }
+        let f = EventFilter { since_ms: Some(10), until_ms: Some(20), ..EventFilter::default() };
+        assert!(f.in_window(10) && f.in_window(20) && !f.in_window(9) && !f.in_window(21));
     }
 }

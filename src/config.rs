@@ -206,6 +206,8 @@ settings! {
     USAGE_APIG_SIGN: bool = Usage, Value("true"), flag,
         "also sign usage pushes with API Gateway AK/SK signing when KOOGATE_MARKETPLACE_AK/SK are set";
     FORWARD_TEST_EVENTS: bool = Delivery, Value("false"), flag, "forward events of testFlag=1 calls too";
+    EVENT_RETENTION_SECS: Duration = Delivery, Value("2592000"), retention_secs,
+        "how long delivered events are kept with their attempts for the admin API (30 days; 0 = keep none)";
     V2_PATH: String = Listener, Value("/koogallery/v2"), absolute_path, "path of V2 calls (POST)";
     V1_PATH: String = Listener, Value("/koogallery/v1"), absolute_path, "path of V1 calls (GET)";
     MAX_BODY_BYTES: usize = Listener, Value("65536"), count, "largest accepted request body";
@@ -267,6 +269,15 @@ fn attempts(v: &str, about: &About) -> Result<u32, String> {
 
 fn secs(v: &str, about: &About) -> Result<Duration, String> {
     positive(v, about).map(Duration::from_secs)
+}
+
+/// Seconds, 0 allowed, at most 10 years (times in ms stay far from overflowing).
+fn retention_secs(v: &str, _: &About) -> Result<Duration, String> {
+    let n: u64 = v.trim().parse().map_err(|_| format!("{v:?} is not a whole number"))?;
+    if n > 315_360_000 {
+        return Err("must be at most 315360000 (10 years)".into());
+    }
+    Ok(Duration::from_secs(n))
 }
 
 fn millis(v: &str, about: &About) -> Result<Duration, String> {
@@ -518,6 +529,9 @@ pub struct Delivery {
     pub sink: Target,
     /// The delivery worker's settings, handed over whole.
     pub worker: crate::delivery::Settings,
+    /// How long delivered events are kept (with their attempts) in the store's
+    /// history; zero keeps none. Handed to the store when it is opened.
+    pub retention: Duration,
 }
 
 /// Where events go: the billing core over HTTP when it is set, else
@@ -789,6 +803,7 @@ impl Delivery {
                 concurrency: src.value(&DELIVERY_CONCURRENCY)?,
                 order_wait: src.value(&DELIVERY_ORDER_WAIT_SECS)?,
             },
+            retention: src.value(&EVENT_RETENTION_SECS)?,
         })
     }
 }
@@ -1025,6 +1040,7 @@ mod tests {
                     concurrency: 32,
                     order_wait: Duration::from_secs(300),
                 },
+                retention: Duration::from_secs(2_592_000),
             }
         );
         assert_eq!(c.marketplace, None);

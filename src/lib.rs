@@ -33,12 +33,14 @@
 //!   - [`store::redis`]: the production backend (one Lua script per call, Cluster-ready); per role:
 //!     - `store::redis::calls`: `CallStore` (`apply.lua`, `redeem.lua`).
 //!     - `store::redis::outbox`: `Outbox` (streams per shard; `settle.lua`, `redrive.lua`).
+//!     - `store::redis::history`: `History` (delivered events kept by `settle.lua`, sorted-set indexes).
 //!     - `store::redis::orders`: `OrderCache`.
 //!     - `store::redis::usage`: `UsageLedger` (`usage_*.lua`).
 //!     - `store::redis::accounts`: `AccountIndex` (`account_pending.lua`).
 //!   - [`store::embedded`]: a redb file, the default without Redis; per role:
 //!     - `store::embedded::calls`: `CallStore`.
 //!     - `store::embedded::outbox`: `Outbox`.
+//!     - `store::embedded::history`: `History` (kept in the settle transaction, index tables by time).
 //!     - `store::embedded::orders`: `OrderCache`.
 //!     - `store::embedded::usage`: `UsageLedger`.
 //!     - `store::embedded::accounts`: `AccountIndex`.
@@ -55,7 +57,7 @@
 //! - [`http`]: listeners, routing, limits, graceful shutdown.
 //! - [`console`]: the operator web console, static files embedded, served on the admin listener.
 //! - [`config`]: one table declaring each setting once, read into one struct per component.
-//! - [`admin`]: the admin API (events, DLQ, order ledger, usage, accounts).
+//! - [`admin`]: the admin API (events and their history, DLQ, order ledger, usage, accounts).
 //! - [`server`]: wiring it all together.
 //!
 //! Tooling, in its own wing (stand-ins and drivers for the binary's tool verbs

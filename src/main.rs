@@ -63,7 +63,7 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Look up events (pending, dead and delivered, with their attempts) and recover dead ones, through a running gateway's admin API.
+    /// Look up events (pending, dead and delivered, with their attempts) through a running gateway's admin API (`koogate dlq redrive --since` recovers dead ones).
     Events {
         #[command(flatten)]
         admin: AdminArgs,
@@ -148,11 +148,6 @@ enum EventsAction {
     },
     /// One event: its status, the event itself and every delivery attempt.
     Show { id: String },
-    /// Redrive every event dead-lettered since a time (RFC 3339), e.g. after the billing core was fixed.
-    Recover {
-        #[arg(long)]
-        since: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -345,8 +340,11 @@ enum DlqAction {
     /// Put dead letters back into the outbox (with --usage: push them to KooGallery again).
     Redrive {
         /// Every dead letter.
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long, conflicts_with_all = ["ids", "since"])]
         all: bool,
+        /// Every dead letter that died at or after this RFC 3339 time (`POST /v1/events/recover`; not with --usage).
+        #[arg(long, conflicts_with = "ids")]
+        since: Option<String>,
         /// Event ids (with --usage: metering_sn).
         ids: Vec<String>,
     },
@@ -412,7 +410,9 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     for warning in &config.warnings {
         eprintln!("koogate: warning: {warning}");
     }
-    let store = koogate::store::open(&config.store.spec, &config.store.key_prefix).await.map_err(StartError::Store)?;
+    let store = koogate::store::open(&config.store.spec, &config.store.key_prefix, config.delivery.retention)
+        .await
+        .map_err(StartError::Store)?;
     let patience = Duration::from_secs(5);
     tokio::time::timeout(patience, store.ping())
         .await
@@ -510,9 +510,17 @@ async fn dlq(admin: AdminArgs, usage: bool, action: DlqAction, src: &Source) -> 
     let (method, path, body) = match &action {
         DlqAction::List { .. } => (hyper::Method::GET, list.to_owned(), String::new()),
         DlqAction::Show { id } => (hyper::Method::GET, format!("{show}/{id}"), String::new()),
-        DlqAction::Redrive { all, ids } => {
+        DlqAction::Redrive { since: Some(since), .. } => {
+            if usage {
+                bail!("--since recovers dead events; usage records are redriven by metering_sn or --all");
+            }
+            eprintln!("redriving every dead letter since {since} in one request…");
+            let since: String = form_urlencoded::byte_serialize(since.as_bytes()).collect();
+            (hyper::Method::POST, format!("/v1/events/recover?since={since}"), String::new())
+        }
+        DlqAction::Redrive { all, ids, since: None } => {
             if !all && ids.is_empty() {
-                bail!("give ids or --all");
+                bail!("give ids, --all or --since");
             }
             let what = if *all { "every dead letter".to_owned() } else { format!("{} id(s)", ids.len()) };
             eprintln!("redriving {what} in one request…");
@@ -737,10 +745,6 @@ async fn events(api: AdminApi, action: EventsAction) -> anyhow::Result<ExitCode>
             (hyper::Method::GET, format!("/v1/events?{}", query.finish()))
         }
         EventsAction::Show { id } => (hyper::Method::GET, format!("/v1/events/{}", encode_segment(id))),
-        EventsAction::Recover { since } => {
-            let query = form_urlencoded::Serializer::new(String::new()).append_pair("since", since).finish();
-            (hyper::Method::POST, format!("/v1/events/recover?{query}"))
-        }
     };
     let (status, json) = api.send(method, &path, String::new()).await?;
     if status >= 400 {
@@ -767,9 +771,6 @@ async fn events(api: AdminApi, action: EventsAction) -> anyhow::Result<ExitCode>
                 );
             }
             println!("{} event(s)", events.len());
-        }
-        EventsAction::Recover { since } => {
-            println!("redriven: {} (dead-lettered since {since})", json["count"]);
         }
         EventsAction::List { json: true, .. } | EventsAction::Show { .. } => {
             println!("{}", serde_json::to_string_pretty(&json)?);
@@ -942,8 +943,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Events { admin, action } => {
             let src = Source::load(config_file)?;
-            let timeout = if matches!(action, EventsAction::Recover { .. }) { 600 } else { 30 };
-            return events(AdminApi::connect(&admin, &src, Duration::from_secs(timeout))?, action).await;
+            return events(AdminApi::connect(&admin, &src, Duration::from_secs(30))?, action).await;
         }
         Command::Accounts { admin, action } => {
             let src = Source::load(config_file)?;

@@ -134,7 +134,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
-    let store = store::open(&store.spec, &store.key_prefix).await?;
+    let store = store::open(&store.spec, &store.key_prefix, delivery.retention).await?;
     tracing::info!(backend = store.backend(), "store opened");
     crate::metrics::store_opened(store.backend());
     if gateway.frontend_url_is_default() {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
-use super::sink::{Message, Sink, SinkError};
+use super::sink::{Message, Report, Sink, SinkError};
 
 /// Events as JSON lines in a file (see the module docs).
 pub struct JsonlSink {
@@ -47,8 +47,9 @@ impl Sink for JsonlSink {
         self.path.display().to_string()
     }
 
-    async fn send(&self, message: &Message<'_>) -> Result<(), SinkError> {
-        self.writer.append(message.body).await.map_err(SinkError::transient)
+    /// A file answers nothing: the report has no answer.
+    async fn send(&self, message: &Message<'_>) -> Report {
+        self.writer.append(message.body).await.map_err(SinkError::transient).into()
     }
 }
 

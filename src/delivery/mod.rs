@@ -13,6 +13,11 @@
 //! - **then the dead-letter queue**: permanent refusals (4xx other than
 //!   408/429) at once, others when the schedule is exhausted. A redriven
 //!   event is delivered again under its own id.
+//! - **with an attempt log**: each attempt (when, how long, the receiver's
+//!   status and the start of its answer from the sink's [`Report`], the
+//!   error) goes into the event's [`Attempts`] (the most recent 20); a
+//!   delivered event is settled with it and kept in the store's history
+//!   ([`crate::store::History`]) for the retention.
 //!
 //! The worker hands each event to a [`Sink`] (`Arc<dyn Sink>`), which owns
 //! only the transport and says whether a failure is permanent or transient;
@@ -46,9 +51,11 @@ use crate::accounts;
 use crate::backoff::Schedule;
 use crate::events;
 use crate::metrics as m;
-use crate::store::{AccountIndex, Attempts, DeadLetter, Outbox, OutboxEntry, Settle, Store, StoreError};
+use crate::store::{
+    AccountIndex, AttemptRecord, Attempts, DeadLetter, Delivered, Outbox, OutboxEntry, Settle, Store, StoreError,
+};
 use enrich::Enricher;
-pub use sink::{Message, Sink, SinkError};
+pub use sink::{Answer, Message, Report, Sink, SinkError};
 
 /// How delivery behaves (where events go is the [`Sink`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -64,8 +71,9 @@ pub struct Settings {
 }
 
 /// Outcome of one attempt: delivered, or how it failed (the sink's word, or
-/// the worker's own when the event could not be built or is still waiting).
-type Attempt = Result<(), SinkError>;
+/// the worker's own when the event could not be built or is still waiting),
+/// with the receiver's answer when there was one.
+type Attempt = Report;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -85,9 +93,27 @@ pub fn consumer_name() -> String {
 /// Builds the event's JSON once, the same bytes for every sink, and hands it
 /// to the sink. An entry that cannot become an event never will: permanent.
 async fn deliver(sink: &dyn Sink, entry: &OutboxEntry) -> Attempt {
-    let event = events::assemble(entry).map_err(|e| SinkError::Permanent(e.to_string()))?;
-    let body = serde_json::to_vec(&event).map_err(|e| SinkError::Permanent(format!("cannot serialize event: {e}")))?;
+    let event = match events::assemble(entry) {
+        Ok(event) => event,
+        Err(e) => return Err(SinkError::Permanent(e.to_string())).into(),
+    };
+    let body = match serde_json::to_vec(&event) {
+        Ok(body) => body,
+        Err(e) => return Err(SinkError::Permanent(format!("cannot serialize event: {e}"))).into(),
+    };
     sink.send(&Message { id: &entry.id, event: &event, body: &body }).await
+}
+
+/// The attempt log's record of one attempt that ended at `now_ms` after `took`. Pure.
+fn attempt_record(report: &Report, now_ms: i64, took: Duration) -> AttemptRecord {
+    let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    AttemptRecord {
+        at_ms: now_ms.saturating_sub(i64::try_from(duration_ms).unwrap_or(i64::MAX)),
+        status: report.answer.as_ref().map(|a| a.status),
+        duration_ms,
+        response: report.answer.as_ref().map(|a| a.body.clone()).filter(|b| !b.is_empty()),
+        error: report.result.as_ref().err().map(ToString::to_string),
+    }
 }
 
 /// An event this replica holds.
@@ -122,11 +148,38 @@ pub struct Worker<S: ?Sized = dyn Store> {
     scan_from: Option<String>,
     /// Entries that left the outbox here and are not settled in the store
     /// yet: settled together, in one batch, before the next round.
-    to_settle: Vec<(OutboxEntry, Option<DeadLetter>)>,
+    to_settle: Vec<Leaving>,
     /// The delivered sequence of instances as this worker last settled or
     /// read it (a lower bound of the store's, which never goes back): an
     /// event right after it may go without asking the store.
     settled: HashMap<String, u64>,
+}
+
+/// How an entry leaves the outbox (see [`Settle`]).
+enum Leaving {
+    /// Settled without a delivery (a test event not forwarded, a stale claim).
+    Skipped(OutboxEntry),
+    /// Delivered now: kept in the history.
+    Delivered(Delivered),
+    Dead(DeadLetter),
+}
+
+impl Leaving {
+    fn entry(&self) -> &OutboxEntry {
+        match self {
+            Self::Skipped(entry) => entry,
+            Self::Delivered(d) => &d.entry,
+            Self::Dead(d) => &d.entry,
+        }
+    }
+
+    fn settle(&self) -> Settle<'_> {
+        match self {
+            Self::Skipped(entry) => Settle::skipped(entry),
+            Self::Delivered(d) => Settle::delivered(d),
+            Self::Dead(d) => Settle::dead(d),
+        }
+    }
 }
 
 const CLAIM_BATCH: usize = 256;
@@ -338,7 +391,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 // Settled before (a stale claim of an event another replica finished).
                 let entry = head.entry.clone();
                 queue.remove(&seq);
-                self.to_settle.push((entry, None));
+                self.to_settle.push(Leaving::Skipped(entry));
                 continue;
             }
             if !head.entry.redrive && seq > done + 1 {
@@ -357,7 +410,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 if queue.is_empty() {
                     self.held.remove(&subject);
                 }
-                self.to_settle.push((entry, None));
+                self.to_settle.push(Leaving::Skipped(entry));
                 m::delivery_attempt("skipped_test");
                 continue;
             }
@@ -383,7 +436,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                     waiting = Some(format!("could not update the account index: {e}"));
                 }
                 if let Some(error) = waiting {
-                    return (entry, Err(SinkError::transient(error)), started.elapsed());
+                    return (entry, Err(SinkError::transient(error)).into(), started.elapsed());
                 }
                 let attempt = deliver(&*sink, &outgoing).await;
                 (entry, attempt, started.elapsed())
@@ -406,14 +459,20 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             attempts.first_attempt_ms = now;
         }
         attempts.attempts += 1;
-        let result = match attempt {
+        attempts.log_attempt(attempt_record(&attempt, now, took));
+        let result = match attempt.result {
             Ok(()) => {
                 m::delivery_attempt("delivered");
                 if let Some(t) = occurred_ms(&entry) {
                     m::delivery_lag(Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
                 }
                 tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
-                self.to_settle.push((entry.clone(), None));
+                attempts.next_attempt_ms = 0;
+                self.to_settle.push(Leaving::Delivered(Delivered {
+                    entry: entry.clone(),
+                    attempts,
+                    delivered_at_ms: now,
+                }));
                 Ok(())
             }
             Err(SinkError::Permanent(error)) => {
@@ -456,7 +515,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         m::delivery_attempt("dead_lettered");
         tracing::error!(event_id = %entry.id, attempts = attempts.attempts, last_error = attempts.last_error.as_deref().unwrap_or(""), "event dead-lettered");
         let dead = DeadLetter { entry: entry.clone(), attempts, dead_at_ms: now_ms() };
-        self.to_settle.push((entry.clone(), Some(dead)));
+        self.to_settle.push(Leaving::Dead(dead));
         Ok(())
     }
 
@@ -469,21 +528,20 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             return;
         }
         let batch = std::mem::take(&mut self.to_settle);
-        let settles: Vec<Settle<'_>> =
-            batch.iter().map(|(entry, dead)| Settle { entry, dead: dead.as_ref() }).collect();
+        let settles: Vec<Settle<'_>> = batch.iter().map(Leaving::settle).collect();
         match self.store.settle(&settles).await {
             Ok(()) => {
                 if self.settled.len() + batch.len() > SETTLED_CACHE {
                     self.settled.clear();
                 }
-                for (entry, _) in &batch {
+                for entry in batch.iter().map(Leaving::entry) {
                     let (subject, seq) = entry.subject_seq();
                     let done = self.settled.entry(subject.to_owned()).or_default();
                     *done = (*done).max(seq);
                 }
             }
             Err(e) => {
-                for (entry, _) in &batch {
+                for entry in batch.iter().map(Leaving::entry) {
                     tracing::error!(event_id = %entry.id, error = %e, "delivery: could not record the outcome; the event will be tried again");
                 }
             }
@@ -505,5 +563,35 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             Ok(None) => m::oldest_pending_age(Duration::ZERO),
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_record_says_when_it_started_what_was_answered_and_why_it_failed() {
+        let failed = Report::answered(
+            Err(SinkError::transient("billing core answered HTTP 503")),
+            Answer { status: 503, body: "busy".into() },
+        );
+        let r = attempt_record(&failed, 10_000, Duration::from_millis(250));
+        assert_eq!(
+            r,
+            AttemptRecord {
+                at_ms: 9_750,
+                status: Some(503),
+                duration_ms: 250,
+                response: Some("busy".into()),
+                error: Some("billing core answered HTTP 503".into()),
+            }
+        );
+        let ok = Report::answered(Ok(()), Answer { status: 204, body: String::new() });
+        let r = attempt_record(&ok, 10_000, Duration::ZERO);
+        assert_eq!((r.status, r.response, r.error), (Some(204), None, None), "an empty body is not kept");
+        let refused: Report = Err(SinkError::transient("request failed: connection refused")).into();
+        let r = attempt_record(&refused, 10_000, Duration::from_millis(3));
+        assert_eq!((r.status, r.error.as_deref()), (None, Some("request failed: connection refused")));
     }
 }

@@ -8,13 +8,15 @@
 //! An answer is classified by [`classify`]: 2xx delivered; 4xx other than
 //! 408/429 permanent (dead-lettered at once); anything else, timeouts and
 //! refused connections transient (retried, honouring `Retry-After` seconds).
+//! Each answer's status and the first KiB of its body go into the attempt log
+//! (read no further than that, within the attempt's timeout).
 
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
-use super::sink::{Message, Sink, SinkError};
+use super::sink::{excerpt, Answer, Message, Report, Sink, SinkError, RESPONSE_EXCERPT_MAX};
 use crate::protocol::sign::{constant_time_eq, hmac_sha256};
 
 /// The billing core over HTTP (`KOOGATE_BILLING_URL`), signing with the key of
@@ -45,7 +47,7 @@ impl Sink for WebhookSink {
         self.url.clone()
     }
 
-    async fn send(&self, message: &Message<'_>) -> Result<(), SinkError> {
+    async fn send(&self, message: &Message<'_>) -> Report {
         let ts = chrono::Utc::now().timestamp();
         let signature = sign(&self.key, message.id, ts, message.body);
         let sent = self
@@ -58,13 +60,28 @@ impl Sink for WebhookSink {
             .body(message.body.to_vec())
             .send()
             .await;
-        let res = match sent {
+        let mut res = match sent {
             Ok(res) => res,
-            Err(e) if e.is_timeout() => return Err(SinkError::transient("timed out")),
-            Err(e) => return Err(SinkError::transient(format!("request failed: {}", crate::error_chain(&e)))),
+            Err(e) if e.is_timeout() => return Err(SinkError::transient("timed out")).into(),
+            Err(e) => return Err(SinkError::transient(format!("request failed: {}", crate::error_chain(&e)))).into(),
         };
-        let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok());
-        classify(res.status().as_u16(), retry_after)
+        let status = res.status().as_u16();
+        let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let result = classify(status, retry_after.as_deref());
+        // The answer's start, for the attempt log: a body that cannot be read
+        // (cut off, timed out) keeps what arrived and changes no verdict.
+        let mut body = Vec::new();
+        while body.len() < RESPONSE_EXCERPT_MAX {
+            match res.chunk().await {
+                Ok(Some(chunk)) => {
+                    // Keep one byte past the limit: enough to know the body was cut.
+                    let room = (RESPONSE_EXCERPT_MAX + 1).saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Report::answered(result, Answer { status, body: excerpt(&body) })
     }
 }
 

@@ -9,8 +9,8 @@
 //! This file holds the plumbing every role shares (the tables of records,
 //! the writer thread, JSON values in tables); each role of
 //! [`crate::store::Store`] is implemented in its own file, by the same steps
-//! as the Redis backend's file of that role: `calls`, `outbox`, `orders`,
-//! `usage` and `accounts`.
+//! as the Redis backend's file of that role: `calls`, `outbox`, `history`,
+//! `orders`, `usage` and `accounts`.
 
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,6 +25,7 @@ use crate::usage::{Decision, UsageClaim};
 
 mod accounts;
 mod calls;
+mod history;
 mod orders;
 mod outbox;
 mod usage;
@@ -73,6 +74,8 @@ pub struct EmbeddedStore {
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
     claims: Mutex<outbox::Claims>,
+    /// How long delivered events are kept in the history (zero: none).
+    retention: Duration,
 }
 
 impl Drop for EmbeddedStore {
@@ -87,8 +90,9 @@ impl Drop for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) `dir/koogate.redb`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) `dir/koogate.redb`, keeping delivered events for
+    /// `retention` (what is past it is pruned now).
+    pub fn open(dir: &Path, retention: Duration) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("koogate.redb");
         let db = Database::builder()
@@ -104,6 +108,8 @@ impl EmbeddedStore {
             txn.open_table(outbox::OUTBOX).map_err(err)?;
             txn.open_table(outbox::ATTEMPTS).map_err(err)?;
             txn.open_table(outbox::DLQ).map_err(err)?;
+            txn.open_table(history::HISTORY).map_err(err)?;
+            txn.open_table(history::HISTORY_INDEX).map_err(err)?;
             txn.open_table(META).map_err(err)?;
             txn.open_table(orders::ORDER_CACHE).map_err(err)?;
             for table in [accounts::ACCOUNTS, accounts::ACCOUNT_OF] {
@@ -122,6 +128,10 @@ impl EmbeddedStore {
                 txn.open_table(table).map_err(err)?;
             }
         }
+        let pruned = history::prune_all(&txn, retention)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "history: delivered events past the retention removed");
+        }
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
         let (jobs, rx) = mpsc::channel();
@@ -130,7 +140,13 @@ impl EmbeddedStore {
             .name("koogate-embedded-writer".into())
             .spawn(move || writer(&writer_db, &rx))
             .map_err(err)?;
-        Ok(Self { db, jobs: Some(jobs), writer: Some(writer), claims: Mutex::new(outbox::Claims::default()) })
+        Ok(Self {
+            db,
+            jobs: Some(jobs),
+            writer: Some(writer),
+            claims: Mutex::new(outbox::Claims::default()),
+            retention,
+        })
     }
 
     /// Runs `f` in the writer thread's next group transaction.

@@ -262,6 +262,27 @@ impl Keys {
         let shard = order_shard(metering_sn);
         format!("{}{{s{shard}}}:usage:sn_claims", self.prefix)
     }
+    /// A delivered event kept in the history (string: JSON, expiring with
+    /// the retention), in its instance's shard.
+    pub fn history(&self, event_id: &str) -> String {
+        let shard = crate::events::parse_event_id(event_id).map_or(0, |(subject, _)| instance_shard(subject));
+        self.key(shard, "hist", event_id)
+    }
+    /// The history of the shard by delivery time (sorted set: event id →
+    /// delivered at, UNIX ms), trimmed to the retention as it is written.
+    pub fn history_by_time(&self, shard: u8) -> String {
+        format!("{}{{s{shard}}}:hist:time", self.prefix)
+    }
+    /// The history of one instance (sorted set: event id → delivered at), in its shard.
+    pub fn history_by_instance(&self, instance_id: &str) -> String {
+        self.key(instance_shard(instance_id), "hist:i", instance_id)
+    }
+    /// The history of the shard's events naming an order id (sorted set:
+    /// event id → delivered at). In the *event's* shard, not the order's (a
+    /// renewal's order id hashes elsewhere): a look-up by order asks every shard.
+    pub fn history_by_order(&self, shard: u8, order_id: &str) -> String {
+        self.key(shard, "hist:o", order_id)
+    }
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

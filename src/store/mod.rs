@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`CallStore`] | `apply`, `ping`, `instance`, `order`, `enrich`, `redeem` | the gateway, readiness, enrichment, the admin API |
 //! | [`Outbox`] | `outbox_claim`/`_ack`/`_touch`/`_len`/`_entries`, `attempts`, `record_attempt`, `settle`, `delivered_seq`, `oldest_pending_ms`, `dlq_list`, `dlq_redrive` | the delivery worker, the admin API |
+//! | [`History`] | `history_get`, `history_list` (delivered events kept by `settle` for the retention window) | the admin API |
 //! | [`OrderCache`] | `cached_order`, `cache_order` | enrichment |
 //! | [`UsageLedger`] | `usage_*` | metering (intake, push), the admin API, `queryInstance` |
 //! | [`AccountIndex`] | `account_*`, `instance_records` | the delivery step, the admin API, the gateway |
@@ -14,10 +15,10 @@
 //! - [`plan`]: the command language both backends interpret.
 //! - [`keys`]: key layout, shards, instance ids.
 //! - [`redis`]: the production backend (one EVALSHA per call, Cluster-ready);
-//!   one file per role (`redis/{calls,outbox,orders,usage,accounts}.rs`), each
+//!   one file per role (`redis/{calls,outbox,history,orders,usage,accounts}.rs`), each
 //!   Lua script beside the file that loads it.
 //! - [`embedded`]: a redb file, the default when no Redis URL is given; the
-//!   same files per role (`embedded/{calls,outbox,orders,usage,accounts}.rs`).
+//!   same files per role (`embedded/{calls,outbox,history,orders,usage,accounts}.rs`).
 
 pub mod embedded;
 pub mod keys;
@@ -31,7 +32,9 @@ use async_trait::async_trait;
 
 use crate::usage::{Decision, StoredUsage, UsageClaim, UsageRecord, UsageSettle, UsageStats};
 
-pub use plan::{Attempts, Branch, DeadLetter, EventSpec, OutboxEntry, Outcome, Plan, Record, Redeem};
+pub use plan::{
+    AttemptRecord, Attempts, Branch, DeadLetter, Delivered, EventSpec, OutboxEntry, Outcome, Plan, Record, Redeem,
+};
 
 /// A failure of the store itself (never of the caller's input).
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +63,11 @@ impl StoreError {
 
 /// Every role of a store together: what [`open`] hands out and the server
 /// wires into each component. Callers take the narrowest role they use
-/// ([`CallStore`], [`Outbox`], [`OrderCache`], [`UsageLedger`],
+/// ([`CallStore`], [`Outbox`], [`History`], [`OrderCache`], [`UsageLedger`],
 /// [`AccountIndex`]); each backend implements each role in its own file.
-pub trait Store: CallStore + Outbox + OrderCache + UsageLedger + AccountIndex + Send + Sync + 'static {
+pub trait Store:
+    CallStore + Outbox + History + OrderCache + UsageLedger + AccountIndex + Send + Sync + 'static
+{
     /// `"redis"` or `"embedded"`, for logs and metrics.
     fn backend(&self) -> &'static str;
 }
@@ -140,8 +145,10 @@ pub trait Outbox {
 
     /// Entries left the outbox: delivered (`dead` = None) or dead-lettered.
     /// For each, atomically advances its instance's delivered sequence and
-    /// removes it. One batch costs a round trip (a script per shard on Redis,
-    /// one transaction embedded), whatever its size.
+    /// removes it; an entry delivered now ([`Settle::delivered`]) is kept in
+    /// the [`History`] in the same step (unless the retention is 0), and
+    /// history past the retention is pruned. One batch costs a round trip (a
+    /// script per shard on Redis, one transaction embedded), whatever its size.
     async fn settle(&self, settles: &[Settle<'_>]) -> Result<(), StoreError>;
 
     /// The highest delivered (or dead-lettered) sequence of each instance.
@@ -153,11 +160,59 @@ pub trait Outbox {
     /// When the oldest event still in the outbox was accepted (UNIX ms).
     async fn oldest_pending_ms(&self) -> Result<Option<i64>, StoreError>;
 
-    /// Every dead letter.
+    /// Every dead letter, oldest first (ties: by event id).
     async fn dlq_list(&self) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Puts a dead letter back into the outbox; false when there is none with that id.
     async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError>;
+}
+
+/// Delivered events kept for the retention window (`KOOGATE_EVENT_RETENTION_SECS`),
+/// written by [`Outbox::settle`]: found by event id, or listed newest first by
+/// delivery time, instance or order. What is past the retention is never
+/// answered, even before it is pruned.
+///
+/// Redis: the kept event under its own key (`hist:<event id>`, `PEXPIRE`d),
+/// indexed by sorted sets of its shard (by time, per instance, per order id;
+/// trimmed by `ZREMRANGEBYSCORE` as they are written, each set expiring with
+/// its newest member). Embedded: a table by event id and index tables keyed by
+/// time, pruned in the settle transaction (a bounded number per transaction)
+/// and at open.
+#[async_trait]
+pub trait History {
+    /// A kept delivered event.
+    async fn history_get(&self, event_id: &str) -> Result<Option<Delivered>, StoreError>;
+
+    /// Kept delivered events that [`HistoryQuery`] selects, newest first
+    /// (ties: greater event id first), at most `limit`.
+    async fn history_list(&self, query: &HistoryQuery) -> Result<Vec<Delivered>, StoreError>;
+}
+
+/// Which index [`History::history_list`] reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryIndex {
+    /// Every kept event.
+    All,
+    /// The events of one instance.
+    Instance(String),
+    /// The events naming an order id (the transition's, or the purchase order's).
+    Order(String),
+}
+
+/// What [`History::history_list`] selects: an index, a window of delivery
+/// times (UNIX ms, both ends included) and how many at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub index: HistoryIndex,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: usize,
+}
+
+/// The oldest delivery time (UNIX ms) still within `retention` at `now_ms`:
+/// older kept events are pruned, and never answered meanwhile.
+pub fn retention_cutoff(now_ms: i64, retention: Duration) -> i64 {
+    now_ms.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Answers of KooGallery's order query API, cached per order line for
@@ -251,26 +306,41 @@ pub trait AccountIndex {
     async fn instance_records(&self, instance_ids: &[String]) -> Result<Vec<Record>, StoreError>;
 }
 
-/// One entry leaving the outbox ([`Outbox::settle`]): delivered (`dead` =
-/// None) or dead-lettered with this letter.
+/// One entry leaving the outbox ([`Outbox::settle`]): dead-lettered with
+/// `dead`, delivered now with `delivered` (kept in the [`History`]), or
+/// neither (settled without a delivery: a test event not forwarded, or a stale
+/// claim of an event settled before).
 #[derive(Clone, Copy, Debug)]
 pub struct Settle<'a> {
     pub entry: &'a OutboxEntry,
     pub dead: Option<&'a DeadLetter>,
+    pub delivered: Option<&'a Delivered>,
 }
 
 impl<'a> Settle<'a> {
-    pub fn delivered(entry: &'a OutboxEntry) -> Self {
-        Self { entry, dead: None }
+    /// Delivered now: kept in the history.
+    pub fn delivered(delivered: &'a Delivered) -> Self {
+        Self { entry: &delivered.entry, dead: None, delivered: Some(delivered) }
+    }
+
+    /// Leaves the outbox without a delivery to keep.
+    pub fn skipped(entry: &'a OutboxEntry) -> Self {
+        Self { entry, dead: None, delivered: None }
+    }
+
+    /// Dead-lettered.
+    pub fn dead(dead: &'a DeadLetter) -> Self {
+        Self { entry: &dead.entry, dead: Some(dead), delivered: None }
     }
 }
 
-/// Opens the store a `KOOGATE_STORE` value names.
-pub async fn open(spec: &StoreSpec, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the store a `KOOGATE_STORE` value names, keeping delivered events
+/// for `retention` (`KOOGATE_EVENT_RETENTION_SECS`; zero keeps none).
+pub async fn open(spec: &StoreSpec, prefix: &str, retention: Duration) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match spec {
-        StoreSpec::Redis(url) => Arc::new(redis::RedisStore::connect(url, false, prefix).await?),
-        StoreSpec::RedisCluster(url) => Arc::new(redis::RedisStore::connect(url, true, prefix).await?),
-        StoreSpec::Embedded(dir) => Arc::new(embedded::EmbeddedStore::open(dir)?),
+        StoreSpec::Redis(url) => Arc::new(redis::RedisStore::connect(url, false, prefix, retention).await?),
+        StoreSpec::RedisCluster(url) => Arc::new(redis::RedisStore::connect(url, true, prefix, retention).await?),
+        StoreSpec::Embedded(dir) => Arc::new(embedded::EmbeddedStore::open(dir, retention)?),
     })
 }
 

@@ -116,6 +116,89 @@ pub struct Attempts {
     pub first_attempt_ms: i64,
     pub next_attempt_ms: i64,
     pub last_error: Option<String>,
+    /// The most recent attempts, oldest first: at most [`ATTEMPT_LOG_MAX`]
+    /// (`attempts` counts them all since the last redrive; the log goes on
+    /// across redrives). Absent in bookkeeping written before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<AttemptRecord>,
+}
+
+/// Attempts an event's log keeps (the most recent; older ones are dropped,
+/// [`Attempts::attempts`] still counts them): with a 1 KiB response each, a
+/// log stays under about 25 KiB whatever the retry schedule.
+pub const ATTEMPT_LOG_MAX: usize = 20;
+
+/// Bytes of a receiver's response body an attempt keeps at most.
+pub const RESPONSE_EXCERPT_MAX: usize = 1024;
+
+impl Attempts {
+    /// The bookkeeping a redriven dead letter starts from: a fresh count and
+    /// backoff (the retry schedule starts over), the attempt log kept (an
+    /// operator sees why it died, then what the redrive did).
+    pub fn redriven(&self) -> Self {
+        Self { log: self.log.clone(), ..Self::default() }
+    }
+
+    /// Appends an attempt to the log, dropping the oldest past [`ATTEMPT_LOG_MAX`].
+    pub fn log_attempt(&mut self, record: AttemptRecord) {
+        self.log.push(record);
+        if self.log.len() > ATTEMPT_LOG_MAX {
+            let extra = self.log.len() - ATTEMPT_LOG_MAX;
+            self.log.drain(..extra);
+        }
+    }
+}
+
+/// One delivery attempt, as the attempt log keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// When it started (UNIX ms).
+    pub at_ms: i64,
+    /// The receiver's HTTP status, when it answered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// How long it took (ms).
+    pub duration_ms: u64,
+    /// The start of the receiver's response body (at most [`RESPONSE_EXCERPT_MAX`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// Why it failed (none when it was delivered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A delivered event as the history keeps it (for the retention window):
+/// the entry (its event is [`crate::events::assemble`]d from it again), its
+/// attempts and when it was delivered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub entry: OutboxEntry,
+    pub attempts: Attempts,
+    pub delivered_at_ms: i64,
+}
+
+impl Delivered {
+    /// The order ids the history finds it by: the transition's own `order_id`
+    /// and the purchase order's (once when they are the same), as the admin
+    /// API's filter matches them.
+    pub fn order_ids(&self) -> Vec<&str> {
+        entry_order_ids(&self.entry)
+    }
+}
+
+/// The order ids of an outbox entry: the transition's `order_id` (from the
+/// call) and the purchase order id of its record, without repeats.
+pub fn entry_order_ids(entry: &OutboxEntry) -> Vec<&str> {
+    let mut out = Vec::with_capacity(2);
+    if let Some(o) = entry.change.get("order_id").and_then(serde_json::Value::as_str) {
+        out.push(o);
+    }
+    if let Some(o) = entry.record.get(crate::domain::field::ORDER_ID) {
+        if !out.contains(&o.as_str()) {
+            out.push(o.as_str());
+        }
+    }
+    out
 }
 
 /// An event that was given up on.
@@ -137,4 +220,27 @@ pub enum Redeem {
     Already(Record),
     /// Redeemed now.
     Redeemed(Record),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_log_keeps_the_most_recent_twenty() {
+        let mut a = Attempts::default();
+        for i in 0..25 {
+            a.attempts += 1;
+            a.log_attempt(AttemptRecord { at_ms: i, ..AttemptRecord::default() });
+        }
+        assert_eq!((a.attempts, a.log.len()), (25, ATTEMPT_LOG_MAX));
+        assert_eq!(a.log.first().map(|r| r.at_ms), Some(5), "the oldest ones went");
+        assert_eq!(a.log.last().map(|r| r.at_ms), Some(24));
+        // Bookkeeping written before the log reads as an empty log, and an empty log is not written.
+        let old: Attempts =
+            serde_json::from_str(r#"{"attempts":3,"first_attempt_ms":1,"next_attempt_ms":2,"last_error":null}"#)
+                .unwrap();
+        assert!(old.log.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("log"));
+    }
 }

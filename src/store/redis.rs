@@ -8,8 +8,8 @@
 //! `query_all`, `every_shard`, reply decoding); each role of
 //! [`crate::store::Store`] is implemented in its own file, beside the Lua
 //! scripts it loads: `calls` (`apply.lua`, `redeem.lua`), `outbox`
-//! (`settle.lua`, `redrive.lua`), `orders`, `usage` (`usage_*.lua`) and
-//! `accounts`.
+//! (`settle.lua`, `redrive.lua`), `history` (written by `settle.lua`),
+//! `orders`, `usage` (`usage_*.lua`) and `accounts`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use super::{Store, StoreError};
 
 mod accounts;
 mod calls;
+mod history;
 mod orders;
 mod outbox;
 mod usage;
@@ -72,11 +73,14 @@ pub struct RedisStore {
     calls: calls::Scripts,
     outbox: outbox::Scripts,
     usage: usage::Scripts,
+    /// How long delivered events are kept in the history (zero: none).
+    retention: Duration,
 }
 
 impl RedisStore {
     /// Connects (and fails fast when Redis does not answer).
-    pub async fn connect(url: &str, cluster: bool, prefix: &str) -> Result<Self, StoreError> {
+    /// Delivered events are kept in the history for `retention`.
+    pub async fn connect(url: &str, cluster: bool, prefix: &str, retention: Duration) -> Result<Self, StoreError> {
         let conn = if cluster {
             let client = redis::cluster::ClusterClientBuilder::new(vec![url.to_owned()])
                 .connection_timeout(Duration::from_secs(2))
@@ -99,6 +103,7 @@ impl RedisStore {
             calls: calls::Scripts::new(),
             outbox: outbox::Scripts::new(),
             usage: usage::Scripts::new(),
+            retention,
         };
         store.ensure_groups().await?;
         Ok(store)

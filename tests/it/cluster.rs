@@ -50,6 +50,19 @@ async fn the_gateway_runs_on_a_redis_cluster() {
     let events = gw.events();
     println!("redis cluster (3 masters): {} events delivered from the outbox", events.len());
     assert_eq!(events.len(), 12 + 7);
+    // Each delivered event is kept in the history, settle.lua's keys in one slot; found across nodes.
+    let res = gw
+        .admin
+        .send(
+            hyper::Method::GET,
+            "/v1/events?status=delivered&limit=1000",
+            &[("authorization", "Bearer t0ken")],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap();
+    let kept: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
+    assert_eq!(kept["events"].as_array().map(Vec::len), Some(events.len()), "{kept}");
 
     // The ledger's redeem script runs too.
     let auth = "Bearer t0ken";
@@ -73,6 +86,10 @@ async fn the_gateway_runs_on_a_redis_cluster() {
         keys.outbox(shard),
         keys.attempts(shard),
         keys.dlq(shard),
+        keys.history(&format!("evt_{instance}_1")),
+        keys.history_by_time(shard),
+        keys.history_by_instance(&instance),
+        keys.history_by_order(shard, "CS2311181819R3NEW"),
     ];
     let slots: std::collections::BTreeSet<u16> = order_keys.iter().map(|k| cluster.keyslot(k)).collect();
     println!("keys of order CS2211181819B4LVS: {} keys, slots {slots:?}", order_keys.len());

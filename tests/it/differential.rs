@@ -29,7 +29,13 @@ use koogate::protocol::call::{parse_v1, parse_v2};
 use koogate::protocol::crypto::{self, EncryptType};
 use koogate::secret::Secret;
 use koogate::store::keys::{instance_id_for, instance_id_for_item};
-use koogate::store::{self, Attempts, DeadLetter, OutboxEntry, Outcome, Record, Settle, Store, StoreSpec};
+use koogate::store::{
+    self, AttemptRecord, Attempts, DeadLetter, Delivered, HistoryIndex, HistoryQuery, OutboxEntry, Outcome, Record,
+    Settle, Store, StoreSpec,
+};
+
+/// The default retention of delivered events (`KOOGATE_EVENT_RETENTION_SECS`).
+const RETENTION: Duration = Duration::from_secs(2_592_000);
 use koogate::usage::{StoredUsage, UsageRecord, UsageSettle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -131,6 +137,8 @@ struct Stats {
     comparisons: usize,
     /// Record fields (instance, order, outbox and dead-letter records, usage records) among them.
     fields: usize,
+    /// The most delivered events the history held at a state check.
+    kept: usize,
 }
 
 struct Run {
@@ -517,6 +525,13 @@ impl Run {
                     first_attempt_ms: self.clock - 5_000,
                     next_attempt_ms: self.clock + self.rng.gen_range(1_000..60_000),
                     last_error: self.chance(0.7).then(|| "billing core answered 503".to_owned()),
+                    log: vec![AttemptRecord {
+                        at_ms: self.clock - 5_000,
+                        status: Some(503),
+                        duration_ms: 40,
+                        response: Some("busy".into()),
+                        error: Some("billing core answered HTTP 503".into()),
+                    }],
                 };
                 self.op = format!("record_attempt({id}, {attempts:?})");
                 self.redis.record_attempt(&self.entries(std::slice::from_ref(id), 0)[0], &attempts).await.unwrap();
@@ -535,8 +550,32 @@ impl Run {
                     first_attempt_ms: self.clock - 90_000,
                     next_attempt_ms: 0,
                     last_error: Some("410 Gone".into()),
+                    log: Vec::new(),
                 };
-                self.op = format!("settle({ids:?}, dead={dead:?})");
+                // Delivered ones are kept in the history with an attempt log; a few leave without a delivery.
+                let kept: Vec<bool> = ids.iter().map(|_| self.chance(0.8)).collect();
+                let delivered_attempts = Attempts {
+                    attempts: 2,
+                    first_attempt_ms: self.clock - 1_000,
+                    next_attempt_ms: 0,
+                    last_error: Some("billing core answered HTTP 503".into()),
+                    log: vec![
+                        AttemptRecord {
+                            at_ms: self.clock - 1_000,
+                            status: Some(503),
+                            duration_ms: 12,
+                            response: Some("{\"error\":\"busy\"}".into()),
+                            error: Some("billing core answered HTTP 503".into()),
+                        },
+                        AttemptRecord {
+                            at_ms: self.clock - 10,
+                            status: Some(200),
+                            duration_ms: 9,
+                            ..Default::default()
+                        },
+                    ],
+                };
+                self.op = format!("settle({ids:?}, dead={dead:?}, kept={kept:?})");
                 for (store, s) in [(0, Arc::clone(&self.redis)), (1, Arc::clone(&self.embedded))] {
                     let entries = self.entries(&ids, store);
                     let letters: Vec<Option<DeadLetter>> = entries
@@ -550,10 +589,27 @@ impl Run {
                             })
                         })
                         .collect();
+                    let delivered: Vec<Option<Delivered>> = entries
+                        .iter()
+                        .zip(&dead)
+                        .zip(&kept)
+                        .map(|((entry, &dead), &kept)| {
+                            (!dead && kept).then(|| Delivered {
+                                entry: entry.clone(),
+                                attempts: delivered_attempts.clone(),
+                                delivered_at_ms: self.clock,
+                            })
+                        })
+                        .collect();
                     let settles: Vec<Settle<'_>> = entries
                         .iter()
                         .zip(&letters)
-                        .map(|(entry, dead)| Settle { entry, dead: dead.as_ref() })
+                        .zip(&delivered)
+                        .map(|((entry, dead), delivered)| Settle {
+                            entry,
+                            dead: dead.as_ref(),
+                            delivered: delivered.as_ref(),
+                        })
                         .collect();
                     s.settle(&settles).await.unwrap();
                     for id in &ids {
@@ -824,6 +880,41 @@ impl Run {
         let e = self.embedded.dlq_list().await.unwrap();
         self.count_fields(&r.iter().map(|d| &d.entry.record).collect::<Vec<_>>());
         self.same("dlq_list", without_cursors(r), without_cursors(e));
+        // The history: everything, by instance, by order, by window, and by id.
+        let query = |index: HistoryIndex| HistoryQuery { index, since_ms: None, until_ms: None, limit: 1000 };
+        let r = self.redis.history_list(&query(HistoryIndex::All)).await.unwrap();
+        let e = self.embedded.history_list(&query(HistoryIndex::All)).await.unwrap();
+        let ids: Vec<String> = e.iter().map(|d| d.entry.id.clone()).collect();
+        self.stats.kept = self.stats.kept.max(e.len());
+        self.same("history_list(all)", without_history_cursors(r), without_history_cursors(e.clone()));
+        for id in instances.iter().take(4) {
+            let q = query(HistoryIndex::Instance(id.clone()));
+            let r = self.redis.history_list(&q).await.unwrap();
+            let e = self.embedded.history_list(&q).await.unwrap();
+            self.same(&format!("history_list(instance {id})"), without_history_cursors(r), without_history_cursors(e));
+        }
+        for order in self.pool.orders.clone().iter().take(4) {
+            let q = query(HistoryIndex::Order(order.clone()));
+            let r = self.redis.history_list(&q).await.unwrap();
+            let e = self.embedded.history_list(&q).await.unwrap();
+            self.same(&format!("history_list(order {order})"), without_history_cursors(r), without_history_cursors(e));
+        }
+        if let Some(middle) = e.get(e.len() / 2) {
+            let q = HistoryQuery {
+                index: HistoryIndex::All,
+                since_ms: Some(middle.delivered_at_ms - 3_000),
+                until_ms: Some(middle.delivered_at_ms),
+                limit: 5,
+            };
+            let r = self.redis.history_list(&q).await.unwrap();
+            let e = self.embedded.history_list(&q).await.unwrap();
+            self.same("history_list(window)", without_history_cursors(r), without_history_cursors(e));
+        }
+        for id in ids.iter().take(3).chain([&format!("evt_{UNKNOWN_INSTANCE}_1")]) {
+            let r = self.redis.history_get(id).await.unwrap();
+            let e = self.embedded.history_get(id).await.unwrap();
+            self.same(&format!("history_get({id})"), without_history_cursors(r), without_history_cursors(e));
+        }
         let subjects: Vec<&str> = instances.iter().map(String::as_str).collect();
         let r = self.redis.delivered_seq(&subjects).await.unwrap();
         let e = self.embedded.delivered_seq(&subjects).await.unwrap();
@@ -865,6 +956,16 @@ fn per_shard(entries: &[OutboxEntry]) -> BTreeMap<u8, Vec<OutboxEntry>> {
     out
 }
 
+/// Kept events without the backend's cursor of the entry (it left the outbox).
+fn without_history_cursors<I: IntoIterator<Item = Delivered>>(kept: I) -> Vec<Delivered> {
+    kept.into_iter()
+        .map(|mut d| {
+            d.entry.cursor = String::new();
+            d
+        })
+        .collect()
+}
+
 fn without_cursors(dead: Vec<DeadLetter>) -> Vec<DeadLetter> {
     dead.into_iter()
         .map(|mut d| {
@@ -877,9 +978,9 @@ fn without_cursors(dead: Vec<DeadLetter>) -> Vec<DeadLetter> {
 /// Runs one seed through both stores; returns its summary line.
 async fn run_seed(seed: u64, ops: usize) -> String {
     let prefix = unique_prefix(&format!("diff{seed}"));
-    let redis = store::open(&StoreSpec::Redis(REDIS_URL.into()), &prefix).await.unwrap();
+    let redis = store::open(&StoreSpec::Redis(REDIS_URL.into()), &prefix, RETENTION).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let embedded = store::open(&StoreSpec::Embedded(dir.path().to_owned()), "").await.unwrap();
+    let embedded = store::open(&StoreSpec::Embedded(dir.path().to_owned()), "", RETENTION).await.unwrap();
     let mut run = Run {
         seed,
         step: 0,
@@ -939,13 +1040,15 @@ async fn run_seed(seed: u64, ops: usize) -> String {
         })
         .collect();
     format!(
-        "seed {seed}: {ops} ops {:?}; {} calls {:?} over {} activities; {} comparisons, {} record fields compared",
+        "seed {seed}: {ops} ops {:?}; {} calls {:?} over {} activities; {} comparisons, {} record fields compared; \
+         up to {} delivered events in the history",
         s.ops,
         s.calls,
         s.outcomes,
         activities.len(),
         s.comparisons,
-        s.fields
+        s.fields,
+        s.kept
     )
 }
 
@@ -958,7 +1061,9 @@ async fn stores_agree() {
         None => DEFAULT_SEEDS.to_vec(),
     };
     for seed in seeds {
-        println!("{}", run_seed(seed, ops).await);
+        let summary = run_seed(seed, ops).await;
+        println!("{summary}");
+        assert!(ops < 100 || !summary.ends_with(" up to 0 delivered events in the history"), "{summary}");
     }
 }
 
@@ -971,7 +1076,7 @@ async fn outbox_entries_not_acknowledged_are_handed_out_again() {
             Backend::Redis => StoreSpec::Redis(REDIS_URL.into()),
             Backend::Embedded => StoreSpec::Embedded(dir.path().to_owned()),
         };
-        let store = store::open(&spec, &prefix).await.unwrap();
+        let store = store::open(&spec, &prefix, RETENTION).await.unwrap();
         let settings = settings();
         let key = Secret::new(AK);
         let planner = Planner { settings: &settings, key: &key, now_ms: now_ms() };

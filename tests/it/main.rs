@@ -19,6 +19,7 @@ mod differential;
 mod enrichment;
 mod faults;
 mod hardening;
+mod history;
 mod layers;
 mod lifecycle;
 mod limits;

@@ -2,7 +2,8 @@
 //! number, attempts and dead letters by event id; which entries are handed
 //! out lives in memory (one gateway process per file). Settling and
 //! redriving take the same steps as the Redis scripts `settle.lua` and
-//! `redrive.lua`.
+//! `redrive.lua` (settling keeps a delivered event in the history,
+//! `history.rs`, in the same transaction).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,8 +11,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
-use super::{err, get_json, get_record, put_json, put_record, unexpected, EmbeddedStore, Reply, INSTANCES, META};
-use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
+use super::{
+    err, get_json, get_record, history, put_json, put_record, unexpected, EmbeddedStore, Reply, INSTANCES, META,
+};
+use crate::store::{
+    retention_cutoff, Attempts, DeadLetter, Delivered, Outbox, OutboxEntry, Record, Settle, StoreError,
+};
 
 pub(super) const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
 pub(super) const ATTEMPTS: TableDefinition<&str, &str> = TableDefinition::new("attempts");
@@ -46,7 +51,13 @@ fn remove_outbox(txn: &WriteTransaction, seqs: &[u64]) -> Result<(), StoreError>
 }
 
 /// settle: the same steps as `settle.lua`.
-fn settle_in(txn: &WriteTransaction, entry: &OutboxEntry, dead: Option<&DeadLetter>) -> Result<(), StoreError> {
+fn settle_in(
+    txn: &WriteTransaction,
+    entry: &OutboxEntry,
+    dead: Option<&DeadLetter>,
+    delivered: Option<&Delivered>,
+    retention: Duration,
+) -> Result<(), StoreError> {
     let (subject, seq) = entry.subject_seq();
     let mut record = get_record(txn, INSTANCES, subject)?;
     let done = record.get("delivered_seq").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
@@ -56,6 +67,9 @@ fn settle_in(txn: &WriteTransaction, entry: &OutboxEntry, dead: Option<&DeadLett
     }
     if let Some(dead) = dead {
         put_json(txn, DLQ, &entry.id, dead)?;
+    }
+    if let Some(delivered) = delivered {
+        history::keep(txn, delivered, retention)?;
     }
     txn.open_table(ATTEMPTS).map_err(err)?.remove(entry.id.as_str()).map_err(err)?;
     if let Ok(cursor) = entry.cursor.parse::<u64>() {
@@ -155,12 +169,15 @@ impl Outbox for EmbeddedStore {
         if settles.is_empty() {
             return Ok(());
         }
-        let batch: Vec<(OutboxEntry, Option<DeadLetter>)> =
-            settles.iter().map(|s| (s.entry.clone(), s.dead.cloned())).collect();
+        let batch: Vec<(OutboxEntry, Option<DeadLetter>, Option<Delivered>)> =
+            settles.iter().map(|s| (s.entry.clone(), s.dead.cloned(), s.delivered.cloned())).collect();
+        let retention = self.retention;
         self.write(move |txn| {
-            for (entry, dead) in &batch {
-                settle_in(txn, entry, dead.as_ref())?;
+            for (entry, dead, delivered) in &batch {
+                settle_in(txn, entry, dead.as_ref(), delivered.as_ref(), retention)?;
             }
+            let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), retention);
+            history::prune(txn, cutoff, history::PRUNE_PER_SETTLE)?;
             Ok((Reply::Done, true))
         })
         .await?;
@@ -220,7 +237,7 @@ impl Outbox for EmbeddedStore {
             let (_, v) = item.map_err(err)?;
             out.push(serde_json::from_str::<DeadLetter>(v.value()).map_err(err)?);
         }
-        out.sort_by_key(|d| d.dead_at_ms);
+        out.sort_by(|a, b| (a.dead_at_ms, &a.entry.id).cmp(&(b.dead_at_ms, &b.entry.id)));
         Ok(out)
     }
 
@@ -235,6 +252,7 @@ impl Outbox for EmbeddedStore {
                 entry.redrive = true;
                 entry.cursor = String::new();
                 push_outbox(txn, &entry)?;
+                put_json(txn, ATTEMPTS, &id, &dead.attempts.redriven())?;
                 txn.open_table(DLQ).map_err(err)?.remove(id.as_str()).map_err(err)?;
                 Ok((Reply::Moved(true), true))
             })

@@ -1,7 +1,8 @@
 //! The outbox on Redis ([`Outbox`]): one stream per shard with consumer
 //! group `koogate`, attempts and dead letters in per-shard hashes;
 //! `settle.lua` and `redrive.lua` move an entry out of (or back into) its
-//! stream atomically.
+//! stream atomically; `settle.lua` also keeps a delivered event in the
+//! history (read in `history.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use redis::{Script, Value};
 
 use super::{every_shard, RedisStore, GROUP};
 use crate::store::keys::{instance_shard, SHARDS};
-use crate::store::{Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
+use crate::store::{retention_cutoff, Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
 
 /// Events per settle.lua run at most (Lua's `unpack` has a limit).
 const SETTLE_CHUNK: usize = 256;
@@ -54,6 +55,10 @@ impl RedisStore {
         }
         Ok(out)
     }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Protocol(e.to_string()))
 }
 
 fn shard_of_stream(keys: &[String], key: &str) -> u8 {
@@ -227,20 +232,41 @@ impl Outbox for RedisStore {
         for s in settles {
             by_shard.entry(s.entry.shard).or_default().push(s);
         }
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
         let mut runs = Vec::new();
         for (shard, group) in by_shard {
             for chunk in group.chunks(SETTLE_CHUNK) {
                 let mut invocation = self.outbox.settle.prepare_invoke();
-                invocation.key(self.keys.outbox(shard)).key(self.keys.attempts(shard)).key(self.keys.dlq(shard));
-                invocation.arg(GROUP);
+                invocation
+                    .key(self.keys.outbox(shard))
+                    .key(self.keys.attempts(shard))
+                    .key(self.keys.dlq(shard))
+                    .key(self.keys.history_by_time(shard));
+                invocation.arg(GROUP).arg(retention).arg(cutoff);
                 for s in chunk {
                     let (subject, seq) = s.entry.subject_seq();
-                    let dead = match s.dead {
-                        Some(d) => serde_json::to_string(d).map_err(|e| StoreError::Protocol(e.to_string()))?,
-                        None => String::new(),
+                    let dead = s.dead.map(to_json).transpose()?.unwrap_or_default();
+                    let kept = s.delivered.filter(|_| retention > 0);
+                    let history = kept.map(to_json).transpose()?.unwrap_or_default();
+                    let by_instance = self.keys.history_by_instance(subject);
+                    let orders = crate::store::plan::entry_order_ids(s.entry);
+                    let by_order = |i: usize| {
+                        orders.get(i).map_or_else(|| by_instance.clone(), |o| self.keys.history_by_order(shard, o))
                     };
-                    invocation.key(self.keys.instance(subject));
-                    invocation.arg(&s.entry.id).arg(seq).arg(&s.entry.cursor).arg(dead);
+                    invocation
+                        .key(self.keys.instance(subject))
+                        .key(self.keys.history(&s.entry.id))
+                        .key(&by_instance)
+                        .key(by_order(0))
+                        .key(by_order(1));
+                    invocation
+                        .arg(&s.entry.id)
+                        .arg(seq)
+                        .arg(&s.entry.cursor)
+                        .arg(dead)
+                        .arg(history)
+                        .arg(kept.map_or(0, |d| d.delivered_at_ms));
                 }
                 runs.push(invocation);
             }
@@ -294,7 +320,7 @@ impl Outbox for RedisStore {
         let replies: Vec<Vec<String>> = self.query_all(cmds).await?;
         let mut out: Vec<DeadLetter> =
             replies.iter().flatten().filter_map(|json| serde_json::from_str(json).ok()).collect();
-        out.sort_by_key(|d| d.dead_at_ms);
+        out.sort_by(|a, b| (a.dead_at_ms, &a.entry.id).cmp(&(b.dead_at_ms, &b.entry.id)));
         Ok(out)
     }
 
@@ -308,12 +334,16 @@ impl Outbox for RedisStore {
         let e = &dead.entry;
         let record = serde_json::to_string(&e.record).map_err(|err| StoreError::Protocol(err.to_string()))?;
         let change = serde_json::Value::Object(e.change.clone()).to_string();
+        let attempts =
+            serde_json::to_string(&dead.attempts.redriven()).map_err(|err| StoreError::Protocol(err.to_string()))?;
         let moved: i64 = self
             .outbox
             .redrive
             .key(self.keys.dlq(shard))
             .key(self.keys.outbox(shard))
+            .key(self.keys.attempts(shard))
             .arg(event_id)
+            .arg(attempts)
             .arg(&["id", &e.id, "type", &e.kind, "occurred_at", &e.occurred_at][..])
             .arg(&["test", if e.test { "1" } else { "0" }, "record", &record, "change", &change, "redrive", "1"][..])
             .invoke_async(&mut conn)

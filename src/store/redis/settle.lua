@@ -1,15 +1,23 @@
 -- koogate: events left the outbox, delivered or dead-lettered (a batch of one shard).
--- KEYS[1] outbox stream  KEYS[2] attempts hash  KEYS[3] dead-letter hash
--- KEYS[3 + i] the instance record of the i-th event
--- ARGV[1] group, then four per event: event id, seq, stream entry id,
--- dead letter JSON ('' when delivered)
--- Per event: the instance's delivered_seq advances (never goes back) and a
--- dead letter is kept; then one HDEL, XACK and XDEL for the whole batch.
+-- KEYS[1] outbox stream  KEYS[2] attempts hash  KEYS[3] dead-letter hash  KEYS[4] history by time (zset)
+-- then five per event: its instance record, its history key, its instance's
+-- history index, and two order history indexes (the transition's order id and
+-- the purchase order id; a repeated key when there are fewer: adding twice is harmless)
+-- ARGV[1] group  ARGV[2] retention (ms; 0 = keep none)  ARGV[3] cutoff (UNIX ms: older history is trimmed)
+-- then six per event: event id, seq, stream entry id, dead letter JSON ('' when
+-- not dead), history JSON ('' when not delivered now), delivered at (UNIX ms)
+-- Per event: the instance's delivered_seq advances (never goes back), a dead
+-- letter is kept, a delivered event is kept in the history (expiring with the
+-- retention, indexed by time, instance and order, each index trimmed of what is
+-- past the cutoff); then one HDEL, XACK and XDEL for the whole batch.
 local ids, cursors = {}, {}
-local n = (#ARGV - 1) / 4
+local retention = tonumber(ARGV[2])
+local cutoff = '(' .. ARGV[3]
+local n = (#ARGV - 3) / 6
 for i = 1, n do
-  local a = 2 + (i - 1) * 4
-  local key = KEYS[3 + i]
+  local a = 4 + (i - 1) * 6
+  local k = 4 + (i - 1) * 5
+  local key = KEYS[k + 1]
   local seq = tonumber(ARGV[a + 1])
   local done = tonumber(redis.call('HGET', key, 'delivered_seq') or '0')
   if seq > done then
@@ -18,9 +26,20 @@ for i = 1, n do
   if ARGV[a + 3] ~= '' then
     redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 3])
   end
+  if ARGV[a + 4] ~= '' and retention > 0 then
+    local at = ARGV[a + 5]
+    redis.call('SET', KEYS[k + 2], ARGV[a + 4], 'PX', retention)
+    redis.call('ZADD', KEYS[4], at, ARGV[a])
+    for j = 3, 5 do
+      redis.call('ZADD', KEYS[k + j], at, ARGV[a])
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + j], '-inf', cutoff)
+      redis.call('PEXPIRE', KEYS[k + j], retention)
+    end
+  end
   ids[i] = ARGV[a]
   cursors[i] = ARGV[a + 2]
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', cutoff)
 if n > 0 then
   redis.call('HDEL', KEYS[2], unpack(ids))
   redis.call('XACK', KEYS[1], ARGV[1], unpack(cursors))
