@@ -174,6 +174,31 @@ async fn kept_with_attempts(backend: Backend) {
     let first = &listed["events"][0];
     assert_eq!((first["status"].as_str(), first["attempts"].as_u64()), (Some("delivered"), Some(2)), "{first}");
     assert!(first["delivered_at"].is_string(), "{first}");
+    // The same from the command line.
+    let admin = format!("http://{}", gw.running().admin_addr);
+    let cli = async |args: &[&str]| {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_koogate"))
+            .args(args)
+            .args(["--admin", &admin])
+            .env("KOOGATE_ADMIN_TOKEN", TOKEN)
+            .output()
+            .await
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, table, err) = cli(&["events", "list", "--customer", CUSTOMER]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("evt_")).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].starts_with(&v1_renewed) && rows[1].starts_with(&v1_created), "newest first: {table}");
+    assert!(rows.iter().all(|r| r.contains("delivered")) && table.contains("2 event(s)"), "{table}");
+    let (code, shown, err) = cli(&["events", "show", &v1_created]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["attempt_log"].as_array().map(Vec::len), Some(2), "{shown}");
+    let (code, _, err) = cli(&["events", "list", "--status", "lost"]).await;
+    assert!(code == Some(1) && err.contains("HTTP 400") && err.contains("status"), "{err}");
     println!("{backend:?}: 3 events kept with their attempt logs; found by id, instance, order, account and window");
     gw.stop().await;
     receiver.task.abort();
