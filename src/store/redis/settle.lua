@@ -2,7 +2,7 @@
 -- KEYS[1] outbox stream  KEYS[2] attempts hash  KEYS[3] dead-letter hash  KEYS[4] history by time (zset)
 -- then five per event: its instance record, its history key, its instance's
 -- history index, and two order history indexes (the transition's order id and
--- the purchase order id; a repeated key when there are fewer: adding twice is harmless)
+-- the purchase order id; a repeated key when there are fewer, written once)
 -- ARGV[1] group  ARGV[2] retention (ms; 0 = keep none)  ARGV[3] cutoff (UNIX ms: older history is trimmed)
 -- then six per event: event id, seq, stream entry id, dead letter JSON ('' when
 -- not dead), history JSON ('' when not delivered now), delivered at (UNIX ms)
@@ -30,7 +30,9 @@ for i = 1, n do
     local at = ARGV[a + 5]
     redis.call('SET', KEYS[k + 2], ARGV[a + 4], 'PX', retention)
     redis.call('ZADD', KEYS[4], at, ARGV[a])
-    for j = 3, 5 do
+    -- (the purchase order is most often the transition's own: its index is written once)
+    local last = (KEYS[k + 5] == KEYS[k + 4]) and 4 or 5
+    for j = 3, last do
       redis.call('ZADD', KEYS[k + j], at, ARGV[a])
       redis.call('ZREMRANGEBYSCORE', KEYS[k + j], '-inf', cutoff)
       redis.call('PEXPIRE', KEYS[k + j], retention)
