@@ -7,11 +7,13 @@
 -- then six per event: event id, seq, stream entry id, dead letter JSON ('' when
 -- not dead), history JSON ('' when not delivered now), delivered at (UNIX ms)
 -- Per event: the instance's delivered_seq advances (never goes back), a dead
--- letter is kept, a delivered event is kept in the history (expiring with the
--- retention, indexed by time, instance and order, each index trimmed of what is
--- past the cutoff); then one HDEL, XACK and XDEL for the whole batch.
+-- letter is kept, a delivered event not already past the cutoff is kept in the
+-- history (expiring with the retention, indexed by time, instance and order;
+-- the shard's time index trimmed of what is past the cutoff once per batch);
+-- then one HDEL, XACK and XDEL for the whole batch.
 local ids, cursors = {}, {}
 local retention = tonumber(ARGV[2])
+local since = tonumber(ARGV[3])
 local cutoff = '(' .. ARGV[3]
 local n = (#ARGV - 3) / 6
 for i = 1, n do
@@ -26,15 +28,17 @@ for i = 1, n do
   if ARGV[a + 3] ~= '' then
     redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 3])
   end
-  if ARGV[a + 4] ~= '' and retention > 0 then
-    local at = ARGV[a + 5]
+  local at = ARGV[a + 5]
+  if ARGV[a + 4] ~= '' and retention > 0 and tonumber(at) >= since then
     redis.call('SET', KEYS[k + 2], ARGV[a + 4], 'PX', retention)
     redis.call('ZADD', KEYS[4], at, ARGV[a])
-    -- (the purchase order is most often the transition's own: its index is written once)
+    -- An instance's or order's index is not trimmed here: it holds that one
+    -- instance's (order's) few lifecycle events, expires a retention after
+    -- its newest, and reads skip members past the cutoff. (The purchase order
+    -- is most often the transition's own: its index is written once.)
     local last = (KEYS[k + 5] == KEYS[k + 4]) and 4 or 5
     for j = 3, last do
       redis.call('ZADD', KEYS[k + j], at, ARGV[a])
-      redis.call('ZREMRANGEBYSCORE', KEYS[k + j], '-inf', cutoff)
       redis.call('PEXPIRE', KEYS[k + j], retention)
     end
   end
