@@ -321,6 +321,26 @@ async function pageEvent(view, id) {
   ]);
 }
 
+/** "Redrive selected" and "Redrive all" buttons posting to a redrive route (`{"ids"}` or `{"all":true}`);
+ *  `boxes` are the checkboxes whose values are the ids; the page refreshes after a redrive. */
+function redriveButtons(path, boxes, idPrefix, noun) {
+  const redrive = async (body) => {
+    const r = await api("POST", path, body);
+    const missing = r.ok && Array.isArray(r.data.missing) && r.data.missing.length ? `; missing: ${text(r.data.missing.length)}` : "";
+    flash(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}${missing}.`) : apiError(r, "redrive"));
+    if (r.ok) setTimeout(refreshIfCurrent, 800);
+  };
+  const selected = el("button", { type: "button", id: idPrefix + "-selected" }, "Redrive selected");
+  selected.addEventListener("click", () => {
+    const ids = boxes.filter((b) => b.checked).map((b) => b.value);
+    if (ids.length) redrive({ ids });
+    else flash(message("note", `Select ${noun} first.`));
+  });
+  const all = el("button", { type: "button", id: idPrefix + "-all", class: "secondary" }, "Redrive all");
+  all.addEventListener("click", () => redrive({ all: true }));
+  return [selected, all];
+}
+
 async function pageDead(view) {
   append(view, el("h1", null, "Dead letters"));
   const recover = el("form", { class: "card search", id: "recover-form" },
@@ -339,21 +359,7 @@ async function pageDead(view) {
   const boxes = [];
   const selectAll = el("input", { type: "checkbox", id: "select-all", "aria-label": "select all" });
   selectAll.addEventListener("change", () => boxes.forEach((b) => (b.checked = selectAll.checked)));
-  const redrive = async (body) => {
-    const r = await api("POST", "/v1/dlq/redrive", body);
-    flash(r.ok
-      ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}; missing: ${text((r.data.missing || []).length)}.`)
-      : apiError(r, "redrive"));
-    if (r.ok) setTimeout(refreshIfCurrent, 800);
-  };
-  const selected = el("button", { type: "button", id: "redrive-selected" }, "Redrive selected");
-  selected.addEventListener("click", () => {
-    const ids = boxes.filter((b) => b.checked).map((b) => b.value);
-    if (ids.length) redrive({ ids });
-    else flash(message("note", "Select dead letters first."));
-  });
-  const all = el("button", { type: "button", id: "redrive-all", class: "secondary" }, "Redrive all");
-  all.addEventListener("click", () => redrive({ all: true }));
+  const [selected, all] = redriveButtons("/v1/dlq/redrive", boxes, "redrive", "dead letters");
   const columns = [
     [selectAll, (d) => {
       const box = el("input", { type: "checkbox", value: d.id, "aria-label": "select " + d.id });
@@ -542,19 +548,7 @@ async function pageUsage(view, q) {
   }
 
   const boxes = [];
-  const redrive = async (body) => {
-    const r = await api("POST", "/v1/usage/dlq/redrive", body);
-    flash(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}.`) : apiError(r, "redrive"));
-    if (r.ok) setTimeout(refreshIfCurrent, 800);
-  };
-  const selected = el("button", { type: "button", id: "usage-redrive-selected" }, "Redrive selected");
-  selected.addEventListener("click", () => {
-    const ids = boxes.filter((b) => b.checked).map((b) => b.value);
-    if (ids.length) redrive({ ids });
-    else flash(message("note", "Select records first."));
-  });
-  const all = el("button", { type: "button", id: "usage-redrive-all", class: "secondary" }, "Redrive all");
-  all.addEventListener("click", () => redrive({ all: true }));
+  const [selected, all] = redriveButtons("/v1/usage/dlq/redrive", boxes, "usage-redrive", "records");
   const section = el("section", { class: "card" }, el("h2", null, "Dead usage records"));
   if (dead.ok) {
     const letters = Array.isArray(dead.data && dead.data.dead_letters) ? dead.data.dead_letters : [];
