@@ -420,25 +420,30 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             let store = Arc::clone(&self.store);
             inflight.spawn(async move {
                 let started = Instant::now();
-                let mut outgoing = entry.clone();
                 let mut waiting = None;
+                // Enrichment completes a copy (the outbox keeps the event as it was accepted);
+                // without it the event goes as it is, uncopied.
+                let mut enriched = None;
                 if let Some(enricher) = &enricher {
+                    let mut outgoing = entry.clone();
                     let completed = if Enricher::needs(&outgoing) {
                         enricher.enrich(&mut outgoing).await
                     } else {
                         enricher.refresh_facts(&mut outgoing).await
                     };
                     waiting = completed.err().map(|e| format!("waiting for the order query API: {e}"));
+                    enriched = Some(outgoing);
                 }
+                let outgoing = enriched.as_ref().unwrap_or(&entry);
                 // The account index learns the buyer here (or that it is still unknown).
                 let may_learn = enricher.is_some();
-                if let Err(e) = accounts::link_on_delivery(&*store, &outgoing, now_ms(), may_learn).await {
+                if let Err(e) = accounts::link_on_delivery(&*store, outgoing, now_ms(), may_learn).await {
                     waiting = Some(format!("could not update the account index: {e}"));
                 }
                 if let Some(error) = waiting {
                     return (entry, Err(SinkError::transient(error)).into(), started.elapsed());
                 }
-                let attempt = deliver(&*sink, &outgoing).await;
+                let attempt = deliver(&*sink, outgoing).await;
                 (entry, attempt, started.elapsed())
             });
             started += 1;
@@ -453,7 +458,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         self.busy.remove(&subject);
         m::delivery_duration(took);
         let Some(held) = self.held.get_mut(&subject).and_then(|q| q.remove(&seq)) else { return };
-        let mut attempts = held.attempts;
+        // The held copy leaves the worker here (settled, dead-lettered or held again): moved, not cloned.
+        let Held { entry: event, mut attempts, .. } = held;
         let now = now_ms();
         if attempts.attempts == 0 {
             attempts.first_attempt_ms = now;
@@ -468,24 +474,20 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 }
                 tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
                 attempts.next_attempt_ms = 0;
-                self.to_settle.push(Leaving::Delivered(Delivered {
-                    entry: entry.clone(),
-                    attempts,
-                    delivered_at_ms: now,
-                }));
+                self.to_settle.push(Leaving::Delivered(Delivered { entry: event, attempts, delivered_at_ms: now }));
                 Ok(())
             }
             Err(SinkError::Permanent(error)) => {
                 m::delivery_attempt("failed_permanent");
                 attempts.last_error = Some(error);
-                self.dead_letter(&entry, attempts).await
+                self.dead_letter(event, attempts)
             }
             Err(SinkError::Transient { message: error, retry_after: after }) => {
                 m::delivery_attempt("failed_retryable");
                 attempts.last_error = Some(error.clone());
                 let since = Duration::from_millis(u64::try_from(now - attempts.first_attempt_ms).unwrap_or(0));
                 if self.settings.schedule.exhausted(attempts.attempts, since) {
-                    self.dead_letter(&entry, attempts).await
+                    self.dead_letter(event, attempts)
                 } else {
                     let delay = after.map_or_else(
                         || self.settings.schedule.delay(attempts.attempts),
@@ -497,7 +499,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                     self.held
                         .entry(subject.clone())
                         .or_default()
-                        .insert(seq, Held { entry: entry.clone(), attempts, waiting_since: None });
+                        .insert(seq, Held { entry: event, attempts, waiting_since: None });
                     stored
                 }
             }
@@ -511,10 +513,10 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         }
     }
 
-    async fn dead_letter(&mut self, entry: &OutboxEntry, attempts: Attempts) -> Result<(), StoreError> {
+    fn dead_letter(&mut self, entry: OutboxEntry, attempts: Attempts) -> Result<(), StoreError> {
         m::delivery_attempt("dead_lettered");
         tracing::error!(event_id = %entry.id, attempts = attempts.attempts, last_error = attempts.last_error.as_deref().unwrap_or(""), "event dead-lettered");
-        let dead = DeadLetter { entry: entry.clone(), attempts, dead_at_ms: now_ms() };
+        let dead = DeadLetter { entry, attempts, dead_at_ms: now_ms() };
         self.to_settle.push(Leaving::Dead(dead));
         Ok(())
     }
