@@ -138,7 +138,8 @@ pub struct Worker<S: ?Sized = dyn Store> {
     consumer: String,
     /// Held events by instance, in sequence order.
     held: BTreeMap<String, BTreeMap<u64, Held>>,
-    /// Instances with a delivery in flight.
+    /// Instances with a delivery in flight, or whose last delivery is being
+    /// settled: their next event waits.
     busy: HashSet<String>,
     /// When the outbox was last asked for new events, and whether that claim was a full batch.
     last_claim: Option<(Instant, bool)>,
@@ -154,6 +155,14 @@ pub struct Worker<S: ?Sized = dyn Store> {
     /// event right after it may go without asking the store.
     settled: HashMap<String, u64>,
 }
+
+/// A settle batch in flight (see [`Worker::run`]): the batch comes back with the store's verdict.
+struct Settling {
+    task: tokio::task::JoinHandle<SettleDone>,
+    /// Its instances: busy until it is settled (their next events wait for it).
+    subjects: Vec<String>,
+}
+type SettleDone = (Vec<Leaving>, Result<(), StoreError>);
 
 /// How an entry leaves the outbox (see [`Settle`]).
 enum Leaving {
@@ -221,13 +230,18 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         let mut last_touch = Instant::now();
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
         let mut store_backoff = TICK;
+        // The settle batch in flight, at most one. On a store that settles
+        // concurrently the loop goes on claiming and starting deliveries while
+        // it settles; an instance's next event waits for its predecessor's
+        // settle all the same (the instance stays busy until then).
+        let mut settling: Option<Settling> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            self.flush_settles().await;
+            self.settle(&mut settling).await;
             let round = self.round(&mut inflight).await;
-            self.flush_settles().await;
+            self.settle(&mut settling).await;
             let pause = match round {
                 Ok(()) => {
                     store_backoff = TICK;
@@ -263,9 +277,20 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                         done = inflight.try_join_next();
                     }
                 }
+                joined = async {
+                    match settling.as_mut() {
+                        Some(s) => (&mut s.task).await,
+                        None => std::future::pending().await,
+                    }
+                }, if settling.is_some() => {
+                    if let Some(done) = settling.take() {
+                        self.settled_batch(joined, &done.subjects);
+                    }
+                }
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+        self.await_settle(&mut settling).await;
         let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
         while !inflight.is_empty() {
@@ -281,7 +306,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 }
             }
         }
-        self.flush_settles().await;
+        self.start_settle(&mut settling);
+        self.await_settle(&mut settling).await;
         tracing::info!("delivery stopped");
     }
 
@@ -475,6 +501,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
                 attempts.next_attempt_ms = 0;
                 self.to_settle.push(Leaving::Delivered(Delivered { entry: event, attempts, delivered_at_ms: now }));
+                self.busy.insert(subject.clone()); // until settled
                 Ok(())
             }
             Err(SinkError::Permanent(error)) => {
@@ -516,22 +543,63 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     fn dead_letter(&mut self, entry: OutboxEntry, attempts: Attempts) -> Result<(), StoreError> {
         m::delivery_attempt("dead_lettered");
         tracing::error!(event_id = %entry.id, attempts = attempts.attempts, last_error = attempts.last_error.as_deref().unwrap_or(""), "event dead-lettered");
+        self.busy.insert(entry.subject_seq().0.to_owned()); // until settled
         let dead = DeadLetter { entry, attempts, dead_at_ms: now_ms() };
         self.to_settle.push(Leaving::Dead(dead));
         Ok(())
     }
 
-    /// Settles what left the outbox since the last call, in one batch, and
-    /// remembers each instance's delivered sequence. On failure the entries
-    /// stay in the outbox, claimed: they are tried again after the
-    /// visibility timeout (as when a single settle failed).
-    async fn flush_settles(&mut self) {
-        if self.to_settle.is_empty() {
+    /// Settles what left the outbox since the last batch: in the background
+    /// when the store settles concurrently ([`Outbox::settle_concurrently`]),
+    /// else now.
+    async fn settle(&mut self, settling: &mut Option<Settling>) {
+        self.start_settle(settling);
+        if !self.store.settle_concurrently() {
+            self.await_settle(settling).await;
+        }
+    }
+
+    /// Starts settling what left the outbox since the last batch, in one
+    /// batch, unless a batch is being settled (then these go in the next).
+    fn start_settle(&mut self, settling: &mut Option<Settling>) {
+        if settling.is_some() || self.to_settle.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.to_settle);
-        let settles: Vec<Settle<'_>> = batch.iter().map(Leaving::settle).collect();
-        match self.store.settle(&settles).await {
+        let subjects = batch.iter().map(|l| l.entry().subject_seq().0.to_owned()).collect();
+        let store = Arc::clone(&self.store);
+        let task = tokio::spawn(async move {
+            let settles: Vec<Settle<'_>> = batch.iter().map(Leaving::settle).collect();
+            let result = store.settle(&settles).await;
+            drop(settles);
+            (batch, result)
+        });
+        *settling = Some(Settling { task, subjects });
+    }
+
+    /// Waits for the batch in flight, if any, and takes it in.
+    async fn await_settle(&mut self, settling: &mut Option<Settling>) {
+        if let Some(s) = settling.take() {
+            let joined = s.task.await;
+            self.settled_batch(joined, &s.subjects);
+        }
+    }
+
+    /// Takes in a settled batch: remembers each instance's delivered
+    /// sequence. On failure the entries stay in the outbox, claimed: they are
+    /// tried again after the visibility timeout (as when a single settle failed).
+    fn settled_batch(&mut self, joined: Result<SettleDone, tokio::task::JoinError>, subjects: &[String]) {
+        for subject in subjects {
+            self.busy.remove(subject);
+        }
+        let (batch, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "delivery: a settle task failed; its events will be tried again");
+                return;
+            }
+        };
+        match result {
             Ok(()) => {
                 if self.settled.len() + batch.len() > SETTLED_CACHE {
                     self.settled.clear();

@@ -324,6 +324,10 @@ impl Outbox for RedisStore {
         Ok(out)
     }
 
+    fn settle_concurrently(&self) -> bool {
+        true
+    }
+
     async fn dlq_redrive(&self, event_id: &str) -> Result<bool, StoreError> {
         let Some((subject, _)) = crate::store::plan::parse_event_id(event_id) else { return Ok(false) };
         let shard = instance_shard(subject);
