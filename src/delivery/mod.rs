@@ -148,7 +148,7 @@ pub struct Worker<S: ?Sized = dyn Store> {
     /// Where the next scan for due instances starts.
     scan_from: Option<String>,
     /// Entries that left the outbox here and are not settled in the store
-    /// yet: settled together, in one batch, before the next round.
+    /// yet: settled together, in one batch (see [`Worker::run`]).
     to_settle: Vec<Leaving>,
     /// The delivered sequence of instances as this worker last settled or
     /// read it (a lower bound of the store's, which never goes back): an
@@ -268,7 +268,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    // Every delivery that is done by now, settled together next round.
+                    // Every delivery that is done by now, settled together in the next batch.
                     let mut done = Some(done);
                     while let Some(next) = done {
                         if let Ok((entry, attempt, took)) = next {
