@@ -132,7 +132,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.01)]
     max_error_rate: f64,
     /// Profile each koogate target with `perf` in an extra peak-load phase (after the measured ones) and
-    /// draw a flame graph beside the results (bench/results/flame-<target>.svg); skipped when perf is unavailable.
+    /// draw a flame graph beside the results (`bench/results/flame-<target>.svg`); skipped when perf is unavailable.
     #[arg(long)]
     flamegraph: bool,
     /// `perf record --call-graph` mode of --flamegraph (`dwarf` unwinds code built without frame pointers).
