@@ -317,7 +317,7 @@ fn pending_note(res: &mut Value, pending: u64) {
 }
 
 /// `{"redriven":[…],"missing":[…]}`: each id by whether its redrive moved something.
-fn redrive_answer(ids: Vec<String>, moved: &[bool]) -> Response<Body> {
+fn redrive_answer(ids: Vec<String>, moved: &[bool]) -> Value {
     let (mut redriven, mut missing) = (Vec::new(), Vec::new());
     for (id, moved) in ids.into_iter().zip(moved) {
         if *moved {
@@ -326,7 +326,7 @@ fn redrive_answer(ids: Vec<String>, moved: &[bool]) -> Response<Body> {
             missing.push(id);
         }
     }
-    respond(StatusCode::OK, json!({"redriven": redriven, "missing": missing}))
+    json!({"redriven": redriven, "missing": missing})
 }
 
 /// Largest `POST /v1/usage` body: 1000 records of about 300 bytes, with room.
@@ -617,15 +617,12 @@ impl Admin {
     async fn recover(&self, since_ms: i64) -> Result<Response<Body>, StoreError> {
         let ids: Vec<String> =
             self.store.dlq_list().await?.into_iter().filter(|d| d.dead_at_ms >= since_ms).map(|d| d.entry.id).collect();
-        let mut moved = Vec::with_capacity(ids.len());
-        for id in &ids {
-            moved.push(self.store.dlq_redrive(id).await?);
-        }
+        let moved = self.redrive_dead(&ids).await?;
         let count = moved.iter().filter(|m| **m).count();
         tracing::info!(count, since = %ms_time(since_ms), "dead letters recovered");
-        let (redriven, missing): (Vec<_>, Vec<_>) = ids.into_iter().zip(moved).partition(|(_, m)| *m);
-        let ids = |v: Vec<(String, bool)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
-        Ok(respond(StatusCode::OK, json!({"redriven": ids(redriven), "missing": ids(missing), "count": count})))
+        let mut answer = redrive_answer(ids, &moved);
+        answer["count"] = json!(count);
+        Ok(respond(StatusCode::OK, answer))
     }
 
     async fn show_event(&self, id: &str) -> Result<Response<Body>, StoreError> {
@@ -665,12 +662,18 @@ impl Admin {
         if ids.is_empty() && !body.all {
             return Ok(error(StatusCode::BAD_REQUEST, "nothing_to_redrive", "give ids or all:true"));
         }
+        let moved = self.redrive_dead(&ids).await?;
+        tracing::info!(count = moved.iter().filter(|m| **m).count(), "dead letters redriven");
+        Ok(respond(StatusCode::OK, redrive_answer(ids, &moved)))
+    }
+
+    /// Puts dead letters back into the outbox, one by one: for each id, whether it was one.
+    async fn redrive_dead(&self, ids: &[String]) -> Result<Vec<bool>, StoreError> {
         let mut moved = Vec::with_capacity(ids.len());
-        for id in &ids {
+        for id in ids {
             moved.push(self.store.dlq_redrive(id).await?);
         }
-        tracing::info!(count = moved.iter().filter(|m| **m).count(), "dead letters redriven");
-        Ok(redrive_answer(ids, &moved))
+        Ok(moved)
     }
 
     async fn usage_intake(&self, req: Request<Incoming>) -> Response<Body> {
@@ -707,7 +710,7 @@ impl Admin {
             moved.push(self.store.usage_redrive(id, now).await?);
         }
         tracing::info!(count = moved.iter().filter(|m| **m).count(), "dead usage records redriven");
-        Ok(redrive_answer(ids, &moved))
+        Ok(respond(StatusCode::OK, redrive_answer(ids, &moved)))
     }
 
     /// The facts of a purchase order, joined with its instances.
@@ -835,10 +838,9 @@ impl Admin {
         })
     }
 
-    /// `GET /v1/instances/{instance_id}`: one instance (resource id) with its
-    /// account, its purchase order's lines and the ids of its events.
-    /// One instance's usage: records by state and value totals over its
-    /// newest [`USAGE_COUNTED`] records, and the newest `limit` of them.
+    /// `GET /v1/usage/instances/{instance_id}`: one instance's usage: records
+    /// by state and value totals over its newest [`USAGE_COUNTED`] records,
+    /// and the newest `limit` of them.
     async fn instance_usage(&self, id: &str, limit: u64) -> Result<Response<Body>, StoreError> {
         let (records, total) = self.store.usage_of_instance(id, USAGE_COUNTED).await?;
         if total == 0 && self.store.instance(id).await?.get(field::STATUS).is_none_or(String::is_empty) {
@@ -860,6 +862,8 @@ impl Admin {
         ))
     }
 
+    /// `GET /v1/instances/{instance_id}`: one instance (resource id) with its
+    /// account, its purchase order's lines and the ids of its events.
     async fn resource(&self, id: &str) -> Result<Response<Body>, StoreError> {
         let record = self.store.instance(id).await?;
         if record.get(field::STATUS).is_none_or(String::is_empty) {
