@@ -185,9 +185,9 @@ pub trait Outbox {
 /// Redis: the kept event under its own key (`hist:<event id>`, `PEXPIRE`d),
 /// indexed by sorted sets of its shard (by time, trimmed by `ZREMRANGEBYSCORE`
 /// once per settle batch; per instance and per order id, each expiring a
-/// retention after its newest member; reads skip members past the cutoff). Embedded: a table by event id and index tables keyed by
-/// time, pruned in the settle transaction (a bounded number per transaction)
-/// and at open.
+/// retention after its newest member; reads skip members past the cutoff).
+/// Embedded: a table by event id and index tables keyed by time, pruned in
+/// the settle transaction (a bounded number per transaction) and at open.
 #[async_trait]
 pub trait History {
     /// A kept delivered event.

@@ -177,17 +177,9 @@ pub struct Delivered {
     pub delivered_at_ms: i64,
 }
 
-impl Delivered {
-    /// The order ids the history finds it by: the transition's own `order_id`
-    /// and the purchase order's (once when they are the same), as the admin
-    /// API's filter matches them.
-    pub fn order_ids(&self) -> Vec<&str> {
-        entry_order_ids(&self.entry)
-    }
-}
-
-/// The order ids of an outbox entry: the transition's `order_id` (from the
-/// call) and the purchase order id of its record, without repeats.
+/// The order ids of an outbox entry, as the history indexes it and the admin
+/// API's filter matches it: the transition's `order_id` (from the call) and
+/// the purchase order id of its record, without repeats.
 pub fn entry_order_ids(entry: &OutboxEntry) -> Vec<&str> {
     let mut out = Vec::with_capacity(2);
     if let Some(o) = entry.change.get("order_id").and_then(serde_json::Value::as_str) {

@@ -15,6 +15,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{err, get_json, put_json, EmbeddedStore};
 use crate::store::keys::composite;
+use crate::store::plan::entry_order_ids;
 use crate::store::{retention_cutoff, Delivered, History, HistoryIndex, HistoryQuery, StoreError};
 
 pub(super) const HISTORY: TableDefinition<&str, &str> = TableDefinition::new("history");
@@ -42,7 +43,7 @@ fn index_key(prefix: &str, at_ms: i64, event_id: &str) -> String {
 fn index_keys(d: &Delivered) -> Vec<String> {
     let (instance, _) = d.entry.subject_seq();
     let mut indexes = vec![HistoryIndex::All, HistoryIndex::Instance(instance.to_owned())];
-    indexes.extend(d.order_ids().into_iter().map(|o| HistoryIndex::Order(o.to_owned())));
+    indexes.extend(entry_order_ids(&d.entry).into_iter().map(|o| HistoryIndex::Order(o.to_owned())));
     indexes.iter().map(|i| index_key(&prefix(i), d.delivered_at_ms, &d.entry.id)).collect()
 }
 

@@ -214,7 +214,7 @@ impl Outbox for RedisStore {
     }
 
     async fn record_attempt(&self, entry: &OutboxEntry, attempts: &Attempts) -> Result<(), StoreError> {
-        let json = serde_json::to_string(attempts).map_err(|e| StoreError::Protocol(e.to_string()))?;
+        let json = to_json(attempts)?;
         let mut conn = self.conn.clone();
         let _: i64 = redis::cmd("HSET")
             .arg(self.keys.attempts(entry.shard))
@@ -336,10 +336,9 @@ impl Outbox for RedisStore {
             redis::cmd("HGET").arg(self.keys.dlq(shard)).arg(event_id).query_async(&mut conn).await?;
         let Some(dead) = raw.and_then(|json| serde_json::from_str::<DeadLetter>(&json).ok()) else { return Ok(false) };
         let e = &dead.entry;
-        let record = serde_json::to_string(&e.record).map_err(|err| StoreError::Protocol(err.to_string()))?;
+        let record = to_json(&e.record)?;
         let change = serde_json::Value::Object(e.change.clone()).to_string();
-        let attempts =
-            serde_json::to_string(&dead.attempts.redriven()).map_err(|err| StoreError::Protocol(err.to_string()))?;
+        let attempts = to_json(&dead.attempts.redriven())?;
         let moved: i64 = self
             .outbox
             .redrive
