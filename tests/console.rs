@@ -69,11 +69,7 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, Duration::from_secs(20), "chromedriver");
         Self { child, url: format!("http://127.0.0.1:{port}") }
     }
 }

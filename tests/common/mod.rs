@@ -349,11 +349,7 @@ impl OwnRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server runs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "own redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port, Duration::from_secs(10), "own redis-server");
         Self { port, child, _dir: dir }
     }
 
@@ -383,6 +379,15 @@ impl Drop for OwnRedis {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits (blocking) until something listens on 127.0.0.1:`port`; panics naming `what` after `within`.
+pub fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `INFO commandstats` as command → calls.

@@ -175,13 +175,7 @@ async fn redis_paused_or_restarted_mid_stream_loses_no_accepted_call() {
             .spawn()
             .unwrap()
     };
-    let wait_redis = || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let wait_redis = || wait_for_port(port, Duration::from_secs(10), "the fault test's redis-server");
     let mut redis = start_redis();
     wait_redis();
     let url = format!("redis://127.0.0.1:{port}");
