@@ -218,6 +218,11 @@ function eventLink(id) {
   return el("a", { href: route(["events", id]), class: "mono" }, text(id));
 }
 
+/** `obj[key]` when it is an array, else an empty one (an answer missing a list shows as empty). */
+function arrayOf(obj, key) {
+  return obj && Array.isArray(obj[key]) ? obj[key] : [];
+}
+
 function instanceLink(id) {
   return id ? el("a", { href: route(["instances", id]), class: "mono" }, text(id)) : "—";
 }
@@ -260,7 +265,7 @@ async function pageEvents(view, q) {
   for (const k of EVENT_FILTERS) query[k] = q.get(k);
   const res = await api("GET", v1(["events"], query));
   if (!res.ok) return view.append(apiError(res, "GET /v1/events"));
-  let events = Array.isArray(res.data && res.data.events) ? res.data.events : [];
+  let events = arrayOf(res.data, "events");
   // A gateway without the status filter answers every status: keep the one asked for.
   if (q.get("status")) events = events.filter((e) => e.status === q.get("status"));
   append(view, [
@@ -303,7 +308,7 @@ async function pageEvent(view, id) {
   const shown = ["id", "type", "status", "instance_id", "seq", "order_id", "purchase_order_id", "occurred_at", "test", "redrive",
     "attempts", "last_error", "next_attempt_at", "dead_at", "delivered_at"].filter((k) => k in e);
   append(view, [actions, el("section", { class: "card" }, el("h2", null, "Facts"), fields(e, shown))]);
-  const log = Array.isArray(e.attempt_log) ? e.attempt_log : [];
+  const log = arrayOf(e, "attempt_log");
   append(view, [
     el("section", { class: "card" }, el("h2", null, "Attempts"),
       table(
@@ -326,7 +331,7 @@ async function pageEvent(view, id) {
 function redriveButtons(path, boxes, idPrefix, noun) {
   const redrive = async (body) => {
     const r = await api("POST", path, body);
-    const missing = r.ok && Array.isArray(r.data.missing) && r.data.missing.length ? `; missing: ${text(r.data.missing.length)}` : "";
+    const missing = r.ok && arrayOf(r.data, "missing").length ? `; missing: ${text(r.data.missing.length)}` : "";
     flash(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}${missing}.`) : apiError(r, "redrive"));
     if (r.ok) setTimeout(refreshIfCurrent, 800);
   };
@@ -355,7 +360,7 @@ async function pageDead(view) {
   });
   const res = await api("GET", "/v1/dlq");
   if (!res.ok) return append(view, [recover, apiError(res, "GET /v1/dlq")]);
-  const dead = Array.isArray(res.data && res.data.dead_letters) ? res.data.dead_letters : [];
+  const dead = arrayOf(res.data, "dead_letters");
   const boxes = [];
   const selectAll = el("input", { type: "checkbox", id: "select-all", "aria-label": "select all" });
   selectAll.addEventListener("change", () => boxes.forEach((b) => (b.checked = selectAll.checked)));
@@ -402,7 +407,7 @@ async function pageOrders(view, q) {
         ["SKU", (i) => text(i.sku_code)],
         ["product", (i) => text(i.product_id)],
         ["test", (i) => text(i.test)],
-      ], Array.isArray(o.instances) ? o.instances : [], { empty: "No instance." })),
+      ], arrayOf(o, "instances"), { empty: "No instance." })),
     el("section", { class: "card" }, el("h2", null, "Settlement"), json(o.settlement)),
   ]);
 }
@@ -435,7 +440,7 @@ async function pageAccounts(view, q) {
   const a = res.data || {};
   if (a.enrichment_note) view.append(message("note", a.enrichment_note));
   if (!res.ok) return view.append(apiError(res, "GET /v1/accounts/{customer_id}"));
-  const instances = Array.isArray(a.instances) ? a.instances : [];
+  const instances = arrayOf(a, "instances");
   const pager = el("div", { class: "actions pager" });
   const prev = Math.max(0, Number(offset) - Number(limit));
   if (Number(offset) > 0) pager.append(el("a", { class: "button-link", id: "prev", href: route(["accounts"], { customer_id: customer, offset: prev, limit }) }, "← newer"));
@@ -543,7 +548,7 @@ async function pageUsage(view, q) {
         el("h2", null, "Instance ", instanceLink(instance)),
         el("div", { class: "gauges" }, ["pending", "pushed", "held", "dead"].map((k) => gauge(k, c[k], "c-" + k)),
           gauge("accepted total", t.accepted, "t-accepted"), gauge("pushed total", t.pushed, "t-pushed")),
-        table(usageColumns(null), Array.isArray(u.records) ? u.records : [], { class: "usage", rowId: (x) => x.metering_sn, empty: "No usage record." })));
+        table(usageColumns(null), arrayOf(u, "records"), { class: "usage", rowId: (x) => x.metering_sn, empty: "No usage record." })));
     } else view.append(apiError(r, "GET /v1/usage/instances/{instance_id}"));
   }
 
@@ -551,7 +556,7 @@ async function pageUsage(view, q) {
   const [selected, all] = redriveButtons("/v1/usage/dlq/redrive", boxes, "usage-redrive", "records");
   const section = el("section", { class: "card" }, el("h2", null, "Dead usage records"));
   if (dead.ok) {
-    const letters = Array.isArray(dead.data && dead.data.dead_letters) ? dead.data.dead_letters : [];
+    const letters = arrayOf(dead.data, "dead_letters");
     append(section, [el("div", { class: "actions" }, selected, all),
       table(usageColumns(boxes), letters, { class: "usage-dead", rowId: (x) => x.metering_sn, empty: "No dead usage record." })]);
   } else section.append(apiError(dead, "GET /v1/usage/dlq"));
