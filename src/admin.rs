@@ -895,7 +895,7 @@ impl Admin {
             }
         }
         view["order_lines"] = json!(lines);
-        let seq: u64 = record.get("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let seq: u64 = record.get(field::SEQ).and_then(|s| s.parse().ok()).unwrap_or(0);
         view["event_ids"] = json!((1..=seq).map(|n| crate::store::plan::event_id(id, n)).collect::<Vec<_>>());
         m::account_lookup("instance", "found");
         Ok(respond(StatusCode::OK, view))

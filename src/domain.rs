@@ -59,6 +59,9 @@ pub mod field {
     pub const ORDER_LINE_ID: &str = "order_line_id";
     pub const CREATED_AT: &str = "created_at";
     pub const UPDATED_AT: &str = "updated_at";
+    /// The sequence number of the instance's latest event (its ids are
+    /// `evt_<instance>_<seq>`, 1 to this), set by the store as it applies a transition.
+    pub const SEQ: &str = "seq";
     /// Pushed usage of the instance, in units of 0.0001 (queryInstance).
     pub const USAGE_E4: &str = "usage_e4";
     /// End of the latest pushed usage period (UNIX s).

@@ -328,7 +328,15 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             }
             self.last_claim = Some((Instant::now(), claimed.len() >= CLAIM_BATCH));
             if !claimed.is_empty() {
-                let attempts = self.store.attempts(&claimed).await?;
+                // Only a redriven entry, or one taken over from another consumer,
+                // can have attempts on record: an entry read for the first time
+                // was never tried (attempts are kept only once an entry is claimed).
+                let asked: Vec<OutboxEntry> = claimed.iter().filter(|e| takeover || e.redrive).cloned().collect();
+                let mut recorded = self.store.attempts(&asked).await?.into_iter();
+                let attempts: Vec<Option<Attempts>> = claimed
+                    .iter()
+                    .map(|e| if takeover || e.redrive { recorded.next().flatten() } else { None })
+                    .collect();
                 for (entry, attempts) in claimed.into_iter().zip(attempts) {
                     let (subject, seq) = entry.subject_seq();
                     let slot = self.held.entry(subject.to_owned()).or_default();
@@ -374,7 +382,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         }
         // The store is asked only for heads this worker's own settles do not
         // place: a redrive goes anyway; an event right after the last one
-        // settled here may go; one at or before it was settled already.
+        // settled here may go; one at or before it was settled already; an
+        // instance's first event goes (it has no predecessor).
         let mut known: Vec<Option<u64>> = heads
             .iter()
             .map(|s| {
@@ -384,7 +393,8 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 if head.entry.redrive {
                     Some(0)
                 } else {
-                    settled.filter(|&done| seq <= done + 1)
+                    // An instance's first event has no predecessor to wait for.
+                    settled.filter(|&done| seq <= done + 1).or((seq == 1).then_some(0))
                 }
             })
             .collect();

@@ -273,10 +273,6 @@ impl Keys {
     pub fn history_by_time(&self, shard: u8) -> String {
         format!("{}{{s{shard}}}:hist:time", self.prefix)
     }
-    /// The history of one instance (sorted set: event id → delivered at), in its shard.
-    pub fn history_by_instance(&self, instance_id: &str) -> String {
-        self.key(instance_shard(instance_id), "hist:i", instance_id)
-    }
     /// The history of the shard's events naming an order id (sorted set:
     /// event id → delivered at). In the *event's* shard, not the order's (a
     /// renewal's order id hashes elsewhere): a look-up by order asks every shard.

@@ -88,7 +88,6 @@ async fn the_gateway_runs_on_a_redis_cluster() {
         keys.dlq(shard),
         keys.history(&format!("evt_{instance}_1")),
         keys.history_by_time(shard),
-        keys.history_by_instance(&instance),
         keys.history_by_order(shard, "CS2311181819R3NEW"),
     ];
     let slots: std::collections::BTreeSet<u16> = order_keys.iter().map(|k| cluster.keyslot(k)).collect();

@@ -476,9 +476,7 @@ async fn history_past_the_retention_is_pruned() {
     let mut conn = redis_conn(REDIS_URL).await;
     let shard = fresh.entry.shard;
     let fresh_id = vec![fresh.entry.id.clone()];
-    for index in
-        [keys.history_by_time(shard), keys.history_by_instance("a0prune"), keys.history_by_order(shard, "CSPRUNE2")]
-    {
+    for index in [keys.history_by_time(shard), keys.history_by_order(shard, "CSPRUNE2")] {
         let members: Vec<String> =
             redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
         assert_eq!(members, fresh_id, "{index}");

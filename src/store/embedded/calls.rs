@@ -69,8 +69,8 @@ fn apply_in(txn: &WriteTransaction, plan: &Plan) -> Result<Outcome, StoreError> 
     }
     let mut minted = None;
     if let Some(event) = &branch.event {
-        let seq = record.get("seq").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
-        record.insert("seq".into(), seq.to_string());
+        let seq = record.get(field::SEQ).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
+        record.insert(field::SEQ.into(), seq.to_string());
         record_changed = true;
         let id = event_id(&plan.subject, seq);
         let change = match serde_json::from_str(&event.change).map_err(err)? {

@@ -52,7 +52,7 @@ fn plan_args(plan: &Plan) -> Vec<Vec<u8>> {
         }
         if extra == 1 {
             // Filled in by the script with the new sequence number.
-            args.push(b"seq".to_vec());
+            args.push(field::SEQ.as_bytes().to_vec());
             args.push(Vec::new());
         }
         args.push(branch.order_set.len().to_string().into_bytes());

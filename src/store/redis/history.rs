@@ -1,17 +1,22 @@
 //! The history of delivered events on Redis ([`History`]), as `settle.lua`
 //! writes it: each kept event under its own key (`hist:<event id>`, expiring
 //! with the retention), indexed per shard by sorted sets of delivery times:
-//! the shard's (`hist:time`), each instance's (`hist:i:<id>`) and each order
-//! id's (`hist:o:<id>`, in the event's shard). A look-up reads an index
-//! newest first (`ZREVRANGEBYSCORE … LIMIT`, one command per shard it spans),
-//! merges, then reads the kept events (`GET`, pipelined per shard); an event
-//! whose key expired before its index was trimmed is left out.
+//! the shard's (`hist:time`) and each order id's (`hist:o:<id>`, in the
+//! event's shard). A look-up reads an index newest first (`ZREVRANGEBYSCORE …
+//! LIMIT`, one command per shard it spans), merges, then reads the kept events
+//! (`GET`, pipelined per shard); an event whose key expired before its index
+//! was trimmed is left out.
+//!
+//! An instance's history needs no index (one fewer sorted set to write per
+//! delivered event): its event ids are `evt_<instance>_<seq>` for seq 1 to
+//! the record's `seq`, read as they are (`GET`, pipelined) and ordered here.
 
 use async_trait::async_trait;
 
 use super::{every_shard, RedisStore};
+use crate::domain::field;
 use crate::store::keys::instance_shard;
-use crate::store::plan::parse_event_id;
+use crate::store::plan::{event_id, parse_event_id};
 use crate::store::{retention_cutoff, Delivered, History, HistoryIndex, HistoryQuery, StoreError};
 
 /// `(delivered at, event id)` newest first, ties by greater event id: the
@@ -23,7 +28,43 @@ pub(super) fn newest_first(mut hits: Vec<(i64, String)>, limit: usize) -> Vec<(i
     hits
 }
 
+/// Event keys read per pipeline when an instance's history is walked.
+const INSTANCE_PAGE: u64 = 256;
+
 impl RedisStore {
+    /// One instance's kept events delivered in `[min, max]`, newest first:
+    /// every event id the instance has had, by its sequence numbers.
+    async fn instance_history(
+        &self,
+        instance_id: &str,
+        (min, max): (i64, Option<i64>),
+        limit: usize,
+    ) -> Result<Vec<Delivered>, StoreError> {
+        let shard = instance_shard(instance_id);
+        let mut conn = self.conn.clone();
+        let last: Option<u64> =
+            redis::cmd("HGET").arg(self.keys.instance(instance_id)).arg(field::SEQ).query_async(&mut conn).await?;
+        let mut found = Vec::new();
+        let mut next = last.unwrap_or_default();
+        while next > 0 {
+            let first = next.saturating_sub(INSTANCE_PAGE - 1).max(1);
+            let gets = (first..=next)
+                .map(|seq| (shard, redis::cmd("GET").arg(self.keys.history(&event_id(instance_id, seq))).clone()))
+                .collect();
+            let kept: Vec<Option<String>> = self.query_all(gets).await?;
+            found.extend(
+                kept.into_iter()
+                    .flatten()
+                    .filter_map(|json| serde_json::from_str::<Delivered>(&json).ok())
+                    .filter(|d| d.delivered_at_ms >= min && max.is_none_or(|max| d.delivered_at_ms <= max)),
+            );
+            next = first - 1;
+        }
+        found.sort_by(|a, b| (b.delivered_at_ms, &b.entry.id).cmp(&(a.delivered_at_ms, &a.entry.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+
     fn window(&self, query: &HistoryQuery) -> (i64, Option<i64>) {
         let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
         (query.since_ms.map_or(cutoff, |s| s.max(cutoff)), query.until_ms)
@@ -50,6 +91,9 @@ impl History for RedisStore {
         if max.is_some_and(|max| max < min) {
             return Ok(Vec::new());
         }
+        if let HistoryIndex::Instance(id) = &query.index {
+            return self.instance_history(id, (min, max), query.limit).await;
+        }
         let max = max.map_or_else(|| "+inf".to_owned(), |m| m.to_string());
         let range = |key: String| {
             let mut cmd = redis::cmd("ZREVRANGEBYSCORE");
@@ -58,7 +102,7 @@ impl History for RedisStore {
         };
         let cmds = match &query.index {
             HistoryIndex::All => every_shard(|shard| range(self.keys.history_by_time(shard))),
-            HistoryIndex::Instance(id) => vec![(instance_shard(id), range(self.keys.history_by_instance(id)))],
+            HistoryIndex::Instance(_) => Vec::new(), // read above
             HistoryIndex::Order(order) => every_shard(|shard| range(self.keys.history_by_order(shard, order))),
         };
         let replies: Vec<Vec<(String, f64)>> = self.query_all(cmds).await?;

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
 use redis::{Script, Value};
 
-use super::{every_shard, RedisStore, GROUP};
+use super::{every_shard, Conn, RedisStore, GROUP};
 use crate::store::keys::{instance_shard, SHARDS};
 use crate::store::{retention_cutoff, Attempts, DeadLetter, Outbox, OutboxEntry, Record, Settle, StoreError};
 
@@ -30,21 +30,27 @@ impl Scripts {
 }
 
 impl RedisStore {
-    /// Reads never-delivered entries, one `XREADGROUP` per shard (a single
-    /// multi-stream read would cross slots on a cluster).
+    /// Reads never-delivered entries: one `XREADGROUP` of every shard's
+    /// stream on a standalone Redis, one per shard on a cluster (a multi-stream
+    /// read there would cross slots).
     async fn read_new(&self, consumer: &str, max: usize) -> Result<Vec<OutboxEntry>, redis::RedisError> {
         let keys = self.keys.outboxes();
         let per_shard = max.div_ceil(usize::from(SHARDS)).max(1);
-        let cmds = keys
-            .iter()
-            .enumerate()
-            .map(|(shard, key)| {
-                let opts = StreamReadOptions::default().group(GROUP, consumer).count(per_shard);
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg(&opts).arg("STREAMS").arg(key).arg(">");
-                (shard as u8, cmd)
-            })
-            .collect();
+        let read = |streams: &[String]| {
+            let opts = StreamReadOptions::default().group(GROUP, consumer).count(per_shard);
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg(&opts).arg("STREAMS").arg(streams);
+            for _ in streams {
+                cmd.arg(">");
+            }
+            cmd
+        };
+        let cmds = match self.conn {
+            Conn::Single(_) => vec![(0, read(&keys))],
+            Conn::Cluster(_) => {
+                keys.iter().enumerate().map(|(shard, key)| (shard as u8, read(std::slice::from_ref(key)))).collect()
+            }
+        };
         let replies: Vec<Option<StreamReadReply>> = self.query_all(cmds).await?;
         let mut out = Vec::new();
         for reply in replies.into_iter().flatten() {
@@ -54,6 +60,45 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+}
+
+impl RedisStore {
+    /// One settle.lua run over groups of one shard each (the layout is
+    /// described at the top of the script).
+    fn settle_run(&self, run: &[(u8, &[&Settle<'_>])]) -> Result<redis::ScriptInvocation<'_>, StoreError> {
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
+        let mut invocation = self.outbox.settle.prepare_invoke();
+        invocation.arg(GROUP).arg(retention).arg(cutoff);
+        for &(shard, group) in run {
+            invocation
+                .key(self.keys.outbox(shard))
+                .key(self.keys.attempts(shard))
+                .key(self.keys.dlq(shard))
+                .key(self.keys.history_by_time(shard));
+            invocation.arg(group.len());
+            for s in group {
+                let (subject, seq) = s.entry.subject_seq();
+                let dead = s.dead.map(to_json).transpose()?.unwrap_or_default();
+                let kept = s.delivered.filter(|_| retention > 0);
+                let history = kept.map(to_json).transpose()?.unwrap_or_default();
+                let record = self.keys.instance(subject);
+                let orders = crate::store::plan::entry_order_ids(s.entry);
+                let by_order =
+                    |i: usize| orders.get(i).map_or_else(|| record.clone(), |o| self.keys.history_by_order(shard, o));
+                invocation.key(&record).key(self.keys.history(&s.entry.id)).key(by_order(0)).key(by_order(1));
+                invocation
+                    .arg(&s.entry.id)
+                    .arg(seq)
+                    .arg(&s.entry.cursor)
+                    .arg(dead)
+                    .arg(history)
+                    .arg(kept.map_or(0, |d| d.delivered_at_ms))
+                    .arg(orders.len());
+            }
+        }
+        Ok(invocation)
     }
 }
 
@@ -226,52 +271,30 @@ impl Outbox for RedisStore {
     }
 
     async fn settle(&self, settles: &[Settle<'_>]) -> Result<(), StoreError> {
-        // One settle.lua per shard (a script's keys must share a slot), at most
-        // SETTLE_CHUNK events each, all sent at once.
+        // Grouped by shard; on a standalone Redis the groups go in as few
+        // settle.lua runs as SETTLE_CHUNK allows, on a cluster one run per group
+        // (a script's keys must share a slot there). All runs are sent at once.
         let mut by_shard: BTreeMap<u8, Vec<&Settle<'_>>> = BTreeMap::new();
         for s in settles {
             by_shard.entry(s.entry.shard).or_default().push(s);
         }
-        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
-        let mut runs = Vec::new();
-        for (shard, group) in by_shard {
+        let cluster = matches!(self.conn, Conn::Cluster(_));
+        let mut runs: Vec<Vec<(u8, &[&Settle<'_>])>> = Vec::new();
+        let mut size = 0;
+        for (&shard, group) in &by_shard {
             for chunk in group.chunks(SETTLE_CHUNK) {
-                let mut invocation = self.outbox.settle.prepare_invoke();
-                invocation
-                    .key(self.keys.outbox(shard))
-                    .key(self.keys.attempts(shard))
-                    .key(self.keys.dlq(shard))
-                    .key(self.keys.history_by_time(shard));
-                invocation.arg(GROUP).arg(retention).arg(cutoff);
-                for s in chunk {
-                    let (subject, seq) = s.entry.subject_seq();
-                    let dead = s.dead.map(to_json).transpose()?.unwrap_or_default();
-                    let kept = s.delivered.filter(|_| retention > 0);
-                    let history = kept.map(to_json).transpose()?.unwrap_or_default();
-                    let by_instance = self.keys.history_by_instance(subject);
-                    let orders = crate::store::plan::entry_order_ids(s.entry);
-                    let by_order = |i: usize| {
-                        orders.get(i).map_or_else(|| by_instance.clone(), |o| self.keys.history_by_order(shard, o))
-                    };
-                    invocation
-                        .key(self.keys.instance(subject))
-                        .key(self.keys.history(&s.entry.id))
-                        .key(&by_instance)
-                        .key(by_order(0))
-                        .key(by_order(1));
-                    invocation
-                        .arg(&s.entry.id)
-                        .arg(seq)
-                        .arg(&s.entry.cursor)
-                        .arg(dead)
-                        .arg(history)
-                        .arg(kept.map_or(0, |d| d.delivered_at_ms));
+                match runs.last_mut() {
+                    Some(run) if !cluster && size + chunk.len() <= SETTLE_CHUNK => run.push((shard, chunk)),
+                    _ => {
+                        runs.push(vec![(shard, chunk)]);
+                        size = 0;
+                    }
                 }
-                runs.push(invocation);
+                size += chunk.len();
             }
         }
-        let calls = runs.iter().map(|invocation| {
+        let invocations = runs.iter().map(|run| self.settle_run(run)).collect::<Result<Vec<_>, _>>()?;
+        let calls = invocations.iter().map(|invocation| {
             let mut conn = self.conn.clone();
             async move { invocation.invoke_async::<i64>(&mut conn).await }
         });
