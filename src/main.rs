@@ -91,6 +91,15 @@ enum Command {
     },
 }
 
+impl Command {
+    /// A verb that prints its answer and exits, as opposed to a long-running
+    /// server (`serve`, `sink`), whose writes to a closed pipe must stay
+    /// errors it handles rather than end the process.
+    fn prints_for_a_reader(&self) -> bool {
+        !matches!(self, Command::Serve | Command::Sink(_))
+    }
+}
+
 #[derive(Subcommand)]
 enum AccountsAction {
     /// The instances a Huawei Cloud account holds, newest first, with their status and usage.
@@ -880,6 +889,11 @@ async fn replay(args: ReplayArgs, src: &Source) -> anyhow::Result<ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.as_ref().is_some_and(Command::prints_for_a_reader) {
+        // Rust ignores SIGPIPE, so a closed stdout panics `println!` ("Broken
+        // pipe"); a verb that prints for a reader ends on it instead, as `ls` does.
+        sigpipe::reset();
+    }
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -377,6 +377,21 @@ fn completions_for_bash_zsh_and_fish_name_every_verb() {
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
 
+/// A verb whose reader is gone (`koogate events list | head -1`) ends on
+/// SIGPIPE, quietly, as Unix tools do, instead of panicking "Broken pipe".
+#[test]
+fn a_verb_whose_reader_is_gone_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    for args in [&["completions", "bash"][..], &["instance-id", "CS2211181819B4LVS", "CS2211181819B4LVS-000001"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = koogate().args(args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.signal(), Some(13), "{args:?}: not ended by SIGPIPE ({:?}): {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
 /// `rust-version` in Cargo.toml is the oldest Rust that builds the locked
 /// dependencies: none of them asks for a newer one (a user on the stated
 /// version would otherwise meet a dependency's error instead of Cargo's).
