@@ -134,7 +134,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
-    let store = store::open(&store.spec, &store.key_prefix, delivery.retention).await?;
+    let store_config = store;
+    let store = store::open(&store_config.spec, &store_config.key_prefix, delivery.retention).await?;
     tracing::info!(backend = store.backend(), "store opened");
     crate::metrics::store_opened(store.backend());
     if gateway.frontend_url_is_default() {
@@ -198,7 +199,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             None
         }
     };
-    let worker = delivery::Worker::new(Arc::clone(&store), sink, delivery.worker, enricher);
+    let delivery_store =
+        store::open_for_delivery(&store_config.spec, &store_config.key_prefix, delivery.retention, &store).await?;
+    let worker = delivery::Worker::new(delivery_store, sink, delivery.worker, enricher);
     spawn_delivery(&mut tasks, worker, shutdown.clone(), grace)?;
     let hosts: Vec<String> = std::iter::once(&usage.url)
         .chain(&usage.fallback_urls)

@@ -344,6 +344,22 @@ impl<'a> Settle<'a> {
     }
 }
 
+/// The store the delivery worker works on, beside `shared` (the calls'): on
+/// Redis a connection of its own, so that a claim or settle of hundreds of
+/// events does not queue the calls' scripts behind it on one socket; the
+/// embedded store is one locked file, shared.
+pub async fn open_for_delivery(
+    spec: &StoreSpec,
+    prefix: &str,
+    retention: Duration,
+    shared: &Arc<dyn Store>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match spec {
+        StoreSpec::Embedded(_) => Ok(Arc::clone(shared)),
+        StoreSpec::Redis(_) | StoreSpec::RedisCluster(_) => open(spec, prefix, retention).await,
+    }
+}
+
 /// Opens the store a `KOOGATE_STORE` value names, keeping delivered events
 /// for `retention` (`KOOGATE_EVENT_RETENTION_SECS`; zero keeps none).
 pub async fn open(spec: &StoreSpec, prefix: &str, retention: Duration) -> Result<Arc<dyn Store>, StoreError> {
