@@ -395,6 +395,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     summary["delivery"] = serde_json::to_value(&delivery)?;
     summary["delivery_http"] = serde_json::to_value(&delivery_http)?;
     summary["usage"] = serde_json::to_value(&usage)?;
+    if delivery.is_some() || delivery_http.is_some() {
+        report::add_delivery_goals(
+            &mut summary,
+            delivery.as_ref().map(|d| d.events_per_sec),
+            delivery_http.as_ref().map(|d| d.drain_secs),
+        );
+    }
     println!("{}", report::table(&info, &reports, &summary));
     if let Some(d) = &delivery_http {
         println!(
@@ -528,7 +535,27 @@ async fn measure(
     report.phases.at_peak = Some(at_peak.clone());
     drain(t, ctx, report, "at peak").await;
 
-    let half = load::open_loop(t.addr, &workload, conns, peak.rps / 2.0, ctx.duration()).await?;
+    // Each script's own Redis time, sampled a quarter into the phase for a
+    // quarter of it (at most 1 s): the call script's share of script time.
+    let call_script = match t.kind {
+        TargetKind::B => redis::Script::new(targets::BASELINE_B_SCRIPT).get_hash().to_owned(),
+        _ => probe::koogate_call_script(),
+    };
+    let quarter = ctx.duration() / 4;
+    let sampling = async {
+        let r = redis.as_deref_mut()?;
+        tokio::time::sleep(quarter).await;
+        match r.sample_scripts(&call_script, quarter.min(Duration::from_secs(1))).await {
+            Ok(sample) => Some(sample),
+            Err(e) => {
+                eprintln!("   SLOWLOG sample of the scripts skipped ({e:#})");
+                None
+            }
+        }
+    };
+    let (half, sample) =
+        tokio::join!(load::open_loop(t.addr, &workload, conns, peak.rps / 2.0, ctx.duration()), sampling);
+    let half = half?;
     progress("at half peak", &half);
     report.phases.at_half_peak = Some(half.clone());
     drain(t, ctx, report, "at half peak").await;
@@ -549,10 +576,6 @@ async fn measure(
                 None
             }
         };
-        let call_script = match t.kind {
-            TargetKind::B => redis::Script::new(targets::BASELINE_B_SCRIPT).get_hash().to_owned(),
-            _ => probe::koogate_call_script(),
-        };
         report.redis = Some(RedisCommands::new(RedisWindow {
             before: &before,
             after: &after,
@@ -560,6 +583,7 @@ async fn measure(
             redis_cpu_secs: redis_cpu,
             audit,
             call_script: &call_script,
+            sample,
         }));
         if t.kind == TargetKind::Redis {
             let prefix = ctx.settings.prefix_of(t.kind);

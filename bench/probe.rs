@@ -287,6 +287,90 @@ pub struct RedisMemory {
 }
 
 /// SHA1 of the script of koogate's call path (what `redis::Script` sends).
+/// Redis's own timing of each script, sampled with `SLOWLOG` (threshold 0)
+/// for a short window under load: `INFO commandstats` sums every `EVALSHA`
+/// into one figure, and a settle run of hundreds of events is not the same
+/// cost as a call's run. What the sample gives is the call script's share of
+/// the script time, and the mean time of a run of each script.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScriptSample {
+    /// Seconds sampled.
+    pub secs: f64,
+    /// Runs of the call script in the sample, and their mean time (µs).
+    pub call_runs: u64,
+    pub call_usec_per_run: f64,
+    /// Runs of every other script (delivery's settle, …), and their mean time (µs).
+    pub other_runs: u64,
+    pub other_usec_per_run: f64,
+    /// The call script's share of all script time in the sample.
+    pub call_share: f64,
+}
+
+impl RedisProbe {
+    /// Samples `SLOWLOG` for `window` (every command logged), then puts the
+    /// slow-log settings back as they were and empties it.
+    pub async fn sample_scripts(&mut self, call_script: &str, window: Duration) -> anyhow::Result<ScriptSample> {
+        let get = |name: &'static str| redis::cmd("CONFIG").arg("GET").arg(name).clone();
+        let (threshold, max_len): (Vec<String>, Vec<String>) = redis::pipe()
+            .add_command(get("slowlog-log-slower-than"))
+            .add_command(get("slowlog-max-len"))
+            .query_async(&mut self.conn)
+            .await?;
+        let set = |name: &str, value: &str| redis::cmd("CONFIG").arg("SET").arg(name).arg(value).clone();
+        let () = redis::pipe()
+            .add_command(set("slowlog-max-len", "500000"))
+            .ignore()
+            .add_command(redis::cmd("SLOWLOG").arg("RESET").clone())
+            .ignore()
+            .add_command(set("slowlog-log-slower-than", "0"))
+            .ignore()
+            .query_async(&mut self.conn)
+            .await?;
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let restore =
+            |pair: &[String], name: &str, default: &str| set(name, pair.get(1).map_or(default, String::as_str));
+        let () = redis::pipe()
+            .add_command(restore(&threshold, "slowlog-log-slower-than", "10000"))
+            .ignore()
+            .query_async(&mut self.conn)
+            .await?;
+        let secs = started.elapsed().as_secs_f64();
+        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").arg(-1).query_async(&mut self.conn).await?;
+        let () = redis::pipe()
+            .add_command(redis::cmd("SLOWLOG").arg("RESET").clone())
+            .ignore()
+            .add_command(restore(&max_len, "slowlog-max-len", "128"))
+            .ignore()
+            .query_async(&mut self.conn)
+            .await?;
+        let (mut call, mut other) = ((0u64, 0u64), (0u64, 0u64));
+        for entry in &entries {
+            // [id, unix time, duration µs, [command, args…], client, name]
+            let redis::Value::Array(fields) = entry else { continue };
+            let duration = fields.get(2).and_then(|v| redis::from_redis_value::<u64>(v).ok());
+            let args = fields.get(3).and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok());
+            let (Some(duration), Some(args)) = (duration, args) else { continue };
+            if !args.first().is_some_and(|c| c.eq_ignore_ascii_case("evalsha")) {
+                continue;
+            }
+            let bucket = if args.get(1).is_some_and(|sha| sha == call_script) { &mut call } else { &mut other };
+            bucket.0 += 1;
+            bucket.1 += duration;
+        }
+        let mean = |(runs, usec): (u64, u64)| if runs > 0 { usec as f64 / runs as f64 } else { 0.0 };
+        let total = call.1 + other.1;
+        Ok(ScriptSample {
+            secs,
+            call_runs: call.0,
+            call_usec_per_run: mean(call),
+            other_runs: other.0,
+            other_usec_per_run: mean(other),
+            call_share: if total > 0 { call.1 as f64 / total as f64 } else { 0.0 },
+        })
+    }
+}
+
 pub fn koogate_call_script() -> String {
     redis::Script::new(include_str!("../src/store/redis/apply.lua")).get_hash().to_owned()
 }
@@ -320,10 +404,15 @@ pub struct RedisCommands {
     pub evalsha_usec: f64,
     /// Redis time (`INFO commandstats` usec) per call, every command of the window.
     pub usec_per_call: f64,
-    /// The call-path script's share of it: the EVALSHA time times the share of
-    /// EVALSHA runs that were the call's script (the audit tells; assumes both
-    /// kinds of script take the same mean time), per call.
+    /// The call-path script's share of it, per call: the EVALSHA time times
+    /// the call script's share of script time in the `SLOWLOG` sample (without
+    /// a sample: its share of EVALSHA runs, as if every script took the same
+    /// mean time, which overstates it: a settle run covers many events).
     pub call_script_usec_per_call: f64,
+    /// How the call script's share was found: "slowlog sample" or "share of runs".
+    pub call_script_share_from: &'static str,
+    /// The `SLOWLOG` sample of each script's own timing.
+    pub script_sample: Option<ScriptSample>,
     /// The rest: the outbox forwarder's commands and scripts (delivery), per call.
     pub delivery_usec_per_call: f64,
     /// redis-server CPU (user + system) per 10k accepted calls, when Redis runs here.
@@ -347,6 +436,8 @@ pub struct RedisWindow<'a> {
     pub audit: Option<(MonitorCounts, u64)>,
     /// SHA1 of the call-path script.
     pub call_script: &'a str,
+    /// Each script's own timing, sampled under load.
+    pub sample: Option<ScriptSample>,
 }
 
 impl RedisCommands {
@@ -391,7 +482,12 @@ impl RedisCommands {
         };
         let all = per(total as f64);
         // The call script's runs among all EVALSHA runs (1 without an audit: every script is the call's).
-        let call_share = if evalsha > 0 { (round_trips * accepted as f64 / evalsha as f64).min(1.0) } else { 0.0 };
+        let runs_share = if evalsha > 0 { (round_trips * accepted as f64 / evalsha as f64).min(1.0) } else { 0.0 };
+        let sampled = w.sample.as_ref().filter(|s| s.call_runs > 0);
+        let (call_share, call_script_share_from) = match sampled {
+            Some(s) => (s.call_share, "slowlog sample"),
+            None => (runs_share, "share of runs"),
+        };
         let call_script_usec = per(script_usec as f64 * call_share);
         let (audit, audit_calls) = match w.audit {
             Some((m, n)) => (Some(m), n),
@@ -410,6 +506,8 @@ impl RedisCommands {
             redis_cpu_secs_per_10k_calls: w.redis_cpu_secs.map(|s| per_10k(s, accepted)),
             usec_per_call: per(all_usec as f64),
             call_script_usec_per_call: call_script_usec,
+            call_script_share_from,
+            script_sample: w.sample.clone(),
             delivery_usec_per_call: (per(all_usec as f64) - call_script_usec).max(0.0),
             per_command,
             audit,
