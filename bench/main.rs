@@ -535,27 +535,7 @@ async fn measure(
     report.phases.at_peak = Some(at_peak.clone());
     drain(t, ctx, report, "at peak").await;
 
-    // Each script's own Redis time, sampled a quarter into the phase for a
-    // quarter of it (at most 1 s): the call script's share of script time.
-    let call_script = match t.kind {
-        TargetKind::B => redis::Script::new(targets::BASELINE_B_SCRIPT).get_hash().to_owned(),
-        _ => probe::koogate_call_script(),
-    };
-    let quarter = ctx.duration() / 4;
-    let sampling = async {
-        let r = redis.as_deref_mut()?;
-        tokio::time::sleep(quarter).await;
-        match r.sample_scripts(&call_script, quarter.min(Duration::from_secs(1))).await {
-            Ok(sample) => Some(sample),
-            Err(e) => {
-                eprintln!("   SLOWLOG sample of the scripts skipped ({e:#})");
-                None
-            }
-        }
-    };
-    let (half, sample) =
-        tokio::join!(load::open_loop(t.addr, &workload, conns, peak.rps / 2.0, ctx.duration()), sampling);
-    let half = half?;
+    let half = load::open_loop(t.addr, &workload, conns, peak.rps / 2.0, ctx.duration()).await?;
     progress("at half peak", &half);
     report.phases.at_half_peak = Some(half.clone());
     drain(t, ctx, report, "at half peak").await;
@@ -566,9 +546,14 @@ async fn measure(
     if let Some(share) = cpu.background_share.filter(|s| *s > 0.1) {
         eprintln!("   warning: other processes used {:.0}% of the CPU meanwhile; figures disturbed", share * 100.0);
     }
+    let call_script = match t.kind {
+        TargetKind::B => redis::Script::new(targets::BASELINE_B_SCRIPT).get_hash().to_owned(),
+        _ => probe::koogate_call_script(),
+    };
     if let (Some(r), Some(before)) = (redis, redis_before) {
         let after = r.commandstats().await?;
         let redis_cpu = cpu.redis_secs;
+        let sample = sample_scripts(t, ctx, (&workload, conns, peak.rps / 2.0), r, &call_script).await;
         let audit = match audit_redis_commands(t, ctx, &workload, r).await {
             Ok(a) => Some(a),
             Err(e) => {
@@ -675,6 +660,32 @@ async fn profile_peak(
 /// A short closed-loop run under `MONITOR` (after the measured phases: MONITOR
 /// slows Redis down), telling the commands a script runs from those a client
 /// sends. Returns the counts and the calls accepted meanwhile.
+/// Each script's own Redis time, from `SLOWLOG` (every command logged, which
+/// slows Redis: so in a phase of its own after the measured ones), under load
+/// at `rate` for a quarter of a phase (at most 1 s, after as long a lead-in).
+async fn sample_scripts(
+    t: &Target,
+    ctx: &Ctx,
+    (workload, conns, rate): (&Arc<Workload>, usize, f64),
+    r: &mut RedisProbe,
+    call_script: &str,
+) -> Option<probe::ScriptSample> {
+    let window = (ctx.duration() / 4).min(Duration::from_secs(1));
+    let sampling = async {
+        tokio::time::sleep(window).await;
+        r.sample_scripts(call_script, window).await
+    };
+    let (load, sample) = tokio::join!(load::open_loop(t.addr, workload, conns, rate, window * 3), sampling);
+    drain(t, ctx, &mut TargetReport::default(), "SLOWLOG sample").await;
+    match (load, sample) {
+        (Ok(_), Ok(sample)) => Some(sample),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("   SLOWLOG sample of the scripts skipped ({e:#})");
+            None
+        }
+    }
+}
+
 async fn audit_redis_commands(
     t: &Target,
     ctx: &Ctx,
