@@ -12,7 +12,9 @@
 --   n, n field/value pairs for the subject (when the branch has an event, the
 --   last pair is 'seq', '' and gets the new sequence number),
 --   m, m field/value pairs for the order,
---   '0' (no event) or '1', type, occurred_at, test ('0'/'1'), change (JSON)
+--   '0' (no event) or '1', type, occurred_at, test ('0'/'1'), change (JSON),
+--   snapshot: the record as the outbox keeps it when the branch creates it
+--   (status '' branch; '' otherwise), stored as it is when no record existed
 -- Replies: {'replay'} | {'kept', code .. answer} | {'read', records...}
 --        | {'applied', branch number (1-based), seq of the event or 0, prior status}
 -- Every key shares one hash tag, so this runs on Redis Cluster too.
@@ -47,7 +49,7 @@ if not kept and not read then
     local e = i + 4 + 2 * n + 2 * m
     i = e + 1
     if ARGV[e] == '1' then
-      i = i + 4
+      i = i + 5
     end
   end
   if at == 0 then
@@ -80,6 +82,9 @@ local m = tonumber(ARGV[set_to + 1])
 local order_from, order_to = set_to + 2, set_to + 1 + 2 * m
 local e = order_to + 1
 local event = ARGV[e] == '1'
+-- A record this branch creates is exactly its fields: the gateway sent the
+-- snapshot encoded, so it is neither read back nor encoded here.
+local created = event and ARGV[e + 5] ~= '' and redis.call('EXISTS', KEYS[3]) == 0
 if event then
   seq = seq + 1
   ARGV[set_to] = tostring(seq)
@@ -93,7 +98,7 @@ end
 
 if event then
   -- The record right after the transition, as HGETALL's flat field/value list.
-  local fields = cjson.encode(redis.call('HGETALL', KEYS[3]))
+  local fields = created and ARGV[e + 5] or cjson.encode(redis.call('HGETALL', KEYS[3]))
   redis.call('XADD', KEYS[5], '*',
     'id', 'evt_' .. ARGV[5] .. '_' .. seq,
     'type', ARGV[e + 1],

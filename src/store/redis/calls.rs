@@ -11,7 +11,7 @@ use super::{bytes, record_of, Conn, RedisStore};
 use crate::domain::field;
 use crate::store::keys::instance_shard;
 use crate::store::plan::event_id;
-use crate::store::{CallStore, Outcome, Plan, Record, Redeem, StoreError};
+use crate::store::{Branch, CallStore, Outcome, Plan, Record, Redeem, StoreError};
 
 pub(super) struct Scripts {
     apply: Script,
@@ -68,10 +68,30 @@ fn plan_args(plan: &Plan) -> Vec<Vec<u8>> {
                 args.push(event.occurred_at.clone().into_bytes());
                 args.push(if event.test { "1" } else { "0" }.into());
                 args.push(event.change.clone().into_bytes());
+                args.push(new_record_snapshot(status, branch));
             }
         }
     }
     args
+}
+
+/// The event's record snapshot when this branch creates the record (the
+/// branch of no status, applied where no record exists): its fields as
+/// `HGETALL` would list them after the script's `HSET`, sequence 1 included,
+/// as the JSON array the outbox keeps; the script stores it as it is, where
+/// it would otherwise read the record back and encode it. Empty for other
+/// branches (the script then reads the record, as it does when one exists).
+fn new_record_snapshot(status: &str, branch: &Branch) -> Vec<u8> {
+    if !status.is_empty() {
+        return Vec::new();
+    }
+    let mut flat: Vec<&str> = Vec::with_capacity(branch.set.len() * 2 + 2);
+    for (k, v) in &branch.set {
+        flat.push(k);
+        flat.push(v);
+    }
+    flat.extend([field::SEQ, "1"]);
+    serde_json::to_vec(&flat).unwrap_or_default()
 }
 
 /// Turns the script's reply into an [`Outcome`]; an applied branch's answer
