@@ -249,3 +249,32 @@ impl CallStore for RedisStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_branch_that_creates_the_record_carries_its_snapshot() {
+        let mut branch = Branch {
+            code: "000000".into(),
+            answer: "{}".into(),
+            keep: true,
+            set: Record::new(),
+            order_set: Record::new(),
+            event: None,
+        };
+        branch.set.insert(field::STATUS.into(), "active".into());
+        branch.set.insert(field::ORDER_ID.into(), "CS1".into());
+        let snapshot: Vec<String> = serde_json::from_slice(&new_record_snapshot("", &branch)).unwrap();
+        // The record as HGETALL lists it after the script's HSET: every field once, seq 1.
+        let mut pairs: Vec<(String, String)> = snapshot.chunks(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect();
+        pairs.sort();
+        assert_eq!(
+            pairs,
+            [("order_id".into(), "CS1".into()), ("seq".into(), "1".into()), ("status".into(), "active".into())]
+        );
+        assert!(new_record_snapshot("active", &branch).is_empty());
+        assert!(new_record_snapshot("*", &branch).is_empty());
+    }
+}
