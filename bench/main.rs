@@ -657,9 +657,6 @@ async fn profile_peak(
     Ok(Some((stats, profile)))
 }
 
-/// A short closed-loop run under `MONITOR` (after the measured phases: MONITOR
-/// slows Redis down), telling the commands a script runs from those a client
-/// sends. Returns the counts and the calls accepted meanwhile.
 /// Each script's own Redis time, from `SLOWLOG` (every command logged, which
 /// slows Redis: so in a phase of its own after the measured ones), under load
 /// at `rate` for a quarter of a phase (at most 1 s, after as long a lead-in).
@@ -686,6 +683,9 @@ async fn sample_scripts(
     }
 }
 
+/// A short closed-loop run under `MONITOR` (after the measured phases: MONITOR
+/// slows Redis down), telling the commands a script runs from those a client
+/// sends. Returns the counts and the calls accepted meanwhile.
 async fn audit_redis_commands(
     t: &Target,
     ctx: &Ctx,

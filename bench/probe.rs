@@ -330,11 +330,7 @@ impl RedisProbe {
         tokio::time::sleep(window).await;
         let restore =
             |pair: &[String], name: &str, default: &str| set(name, pair.get(1).map_or(default, String::as_str));
-        let () = redis::pipe()
-            .add_command(restore(&threshold, "slowlog-log-slower-than", "10000"))
-            .ignore()
-            .query_async(&mut self.conn)
-            .await?;
+        let () = restore(&threshold, "slowlog-log-slower-than", "10000").query_async(&mut self.conn).await?;
         let secs = started.elapsed().as_secs_f64();
         let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").arg(-1).query_async(&mut self.conn).await?;
         let () = redis::pipe()
