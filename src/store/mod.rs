@@ -184,8 +184,9 @@ pub trait Outbox {
 ///
 /// Redis: the kept event under its own key (`hist:<event id>`, `PEXPIRE`d),
 /// indexed by sorted sets of its shard (by time, trimmed by `ZREMRANGEBYSCORE`
-/// once per settle batch; per instance and per order id, each expiring a
-/// retention after its newest member; reads skip members past the cutoff).
+/// once per settle batch; per order id, each expiring a retention after its
+/// newest member; reads skip members past the cutoff); an instance's events
+/// are found by their ids, `evt_<instance>_<1..seq>`, without an index.
 /// Embedded: a table by event id and index tables keyed by time, pruned in
 /// the settle transaction (a bounded number per transaction) and at open.
 #[async_trait]

@@ -91,18 +91,15 @@ impl History for RedisStore {
         if max.is_some_and(|max| max < min) {
             return Ok(Vec::new());
         }
-        if let HistoryIndex::Instance(id) = &query.index {
-            return self.instance_history(id, (min, max), query.limit).await;
-        }
-        let max = max.map_or_else(|| "+inf".to_owned(), |m| m.to_string());
+        let top = max.map_or_else(|| "+inf".to_owned(), |m| m.to_string());
         let range = |key: String| {
             let mut cmd = redis::cmd("ZREVRANGEBYSCORE");
-            cmd.arg(key).arg(&max).arg(min).arg("WITHSCORES").arg("LIMIT").arg(0).arg(query.limit);
+            cmd.arg(key).arg(&top).arg(min).arg("WITHSCORES").arg("LIMIT").arg(0).arg(query.limit);
             cmd
         };
         let cmds = match &query.index {
             HistoryIndex::All => every_shard(|shard| range(self.keys.history_by_time(shard))),
-            HistoryIndex::Instance(_) => Vec::new(), // read above
+            HistoryIndex::Instance(id) => return self.instance_history(id, (min, max), query.limit).await,
             HistoryIndex::Order(order) => every_shard(|shard| range(self.keys.history_by_order(shard, order))),
         };
         let replies: Vec<Vec<(String, f64)>> = self.query_all(cmds).await?;
