@@ -61,14 +61,16 @@ impl RedisStore {
         }
         Ok(out)
     }
-}
 
-impl RedisStore {
     /// One settle.lua run over groups of one shard each (the layout is
-    /// described at the top of the script).
-    fn settle_run(&self, run: &[(u8, &[&Settle<'_>])]) -> Result<redis::ScriptInvocation<'_>, StoreError> {
-        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
+    /// described at the top of the script), with the retention (ms) and the
+    /// history's cutoff (UNIX ms) of the whole batch.
+    fn settle_run(
+        &self,
+        run: &[(u8, &[&Settle<'_>])],
+        retention: u64,
+        cutoff: i64,
+    ) -> Result<redis::ScriptInvocation<'_>, StoreError> {
         let mut invocation = self.outbox.settle.prepare_invoke();
         invocation.arg(GROUP).arg(retention).arg(cutoff);
         for &(shard, group) in run {
@@ -293,7 +295,10 @@ impl Outbox for RedisStore {
                 size += chunk.len();
             }
         }
-        let invocations = runs.iter().map(|run| self.settle_run(run)).collect::<Result<Vec<_>, _>>()?;
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = retention_cutoff(chrono::Utc::now().timestamp_millis(), self.retention);
+        let invocations =
+            runs.iter().map(|run| self.settle_run(run, retention, cutoff)).collect::<Result<Vec<_>, _>>()?;
         let calls = invocations.iter().map(|invocation| {
             let mut conn = self.conn.clone();
             async move { invocation.invoke_async::<i64>(&mut conn).await }
