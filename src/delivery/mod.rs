@@ -334,11 +334,12 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 // Only a redriven entry, or one taken over from another consumer,
                 // can have attempts on record: an entry read for the first time
                 // was never tried (attempts are kept only once an entry is claimed).
-                let asked: Vec<OutboxEntry> = claimed.iter().filter(|e| takeover || e.redrive).cloned().collect();
+                let may_have_attempts = |e: &OutboxEntry| takeover || e.redrive;
+                let asked: Vec<OutboxEntry> = claimed.iter().filter(|e| may_have_attempts(e)).cloned().collect();
                 let mut recorded = self.store.attempts(&asked).await?.into_iter();
                 let attempts: Vec<Option<Attempts>> = claimed
                     .iter()
-                    .map(|e| if takeover || e.redrive { recorded.next().flatten() } else { None })
+                    .map(|e| if may_have_attempts(e) { recorded.next().flatten() } else { None })
                     .collect();
                 for (entry, attempts) in claimed.into_iter().zip(attempts) {
                     let (subject, seq) = entry.subject_seq();
