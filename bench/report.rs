@@ -203,6 +203,8 @@ pub fn build(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>) -> Val
             "delivery": r.delivery_usec_per_call,
             "all": r.usec_per_call,
             "redis_cpu": r.redis_cpu_secs_per_10k_calls.map(|s| s / 10_000.0 * 1e6),
+            "call_script_run": r.script_sample.as_ref().map(|s| s.call_usec_per_run),
+            "settle_per_event": r.script_sample.as_ref().map(|s| s.other_usec_per_settled_event),
         })
     });
     let profile_groups = |r: Option<&TargetReport>| {
@@ -403,11 +405,12 @@ pub fn table(run: &RunInfo, reports: &BTreeMap<TargetKind, TargetReport>, summar
         ));
         if let Some(s) = &r.script_sample {
             out.push_str(&format!(
-                "{:<46} {:>16}   ({} / {} runs in {:.1} s, SLOWLOG)\n",
-                "Redis µs per script run: call / other scripts",
-                format!("{:.1} / {:.1}", s.call_usec_per_run, s.other_usec_per_run),
+                "{:<46} {:>16}   ({} / {} runs, {} events settled in {:.1} s, SLOWLOG)\n",
+                "Redis µs per call-script run / settled event",
+                format!("{:.1} / {:.1}", s.call_usec_per_run, s.other_usec_per_settled_event),
                 s.call_runs,
                 s.other_runs,
+                s.settled_events,
                 s.secs
             ));
         }
