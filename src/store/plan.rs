@@ -193,6 +193,18 @@ pub fn entry_order_ids(entry: &OutboxEntry) -> Vec<&str> {
     out
 }
 
+/// The order id a delivered event is indexed under on Redis, when it has one
+/// to index: the transition's `order_id` unless it is the purchase order of
+/// the record. A purchase order's events need no index: its order record
+/// names each line's instance (`line:…` fields, written when the instance is
+/// created, and the record's `order_id` is never changed afterwards), and
+/// every event of those instances names that purchase order.
+pub fn entry_indexed_order_id(entry: &OutboxEntry) -> Option<&str> {
+    let transition = entry.change.get("order_id").and_then(serde_json::Value::as_str)?;
+    let purchase = entry.record.get(crate::domain::field::ORDER_ID).map(String::as_str);
+    (purchase != Some(transition)).then_some(transition)
+}
+
 /// An event that was given up on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -217,6 +229,34 @@ pub enum Redeem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry_with(purchase: Option<&str>, change: serde_json::Value) -> OutboxEntry {
+        OutboxEntry {
+            cursor: "1".into(),
+            shard: 0,
+            id: "evt_i-1_2".into(),
+            kind: "subscription.renewed".into(),
+            occurred_at: "2026-11-26T00:00:00.000Z".into(),
+            test: false,
+            record: purchase.map(|o| (crate::domain::field::ORDER_ID.to_owned(), o.to_owned())).into_iter().collect(),
+            change: change.as_object().cloned().unwrap_or_default(),
+            redrive: false,
+        }
+    }
+
+    #[test]
+    fn only_an_order_other_than_the_purchase_is_indexed() {
+        let renewal = entry_with(Some("CS1"), serde_json::json!({"order_id": "CS2"}));
+        assert_eq!(entry_indexed_order_id(&renewal), Some("CS2"));
+        assert_eq!(entry_order_ids(&renewal), ["CS2", "CS1"]);
+        // A purchase, or an expiry naming the purchase order: found through the order record.
+        let purchase = entry_with(Some("CS1"), serde_json::json!({"order_id": "CS1"}));
+        assert_eq!(entry_indexed_order_id(&purchase), None);
+        // A freeze names no order.
+        assert_eq!(entry_indexed_order_id(&entry_with(Some("CS1"), serde_json::json!({}))), None);
+        // A record without a purchase order (none is written so, but) keeps the transition's index.
+        assert_eq!(entry_indexed_order_id(&entry_with(None, serde_json::json!({"order_id": "CS3"}))), Some("CS3"));
+    }
 
     #[test]
     fn the_attempt_log_keeps_the_most_recent_twenty() {

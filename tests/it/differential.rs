@@ -893,7 +893,10 @@ impl Run {
             let e = self.embedded.history_list(&q).await.unwrap();
             self.same(&format!("history_list(instance {id})"), without_history_cursors(r), without_history_cursors(e));
         }
-        for order in self.pool.orders.clone().iter().take(4) {
+        // Purchase orders (found through their lines' instances on Redis) and
+        // the renewal and upgrade orders (found through their own index).
+        let renewals = (0..3).flat_map(|i| [format!("CSDIFFRENEW{i:07}"), format!("CSDIFF1RENEW{i:06}")]);
+        for order in self.pool.orders.clone().into_iter().chain(renewals) {
             let q = query(HistoryIndex::Order(order.clone()));
             let r = self.redis.history_list(&q).await.unwrap();
             let e = self.embedded.history_list(&q).await.unwrap();

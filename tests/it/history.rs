@@ -435,7 +435,8 @@ fn delivered(instance: &str, seq: u64, at_ms: i64) -> koogate::store::Delivered 
         occurred_at: rfc3339(at_ms - 5),
         test: false,
         record: [("order_id".to_owned(), format!("CSPRUNE{seq}"))].into_iter().collect(),
-        change: serde_json::Map::new(),
+        // A renewal order's: on Redis the only order id with an index of its own.
+        change: serde_json::Map::from_iter([("order_id".to_owned(), serde_json::json!(format!("CSPRUNERENEW{seq}")))]),
         redrive: false,
     };
     koogate::store::Delivered { entry, attempts: Default::default(), delivered_at_ms: at_ms }
@@ -476,16 +477,21 @@ async fn history_past_the_retention_is_pruned() {
     let mut conn = redis_conn(REDIS_URL).await;
     let shard = fresh.entry.shard;
     let fresh_id = vec![fresh.entry.id.clone()];
-    for index in [keys.history_by_time(shard), keys.history_by_order(shard, "CSPRUNE2")] {
+    for index in [keys.history_by_time(shard), keys.history_by_order(shard, "CSPRUNERENEW2")] {
         let members: Vec<String> =
             redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
         assert_eq!(members, fresh_id, "{index}");
         let ttl: i64 = redis::cmd("PTTL").arg(&index).query_async(&mut conn).await.unwrap();
         assert!(index.ends_with(":hist:time") || (1..=30_000).contains(&ttl), "{index} expires: {ttl}");
     }
-    let emptied = keys.history_by_order(shard, "CSPRUNE1");
+    let emptied = keys.history_by_order(shard, "CSPRUNERENEW1");
     let exists: i64 = redis::cmd("EXISTS").arg(&emptied).query_async(&mut conn).await.unwrap();
     assert_eq!(exists, 0, "the old event's order index was never written");
+    let purchase = keys.history_by_order(shard, "CSPRUNE2");
+    let exists: i64 = redis::cmd("EXISTS").arg(&purchase).query_async(&mut conn).await.unwrap();
+    assert_eq!(exists, 0, "a purchase order is found through its order record, not an index");
+    let by_order = koogate::store::HistoryQuery { index: HistoryIndex::Order("CSPRUNERENEW2".into()), ..all(10) };
+    assert_eq!(s.history_list(&by_order).await.unwrap(), std::slice::from_ref(&fresh));
     delete_prefix(REDIS_URL, &prefix).await;
 }
 

@@ -86,10 +86,9 @@ impl RedisStore {
                 let kept = s.delivered.filter(|_| retention > 0);
                 let history = kept.map(to_json).transpose()?.unwrap_or_default();
                 let record = self.keys.instance(subject);
-                let orders = crate::store::plan::entry_order_ids(s.entry);
-                let by_order =
-                    |i: usize| orders.get(i).map_or_else(|| record.clone(), |o| self.keys.history_by_order(shard, o));
-                invocation.key(&record).key(self.keys.history(&s.entry.id)).key(by_order(0)).key(by_order(1));
+                let order = crate::store::plan::entry_indexed_order_id(s.entry);
+                let by_order = order.map_or_else(|| record.clone(), |o| self.keys.history_by_order(shard, o));
+                invocation.key(&record).key(self.keys.history(&s.entry.id)).key(by_order);
                 invocation
                     .arg(&s.entry.id)
                     .arg(seq)
@@ -97,7 +96,7 @@ impl RedisStore {
                     .arg(dead)
                     .arg(history)
                     .arg(kept.map_or(0, |d| d.delivered_at_ms))
-                    .arg(orders.len());
+                    .arg(u8::from(order.is_some()));
             }
         }
         Ok(invocation)

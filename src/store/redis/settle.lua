@@ -5,16 +5,19 @@
 -- ARGV[3] cutoff (UNIX ms: older history is trimmed)
 -- then per group: its number of events n, then seven per event: event id, seq,
 -- stream entry id, dead letter JSON ('' when not dead), history JSON ('' when
--- not delivered now), delivered at (UNIX ms), number of order ids (0 to 2).
+-- not delivered now), delivered at (UNIX ms), '1' when the event has an
+-- order index to write, else '0'.
 -- KEYS, per group: outbox stream, attempts hash, dead-letter hash, history by
--- time (zset); then four per event: its instance record, its history key, and
--- two order history indexes (the transition's order id and the purchase order
--- id; when there are fewer, the slots left repeat the record key, unused).
+-- time (zset); then three per event: its instance record, its history key,
+-- and its order index (the transition's order id when it is not the record's
+-- purchase order, src/store/plan.rs `entry_indexed_order_id`; without one,
+-- the slot repeats the record key, unused).
 -- Per event: the instance's delivered_seq advances (never goes back), a dead
 -- letter is kept, a delivered event not already past the cutoff is kept in the
--- history (expiring with the retention, indexed by time and order). An
--- instance's history needs no index: its event ids are evt_<instance>_<seq>,
--- seq 1 to the record's seq (src/store/redis/history.rs).
+-- history (expiring with the retention, indexed by time and that order id).
+-- An instance's history needs no index: its event ids are evt_<instance>_<seq>,
+-- seq 1 to the record's seq; a purchase order's events are its lines'
+-- instances' events (src/store/redis/history.rs).
 -- Per group: the time index trimmed of what is past the cutoff, then one HDEL,
 -- XACK and XDEL for the whole group.
 local retention = tonumber(ARGV[2])
@@ -42,18 +45,17 @@ while a <= #ARGV do
       redis.call('SET', KEYS[k + 1], ARGV[a + 4], 'PX', retention)
       redis.call('ZADD', time, at, ARGV[a])
       -- An order's index is not trimmed here: it holds that order's few
-      -- lifecycle events, expires a retention after its newest, and reads skip
-      -- members past the cutoff. (The purchase order is most often the
-      -- transition's own: its id is passed once.)
-      for j = 2, 1 + tonumber(ARGV[a + 6]) do
-        redis.call('ZADD', KEYS[k + j], at, ARGV[a])
-        redis.call('PEXPIRE', KEYS[k + j], retention)
+      -- events, expires a retention after its newest, and reads skip members
+      -- past the cutoff.
+      if ARGV[a + 6] == '1' then
+        redis.call('ZADD', KEYS[k + 2], at, ARGV[a])
+        redis.call('PEXPIRE', KEYS[k + 2], retention)
       end
     end
     ids[i] = ARGV[a]
     cursors[i] = ARGV[a + 2]
     a = a + 7
-    k = k + 4
+    k = k + 3
   end
   redis.call('ZREMRANGEBYSCORE', time, '-inf', cutoff)
   if n > 0 then
