@@ -118,10 +118,17 @@ fn attempt_record(report: &Report, now_ms: i64, took: Duration) -> AttemptRecord
 
 /// An event this replica holds.
 struct Held {
-    entry: OutboxEntry,
+    /// Shared with its delivery task while one is in flight (no copy per attempt).
+    entry: Arc<OutboxEntry>,
     attempts: Attempts,
     /// When it became the head of its instance and started waiting for a predecessor.
     waiting_since: Option<Instant>,
+}
+
+/// The event of a held entry, taken out of its `Arc`: copied only when a
+/// delivery task still holds it (it never does once its outcome is in).
+fn unshared(entry: Arc<OutboxEntry>) -> OutboxEntry {
+    Arc::try_unwrap(entry).unwrap_or_else(|shared| OutboxEntry::clone(&shared))
 }
 
 /// The delivery loop of one replica. It uses two roles of the store: the
@@ -229,7 +236,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
         // Not `target`: the JSON log line has a `target` key of its own (the module).
         tracing::info!(consumer = %self.consumer, destination = ?self.sink.name(), "delivery started");
-        let mut inflight: JoinSet<(OutboxEntry, Attempt, Duration)> = JoinSet::new();
+        let mut inflight: JoinSet<(Arc<OutboxEntry>, Attempt, Duration)> = JoinSet::new();
         let mut last_touch = Instant::now();
         let mut last_gauges = Instant::now() - GAUGES_EVERY;
         let mut store_backoff = TICK;
@@ -258,7 +265,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             };
             if last_touch.elapsed() >= self.settings.visibility / 3 {
                 let entries: Vec<OutboxEntry> =
-                    self.held.values().flat_map(|m| m.values().map(|h| h.entry.clone())).collect();
+                    self.held.values().flat_map(|m| m.values().map(|h| OutboxEntry::clone(&h.entry))).collect();
                 if let Err(e) = self.store.outbox_touch(&self.consumer, &entries).await {
                     tracing::warn!(error = %e, "delivery: could not refresh claims");
                 }
@@ -315,7 +322,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     }
 
     /// Claims more events when there is room, then starts every delivery that may go.
-    async fn round(&mut self, inflight: &mut JoinSet<(OutboxEntry, Attempt, Duration)>) -> Result<(), StoreError> {
+    async fn round(&mut self, inflight: &mut JoinSet<(Arc<OutboxEntry>, Attempt, Duration)>) -> Result<(), StoreError> {
         // Ask the outbox again after a full batch at once, else at most every tick; look for
         // a dead replica's events every third of the visibility timeout.
         let due = match self.last_claim {
@@ -345,7 +352,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                     let (subject, seq) = entry.subject_seq();
                     let slot = self.held.entry(subject.to_owned()).or_default();
                     slot.entry(seq).or_insert(Held {
-                        entry,
+                        entry: Arc::new(entry),
                         attempts: attempts.unwrap_or_default(),
                         waiting_since: None,
                     });
@@ -429,9 +436,9 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             let Some((&seq, head)) = queue.iter_mut().next() else { continue };
             if !head.entry.redrive && seq <= done {
                 // Settled before (a stale claim of an event another replica finished).
-                let entry = head.entry.clone();
-                queue.remove(&seq);
-                self.to_settle.push(Leaving::Skipped(entry));
+                if let Some(held) = queue.remove(&seq) {
+                    self.to_settle.push(Leaving::Skipped(unshared(held.entry)));
+                }
                 continue;
             }
             if !head.entry.redrive && seq > done + 1 {
@@ -444,16 +451,18 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
             if head.attempts.next_attempt_ms > now {
                 continue;
             }
-            let entry = head.entry.clone();
-            if entry.test && !self.settings.forward_test {
-                queue.remove(&seq);
+            if head.entry.test && !self.settings.forward_test {
+                let held = queue.remove(&seq);
                 if queue.is_empty() {
                     self.held.remove(&subject);
                 }
-                self.to_settle.push(Leaving::Skipped(entry));
+                if let Some(held) = held {
+                    self.to_settle.push(Leaving::Skipped(unshared(held.entry)));
+                }
                 m::delivery_attempt("skipped_test");
                 continue;
             }
+            let entry = Arc::clone(&head.entry);
             self.busy.insert(subject);
             let sink = Arc::clone(&self.sink);
             let enricher = self.enricher.clone();
@@ -465,7 +474,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                 // without it the event goes as it is, uncopied.
                 let mut enriched = None;
                 if let Some(enricher) = &enricher {
-                    let mut outgoing = entry.clone();
+                    let mut outgoing = OutboxEntry::clone(&entry);
                     let completed = if Enricher::needs(&outgoing) {
                         enricher.enrich(&mut outgoing).await
                     } else {
@@ -492,14 +501,17 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
     }
 
     /// Records an attempt's outcome.
-    async fn finish(&mut self, entry: OutboxEntry, attempt: Attempt, took: Duration) {
+    async fn finish(&mut self, entry: Arc<OutboxEntry>, attempt: Attempt, took: Duration) {
         let (subject, seq) = entry.subject_seq();
         let subject = subject.to_owned();
+        drop(entry); // the held one is the same event: it leaves unshared, without a copy
         self.busy.remove(&subject);
         m::delivery_duration(took);
         let Some(held) = self.held.get_mut(&subject).and_then(|q| q.remove(&seq)) else { return };
-        // The held copy leaves the worker here (settled, dead-lettered or held again): moved, not cloned.
-        let Held { entry: event, mut attempts, .. } = held;
+        // The held event leaves the worker here (settled, dead-lettered or held again): moved, not cloned.
+        let Held { entry: shared, mut attempts, .. } = held;
+        let event = unshared(shared);
+        let event_id = event.id.clone();
         let now = now_ms();
         if attempts.attempts == 0 {
             attempts.first_attempt_ms = now;
@@ -509,10 +521,10 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         let result = match attempt.result {
             Ok(()) => {
                 m::delivery_attempt("delivered");
-                if let Some(t) = occurred_ms(&entry) {
+                if let Some(t) = occurred_ms(&event) {
                     m::delivery_lag(Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
                 }
-                tracing::debug!(event_id = %entry.id, attempts = attempts.attempts, "delivered");
+                tracing::debug!(event_id = %event.id, attempts = attempts.attempts, "delivered");
                 attempts.next_attempt_ms = 0;
                 self.to_settle.push(Leaving::Delivered(Delivered { entry: event, attempts, delivered_at_ms: now }));
                 self.busy.insert(subject.clone()); // until settled
@@ -535,12 +547,12 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
                         |a| a.min(self.settings.schedule.max),
                     );
                     attempts.next_attempt_ms = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-                    tracing::warn!(event_id = %entry.id, attempt = attempts.attempts, retry_in_ms = delay.as_millis() as u64, %error, "delivery failed; will retry");
-                    let stored = self.store.record_attempt(&entry, &attempts).await;
+                    tracing::warn!(event_id = %event.id, attempt = attempts.attempts, retry_in_ms = delay.as_millis() as u64, %error, "delivery failed; will retry");
+                    let stored = self.store.record_attempt(&event, &attempts).await;
                     self.held
                         .entry(subject.clone())
                         .or_default()
-                        .insert(seq, Held { entry: event, attempts, waiting_since: None });
+                        .insert(seq, Held { entry: Arc::new(event), attempts, waiting_since: None });
                     stored
                 }
             }
@@ -550,7 +562,7 @@ impl<S: Outbox + AccountIndex + Send + Sync + ?Sized + 'static> Worker<S> {
         }
         if let Err(e) = result {
             // The entry stays in the outbox (claimed): it is retried after the visibility timeout.
-            tracing::error!(event_id = %entry.id, error = %e, "delivery: could not record the outcome; the event will be tried again");
+            tracing::error!(%event_id, error = %e, "delivery: could not record the outcome; the event will be tried again");
         }
     }
 
