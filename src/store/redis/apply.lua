@@ -2,7 +2,7 @@
 -- KEYS[1] nonce   KEYS[2] kept answer   KEYS[3] subject instance
 -- KEYS[4] order   KEYS[5] outbox stream  KEYS[6] legacy kept answer (read only)
 -- KEYS[7..] records to read
--- The plan comes as flat arguments (src/store/redis/calls.rs `plan_args`), so
+-- The plan comes as flat arguments (src/store/redis/calls.rs `write_plan_args`), so
 -- nothing is decoded here and field lists go to HSET as they are:
 -- ARGV[1] nonce ('' = none)  ARGV[2] nonce TTL (s)
 -- ARGV[3] dedup: '0' none, '1' KEYS[2], '2' KEYS[2] then KEYS[6]

@@ -5,13 +5,16 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use redis::{Script, Value};
+use redis::{Cmd, Script, Value};
 
 use super::{bytes, record_of, Conn, RedisStore};
 use crate::domain::field;
 use crate::store::keys::instance_shard;
 use crate::store::plan::event_id;
 use crate::store::{Branch, CallStore, Outcome, Plan, Record, Redeem, StoreError};
+
+/// The call path's script; sent as `EVALSHA` by [`CallStore::apply`].
+const APPLY: &str = include_str!("apply.lua");
 
 pub(super) struct Scripts {
     apply: Script,
@@ -20,59 +23,56 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Self {
-        Self { apply: Script::new(include_str!("apply.lua")), redeem: Script::new(include_str!("redeem.lua")) }
+        Self { apply: Script::new(APPLY), redeem: Script::new(include_str!("redeem.lua")) }
     }
 }
 
-/// The plan as `apply.lua`'s flat arguments (the layout is described at the
-/// top of the script): no JSON for the script to decode, and each branch's
-/// field lists in the order `HSET` takes them.
-fn plan_args(plan: &Plan) -> Vec<Vec<u8>> {
-    let mut args: Vec<Vec<u8>> = Vec::with_capacity(8 + plan.branches.len() * 16);
-    args.push(plan.nonce.clone().unwrap_or_default().into_bytes());
-    args.push(plan.nonce_ttl_secs.to_string().into_bytes());
+/// Writes the plan as `apply.lua`'s flat arguments (the layout is described
+/// at the top of the script) straight into the command: no JSON for the
+/// script to decode, each branch's field lists in the order `HSET` takes
+/// them, and no intermediate copy of the plan's strings.
+fn write_plan_args(cmd: &mut Cmd, plan: &Plan) {
+    cmd.arg(plan.nonce.as_deref().unwrap_or_default()).arg(plan.nonce_ttl_secs);
     let dedup = match (&plan.dedup, &plan.dedup_legacy) {
         (None, _) => "0",
         (Some(_), None) => "1",
         (Some(_), Some(_)) => "2",
     };
-    args.push(dedup.into());
-    args.push(if plan.read.is_empty() { "0" } else { "1" }.into());
-    args.push(plan.subject.clone().into_bytes());
-    args.push(plan.branches.len().to_string().into_bytes());
+    cmd.arg(dedup).arg(if plan.read.is_empty() { "0" } else { "1" });
+    cmd.arg(&plan.subject).arg(plan.branches.len());
     for (status, branch) in &plan.branches {
-        args.push(status.clone().into_bytes());
-        let kept = if branch.keep { format!("{}{}", branch.code, branch.answer) } else { String::new() };
-        args.push(kept.into_bytes());
+        cmd.arg(status);
+        // The kept answer: its code then its body, as one argument.
+        let code_len = if branch.keep { branch.code.len() } else { 0 };
+        let mut kept = Vec::with_capacity(if branch.keep { code_len + branch.answer.len() } else { 0 });
+        if branch.keep {
+            kept.extend_from_slice(branch.code.as_bytes());
+            kept.extend_from_slice(branch.answer.as_bytes());
+        }
+        cmd.arg(kept);
         let extra = usize::from(branch.event.is_some());
-        args.push((branch.set.len() + extra).to_string().into_bytes());
+        cmd.arg(branch.set.len() + extra);
         for (k, v) in &branch.set {
-            args.push(k.clone().into_bytes());
-            args.push(v.clone().into_bytes());
+            cmd.arg(k).arg(v);
         }
         if extra == 1 {
             // Filled in by the script with the new sequence number.
-            args.push(field::SEQ.as_bytes().to_vec());
-            args.push(Vec::new());
+            cmd.arg(field::SEQ).arg("");
         }
-        args.push(branch.order_set.len().to_string().into_bytes());
+        cmd.arg(branch.order_set.len());
         for (k, v) in &branch.order_set {
-            args.push(k.clone().into_bytes());
-            args.push(v.clone().into_bytes());
+            cmd.arg(k).arg(v);
         }
         match &branch.event {
-            None => args.push(b"0".to_vec()),
+            None => {
+                cmd.arg("0");
+            }
             Some(event) => {
-                args.push(b"1".to_vec());
-                args.push(event.kind.clone().into_bytes());
-                args.push(event.occurred_at.clone().into_bytes());
-                args.push(if event.test { "1" } else { "0" }.into());
-                args.push(event.change.clone().into_bytes());
-                args.push(new_record_snapshot(status, branch));
+                cmd.arg("1").arg(&event.kind).arg(&event.occurred_at).arg(if event.test { "1" } else { "0" });
+                cmd.arg(&event.change).arg(new_record_snapshot(status, branch));
             }
         }
     }
-    args
 }
 
 /// The event's record snapshot when this branch creates the record (the
@@ -129,34 +129,39 @@ fn outcome_of(plan: &Plan, reply: Vec<Value>) -> Result<Outcome, StoreError> {
 impl CallStore for RedisStore {
     async fn apply(&self, plan: &Plan) -> Result<Outcome, StoreError> {
         let shard = plan.shard;
-        let mut invocation = self.calls.apply.prepare_invoke();
-        invocation
-            .key(self.keys.nonce(shard, plan.nonce.as_deref().unwrap_or("-")))
-            .key(self.keys.answer(shard, plan.dedup.as_deref().unwrap_or("-")))
-            .key(self.keys.instance(&plan.subject))
-            // Unused key slots repeat the nonce key: same shard, never written.
-            .key(match &plan.order {
-                Some(order) => self.keys.order(order),
-                None => self.keys.nonce(shard, "-"),
-            })
-            .key(self.keys.outbox(shard))
-            .key(match &plan.dedup_legacy {
-                Some(legacy) => self.keys.answer(shard, legacy),
-                None => self.keys.nonce(shard, "-"),
-            });
         // On a cluster the script cannot read records of other shards: those
         // are read beside it (a query naming instances of several shards).
         let cluster = matches!(self.conn, Conn::Cluster(_));
         let in_script = |id: &str| !cluster || instance_shard(id) == shard;
         let (here, elsewhere): (Vec<&String>, Vec<&String>) = plan.read.iter().partition(|id| in_script(id));
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.calls.apply.get_hash()).arg(6 + here.len());
+        cmd.arg(self.keys.nonce(shard, plan.nonce.as_deref().unwrap_or("-")))
+            .arg(self.keys.answer(shard, plan.dedup.as_deref().unwrap_or("-")))
+            .arg(self.keys.instance(&plan.subject))
+            // Unused key slots repeat the nonce key: same shard, never written.
+            .arg(match &plan.order {
+                Some(order) => self.keys.order(order),
+                None => self.keys.nonce(shard, "-"),
+            })
+            .arg(self.keys.outbox(shard))
+            .arg(match &plan.dedup_legacy {
+                Some(legacy) => self.keys.answer(shard, legacy),
+                None => self.keys.nonce(shard, "-"),
+            });
         for id in &here {
-            invocation.key(self.keys.instance(id));
+            cmd.arg(self.keys.instance(id));
         }
-        for arg in plan_args(plan) {
-            invocation.arg(arg);
-        }
+        write_plan_args(&mut cmd, plan);
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let reply: Vec<Value> = match cmd.query_async(&mut conn).await {
+            // A Redis that lost its scripts (restarted, SCRIPT FLUSH) learns it again, once.
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(APPLY).query_async(&mut conn).await?;
+                cmd.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
         match outcome_of(plan, reply)? {
             Outcome::Read { records } if !elsewhere.is_empty() => {
                 let others = self.read_instances(elsewhere.iter().map(|id| id.as_str())).await?;
