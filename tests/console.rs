@@ -430,6 +430,11 @@ async fn drive(c: &Client, w: &World) -> Vec<(PathBuf, &'static str)> {
     // The events page and one event with markup in the order id.
     let hash = format!("#/events?order_id={}", urlencode(ORDER_IMG));
     go(c, &hash).await;
+    // The recovery asked the dead-letters page to refresh in 800 ms; moving on must cancel that,
+    // or the timer re-renders this page under the operator (a form being filled in is wiped).
+    let shown = generation(c).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(generation(c).await, shown, "a refresh asked for on the dead-letters page re-rendered the next page");
     wait_text(c, "table.events tbody", ORDER_IMG).await;
     assert_inert(c, "events (markup order id)", &[ORDER_IMG]).await;
     click(c, "table.events tbody tr td a").await;

@@ -295,13 +295,13 @@ async function pageEvent(view, id) {
         return flash(apiError(r, "redrive"));
       }
       flash(message("ok", "Redriven: back in the outbox."));
-      setTimeout(refreshIfCurrent, 500);
+      refreshSoon(500);
     });
     actions.append(button);
   }
   if (e.status === "pending") {
     actions.append(message("note", "Not delivered yet: this page refreshes by itself."));
-    setTimeout(refreshIfCurrent, 1500);
+    refreshSoon(1500);
   }
   if (e.instance_id) actions.append(el("a", { class: "button-link", href: route(["events"], { instance_id: e.instance_id }) }, "events of this instance"));
   if (e.order_id) actions.append(el("a", { class: "button-link", href: route(["events"], { order_id: e.order_id }) }, "events of this order"));
@@ -333,7 +333,7 @@ function redriveButtons(path, boxes, idPrefix, noun) {
     const r = await api("POST", path, body);
     const missing = r.ok && arrayOf(r.data, "missing").length ? `; missing: ${text(r.data.missing.length)}` : "";
     flash(r.ok ? message("ok", `Redriven: ${text((r.data.redriven || []).length)}${missing}.`) : apiError(r, "redrive"));
-    if (r.ok) setTimeout(refreshIfCurrent, 800);
+    if (r.ok) refreshSoon(800);
   };
   const selected = el("button", { type: "button", id: idPrefix + "-selected" }, "Redrive selected");
   selected.addEventListener("click", () => {
@@ -356,7 +356,7 @@ async function pageDead(view) {
     const since = toRfc3339(new FormData(recover).get("since"));
     const r = await api("POST", v1(["events", "recover"], { since }));
     flash(r.ok ? message("ok", `Recovered ${text(r.data && r.data.count)} event(s).`) : apiError(r, "recover"));
-    if (r.ok) setTimeout(refreshIfCurrent, 800);
+    if (r.ok) refreshSoon(800);
   });
   const res = await api("GET", "/v1/dlq");
   if (!res.ok) return append(view, [recover, apiError(res, "GET /v1/dlq")]);
@@ -633,9 +633,15 @@ async function render() {
   document.title = "koogate · " + show;
 }
 
-/** Re-renders the page if the operator has not moved on meanwhile. */
-function refreshIfCurrent() {
-  if (location.hash === rendered && sessionStorage.getItem(TOKEN_KEY)) render();
+/** Re-renders the page shown now in `ms`, unless the operator has moved on meanwhile: the page to
+ *  refresh is fixed when the refresh is asked for, so a timer set on one page never re-renders the
+ *  next one (it would wipe a form being filled in and the elements under the operator's pointer). */
+function refreshSoon(ms) {
+  const page = rendered;
+  const asked = generation;
+  setTimeout(() => {
+    if (location.hash === page && rendered === page && generation === asked && sessionStorage.getItem(TOKEN_KEY)) render();
+  }, ms);
 }
 
 async function login(e) {
