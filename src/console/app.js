@@ -637,10 +637,12 @@ async function render() {
  *  refresh is fixed when the refresh is asked for, so a timer set on one page never re-renders the
  *  next one (it would wipe a form being filled in and the elements under the operator's pointer). */
 function refreshSoon(ms) {
-  const page = rendered;
+  // Every render and logout counts a generation, so an unchanged one means nothing was shown since;
+  // the hash is checked too because a hashchange's render may not have begun yet.
+  const page = location.hash;
   const asked = generation;
   setTimeout(() => {
-    if (location.hash === page && rendered === page && generation === asked && sessionStorage.getItem(TOKEN_KEY)) render();
+    if (location.hash === page && generation === asked && sessionStorage.getItem(TOKEN_KEY)) render();
   }, ms);
 }
 
