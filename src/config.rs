@@ -314,9 +314,8 @@ fn key_prefix(v: &str, _: &About) -> Result<String, String> {
 }
 
 fn http_url(v: &str, _: &About) -> Result<String, String> {
-    if !(v.starts_with("http://") || v.starts_with("https://")) {
-        return Err(format!("{v:?} is not an http:// or https:// URL"));
-    }
+    crate::delivery::webhook::parse_url(v)
+        .map_err(|problem| format!("{v:?} is not a valid http:// or https:// URL ({problem})"))?;
     Ok(v.to_owned())
 }
 
@@ -1152,6 +1151,17 @@ mod tests {
                 "KOOGATE_BILLING_SECRET: is required when KOOGATE_BILLING_URL is set (events are signed)",
             ),
             ("KOOGATE_MARKETPLACE_AK", "x", "KOOGATE_MARKETPLACE_SK: is required when KOOGATE_MARKETPLACE_AK is set"),
+            // A URL no request could go to is refused at start, not at every delivery attempt.
+            (
+                "KOOGATE_BILLING_URL",
+                "http://billing core/events",
+                "KOOGATE_BILLING_URL: \"http://billing core/events\" is not a valid http:// or https:// URL (invalid international domain name)",
+            ),
+            (
+                "KOOGATE_BILLING_URL",
+                "ftp://billing/events",
+                "KOOGATE_BILLING_URL: \"ftp://billing/events\" is not a valid http:// or https:// URL (not an http:// or https:// URL)",
+            ),
             ("KOOGATE_ENCRYPT_TYPE", "3", "KOOGATE_ENCRYPT_TYPE: \"3\" is not 1 or 2"),
         ];
         for (variable, value, message) in exact {
