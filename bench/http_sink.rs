@@ -4,9 +4,10 @@
 //! connections and duration), then the clock runs until every event created
 //! during the load has been delivered: the events/s delivered while under
 //! load and the outbox's drain time after the load stopped. Counts come from
-//! the gateway's `/metrics` (`koogate_events_created_total`,
-//! `koogate_delivery_attempts_total{outcome="delivered"}`) and the sink's
-//! `/stats`.
+//! the gateway's `/metrics` (`koogate_events_created_total`, and
+//! `koogate_delivery_attempts_total` of the outcomes that take an event out of
+//! the outbox: `probe::event_counts`; the sink accepts everything, so that is
+//! delivered) and the sink's `/stats`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -96,21 +97,11 @@ impl Sink {
     }
 }
 
-/// Events created and events done with (delivered, or skipped as test events), from `/metrics`.
-async fn counts(admin: SocketAddr) -> anyhow::Result<(u64, u64)> {
-    let text = probe::metrics_text(admin).await?;
-    let get = |series: &str| probe::sample(&text, series).unwrap_or(0.0) as u64;
-    let created = get("koogate_events_created_total");
-    let done = get(r#"koogate_delivery_attempts_total{outcome="delivered"}"#)
-        + get(r#"koogate_delivery_attempts_total{outcome="skipped_test"}"#);
-    Ok((created, done))
-}
-
-/// Waits until every event created so far is delivered, at most `max`; the seconds waited, if it was.
+/// Waits until every event created so far has left the outbox, at most `max`; the seconds waited, if it was.
 async fn wait_delivered(admin: SocketAddr, since: (u64, u64), created: u64, max: Duration) -> (Option<f64>, u64) {
     let start = Instant::now();
     loop {
-        let done = match counts(admin).await {
+        let done = match probe::event_counts(admin).await {
             Ok((_, done)) => done.saturating_sub(since.1),
             Err(_) => 0,
         };
@@ -182,14 +173,14 @@ async fn run(
     let warm = Arc::new(Workload::warm_up());
     load::closed_loop(t.addr, &warm, connections, Limit::Calls(warmup)).await?;
     let workload = Arc::new(Workload::after(&warm, mix));
-    let before = counts(admin).await?;
+    let before = probe::event_counts(admin).await?;
     // The warm-up's events first, so that the load starts on an empty outbox.
     let (_, left) = wait_delivered(admin, (0, 0), before.0, max_drain).await;
     anyhow::ensure!(left == 0, "the warm-up's events were not delivered within {max_drain:?} ({left} left)");
-    let before = counts(admin).await?;
+    let before = probe::event_counts(admin).await?;
 
     let stats = load::closed_loop(t.addr, &workload, connections, Limit::Time(load_time)).await?;
-    let loaded = counts(admin).await?;
+    let loaded = probe::event_counts(admin).await?;
     let created = loaded.0.saturating_sub(before.0);
     let delivered_under_load = loaded.1.saturating_sub(before.1);
     let (drain_secs, left) = wait_delivered(admin, before, created, max_drain).await;

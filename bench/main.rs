@@ -286,7 +286,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         warmup,
         audit_calls: if smoke { 100 } else { 1000 },
-        drain_max: Duration::from_secs(if smoke { 1 } else { 4 }),
+        drain_max: Duration::from_secs(if smoke { 1 } else { 10 }),
         settle: Duration::from_millis(if smoke { 50 } else { 300 }),
         ticks: probe::clock_ticks(),
         max_error_rate: args.max_error_rate,

@@ -741,14 +741,25 @@ pub fn stages_per_call(before: &BTreeMap<String, f64>, after: &BTreeMap<String, 
         .collect()
 }
 
-/// `koogate_outbox_depth` from the admin listener.
-pub async fn outbox_depth(admin: SocketAddr) -> Option<f64> {
-    let (status, body) = load::get(admin, "/metrics").await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&body);
-    text.lines().find_map(|l| l.strip_prefix("koogate_outbox_depth ")?.trim().parse().ok())
+/// Events created and events that left the outbox (delivered, dead-lettered
+/// or skipped as test events) since the gateway started, from its `/metrics`
+/// counters, which move at once (the `koogate_outbox_depth` gauge is refreshed
+/// only every few seconds).
+pub async fn event_counts(admin: SocketAddr) -> anyhow::Result<(u64, u64)> {
+    let text = metrics_text(admin).await?;
+    let get = |series: &str| sample(&text, series).unwrap_or(0.0) as u64;
+    let created = get("koogate_events_created_total");
+    let left_outbox = ["delivered", "dead_lettered", "skipped_test"]
+        .iter()
+        .map(|outcome| get(&format!("koogate_delivery_attempts_total{{outcome=\"{outcome}\"}}")))
+        .sum();
+    Ok((created, left_outbox))
+}
+
+/// Events in the outbox now: created and not yet out of it.
+async fn outbox_left(admin: SocketAddr) -> Option<f64> {
+    let (created, out) = event_counts(admin).await.ok()?;
+    Some(created.saturating_sub(out) as f64)
 }
 
 /// How a wait for the outbox to drain ended.
@@ -761,13 +772,13 @@ pub struct Drain {
     pub left: Option<f64>,
 }
 
-/// Waits until the outbox is empty, at most `max`.
+/// Waits until the outbox is empty, at most `max` (polled every 50 ms).
 pub async fn drain_outbox(admin: SocketAddr, max: Duration, after: &'static str) -> Drain {
     let start = Instant::now();
-    let mut left = outbox_depth(admin).await;
+    let mut left = outbox_left(admin).await;
     while left.is_some_and(|d| d > 0.0) && start.elapsed() < max {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        left = outbox_depth(admin).await;
+        left = outbox_left(admin).await;
     }
     Drain { after, secs: start.elapsed().as_secs_f64(), left }
 }
