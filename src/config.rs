@@ -154,7 +154,7 @@ settings! {
     KEY_PREFIX: String = Store, Value("koogate:"), key_prefix, "prefix of every Redis key";
     DATA_DIR: PathBuf = Delivery, Absent("the store directory, else ./data"), file_path,
         "where events.jsonl is written";
-    BILLING_URL: String = Delivery, Absent("(none)"), http_url, "billing core endpoint for events";
+    BILLING_URL: reqwest::Url = Delivery, Absent("(none)"), http_url, "billing core endpoint for events";
     BILLING_SECRET: Secret = Delivery, Absent("(none)"), secret, "whsec_… signing secret for events (or _FILE)";
     DELIVERY_TIMEOUT_SECS: Duration = Delivery, Value("10"), secs,
         "per-attempt timeout of a delivery to the billing core";
@@ -313,10 +313,17 @@ fn key_prefix(v: &str, _: &About) -> Result<String, String> {
     Ok(v.to_owned())
 }
 
-fn http_url(v: &str, _: &About) -> Result<String, String> {
-    crate::delivery::webhook::parse_url(v)
-        .map_err(|problem| format!("{v:?} is not a valid http:// or https:// URL ({problem})"))?;
-    Ok(v.to_owned())
+/// An `http://` or `https://` URL with a host: one a request can go to.
+fn http_url(v: &str, _: &About) -> Result<reqwest::Url, String> {
+    let invalid = |problem: &str| format!("{v:?} is not a valid http:// or https:// URL ({problem})");
+    let url = reqwest::Url::parse(v).map_err(|e| invalid(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("not an http:// or https:// URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("no host"));
+    }
+    Ok(url)
 }
 
 fn frontend_url(v: &str, _: &About) -> Result<String, String> {
@@ -547,7 +554,7 @@ pub struct Target {
 /// The billing core's endpoint and signing secret (`whsec_…`, checked).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Billing {
-    pub url: String,
+    pub url: reqwest::Url,
     pub secret: Secret,
 }
 

@@ -440,10 +440,10 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         // Any HTTP answer will do: the event POSTs are signed, a bare HEAD is only to see that it answers.
         let res = client
-            .head(url)
+            .head(url.clone())
             .send()
             .await
-            .map_err(|e| StartError::BillingUnreachable { url: url.clone(), problem: error_text(&e) })?;
+            .map_err(|e| StartError::BillingUnreachable { url: url.to_string(), problem: error_text(&e) })?;
         println!("billing core: {url} answers (HTTP {})", res.status().as_u16());
     }
     for (setting, addr) in

@@ -35,8 +35,8 @@ pub enum StartError {
     Tls(crate::tls::TlsError),
     #[error("KOOGATE_BILLING_SECRET: {0}")]
     BillingSecret(crate::delivery::webhook::SignatureError),
-    #[error("KOOGATE_BILLING_URL: {0}")]
-    BillingClient(crate::delivery::webhook::WebhookSinkError),
+    #[error("KOOGATE_BILLING_URL: cannot build the HTTP client: {0}")]
+    BillingClient(reqwest::Error),
     #[error("KOOGATE_BILLING_URL: cannot reach {url}: {problem} (start the billing core, or fix the URL)")]
     BillingUnreachable { url: String, problem: String },
     #[error("KOOGATE_MARKETPLACE_URL: {0}")]
@@ -241,8 +241,8 @@ fn build_sink(target: &Target) -> Result<Arc<dyn Sink>, StartError> {
         Some(billing) => {
             let key = crate::delivery::webhook::key_of(billing.secret.expose()).map_err(StartError::BillingSecret)?;
             tracing::info!(url = %billing.url, "events are delivered to the billing core");
-            let sink =
-                WebhookSink::new(&billing.url, key, target.attempt_timeout).map_err(StartError::BillingClient)?;
+            let sink = WebhookSink::new(billing.url.clone(), key, target.attempt_timeout)
+                .map_err(StartError::BillingClient)?;
             Arc::new(sink)
         }
         None => {

@@ -661,7 +661,8 @@ mod sink_contract {
             let up = Arc::clone(&up);
             Billing::start(move |_, _, _| if up.load(Ordering::SeqCst) { ok() } else { (503, Duration::ZERO) }).await
         };
-        let sink = WebhookSink::new(&billing.url(), key_of(SECRET).unwrap(), Duration::from_secs(5)).unwrap();
+        let sink =
+            WebhookSink::new(billing.url().parse().unwrap(), key_of(SECRET).unwrap(), Duration::from_secs(5)).unwrap();
         assert_eq!(sink.name(), billing.url());
         let failure = run(&store, Arc::new(sink), || up.store(true, Ordering::SeqCst)).await;
         assert_eq!(failure, "billing core answered HTTP 503");
