@@ -23,15 +23,7 @@ pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// The reference sink as the delivery phases run it: accepts everything at once, keeps nothing on disk.
 pub fn reference_sink(listen: std::net::SocketAddr) -> koogate::tools::sink::SinkConfig {
-    koogate::tools::sink::SinkConfig {
-        listen,
-        secret: SECRET.into(),
-        out: None,
-        fail_share: 0.0,
-        fail_status: 500,
-        delay: Duration::ZERO,
-        tolerance_secs: 300,
-    }
+    koogate::tools::sink::SinkConfig::new(listen, SECRET)
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -204,6 +204,9 @@ struct SinkArgs {
     /// Allowed age of webhook-timestamp, seconds.
     #[arg(long, default_value_t = 300)]
     tolerance_secs: i64,
+    /// Most recent accepted events GET /events shows (older ones are only in --out; every id stays deduplicated).
+    #[arg(long, default_value_t = koogate::tools::sink::KEEP_EVENTS)]
+    keep_events: usize,
 }
 
 #[derive(Args)]
@@ -947,6 +950,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fail_status: args.fail_status,
                 delay: Duration::from_millis(args.delay_ms),
                 tolerance_secs: args.tolerance_secs,
+                keep_events: args.keep_events,
             })
             .await
             .context("the sink could not start")?;

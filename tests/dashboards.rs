@@ -293,17 +293,10 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     assert!(wanted.len() >= 10, "only {} distinct metric names referenced: {:?}", wanted.len(), wanted.keys());
 
     // A gateway with traffic of every kind, delivering to the reference sink.
-    let sink = koogate::tools::sink::start(koogate::tools::sink::SinkConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        secret: SINK_SECRET.into(),
-        out: None,
-        fail_share: 0.0,
-        fail_status: 500,
-        delay: Duration::ZERO,
-        tolerance_secs: 300,
-    })
-    .await
-    .expect("the sink starts");
+    let sink =
+        koogate::tools::sink::start(koogate::tools::sink::SinkConfig::new("127.0.0.1:0".parse().unwrap(), SINK_SECRET))
+            .await
+            .expect("the sink starts");
     let billing_url = format!("http://{}/events", sink.addr);
     let gw = TestGateway::start_with(
         Backend::Redis,

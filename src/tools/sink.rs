@@ -5,9 +5,11 @@
 //! `webhook-id` (a duplicate is answered 200 and not stored again), appends
 //! accepted events to a JSONL file (fsynced before answering), and can be
 //! told to fail a share of requests or to answer slowly, for fault tests.
-//! `GET /stats` and `GET /events` show what it received.
+//! `GET /stats` and `GET /events` show what it received: `/events` the most
+//! recent accepted events only (`--keep-events`), so a long load test does not
+//! grow it without bound; every id stays counted as seen, for the dedup.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +23,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use rand::Rng;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +44,29 @@ pub struct SinkConfig {
     pub delay: Duration,
     /// Allowed age of `webhook-timestamp`.
     pub tolerance_secs: i64,
+    /// Most recent accepted events kept in memory for `GET /events`; older
+    /// ones are only in `out` (their ids still count as seen).
+    pub keep_events: usize,
+}
+
+/// Events `GET /events` keeps by default: a few MiB of JSON.
+pub const KEEP_EVENTS: usize = 10_000;
+
+impl SinkConfig {
+    /// A sink on `listen` that accepts everything at once and keeps events in
+    /// memory only (the defaults of `koogate sink`).
+    pub fn new(listen: SocketAddr, secret: impl Into<String>) -> Self {
+        Self {
+            listen,
+            secret: secret.into(),
+            out: None,
+            fail_share: 0.0,
+            fail_status: 500,
+            delay: Duration::ZERO,
+            tolerance_secs: 300,
+            keep_events: KEEP_EVENTS,
+        }
+    }
 }
 
 /// Counters of a sink.
@@ -58,8 +83,38 @@ struct State {
     key: Vec<u8>,
     config: SinkConfig,
     stats: Stats,
-    /// Accepted ids and events, in arrival order.
-    accepted: Mutex<(HashSet<String>, Vec<Value>)>,
+    accepted: Mutex<Accepted>,
+}
+
+/// Every accepted id, and the most recent accepted events in arrival order.
+struct Accepted {
+    seen: HashSet<String>,
+    recent: VecDeque<Value>,
+    keep: usize,
+}
+
+impl Accepted {
+    fn new(keep: usize) -> Self {
+        Self { seen: HashSet::new(), recent: VecDeque::new(), keep }
+    }
+
+    /// Counts `event` as seen and keeps it, dropping the oldest kept one past the bound.
+    fn add(&mut self, id: Option<&str>, event: Value) {
+        if let Some(id) = id {
+            self.seen.insert(id.to_owned());
+        }
+        if self.keep == 0 {
+            return;
+        }
+        if self.recent.len() == self.keep {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(event);
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.recent.iter().cloned().collect()
+    }
 }
 
 /// A running sink.
@@ -74,9 +129,9 @@ impl RunningSink {
     pub fn stats(&self) -> &Stats {
         &self.state.stats
     }
-    /// Accepted events, in arrival order.
+    /// The most recent accepted events (at most `keep_events`), in arrival order.
     pub async fn events(&self) -> Vec<Value> {
-        self.state.accepted.lock().await.1.clone()
+        self.state.accepted.lock().await.events()
     }
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -95,23 +150,25 @@ pub enum SinkError {
 /// Starts a sink; events already in `out` count as seen (dedup survives restarts).
 pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
     let key = webhook::key_of(&config.secret)?;
-    let mut seen = HashSet::new();
-    let mut events = Vec::new();
+    let mut accepted = Accepted::new(config.keep_events);
     if let Some(path) = &config.out {
-        if let Ok(text) = tokio::fs::read_to_string(path).await {
-            for line in text.lines() {
-                if let Ok(v) = serde_json::from_str::<Value>(line) {
-                    if let Some(id) = v["id"].as_str() {
-                        seen.insert(id.to_owned());
+        match tokio::fs::File::open(path).await {
+            Ok(file) => {
+                let mut lines = tokio::io::BufReader::new(file).lines();
+                while let Some(line) = lines.next_line().await? {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        let id = v["id"].as_str().map(str::to_owned);
+                        accepted.add(id.as_deref(), v);
                     }
-                    events.push(v);
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SinkError::Io(e)),
         }
     }
     let listener = http::bind(config.listen, "sink --listen").await?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(State { key, config, stats: Stats::default(), accepted: Mutex::new((seen, events)) });
+    let state = Arc::new(State { key, config, stats: Stats::default(), accepted: Mutex::new(accepted) });
     let shutdown = CancellationToken::new();
     let limits = ListenerLimits {
         max_connections: 1024,
@@ -143,10 +200,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             return reply(
                 StatusCode::OK,
                 json!({"received": n(&stats.received), "accepted": n(&stats.accepted), "duplicates": n(&stats.duplicates),
-                       "rejected": n(&stats.rejected), "failed_on_purpose": n(&stats.failed_on_purpose)}),
+                       "rejected": n(&stats.rejected), "failed_on_purpose": n(&stats.failed_on_purpose),
+                       "kept": state.accepted.lock().await.recent.len()}),
             );
         }
-        (&Method::GET, "/events") => return reply(StatusCode::OK, Value::Array(state.accepted.lock().await.1.clone())),
+        (&Method::GET, "/events") => return reply(StatusCode::OK, Value::Array(state.accepted.lock().await.events())),
         (&Method::POST, _) => {}
         _ => return reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
     }
@@ -206,7 +264,7 @@ enum Stored {
 /// Appends an event not seen before and counts its id as seen, both or neither.
 async fn store(state: Arc<State>, id: String, event: Value, body: Bytes) -> Stored {
     let mut accepted = state.accepted.lock().await;
-    if accepted.0.contains(&id) {
+    if accepted.seen.contains(&id) {
         state.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return Stored::Duplicate;
     }
@@ -216,8 +274,7 @@ async fn store(state: Arc<State>, id: String, event: Value, body: Bytes) -> Stor
             return Stored::Failed;
         }
     }
-    accepted.0.insert(id);
-    accepted.1.push(event);
+    accepted.add(Some(&id), event);
     state.stats.accepted.fetch_add(1, Ordering::Relaxed);
     Stored::New
 }

@@ -720,3 +720,74 @@ mod sink_contract {
         }
     }
 }
+
+/// The reference sink keeps only its `keep_events` most recent events for `GET /events` (a long load test must
+/// not grow it without bound), yet every id it ever accepted, also those read back from `--out` at a restart,
+/// is still answered as a duplicate and not stored again.
+#[tokio::test]
+async fn the_reference_sink_keeps_recent_events_and_remembers_every_id() {
+    use koogate::delivery::webhook;
+    use koogate::tools::client::KooClient;
+    use koogate::tools::sink::{start as start_sink, SinkConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sink.jsonl");
+    let config = SinkConfig {
+        out: Some(out.clone()),
+        keep_events: 3,
+        ..SinkConfig::new("127.0.0.1:0".parse().unwrap(), SECRET)
+    };
+    let key = webhook::key_of(SECRET).unwrap();
+    let post = |client: KooClient, id: String| {
+        let key = key.clone();
+        async move {
+            let body = serde_json::json!({ "id": id, "type": "test" }).to_string();
+            let ts = chrono::Utc::now().timestamp();
+            let sig = webhook::sign(&key, &id, ts, body.as_bytes());
+            let res = client
+                .send(
+                    Method::POST,
+                    "/events",
+                    &[("webhook-id", &id), ("webhook-timestamp", &ts.to_string()), ("webhook-signature", &sig)],
+                    bytes::Bytes::from(body),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+            serde_json::from_slice::<serde_json::Value>(&res.body).unwrap()["status"].as_str().unwrap().to_owned()
+        }
+    };
+    let get = |client: KooClient, path: &'static str| async move {
+        let res = client.send(Method::GET, path, &[], bytes::Bytes::new()).await.unwrap();
+        assert_eq!(res.status, 200);
+        serde_json::from_slice::<serde_json::Value>(&res.body).unwrap()
+    };
+    let ids_of = |events: &serde_json::Value| -> Vec<String> {
+        events.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect()
+    };
+
+    let sink = start_sink(config.clone()).await.unwrap();
+    let client = KooClient::new(&format!("http://{}", sink.addr));
+    for i in 1..=5 {
+        assert_eq!(post(client.clone(), format!("evt_{i}")).await, "accepted");
+    }
+    assert_eq!(ids_of(&get(client.clone(), "/events").await), ["evt_3", "evt_4", "evt_5"]);
+    // evt_1 is no longer kept in memory, but it is still a duplicate.
+    assert_eq!(post(client.clone(), "evt_1".into()).await, "duplicate");
+    let stats = get(client.clone(), "/stats").await;
+    assert_eq!(
+        (stats["accepted"].as_u64(), stats["duplicates"].as_u64(), stats["kept"].as_u64()),
+        (Some(5), Some(1), Some(3))
+    );
+    sink.stop().await;
+
+    // A restart reads --out back: the last three are kept again, every id is seen.
+    let sink = start_sink(config).await.unwrap();
+    let client = KooClient::new(&format!("http://{}", sink.addr));
+    assert_eq!(ids_of(&get(client.clone(), "/events").await), ["evt_3", "evt_4", "evt_5"]);
+    assert_eq!(post(client.clone(), "evt_2".into()).await, "duplicate");
+    assert_eq!(post(client.clone(), "evt_6".into()).await, "accepted");
+    assert_eq!(ids_of(&get(client.clone(), "/events").await), ["evt_4", "evt_5", "evt_6"]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 6, "each accepted event is in --out once");
+    sink.stop().await;
+}

@@ -504,13 +504,9 @@ async fn the_reference_sink_failing_half_the_time_shows_in_every_log() {
     use koogate::tools::sink::{start as start_sink, SinkConfig};
     for backend in BACKENDS {
         let sink = start_sink(SinkConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            secret: SECRET.into(),
-            out: None,
             fail_share: 0.5,
             fail_status: 503,
-            delay: Duration::ZERO,
-            tolerance_secs: 300,
+            ..SinkConfig::new("127.0.0.1:0".parse().unwrap(), SECRET)
         })
         .await
         .unwrap();
