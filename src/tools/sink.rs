@@ -143,6 +143,8 @@ impl RunningSink {
 pub enum SinkError {
     #[error("--secret: {0}")]
     Secret(#[from] webhook::SignatureError),
+    #[error("--out {}: cannot read the events already accepted: {source}", path.display())]
+    Out { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -152,10 +154,11 @@ pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
     let key = webhook::key_of(&config.secret)?;
     let mut accepted = Accepted::new(config.keep_events);
     if let Some(path) = &config.out {
+        let out_error = |source| SinkError::Out { path: path.clone(), source };
         match tokio::fs::File::open(path).await {
             Ok(file) => {
                 let mut lines = tokio::io::BufReader::new(file).lines();
-                while let Some(line) = lines.next_line().await? {
+                while let Some(line) = lines.next_line().await.map_err(out_error)? {
                     if let Ok(v) = serde_json::from_str::<Value>(&line) {
                         let id = v["id"].as_str().map(str::to_owned);
                         accepted.add(id.as_deref(), v);
@@ -163,7 +166,7 @@ pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SinkError::Io(e)),
+            Err(e) => return Err(out_error(e)),
         }
     }
     let listener = http::bind(config.listen, "sink --listen").await?;

@@ -790,4 +790,16 @@ async fn the_reference_sink_keeps_recent_events_and_remembers_every_id() {
     assert_eq!(ids_of(&get(client.clone(), "/events").await), ["evt_4", "evt_5", "evt_6"]);
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 6, "each accepted event is in --out once");
     sink.stop().await;
+
+    // An --out it cannot read back refuses the start (it would forget the ids in it), naming the file.
+    let unreadable = dir.path().join("a-directory.jsonl");
+    std::fs::create_dir(&unreadable).unwrap();
+    let refused = start_sink(SinkConfig {
+        out: Some(unreadable.clone()),
+        ..SinkConfig::new("127.0.0.1:0".parse().unwrap(), SECRET)
+    })
+    .await;
+    let message = refused.err().expect("a directory as --out is refused").to_string();
+    let expected = format!("--out {}: cannot read the events already accepted: ", unreadable.display());
+    assert!(message.starts_with(&expected), "{message}");
 }
