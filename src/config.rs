@@ -313,15 +313,13 @@ fn key_prefix(v: &str, _: &About) -> Result<String, String> {
     Ok(v.to_owned())
 }
 
-/// An `http://` or `https://` URL with a host: one a request can go to.
+/// An `http://` or `https://` URL with a host: one a request can go to. The
+/// parser itself refuses an http(s) URL without a host ("empty host").
 fn http_url(v: &str, _: &About) -> Result<reqwest::Url, String> {
     let invalid = |problem: &str| format!("{v:?} is not a valid http:// or https:// URL ({problem})");
     let url = reqwest::Url::parse(v).map_err(|e| invalid(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid("not an http:// or https:// URL"));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid("no host"));
     }
     Ok(url)
 }
@@ -1163,6 +1161,11 @@ mod tests {
                 "KOOGATE_BILLING_URL",
                 "http://billing core/events",
                 "KOOGATE_BILLING_URL: \"http://billing core/events\" is not a valid http:// or https:// URL (invalid international domain name)",
+            ),
+            (
+                "KOOGATE_BILLING_URL",
+                "https://:8443/events",
+                "KOOGATE_BILLING_URL: \"https://:8443/events\" is not a valid http:// or https:// URL (empty host)",
             ),
             (
                 "KOOGATE_BILLING_URL",
