@@ -196,13 +196,13 @@ struct SinkArgs {
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
     /// HTTP status of the failures.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = koogate::tools::sink::FAIL_STATUS)]
     fail_status: u16,
     /// Answer only after this many milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
     /// Allowed age of webhook-timestamp, seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = koogate::tools::sink::TOLERANCE_SECS)]
     tolerance_secs: i64,
     /// Most recent accepted events GET /events shows (older ones are only in --out; every id stays deduplicated).
     #[arg(long, default_value_t = koogate::tools::sink::KEEP_EVENTS)]

@@ -51,6 +51,10 @@ pub struct SinkConfig {
 
 /// Events `GET /events` keeps by default: a few MiB of JSON.
 pub const KEEP_EVENTS: usize = 10_000;
+/// Default allowed age of `webhook-timestamp`, seconds.
+pub const TOLERANCE_SECS: i64 = 300;
+/// Default HTTP status of the failures `fail_share` asks for.
+pub const FAIL_STATUS: u16 = 500;
 
 impl SinkConfig {
     /// A sink on `listen` that accepts everything at once and keeps events in
@@ -61,9 +65,9 @@ impl SinkConfig {
             secret: secret.into(),
             out: None,
             fail_share: 0.0,
-            fail_status: 500,
+            fail_status: FAIL_STATUS,
             delay: Duration::ZERO,
-            tolerance_secs: 300,
+            tolerance_secs: TOLERANCE_SECS,
             keep_events: KEEP_EVENTS,
         }
     }
@@ -99,9 +103,9 @@ impl Accepted {
     }
 
     /// Counts `event` as seen and keeps it, dropping the oldest kept one past the bound.
-    fn add(&mut self, id: Option<&str>, event: Value) {
+    fn add(&mut self, id: Option<String>, event: Value) {
         if let Some(id) = id {
-            self.seen.insert(id.to_owned());
+            self.seen.insert(id);
         }
         if self.keep == 0 {
             return;
@@ -161,7 +165,7 @@ pub async fn start(config: SinkConfig) -> Result<RunningSink, SinkError> {
                 while let Some(line) = lines.next_line().await.map_err(out_error)? {
                     if let Ok(v) = serde_json::from_str::<Value>(&line) {
                         let id = v["id"].as_str().map(str::to_owned);
-                        accepted.add(id.as_deref(), v);
+                        accepted.add(id, v);
                     }
                 }
             }
@@ -277,7 +281,7 @@ async fn store(state: Arc<State>, id: String, event: Value, body: Bytes) -> Stor
             return Stored::Failed;
         }
     }
-    accepted.add(Some(&id), event);
+    accepted.add(Some(id), event);
     state.stats.accepted.fetch_add(1, Ordering::Relaxed);
     Stored::New
 }
